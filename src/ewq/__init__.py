@@ -1,0 +1,14 @@
+"""ewq: Entropy-Weighted Quantization (EWQ) and FastEWQ for large language models."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("ewq")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0.0.0+unknown"
+
+from ewq.api import Inspection, inspect  # noqa: E402
+
+__all__ = ["Inspection", "__version__", "inspect"]

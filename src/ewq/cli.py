@@ -1,0 +1,100 @@
+"""The `ewq` command: a thin shell over ewq.api. Parse, call, render, set the exit code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ewq import __version__, api
+from ewq.errors import EwqError
+from ewq.fileio import atomic_write_text
+from ewq.reports.inspect import inspection_json, inspection_table
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="ewq",
+    help="Entropy-Weighted Quantization: fit large language models to the machines you have.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+SourceArg = Annotated[
+    str,
+    typer.Argument(
+        help="A Hugging Face model folder, a .safetensors or GGUF file, a hub id "
+        "(owner/name), or 'default' (SmolLM2-135M-Instruct, bundled)."
+    ),
+]
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    err.print(f"wrote {path}")
+
+
+@app.command(
+    epilog="Examples:\n\n  ewq inspect default\n\n  ewq inspect ./Llama-3.2-1B --json blocks.json"
+    "\n\n  ewq inspect Qwen/Qwen2.5-7B   (reads config.json and headers only)"
+)
+def inspect(
+    source: SourceArg,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the blocks as JSON to this path.")
+    ] = None,
+    download: Annotated[
+        bool, typer.Option(help="For hub ids: download the weights instead of headers only.")
+    ] = False,
+    revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")] = None,
+) -> None:
+    """List a model's blocks (exec_index, tensors, parameters, bytes) without reading weights."""
+    result = api.inspect(source, download=download, revision=revision)
+    out.print(inspection_table(result))
+    if json_path is not None:
+        _write_json(json_path, inspection_json(result, __version__))
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="ewq: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    if version:
+        out.print(f"ewq {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Console entry point: every ewq error is one line on stderr and exit status 1."""
+    try:
+        app(standalone_mode=False)
+    except EwqError as exc:
+        err.print(f"ewq: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("ewq: aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,36 @@
+"""The errors ``ewq`` raises on bad input. Each message is one line a user can act on."""
+
+from __future__ import annotations
+
+__all__ = [
+    "EwqError",
+    "FormatError",
+    "HubUnavailableError",
+    "NonFiniteTensorError",
+    "SourceNotFoundError",
+    "UnknownArchitectureError",
+]
+
+
+class EwqError(Exception):
+    """Base class: every error ewq raises on purpose."""
+
+
+class SourceNotFoundError(EwqError):
+    """A file, folder, shard or package the source needs is missing."""
+
+
+class FormatError(EwqError):
+    """A file is corrupt, truncated or inconsistent with its own header or index."""
+
+
+class NonFiniteTensorError(FormatError):
+    """A tensor holds NaN or Inf."""
+
+
+class HubUnavailableError(EwqError):
+    """The Hugging Face hub could not be reached, or the repository is not there."""
+
+
+class UnknownArchitectureError(EwqError):
+    """No block structure could be found in a model's tensor names."""

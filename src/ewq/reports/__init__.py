@@ -1,0 +1,1 @@
+"""Serialise and render result records: JSON documents and terminal tables. No computation."""

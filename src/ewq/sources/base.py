@@ -1,0 +1,84 @@
+"""The contract every model source meets: an index first, then tensors one at a time."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+
+import numpy as np
+
+from ewq.errors import EwqError, NonFiniteTensorError
+from ewq.types import ModelIndex, TensorInfo
+
+__all__ = ["TensorSource", "check_finite"]
+
+# Exponent masks: a float is NaN or Inf exactly when its exponent bits are all ones.
+# Testing bit patterns is one cheap integer pass and works for bf16, which plain numpy
+# cannot test with isfinite without a conversion.
+_EXP_MASK = {2: np.uint16(0x7C00), 4: np.uint32(0x7F800000), 8: np.uint64(0x7FF0 << 48)}
+_BF16_EXP_MASK = np.uint16(0x7F80)
+
+
+def check_finite(info: TensorInfo, array: np.ndarray) -> None:
+    """Raise :class:`NonFiniteTensorError` if ``array`` holds NaN or Inf."""
+    if array.dtype.kind not in "fV" and array.dtype.name not in ("bfloat16",):
+        return
+    if array.dtype.name == "bfloat16":
+        bits, mask = array.view(np.uint16), _BF16_EXP_MASK
+    elif array.dtype.itemsize in _EXP_MASK and array.dtype.kind == "f":
+        bits = array.view(f"u{array.dtype.itemsize}")
+        mask = _EXP_MASK[array.dtype.itemsize]
+    else:  # float8 and other exotic types: convert, rare and small
+        if np.isfinite(array.astype(np.float32)).all():
+            return
+        raise _non_finite(info, array.astype(np.float32))
+    if np.any((bits & mask) == mask):
+        raise _non_finite(info, array.astype(np.float32))
+
+
+def _non_finite(info: TensorInfo, values: np.ndarray) -> NonFiniteTensorError:
+    n_nan = int(np.isnan(values).sum())
+    n_inf = int(np.isinf(values).sum())
+    return NonFiniteTensorError(
+        f"{info.file}: tensor '{info.name}' holds {n_nan} NaN and {n_inf} Inf values"
+    )
+
+
+class TensorSource(abc.ABC):
+    """A model opened for reading.
+
+    ``index`` is complete as soon as the source is open and no weight has been read.
+    :meth:`iter_tensors` then yields ``(TensorInfo, array)`` pairs in file order,
+    materialising one tensor at a time, so memory stays bounded by the largest tensor.
+
+    Arrays come in their storage dtype where numpy has one (float32, float16,
+    ``ml_dtypes.bfloat16``, integers); GGML quantized tensors are dequantized to float32.
+    """
+
+    index: ModelIndex
+
+    @abc.abstractmethod
+    def read(self, info: TensorInfo) -> np.ndarray:
+        """Read one tensor, shaped as ``info.shape``."""
+
+    def iter_tensors(self, *, check: bool = True) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+        """Yield every tensor in file order; with ``check``, refuse NaN and Inf."""
+        if self.index.metadata_only:
+            raise EwqError(
+                f"{self.index.source}: opened for metadata only; its weights were not "
+                "downloaded (open it with download=True, or `--download` on the command line)"
+            )
+        for info in self.index.tensors:
+            array = self.read(info)
+            if check:
+                check_finite(info, array)
+            yield info, array
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles; sources that hold none need not override it."""
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
