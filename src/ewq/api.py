@@ -20,7 +20,9 @@ class Inspection:
     layout: ModelLayout
 
 
-def inspect(source: str | Path, *, download: bool = False, revision: str | None = None) -> Inspection:
+def inspect(
+    source: str | Path, *, download: bool = False, revision: str | None = None
+) -> Inspection:
     """Index a model and group its tensors into blocks.
 
     Example:

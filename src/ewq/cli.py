@@ -49,12 +49,16 @@ def _write_json(path: Path, doc: dict) -> None:
 def inspect(
     source: SourceArg,
     json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write the blocks as JSON to this path.")
+        Path | None,
+        typer.Option("--json", help="Also write the blocks as JSON to this path."),
     ] = None,
     download: Annotated[
-        bool, typer.Option(help="For hub ids: download the weights instead of headers only.")
+        bool,
+        typer.Option(help="For hub ids: download the weights instead of headers only."),
     ] = False,
-    revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub branch, tag or commit.")
+    ] = None,
 ) -> None:
     """List a model's blocks (exec_index, tensors, parameters, bytes) without reading weights."""
     result = api.inspect(source, download=download, revision=revision)
@@ -65,8 +69,12 @@ def inspect(
 
 @app.callback()
 def _root(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log details.")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version.")
+    ] = False,
 ) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -80,21 +88,13 @@ def _root(
 
 
 def main() -> None:
-    """Console entry point: every ewq error is one line on stderr and exit status 1."""
+    """Console entry point: every ewq error is one line on stderr and exit status 1.
+
+    Usage errors are click's (exit status 2); anything else is a bug and keeps its
+    traceback.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except EwqError as exc:
         err.print(f"ewq: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("ewq: aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

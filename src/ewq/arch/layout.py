@@ -90,7 +90,9 @@ def _config_blocks(index: ModelIndex, keys: list[str], arch: str) -> int | None:
     return None
 
 
-def _match_table(index: ModelIndex, table_name: str) -> dict[str, tuple[Role, ParamKind, int | None]]:
+def _match_table(
+    index: ModelIndex, table_name: str
+) -> dict[str, tuple[Role, ParamKind, int | None]]:
     table = compiled(table_name)
     found = {}
     for t in index.tensors:
@@ -172,7 +174,10 @@ def resolve(index: ModelIndex) -> ModelLayout:
     if missed and table_name is not None:
         log.warning(
             "%d tensors of %s are not in the %r table (first: %s); placed by name pattern",
-            len(missed), label, table_name, missed[0],
+            len(missed),
+            label,
+            table_name,
+            missed[0],
         )
     found.update(_generic(index, prefix, found))
     block_numbers = [b for (_, _, b) in found.values() if b is not None]
@@ -184,7 +189,9 @@ def resolve(index: ModelIndex) -> ModelLayout:
     num_blocks = max(block_numbers) + 1
     declared = _config_blocks(index, table_keys(table_name), label)
     if declared is not None and declared != num_blocks:
-        log.warning("config declares %d blocks but the tensors hold %d", declared, num_blocks)
+        log.warning(
+            "config declares %d blocks but the tensors hold %d", declared, num_blocks
+        )
     return _assemble(index, label, table_label, num_blocks, found)
 
 
@@ -194,7 +201,9 @@ def table_keys(table_name: str | None) -> list[str]:
     return compiled(table_name).table.num_blocks_keys
 
 
-def _assemble(index: ModelIndex, label: str, table: str, num_blocks: int, found: dict) -> ModelLayout:
+def _assemble(
+    index: ModelIndex, label: str, table: str, num_blocks: int, found: dict
+) -> ModelLayout:
     head = num_blocks + FIRST_BLOCK_EXEC_INDEX
     members: list[list[tuple[TensorInfo, TensorKey]]] = [[] for _ in range(head)]
     unassigned = []
@@ -206,7 +215,10 @@ def _assemble(index: ModelIndex, label: str, table: str, num_blocks: int, found:
             continue
         role, kind, block = hit
         if block is not None:
-            exec_index, block_kind = block + FIRST_BLOCK_EXEC_INDEX, BlockKind.TRANSFORMER
+            exec_index, block_kind = (
+                block + FIRST_BLOCK_EXEC_INDEX,
+                BlockKind.TRANSFORMER,
+            )
         elif role in _EMBEDDING_ROLES:
             exec_index, block_kind = EMBEDDING_EXEC_INDEX, BlockKind.EMBEDDING
         else:
@@ -214,7 +226,9 @@ def _assemble(index: ModelIndex, label: str, table: str, num_blocks: int, found:
         key = TensorKey(exec_index, role, kind, block_kind)
         keys[t.name] = key
         members[exec_index - 1].append((t, key))
-    kinds = [BlockKind.EMBEDDING] + [BlockKind.TRANSFORMER] * num_blocks + [BlockKind.HEAD]
+    kinds = (
+        [BlockKind.EMBEDDING] + [BlockKind.TRANSFORMER] * num_blocks + [BlockKind.HEAD]
+    )
     blocks = tuple(
         Block(i + 1, kinds[i], tuple(t for t, _ in m), tuple(k for _, k in m))
         for i, m in enumerate(members)

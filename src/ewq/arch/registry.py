@@ -86,7 +86,9 @@ def template_of(name: str) -> tuple[str, tuple[int, ...]]:
 
 def _read(filename: str) -> dict:
     return tomllib.loads(
-        importlib.resources.files("ewq.arch.tables").joinpath(filename).read_text("utf-8")
+        importlib.resources.files("ewq.arch.tables")
+        .joinpath(filename)
+        .read_text("utf-8")
     )
 
 
@@ -103,7 +105,9 @@ def load_tables() -> dict[str, ArchTable]:
         tables[table.name] = table
     for table in tables.values():
         if table.extends is not None and table.extends not in tables:
-            raise ValueError(f"table {table.name!r} extends unknown table {table.extends!r}")
+            raise ValueError(
+                f"table {table.name!r} extends unknown table {table.extends!r}"
+            )
     return tables
 
 
@@ -141,7 +145,9 @@ def compiled(name: str) -> CompiledTable:
     return CompiledTable(table, lookup)
 
 
-def find_table(architectures: list[str], model_type: str | None, fmt: str) -> str | None:
+def find_table(
+    architectures: list[str], model_type: str | None, fmt: str
+) -> str | None:
     """Name of the table for a model, by format, then architecture class, then model_type."""
     tables = load_tables()
     for table in tables.values():

@@ -76,11 +76,16 @@ def inspection_table(inspection: Any) -> Table:
         table.add_column(col, justify="left" if col == "kind" else "right")
     for b in layout.blocks:
         table.add_row(
-            str(b.exec_index), b.kind.value, str(len(b.tensors)),
-            f"{b.num_parameters:,}", human_bytes(b.nbytes),
+            str(b.exec_index),
+            b.kind.value,
+            str(len(b.tensors)),
+            f"{b.num_parameters:,}",
+            human_bytes(b.nbytes),
         )
     if layout.unassigned:
         n = sum(t.num_elements for t in layout.unassigned)
         size = sum(t.nbytes for t in layout.unassigned)
-        table.add_row("-", "unassigned", str(len(layout.unassigned)), f"{n:,}", human_bytes(size))
+        table.add_row(
+            "-", "unassigned", str(len(layout.unassigned)), f"{n:,}", human_bytes(size)
+        )
     return table

@@ -17,6 +17,7 @@ __all__ = ["TensorSource", "check_finite"]
 # cannot test with isfinite without a conversion.
 _EXP_MASK = {2: np.uint16(0x7C00), 4: np.uint32(0x7F800000), 8: np.uint64(0x7FF0 << 48)}
 _BF16_EXP_MASK = np.uint16(0x7F80)
+_CHUNK = 1 << 18
 
 
 def check_finite(info: TensorInfo, array: np.ndarray) -> None:
@@ -32,8 +33,14 @@ def check_finite(info: TensorInfo, array: np.ndarray) -> None:
         if np.isfinite(array.astype(np.float32)).all():
             return
         raise _non_finite(info, array.astype(np.float32))
-    if np.any((bits & mask) == mask):
-        raise _non_finite(info, array.astype(np.float32))
+    flat = bits.reshape(-1)
+    # In chunks: a cache-sized scratch buffer instead of two tensor-sized temporaries.
+    scratch = np.empty(min(flat.size, _CHUNK), dtype=flat.dtype)
+    for start in range(0, flat.size, _CHUNK):
+        part = flat[start : start + _CHUNK]
+        masked = np.bitwise_and(part, mask, out=scratch[: part.size])
+        if np.any(masked == mask):
+            raise _non_finite(info, array.astype(np.float32))
 
 
 def _non_finite(info: TensorInfo, values: np.ndarray) -> NonFiniteTensorError:
@@ -61,7 +68,9 @@ class TensorSource(abc.ABC):
     def read(self, info: TensorInfo) -> np.ndarray:
         """Read one tensor, shaped as ``info.shape``."""
 
-    def iter_tensors(self, *, check: bool = True) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+    def iter_tensors(
+        self, *, check: bool = True
+    ) -> Iterator[tuple[TensorInfo, np.ndarray]]:
         """Yield every tensor in file order; with ``check``, refuse NaN and Inf."""
         if self.index.metadata_only:
             raise EwqError(

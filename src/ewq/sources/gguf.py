@@ -65,17 +65,22 @@ class GGUFSource(TensorSource):
                 offset=int(t.data_offset),
             )
             if info.offset + info.nbytes > size:
-                raise FormatError(f"{path}: tensor '{t.name}' runs past the end of the file")
+                raise FormatError(
+                    f"{path}: tensor '{t.name}' runs past the end of the file"
+                )
             infos.append(info)
             self._tensors[t.name] = t
         infos.sort(key=lambda i: i.offset)
         for prev, cur in zip(infos, infos[1:], strict=False):
             if cur.offset < prev.offset + prev.nbytes:
-                raise FormatError(f"{path}: tensors '{prev.name}' and '{cur.name}' overlap")
+                raise FormatError(
+                    f"{path}: tensors '{prev.name}' and '{cur.name}' overlap"
+                )
         config = {
             name: value
             for name, field in self._reader.fields.items()
-            if not name.startswith("GGUF.") and (value := _field_value(field)) is not None
+            if not name.startswith("GGUF.")
+            and (value := _field_value(field)) is not None
         }
         self.index = ModelIndex(
             source=source or str(path),

@@ -11,6 +11,7 @@ which is how the tests stand a local HTTP server in for the hub.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -45,7 +46,9 @@ def _hub_error(repo_id: str, endpoint: str, exc: BaseException) -> Exception:
     from huggingface_hub import errors
 
     if isinstance(exc, errors.RevisionNotFoundError):
-        return HubUnavailableError(f"hub repository '{repo_id}' has no such revision ({endpoint})")
+        return HubUnavailableError(
+            f"hub repository '{repo_id}' has no such revision ({endpoint})"
+        )
     if isinstance(exc, errors.RepositoryNotFoundError):
         return HubUnavailableError(
             f"hub repository '{repo_id}' not found at {endpoint} (or it is private or gated)"
@@ -63,17 +66,27 @@ def _hub_error(repo_id: str, endpoint: str, exc: BaseException) -> Exception:
     )
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """HTTP client errors: huggingface_hub 2.x talks through httpx2, 1.x through httpx."""
+    found = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def _hub_exceptions() -> tuple[type[BaseException], ...]:
-    import httpx
     from huggingface_hub import errors
 
     return (
+        *_transport_errors(),
         errors.HfHubHTTPError,
         errors.EntryNotFoundError,
         errors.OfflineModeIsEnabled,
         errors.NotASafetensorsRepoError,
         errors.SafetensorsParsingError,
-        httpx.HTTPError,
         OSError,
     )
 
@@ -81,14 +94,25 @@ def _hub_exceptions() -> tuple[type[BaseException], ...]:
 class HubMetadataSource(TensorSource):
     """A hub repository seen through its config.json and safetensors headers only."""
 
-    def __init__(self, repo_id: str, *, revision: str | None = None, endpoint: str | None = None):
+    def __init__(
+        self, repo_id: str, *, revision: str | None = None, endpoint: str | None = None
+    ):
         from huggingface_hub import HfApi, errors, hf_hub_download
 
         endpoint = _endpoint(endpoint)
         try:
-            meta = HfApi(endpoint=endpoint).get_safetensors_metadata(repo_id, revision=revision)
+            api = HfApi(endpoint=endpoint)
+            # model_info first: it tells a missing repository from a repository
+            # without safetensors, and pins the commit for the reads that follow.
+            info = api.model_info(repo_id, revision=revision)
+            meta = api.get_safetensors_metadata(repo_id, revision=info.sha or revision)
             try:
-                path = hf_hub_download(repo_id, "config.json", revision=revision, endpoint=endpoint)
+                path = hf_hub_download(
+                    repo_id,
+                    "config.json",
+                    revision=info.sha or revision,
+                    endpoint=endpoint,
+                )
                 with open(path, encoding="utf-8") as fh:
                     config: dict[str, Any] = json.load(fh)
             except errors.EntryNotFoundError:
@@ -97,11 +121,17 @@ class HubMetadataSource(TensorSource):
         except _hub_exceptions() as exc:
             raise _hub_error(repo_id, endpoint, exc) from exc
         except json.JSONDecodeError as exc:
-            raise FormatError(f"hub repository '{repo_id}': config.json is not JSON") from exc
+            raise FormatError(
+                f"hub repository '{repo_id}': config.json is not JSON"
+            ) from exc
         infos: list[TensorInfo] = []
         for filename in sorted(meta.files_metadata):
             header = {
-                name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
+                name: {
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "data_offsets": list(t.data_offsets),
+                }
                 for name, t in meta.files_metadata[filename].tensors.items()
             }
             infos.extend(tensor_infos_from_header(header, 0, None, filename))
@@ -134,7 +164,10 @@ def open_hub(
     endpoint = _endpoint(endpoint)
     try:
         folder = snapshot_download(
-            repo_id, revision=revision, endpoint=endpoint, allow_patterns=_DOWNLOAD_PATTERNS
+            repo_id,
+            revision=revision,
+            endpoint=endpoint,
+            allow_patterns=_DOWNLOAD_PATTERNS,
         )
     except _hub_exceptions() as exc:
         raise _hub_error(repo_id, endpoint, exc) from exc

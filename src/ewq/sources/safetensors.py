@@ -75,7 +75,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                     f"({size} bytes): truncated or not a safetensors file"
                 )
             if n > MAX_HEADER_BYTES:
-                raise FormatError(f"{path}: safetensors header of {n} bytes is implausible")
+                raise FormatError(
+                    f"{path}: safetensors header of {n} bytes is implausible"
+                )
             raw = fh.read(n)
     except OSError as exc:
         raise SourceNotFoundError(f"{path}: cannot read ({exc.strerror})") from exc
@@ -86,7 +88,9 @@ def parse_header(raw: bytes, where: Path | str) -> dict[str, Any]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{where}: corrupt safetensors header (not valid JSON: {exc})") from exc
+        raise FormatError(
+            f"{where}: corrupt safetensors header (not valid JSON: {exc})"
+        ) from exc
     if not isinstance(header, dict):
         raise FormatError(f"{where}: corrupt safetensors header (not a JSON object)")
     return header
@@ -104,7 +108,10 @@ def tensor_infos_from_header(
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        if (
+            not isinstance(entry, dict)
+            or not {"dtype", "shape", "data_offsets"} <= entry.keys()
+        ):
             raise FormatError(f"{file}: corrupt header entry for tensor '{name}'")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in DTYPES:
@@ -117,7 +124,9 @@ def tensor_infos_from_header(
             or not all(isinstance(o, int) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise FormatError(f"{file}: tensor '{name}' has a corrupt shape or data_offsets")
+            raise FormatError(
+                f"{file}: tensor '{name}' has a corrupt shape or data_offsets"
+            )
         begin, end = offsets
         expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
         if end - begin != expected:
@@ -130,7 +139,9 @@ def tensor_infos_from_header(
                 f"{file}: tensor '{name}' ends at byte {data_start + end}, past the end "
                 f"of the file ({data_start + data_size} bytes): truncated"
             )
-        infos.append(TensorInfo(name, dtype, tuple(shape), end - begin, file, data_start + begin))
+        infos.append(
+            TensorInfo(name, dtype, tuple(shape), end - begin, file, data_start + begin)
+        )
     infos.sort(key=lambda t: (t.offset, t.nbytes))
     for prev, cur in zip(infos, infos[1:], strict=False):
         if cur.offset < prev.offset + prev.nbytes:
@@ -140,13 +151,17 @@ def tensor_infos_from_header(
 
 def _file_infos(path: Path) -> list[TensorInfo]:
     header, start = read_header(path)
-    return tensor_infos_from_header(header, start, path.stat().st_size - start, str(path))
+    return tensor_infos_from_header(
+        header, start, path.stat().st_size - start, str(path)
+    )
 
 
 def _load_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
-        log.warning("%s has no config.json; the architecture will be guessed from names", folder)
+        log.warning(
+            "%s has no config.json; the architecture will be guessed from names", folder
+        )
         return {}
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -163,7 +178,13 @@ def _shards_from_index(folder: Path) -> list[TensorInfo]:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (OSError, UnicodeDecodeError, KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (
+        OSError,
+        UnicodeDecodeError,
+        KeyError,
+        TypeError,
+        json.JSONDecodeError,
+    ) as exc:
         raise FormatError(f"{index_path}: corrupt shard index ({exc})") from exc
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():

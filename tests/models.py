@@ -1,0 +1,212 @@
+"""Tiny random models for tests and benchmarks: every family of the architecture map.
+
+HF families are built with transformers' own classes (so tensor names are exactly
+what transformers saves) and written as safetensors; GGUF fixtures are written with
+gguf-py's GGUFWriter using llama.cpp's names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+# family -> (config class, model class, config overrides); names resolved lazily so
+# importing this module does not import transformers.
+HF_FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        {
+            "num_hidden_layers": 3,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 16,
+            "qk_rope_head_dim": 4,
+            "qk_nope_head_dim": 4,
+            "v_head_dim": 8,
+        },
+    ),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
+    ),
+    "bert": ("BertConfig", "BertModel", {}),
+}
+
+
+def build_hf(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """Write a tiny random ``family`` model (config.json + model.safetensors) to ``folder``."""
+    import torch
+    import transformers
+
+    config_name, model_name, extra = HF_FAMILIES[family]
+    kwargs = {} if family == "gpt2" else dict(COMMON)
+    if family == "gpt2":
+        kwargs["vocab_size"] = 64
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**kwargs)
+    model = getattr(transformers, model_name)(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+def shard_folder(src: Path, dst: Path, n_shards: int = 2) -> Path:
+    """Rewrite ``src/model.safetensors`` as ``n_shards`` shards plus an index."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    state = load_file(src / "model.safetensors")
+    names = sorted(state)
+    weight_map = {}
+    per = -(-len(names) // n_shards)
+    for i in range(n_shards):
+        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {n: state[n].contiguous() for n in names[i * per : (i + 1) * per]}
+        save_file(part, dst / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return dst
+
+
+Q = gguf.GGMLQuantizationType
+
+
+def write_gguf(
+    path: Path, arch: str, n_blocks: int, tensors: dict[str, tuple[np.ndarray, Q]]
+) -> Path:
+    """Write a GGUF file; each tensor is given as float32 data and a target type."""
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(n_blocks)
+    writer.add_context_length(64)
+    writer.add_embedding_length(64)
+    for name, (data, qtype) in tensors.items():
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        if qtype == Q.F32:
+            writer.add_tensor(name, data)
+        elif qtype == Q.F16:
+            writer.add_tensor(name, data.astype(np.float16))
+        elif qtype == Q.BF16:
+            bits = (data.view(np.uint32) >> 16).astype(np.uint16)
+            writer.add_tensor(name, bits, raw_shape=data.shape, raw_dtype=Q.BF16)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_tensors(arch: str, n_blocks: int = 2, hidden: int = 64, seed: int = 0) -> dict:
+    """llama.cpp-named tensors of a tiny ``arch`` model ("llama", "gemma2", "deepseek2", "bert")."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int, qtype: Q = Q.Q8_0) -> tuple[np.ndarray, Q]:
+        return (rng.standard_normal(shape).astype(np.float32) * 0.02, qtype)
+
+    def norm() -> tuple[np.ndarray, Q]:
+        return (np.ones(hidden, np.float32), Q.F32)
+
+    h, f = hidden, 2 * hidden
+    t = {"token_embd.weight": w(128, h, qtype=Q.Q4_0)}
+    if arch == "bert":
+        t["position_embd.weight"] = w(64, h, qtype=Q.F16)
+        t["token_types.weight"] = w(2, h, qtype=Q.F32)
+        t["token_embd_norm.weight"] = norm()
+    for b in range(n_blocks):
+        p = f"blk.{b}."
+        if arch == "deepseek2":
+            t |= {
+                p + "attn_norm.weight": norm(),
+                p + "attn_q_a.weight": w(32, h),
+                p + "attn_q_a_norm.weight": (np.ones(32, np.float32), Q.F32),
+                p + "attn_q_b.weight": w(h, 32),
+                p + "attn_kv_a_mqa.weight": w(64, h),
+                p + "attn_kv_a_norm.weight": (np.ones(32, np.float32), Q.F32),
+                p + "attn_kv_b.weight": w(h, 32),
+                p + "attn_output.weight": w(h, h),
+                p + "ffn_norm.weight": norm(),
+            }
+            if b == 0:  # dense first layer
+                t |= {
+                    p + "ffn_gate.weight": w(f, h),
+                    p + "ffn_up.weight": w(f, h),
+                    p + "ffn_down.weight": w(h, f),
+                }
+            else:
+                t |= {
+                    p + "ffn_gate_inp.weight": w(4, h, qtype=Q.F32),
+                    p + "ffn_gate_exps.weight": w(4, 32, h),
+                    p + "ffn_up_exps.weight": w(4, 32, h),
+                    p + "ffn_down_exps.weight": w(4, h, 32),
+                    p + "ffn_gate_shexp.weight": w(32, h),
+                    p + "ffn_up_shexp.weight": w(32, h),
+                    p + "ffn_down_shexp.weight": w(h, 32),
+                }
+            continue
+        t |= {
+            p + "attn_q.weight": w(h, h, qtype=Q.BF16),
+            p + "attn_k.weight": w(h // 2, h, qtype=Q.F16),
+            p + "attn_v.weight": w(h // 2, h),
+            p + "attn_output.weight": w(h, h, qtype=Q.Q4_1),
+            p + "ffn_up.weight": w(f, h),
+            p + "ffn_down.weight": w(h, f),
+        }
+        if arch == "bert":
+            t |= {
+                p + "attn_output_norm.weight": norm(),
+                p + "layer_output_norm.weight": norm(),
+            }
+        else:
+            t |= {
+                p + "attn_norm.weight": norm(),
+                p + "ffn_norm.weight": norm(),
+                p + "ffn_gate.weight": w(f, h),
+            }
+        if arch == "gemma2":
+            t |= {
+                p + "post_attention_norm.weight": norm(),
+                p + "post_ffw_norm.weight": norm(),
+            }
+    if arch != "bert":
+        t["output_norm.weight"] = norm()
+    if arch in ("llama", "deepseek2"):
+        t["output.weight"] = w(128, h, qtype=Q.Q8_0)
+    return t

@@ -1,0 +1,99 @@
+"""Hub sources against a local server standing in for the hub (HF_ENDPOINT)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from hubserver import FakeHub
+
+from ewq.api import inspect
+from ewq.errors import HubUnavailableError
+from ewq.sources import open_source
+from ewq.sources.hub import is_hub_id
+
+
+@pytest.fixture
+def hub(small_llama, sharded_llama, monkeypatch, tmp_path):
+    repos = {"tiny/llama": small_llama, "tiny/sharded": sharded_llama}
+    # huggingface_hub reads HF_HOME at import; point its cache at tmp_path directly
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    with FakeHub(repos) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+def weight_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def test_is_hub_id():
+    assert is_hub_id("Qwen/Qwen2.5-7B") and is_hub_id("hf://meta-llama/Llama-3.1-8B")
+    assert (
+        not is_hub_id("model") and not is_hub_id("/abs/path") and not is_hub_id("a/b/c")
+    )
+
+
+@pytest.mark.parametrize("repo", ["tiny/llama", "tiny/sharded"])
+def test_metadata_only_reads_headers_not_weights(hub, repo, small_llama, sharded_llama):
+    local = small_llama if repo == "tiny/llama" else sharded_llama
+    with open_source(repo) as remote, open_source(local) as here:
+        assert remote.index.metadata_only
+        assert remote.index.config["model_type"] == "llama"
+        assert [(t.name, t.dtype, t.shape, t.nbytes) for t in remote.index.tensors] == [
+            (t.name, t.dtype, t.shape, t.nbytes) for t in here.index.tensors
+        ]
+    served = sum(n for f, n in hub.sent.items() if f.endswith(".safetensors"))
+    # headers only: one range request of at most 100 kB per file
+    assert served <= 100_001 * len(here.index.files)
+    if (
+        repo == "tiny/llama"
+    ):  # 3 MB of weights, of which the client read one 100 kB range
+        assert served < 0.05 * weight_bytes(local)
+
+
+def test_metadata_only_refuses_to_stream(hub):
+    with (
+        open_source("tiny/llama") as src,
+        pytest.raises(Exception, match="opened for metadata only"),
+    ):
+        next(src.iter_tensors())
+
+
+def test_inspect_hub_id_gives_the_same_blocks(hub, small_llama):
+    remote, local = inspect("tiny/llama"), inspect(small_llama)
+    assert [b.num_parameters for b in remote.layout.blocks] == [
+        b.num_parameters for b in local.layout.blocks
+    ]
+
+
+def test_full_download_then_reads_as_folder(hub, tiny_models):
+    with open_source("tiny/sharded", download=True) as src:
+        assert not src.index.metadata_only
+        names = [info.name for info, _ in src.iter_tensors()]
+    assert len(names) == len(inspect(tiny_models["llama"]).index.tensors)
+    # the second open is served from the cache: no new weight bytes
+    before = sum(hub.sent.values())
+    with open_source("tiny/sharded", download=True):
+        pass
+    assert sum(n for f, n in hub.sent.items() if f.endswith(".safetensors")) <= before
+
+
+def test_unknown_repo(hub):
+    with pytest.raises(
+        HubUnavailableError, match="'tiny/absent' not found at http://127.0.0.1"
+    ):
+        open_source("tiny/absent")
+
+
+def test_offline_is_a_clear_error(monkeypatch, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(
+        HubUnavailableError, match=r"cannot reach the Hugging Face hub .*\(offline\?\)"
+    ):
+        open_source("some/model")
