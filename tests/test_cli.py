@@ -184,3 +184,53 @@ def test_console_script_offline_hub(tmp_path):
 def test_usage_error_exit_status(monkeypatch, capsys):
     code, _, _ = run(monkeypatch, capsys, "inspect")
     assert code == 2
+
+
+def _raw(path: Path, header: dict, data: bytes) -> Path:
+    body = json.dumps(header).encode()
+    path.write_bytes(len(body).to_bytes(8, "little") + body + data)
+    return path
+
+
+def test_bad_corrupt_header(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes((6).to_bytes(8, "little") + b"{oops}" + b"\0" * 4)
+    line = bad(monkeypatch, capsys, tmp_path, str(path))
+    assert "m.safetensors: corrupt safetensors header" in line
+
+
+def test_bad_overlap(monkeypatch, capsys, tmp_path):
+    header = {
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+    }
+    path = _raw(tmp_path / "m.safetensors", header, b"\0" * 24)
+    assert "tensors 'a' and 'b' overlap" in bad(
+        monkeypatch, capsys, tmp_path, str(path)
+    )
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_bad_non_finite_with_verify(
+    monkeypatch, capsys, tmp_path, tiny_models, model_copy, value
+):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    folder = model_copy(tiny_models["llama"])
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float(value)
+    save_file(state, folder / "model.safetensors")
+    code, _, err = run(monkeypatch, capsys, "inspect", str(folder))
+    assert code == 0, err  # headers alone are fine
+    line = bad(monkeypatch, capsys, tmp_path, str(folder), "--verify")
+    assert "model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' holds" in line
+    assert np.isnan(float(value)) == ("1 NaN" in line)
+
+
+def test_verify_reads_every_tensor(monkeypatch, capsys, tmp_path, tiny_ggufs):
+    code, out, err = run(
+        monkeypatch, capsys, "inspect", str(tiny_ggufs["llama"]), "--verify"
+    )
+    assert code == 0, err
+    assert "2 transformer blocks" in out

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from ewq import __version__, api
 from ewq.errors import EwqError
@@ -37,6 +47,25 @@ SourceArg = Annotated[
 ]
 
 
+@contextlib.contextmanager
+def _progress(description: str) -> Iterator[api.Progress]:
+    """A byte-based progress bar on stderr, fed by the API's progress callback."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
 def _write_json(path: Path, doc: dict) -> None:
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     err.print(f"wrote {path}")
@@ -59,9 +88,21 @@ def inspect(
     revision: Annotated[
         str | None, typer.Option(help="Hub branch, tag or commit.")
     ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(help="Also read every tensor once and check it for NaN and Inf."),
+    ] = False,
 ) -> None:
     """List a model's blocks (exec_index, tensors, parameters, bytes) without reading weights."""
-    result = api.inspect(source, download=download, revision=revision)
+    bar = _progress("reading tensors") if verify else contextlib.nullcontext(None)
+    with bar as progress:
+        result = api.inspect(
+            source,
+            download=download,
+            revision=revision,
+            verify=verify,
+            progress=progress,
+        )
     out.print(inspection_table(result))
     if json_path is not None:
         _write_json(json_path, inspection_json(result, __version__))
