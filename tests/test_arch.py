@@ -46,6 +46,17 @@ MOE_SHARED = {
     R.MOE_SHARED_DOWN,
 }
 
+BERT_BLOCK = {
+    R.ATTN_Q,
+    R.ATTN_K,
+    R.ATTN_V,
+    R.ATTN_O,
+    R.ATTN_POST_NORM,
+    R.MLP_UP,
+    R.MLP_DOWN,
+    R.FFN_POST_NORM,
+}
+
 # family -> (table, transformer blocks, roles of the first block, roles of the head)
 EXPECTED = {
     "llama": ("llama", 2, LLAMA_BLOCK, {R.FINAL_NORM, R.LM_HEAD}),
@@ -109,16 +120,7 @@ EXPECTED = {
     "bert": (
         "bert",
         2,
-        {
-            R.ATTN_Q,
-            R.ATTN_K,
-            R.ATTN_V,
-            R.ATTN_O,
-            R.ATTN_POST_NORM,
-            R.MLP_UP,
-            R.MLP_DOWN,
-            R.FFN_POST_NORM,
-        },
+        BERT_BLOCK,
         {R.POOLER},
     ),
 }
@@ -194,16 +196,7 @@ def test_mixtral_experts_in_their_block(tiny_models):
         (
             "bert",
             2,
-            {
-                R.ATTN_Q,
-                R.ATTN_K,
-                R.ATTN_V,
-                R.ATTN_O,
-                R.ATTN_POST_NORM,
-                R.MLP_UP,
-                R.MLP_DOWN,
-                R.FFN_POST_NORM,
-            },
+            BERT_BLOCK,
             set(),
         ),
     ],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ewq.errors import SourceNotFoundError
+from ewq.errors import HubUnavailableError, SourceNotFoundError
 from ewq.sources.base import TensorSource, check_finite
 from ewq.sources.gguf import GGUFSource, is_gguf
 from ewq.sources.hub import is_hub_id, open_hub
@@ -87,5 +87,11 @@ def open_source(
             return GGUFSource(path, source=text)
         return SafetensorsSource(path, source=text)
     if is_hub_id(text):
-        return open_hub(text, revision=revision, download=download)
+        try:
+            return open_hub(text, revision=revision, download=download)
+        except HubUnavailableError as exc:
+            # "owner/name" may also be a mistyped local path: say both were tried.
+            raise HubUnavailableError(
+                f"{exc} (no local file or folder '{text}' either)"
+            ) from exc
     raise SourceNotFoundError(f"no such file or folder: {text}")
