@@ -99,7 +99,9 @@ class TensorInfo:
 
     ``shape`` is in row-major (numpy / PyTorch) order for every format, GGUF included.
     ``dtype`` is the storage type: safetensors names (F32, BF16, ...) or GGML type
-    names (Q4_K, Q8_0, ...). ``offset`` is the absolute byte offset in ``file``.
+    names (Q4_K, Q8_0, ...). ``offset`` is the absolute byte offset in ``file``; for
+    metadata-only hub sources, whose header sizes are not kept, it is relative to
+    the start of the file's data section.
     """
 
     name: str

@@ -10,7 +10,13 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from ewq.arch.registry import compiled, find_table, generic_table, template_of
+from ewq.arch.registry import (
+    compiled,
+    find_table,
+    generic_table,
+    param_kind,
+    template_of,
+)
 from ewq.errors import UnknownArchitectureError
 from ewq.types import BlockKind, ModelIndex, ParamKind, Role, TensorInfo, TensorKey
 
@@ -123,14 +129,6 @@ def _guess_role(name: str) -> Role:
     return Role.OTHER
 
 
-def _kind(name: str) -> ParamKind:
-    if name.endswith(".weight"):
-        return ParamKind.WEIGHT
-    if name.endswith(".bias"):
-        return ParamKind.BIAS
-    return ParamKind.OTHER
-
-
 def _generic(index: ModelIndex, prefix: str | None, known: dict) -> dict:
     """Assign tensors the table did not know, by the ``<prefix>.<N>.`` pattern."""
     found = {}
@@ -140,11 +138,11 @@ def _generic(index: ModelIndex, prefix: str | None, known: dict) -> dict:
             continue
         template, numbers = template_of(t.name)
         if prefix is not None and numbers and template.startswith(prefix + "{N}"):
-            found[t.name] = (_guess_role(t.name), _kind(t.name), numbers[0])
+            found[t.name] = (_guess_role(t.name), param_kind(t.name), numbers[0])
         elif not numbers:
             is_embed = any(w in t.name for w in embed_words)
             role = Role.EMBED if is_embed else Role.OTHER
-            found[t.name] = (role, _kind(t.name), None)
+            found[t.name] = (role, param_kind(t.name), None)
     return found
 
 

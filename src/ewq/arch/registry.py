@@ -27,6 +27,7 @@ __all__ = [
     "find_table",
     "generic_table",
     "load_tables",
+    "param_kind",
     "template_of",
 ]
 
@@ -71,6 +72,14 @@ class CompiledTable:
     @property
     def name(self) -> str:
         return self.table.name
+
+
+def param_kind(name: str) -> ParamKind:
+    """``.weight`` -> WEIGHT, ``.bias`` -> BIAS, anything else (buffers) -> OTHER."""
+    for suffix, kind in _SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind
+    return ParamKind.OTHER
 
 
 def template_of(name: str) -> tuple[str, tuple[int, ...]]:
