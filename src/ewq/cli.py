@@ -22,8 +22,10 @@ from rich.progress import (
 )
 
 from ewq import __version__, api
+from ewq.analysis import DEFAULT_ALPHA, Variant
 from ewq.errors import EwqError
 from ewq.fileio import atomic_write_text
+from ewq.reports.analysis import analysis_json, analysis_table, write_plot
 from ewq.reports.inspect import inspection_json, inspection_table
 
 __all__ = ["app", "main"]
@@ -106,6 +108,84 @@ def inspect(
     out.print(inspection_table(result))
     if json_path is not None:
         _write_json(json_path, inspection_json(result, __version__))
+
+
+@app.command(
+    epilog="Examples:\n\n  ewq analyze default --json analysis.json --plot entropy.png"
+    "\n\n  ewq analyze ./Llama-3.2-1B --alpha 1.0 --variant 8bit"
+    "\n\n  ewq analyze model.gguf --eps 0.01   (the paper's eps variant)"
+)
+def analyze(
+    source: SourceArg,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            help="Threshold T = mean - alpha * std: blocks below T go to 4-bit. "
+            "1.25 reproduces the paper's share of 4-bit blocks (about 11%)."
+        ),
+    ] = DEFAULT_ALPHA,
+    eps: Annotated[
+        float,
+        typer.Option(
+            help="H = -sum p log(p + eps). 0 (default) is the exact entropy; the paper "
+            "used a small eps such as 0.01."
+        ),
+    ] = 0.0,
+    variant: Annotated[
+        Variant,
+        typer.Option(
+            help="4bit/8bit: below T to 4-bit, below the mean to 8-bit. "
+            "8bit: every block below the mean to 8-bit."
+        ),
+    ] = Variant.MIXED_4_8,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the analysis as JSON (usable as a plan)."),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Write a PNG of entropy by block, with mean and threshold."),
+    ] = None,
+    download: Annotated[
+        bool,
+        typer.Option(
+            help="For hub ids: download the weights (the analysis reads them)."
+        ),
+    ] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub branch, tag or commit.")
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Threads reading and reducing tensors (default: all cores)."
+        ),
+    ] = None,
+) -> None:
+    """Measure each block's weight entropy and decide raw / 8-bit / 4-bit per block (EWQ)."""
+    # check parameters before reading a byte, so bad input costs nothing
+    from ewq.analysis.decision import check_alpha
+    from ewq.analysis.profile import check_eps
+
+    check_alpha(alpha)
+    check_eps(eps)
+    with _progress("analysing") as progress:
+        result = api.analyze(
+            source,
+            alpha=alpha,
+            eps=eps,
+            variant=variant,
+            download=download,
+            revision=revision,
+            workers=workers,
+            progress=progress,
+        )
+    out.print(analysis_table(result))
+    if json_path is not None:
+        _write_json(json_path, analysis_json(result, __version__))
+    if plot is not None:
+        write_plot(result, plot)
+        err.print(f"wrote {plot}")
 
 
 @app.callback()

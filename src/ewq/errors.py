@@ -6,6 +6,7 @@ __all__ = [
     "EwqError",
     "FormatError",
     "HubUnavailableError",
+    "InvalidParameterError",
     "NonFiniteTensorError",
     "SourceNotFoundError",
     "UnknownArchitectureError",
@@ -34,3 +35,7 @@ class HubUnavailableError(EwqError):
 
 class UnknownArchitectureError(EwqError):
     """No block structure could be found in a model's tensor names."""
+
+
+class InvalidParameterError(EwqError):
+    """A parameter is out of range (alpha <= 0, a negative eps, ...)."""

@@ -15,6 +15,7 @@ __all__ = [
     "BlockKind",
     "ModelIndex",
     "ParamKind",
+    "Precision",
     "Role",
     "TensorInfo",
     "TensorKey",
@@ -85,6 +86,22 @@ class ParamKind(StrEnum):
     WEIGHT = "weight"
     BIAS = "bias"
     OTHER = "other"
+
+
+class Precision(StrEnum):
+    """The precision a block is stored at; the words plan files use."""
+
+    RAW = "raw"  # the source model's own precision
+    Q8 = "8-bit"
+    Q4 = "4-bit"
+    Q3 = "3-bit"
+    Q2 = "2-bit"
+    TERNARY = "1.58-bit"
+
+    @property
+    def rank(self) -> int:
+        """Higher is more precise: raw 5, 8-bit 4, ..., 1.58-bit 0."""
+        return len(Precision) - 1 - list(Precision).index(self)
 
 
 class BlockKind(StrEnum):

@@ -68,6 +68,24 @@ class TensorSource(abc.ABC):
     def read(self, info: TensorInfo) -> np.ndarray:
         """Read one tensor, shaped as ``info.shape``."""
 
+    def granule(self, info: TensorInfo) -> int:
+        """Ranges given to :meth:`read_range` must start and end on multiples of this.
+
+        1 for plain dtypes; a row for block-quantized tensors, which decode by rows.
+        """
+        return 1
+
+    def read_range(
+        self, info: TensorInfo, start: int, stop: int, buffer: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Elements ``[start, stop)`` of the flattened tensor, as a 1-D array.
+
+        Safe to call from several threads at once. A source may read into ``buffer``
+        (bytes, ``uint8``, at least the range's size) instead of allocating; the result
+        is then a view of it. This default reads the whole tensor: sources override it.
+        """
+        return self.read(info).reshape(-1)[start:stop]
+
     def iter_tensors(
         self, *, check: bool = True
     ) -> Iterator[tuple[TensorInfo, np.ndarray]]:

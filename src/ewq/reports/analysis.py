@@ -1,0 +1,143 @@
+"""The `ewq analyze` outputs: JSON document, terminal table, and the entropy plot."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rich.table import Table
+
+from ewq.analysis import MATRIX_RULE, BlockEntropy
+from ewq.fileio import atomic_path
+from ewq.types import BlockKind, Precision
+
+__all__ = ["SCHEMA_VERSION", "analysis_json", "analysis_table", "write_plot"]
+
+SCHEMA_VERSION = 1
+
+_COLORS = {
+    Precision.RAW: "#2b8cbe",
+    Precision.Q8: "#f2a541",
+    Precision.Q4: "#d7301f",
+}
+
+
+def _side_block(b: BlockEntropy) -> dict[str, Any]:
+    return {
+        "exec_index": b.exec_index,
+        "num_parameters": b.num_parameters,
+        "entropy": b.entropy,
+    }
+
+
+def analysis_json(analysis: Any, ewq_version: str) -> dict[str, Any]:
+    """The analysis as a JSON-ready dict; also accepted by `ewq quantize` as a plan."""
+    prof, d = analysis.profile, analysis.decision
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "ewq-analysis",
+        "ewq_version": ewq_version,
+        "source": analysis.index.source,
+        "format": analysis.index.format,
+        "architecture": analysis.layout.architecture,
+        "num_blocks": analysis.layout.num_blocks,
+        "alpha": d.alpha,
+        "eps": prof.eps,
+        "variant": d.variant.value,
+        "matrices": MATRIX_RULE,
+        "mean": d.mean,
+        "std": d.std,
+        "threshold": d.threshold,
+        "blocks": [
+            {
+                "exec_index": b.exec_index,
+                "num_parameters": b.num_parameters,
+                "entropy": b.entropy,
+                "decision": d.precision[b.exec_index].value,
+                "priority": d.rank(b.exec_index),
+            }
+            for b in prof.transformer
+        ],
+        "embedding": _side_block(prof.block(BlockKind.EMBEDDING)),
+        "head": _side_block(prof.block(BlockKind.HEAD)),
+    }
+
+
+def analysis_table(analysis: Any) -> Table:
+    prof, d = analysis.profile, analysis.decision
+    counts = {p: sum(1 for v in d.precision.values() if v is p) for p in Precision}
+    summary = ", ".join(f"{n} {p.value}" for p, n in counts.items() if n)
+    table = Table(
+        title=f"{analysis.index.source}: EWQ {d.variant.value} mixed, alpha {d.alpha:g}"
+        + (f", eps {prof.eps:g}" if prof.eps else ""),
+        caption=f"mean {d.mean:.9f}  std {d.std:.3e}  threshold {d.threshold:.9f}  "
+        f"->  {summary}",
+    )
+    for col in ("exec_index", "kind", "parameters", "entropy", "decision", "priority"):
+        table.add_column(
+            col, justify="left" if col in ("kind", "decision") else "right"
+        )
+    styles = {Precision.RAW: "", Precision.Q8: "yellow", Precision.Q4: "red"}
+    for b in prof.blocks:
+        entropy = "-" if b.entropy is None else f"{b.entropy:.9f}"
+        if b.kind is BlockKind.TRANSFORMER:
+            p = d.precision[b.exec_index]
+            decision, priority, style = (
+                p.value,
+                str(d.rank(b.exec_index)),
+                styles.get(p, ""),
+            )
+        else:
+            decision, priority, style = "(planner)", "-", "dim"
+        table.add_row(
+            str(b.exec_index),
+            b.kind.value,
+            f"{b.num_parameters:,}",
+            entropy,
+            decision,
+            priority,
+            style=style,
+        )
+    return table
+
+
+def write_plot(analysis: Any, path: str | os.PathLike[str]) -> None:
+    """Entropy by block with the mean and threshold lines (the paper's Figure 1), PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prof, d = analysis.profile, analysis.decision
+    blocks = prof.transformer
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(blocks) + 3), 4.2), dpi=120)
+    xs = [b.exec_index for b in blocks]
+    ys = [b.entropy for b in blocks]
+    ax.plot(xs, ys, color="#999999", lw=1, zorder=1)
+    for p, color in _COLORS.items():
+        pts = [
+            (b.exec_index, b.entropy) for b in blocks if d.precision[b.exec_index] is p
+        ]
+        if pts:
+            ax.scatter(
+                *zip(*pts, strict=True), color=color, s=28, zorder=2, label=p.value
+            )
+    ax.axhline(d.mean, color="#333333", ls="--", lw=1, label=f"mean {d.mean:.6f}")
+    if d.variant.value == "4bit/8bit":
+        ax.axhline(
+            d.threshold,
+            color="#d7301f",
+            ls=":",
+            lw=1,
+            label=f"threshold (alpha {d.alpha:g}) {d.threshold:.6f}",
+        )
+    ax.set_xlabel("exec_index (transformer blocks)")
+    ax.set_ylabel("block entropy H (nats)")
+    ax.set_title(f"{os.path.basename(str(analysis.index.source))}: block entropy")
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
