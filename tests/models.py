@@ -109,13 +109,26 @@ Q = gguf.GGMLQuantizationType
 
 
 def write_gguf(
-    path: Path, arch: str, n_blocks: int, tensors: dict[str, tuple[np.ndarray, Q]]
+    path: Path,
+    arch: str,
+    n_blocks: int,
+    tensors: dict[str, tuple[np.ndarray, Q]],
+    hidden: int = 64,
 ) -> Path:
-    """Write a GGUF file; each tensor is given as float32 data and a target type."""
+    """Write a GGUF file; each tensor is given as float32 data and a target type.
+
+    Llama files carry the hyperparameters llama.cpp needs to load (and quantize) them.
+    """
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(n_blocks)
     writer.add_context_length(64)
-    writer.add_embedding_length(64)
+    writer.add_embedding_length(hidden)
+    if arch == "llama":
+        writer.add_head_count(4)
+        writer.add_head_count_kv(4)
+        writer.add_feed_forward_length(2 * hidden)
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_rope_dimension_count(hidden // 4)
     for name, (data, qtype) in tensors.items():
         data = np.ascontiguousarray(data, dtype=np.float32)
         if qtype == Q.F32:

@@ -17,10 +17,26 @@ from ewq.analysis import (
 from ewq.analysis.decision import check_alpha
 from ewq.analysis.profile import check_eps
 from ewq.arch import ModelLayout, resolve
+from ewq.errors import EwqError
+from ewq.planfile import Plan, load_plan, plan_from_doc
+from ewq.quant.targets import (
+    TensorTarget,
+    check_plan,
+    gguf_targets,
+    llama_quantize_args,
+)
 from ewq.sources import open_source
 from ewq.types import ModelIndex
 
-__all__ = ["Analysis", "Inspection", "Progress", "analyze", "inspect"]
+__all__ = [
+    "Analysis",
+    "Inspection",
+    "Progress",
+    "Quantized",
+    "analyze",
+    "inspect",
+    "quantize",
+]
 
 #: progress callback: (bytes done, bytes in all, name of the tensor just read)
 Progress = Callable[[int, int, str], None]
@@ -104,3 +120,66 @@ def analyze(
     entropies = {b.exec_index: b.entropy for b in prof.transformer}
     decision = decide(entropies, alpha=alpha, variant=variant)  # type: ignore[arg-type]
     return Analysis(src.index, layout, prof, decision)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A written quantized model and what went into it."""
+
+    source: str
+    out: Path
+    format: str
+    plan: Plan
+    targets: tuple[TensorTarget, ...]  # per tensor: planned type and exact bytes
+    written: dict[str, str]  # per tensor: the type read back from the output
+    predicted_bytes: int  # tensor data, from the size function
+    file_bytes: int
+    llama_quantize_args: tuple[str, ...]
+
+
+def quantize(
+    source: str | Path,
+    plan: Plan | dict | str | Path,
+    out: str | Path,
+    *,
+    format: str = "gguf",
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> Quantized:
+    """Write ``source`` quantized block by block as ``plan`` says.
+
+    The plan is checked against the model before anything is written; the output
+    appears atomically (temporary file, then rename) or not at all.
+    """
+    from ewq.quant.gguf import quantize_gguf
+
+    if format != "gguf":
+        raise EwqError(f"unknown output format '{format}' (this version writes gguf)")
+    if isinstance(plan, (str, Path)):
+        plan = load_plan(plan)
+    elif isinstance(plan, dict):
+        plan = plan_from_doc(plan)
+    out = Path(out)
+    with open_source(source) as src:
+        index = src.index
+        layout = resolve(index)
+    check_plan(plan, layout, str(source))
+    if index.format != "gguf":
+        raise EwqError(
+            f"{source}: GGUF output needs a GGUF source; no maintained converter from "
+            "Hugging Face checkpoints to GGUF is installable here"
+        )
+    targets = gguf_targets(index, layout, plan)
+    path = index.files[0]
+    written = quantize_gguf(path, targets, out, threads=threads, progress=progress)
+    return Quantized(
+        source=str(source),
+        out=out,
+        format=format,
+        plan=plan,
+        targets=tuple(targets),
+        written=written,
+        predicted_bytes=sum(t.nbytes for t in targets),
+        file_bytes=out.stat().st_size,
+        llama_quantize_args=tuple(llama_quantize_args(targets, path, str(out))),
+    )

@@ -27,6 +27,7 @@ from ewq.errors import EwqError
 from ewq.fileio import atomic_write_text
 from ewq.reports.analysis import analysis_json, analysis_table, write_plot
 from ewq.reports.inspect import inspection_json, inspection_table
+from ewq.reports.quantize import provenance_json, provenance_path, quantize_table
 
 __all__ = ["app", "main"]
 
@@ -186,6 +187,54 @@ def analyze(
     if plot is not None:
         write_plot(result, plot)
         err.print(f"wrote {plot}")
+
+
+class OutFormat(str, __import__("enum").Enum):
+    gguf = "gguf"
+
+
+@app.command(
+    epilog="Examples:\n\n  ewq analyze default --json plan.json"
+    "\n\n  ewq quantize default --plan plan.json --out smollm2-ewq.gguf"
+)
+def quantize(
+    source: SourceArg,
+    plan: Annotated[
+        Path,
+        typer.Option(help="Plan JSON: from `ewq plan`, or the JSON of `ewq analyze`."),
+    ],
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the model.")],
+    format: Annotated[
+        OutFormat, typer.Option("--format", help="Output format.")
+    ] = OutFormat.gguf,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Quantizer threads (default: all cores).")
+    ] = None,
+) -> None:
+    """Write the model quantized block by block as the plan says, with a provenance record."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} tensors"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("quantizing", total=None)
+        result = api.quantize(
+            source,
+            plan,
+            out_path,
+            format=format.value,
+            threads=threads,
+            progress=lambda done, total, name: bar.update(
+                task, completed=done, total=total
+            ),
+        )
+    out.print(quantize_table(result))
+    record = provenance_path(result.out)
+    _write_json(record, provenance_json(result, __version__))
+    err.print(f"wrote {result.out}")
+    err.print(f"the llama-quantize command doing the same is in {record.name}")
 
 
 @app.callback()

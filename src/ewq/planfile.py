@@ -1,0 +1,134 @@
+"""The plan file: per block a precision, versioned JSON, what `ewq quantize` takes.
+
+Schema (version 1)::
+
+    {"schema_version": 1, "kind": "ewq-plan", "source": "...", "method": "ewq",
+     "num_blocks": 30,
+     "embedding": {"precision": "8-bit"}, "head": {"precision": "raw"},
+     "blocks": [{"exec_index": 2, "precision": "4-bit", "num_parameters": 3540096},
+                ...]}
+
+``num_blocks`` and each block's optional ``num_parameters`` identify the model the
+plan was made for; a plan whose blocks do not match the model is refused. The planner
+adds fields of its own (bytes, machines); unknown fields are kept, not rejected.
+Until the planner existed, `ewq analyze --json` output was the plan: it is still
+accepted (its per-block ``decision`` is the precision; embedding and head stay raw).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ewq.errors import EwqError, SourceNotFoundError
+from ewq.types import Precision
+
+__all__ = ["BlockPlan", "Plan", "PlanError", "load_plan", "plan_from_doc"]
+
+SCHEMA_VERSION = 1
+
+
+class PlanError(EwqError):
+    """A plan file is unreadable, malformed, or made for another model."""
+
+
+class BlockPlan(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    exec_index: int = Field(ge=2)
+    precision: Precision
+    num_parameters: int | None = Field(default=None, ge=0)
+
+
+class SidePlan(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    precision: Precision = Precision.RAW
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    kind: str = "ewq-plan"
+    source: str | None = None
+    method: str = "ewq"
+    num_blocks: int | None = Field(default=None, ge=1)
+    embedding: SidePlan = SidePlan()
+    head: SidePlan = SidePlan()
+    blocks: list[BlockPlan]
+
+    def precision_of(self, exec_index: int, num_blocks: int) -> Precision:
+        if exec_index == 1:
+            return self.embedding.precision
+        if exec_index == num_blocks + 2:
+            return self.head.precision
+        return self.by_index()[exec_index].precision
+
+    def by_index(self) -> dict[int, BlockPlan]:
+        return {b.exec_index: b for b in self.blocks}
+
+    def to_doc(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def plan_from_doc(doc: Any, origin: str = "plan") -> Plan:
+    """Validate a decoded JSON plan (or an `ewq analyze` document)."""
+    if not isinstance(doc, dict):
+        raise PlanError(f"{origin}: not a JSON object")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise PlanError(
+            f"{origin}: schema_version {version!r} is not supported (this ewq reads "
+            f"{SCHEMA_VERSION})"
+        )
+    if doc.get("kind") == "ewq-analysis":
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "ewq-plan",
+            "source": doc.get("source"),
+            "method": f"ewq-analysis {doc.get('variant', '')}".strip(),
+            "num_blocks": doc.get("num_blocks"),
+            "blocks": [
+                {
+                    "exec_index": b.get("exec_index"),
+                    "precision": b.get("decision"),
+                    "num_parameters": b.get("num_parameters"),
+                }
+                for b in doc.get("blocks") or []
+                if isinstance(b, dict)
+            ],
+            "alpha": doc.get("alpha"),
+            "eps": doc.get("eps"),
+        }
+    try:
+        plan = Plan.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise PlanError(f"{origin}: {where}: {first['msg']}") from None
+    seen: set[int] = set()
+    for b in plan.blocks:
+        if b.exec_index in seen:
+            raise PlanError(f"{origin}: block {b.exec_index} is planned twice")
+        seen.add(b.exec_index)
+    return plan
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SourceNotFoundError(f"no such plan file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path}: cannot read the plan ({exc})") from exc
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path}: not valid JSON ({exc})") from exc
+    return plan_from_doc(doc, str(path))

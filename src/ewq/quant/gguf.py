@@ -1,0 +1,137 @@
+"""GGUF output through llama.cpp's own quantizer (llama-cpp-python).
+
+``llama_model_quantize`` runs with ``pure`` (no type heuristics of its own),
+``allow_requantize`` (the sources are GGUF files that are often quantized already)
+and one type override per block or tensor. A raw tensor is overridden to its own
+type, which llama.cpp copies bit for bit. The written file is read back and every
+tensor's type compared with the prediction before the file is moved into place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ewq.errors import EwqError, FormatError
+from ewq.fileio import atomic_path
+from ewq.quant.targets import TensorTarget, overrides
+from ewq.sources.gguf import read_header
+
+__all__ = ["LLAMA_CPP_PIN", "quantize_gguf"]
+
+LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
+_PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_lock = threading.Lock()  # llama.cpp's logger is process-wide
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise EwqError(
+            f"GGUF output needs llama.cpp's quantizer: pip install {LLAMA_CPP_PIN} "
+            "(scripts/setup.sh installs it)"
+        ) from None
+    return llama_cpp
+
+
+def quantize_gguf(
+    source: str | Path,
+    targets: list[TensorTarget],
+    out: str | Path,
+    *,
+    threads: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, str]:
+    """Write ``source`` quantized as ``targets`` say; return the types written.
+
+    Raises :class:`FormatError` (and writes nothing) if llama.cpp fails or writes a
+    type other than predicted.
+    """
+    lc = _llama_cpp()
+    pairs = overrides(targets)
+    table = (lc.llama_model_tensor_override * (len(pairs) + 1))()
+    keep = []
+    for i, (pattern, qtype) in enumerate(pairs):
+        raw = pattern.encode()
+        keep.append(raw)
+        table[i].pattern = raw
+        table[i].type = _ggml_type(qtype)
+    table[len(pairs)].pattern = None
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = lc.LLAMA_FTYPE_MOSTLY_Q8_0  # unused: every tensor is overridden
+    params.allow_requantize = True
+    params.pure = True
+    params.nthread = threads or 0
+    params.tt_overrides = ctypes.cast(
+        table, ctypes.POINTER(lc.llama_model_tensor_override)
+    )
+
+    log: list[str] = []
+
+    def on_log(level: int, text: bytes, user: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", "replace") if text else ""
+        log.append(line)
+        m = _PROGRESS.search(line)
+        if m and progress is not None:
+            try:
+                progress(int(m.group(1)), int(m.group(2)), m.group(3))
+            except Exception:  # noqa: BLE001 - never raise into C
+                pass
+
+    callback = lc.llama_log_callback(on_log)
+    with _lock, atomic_path(out) as tmp:
+        lc.llama_log_set(callback, None)
+        try:
+            rc = lc.llama_model_quantize(
+                str(source).encode(), str(tmp).encode(), ctypes.byref(params)
+            )
+        finally:
+            # back to llama-cpp-python's own logger; the C side keeps only a raw
+            # pointer, so the callback object must outlive the call (module-level)
+            lc.llama_log_set(_restore_logger(lc), None)
+        if rc != 0:
+            errors = [
+                ln.strip()
+                for ln in "".join(log).splitlines()
+                if "error" in ln.lower() or "failed" in ln.lower()
+            ]
+            raise FormatError(
+                f"llama.cpp could not quantize {source}: "
+                + (errors[-1] if errors else f"status {rc}")
+            )
+        written = _check_written(tmp, targets)
+    return written
+
+
+def _restore_logger(lc):
+    from llama_cpp import _logger
+
+    return _logger.llama_log_callback
+
+
+def _ggml_type(name: str) -> int:
+    import gguf
+
+    return int(gguf.GGMLQuantizationType[name])
+
+
+def _check_written(path: Path, targets: list[TensorTarget]) -> dict[str, str]:
+    header = read_header(path)
+    written = {name: qtype.name for name, _, qtype, _ in header.tensors}
+    if set(written) != {t.name for t in targets}:
+        raise FormatError(
+            f"llama.cpp wrote a different set of tensors than {len(targets)} planned; "
+            "nothing was written"
+        )
+    for t in targets:
+        got = written.get(t.name)
+        if got != t.type:
+            raise FormatError(
+                f"llama.cpp wrote tensor '{t.name}' as {got}, not the predicted {t.type}; "
+                "nothing was written"
+            )
+    return written

@@ -1,0 +1,267 @@
+"""Quantize: plans written as GGUF by llama.cpp, exact sizes, provenance, bad plans."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import gguf
+import numpy as np
+import pytest
+from test_cli import run
+
+from ewq import api
+from ewq.formats import gguf_target, tensor_bytes
+from ewq.planfile import PlanError, plan_from_doc
+from ewq.sources import default_model_path, open_source
+from ewq.types import Precision
+
+pytest.importorskip("llama_cpp")
+
+PRECISIONS = [p.value for p in Precision]
+# signal-to-quantization-noise floors (dB) on Gaussian weights; measured: Q8_0 45,
+# Q4_K 23, Q3_K 16, Q2_K 10.5, TQ1_0 1.8 (ternary is for ternary-trained models)
+SQNR_FLOOR = {"8-bit": 40, "4-bit": 20, "3-bit": 14, "2-bit": 8, "1.58-bit": 1}
+
+
+def uniform_plan(precision: str, n_blocks: int) -> dict:
+    return {
+        "schema_version": 1,
+        "blocks": [
+            {"exec_index": i, "precision": precision} for i in range(2, n_blocks + 2)
+        ],
+        "embedding": {"precision": precision},
+        "head": {"precision": precision},
+    }
+
+
+def sqnr(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    noise = ((x - y) ** 2).sum()
+    return float("inf") if noise == 0 else float(10 * np.log10((x**2).sum() / noise))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_round_trip_every_precision(precision, llama_f16_gguf, tmp_path):
+    q = api.quantize(llama_f16_gguf, uniform_plan(precision, 2), tmp_path / "o.gguf")
+    reader = gguf.GGUFReader(q.out)  # read back with gguf-py, not our own parser
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types == q.written == {t.name: t.type for t in q.targets}
+    assert sum(int(t.n_bytes) for t in reader.tensors) == q.predicted_bytes
+    with open_source(llama_f16_gguf) as a, open_source(q.out) as b:
+        out = {i.name: i for i in b.index.tensors}
+        for info in a.index.tensors:
+            x, y = a.read(info), b.read(out[info.name])
+            if len(info.shape) < 2 or precision == "raw":
+                assert np.array_equal(x, y), info.name  # copied bit for bit
+                continue
+            expected = gguf_target(
+                info.name, info.shape, info.dtype, Precision(precision)
+            )
+            assert out[info.name].dtype == expected[0].name
+            assert sqnr(x, y) >= SQNR_FLOOR[precision], (info.name, sqnr(x, y))
+
+
+def test_default_model_mixed_plan_runs_in_llama_cpp(tmp_path):
+    import llama_cpp
+
+    analysis = api.analyze("default")
+    from ewq.reports.analysis import analysis_json
+
+    plan = analysis_json(analysis, "test")
+    q = api.quantize("default", plan, tmp_path / "mixed.gguf")
+    # the plan's 4-bit block: ffn_down rows (1536) fit Q4_K, rows of 576 fall back
+    four = [b["exec_index"] for b in plan["blocks"] if b["decision"] == "4-bit"]
+    assert four == [29]
+    block = {t.name: t for t in q.targets if t.exec_index == 29}
+    assert block["blk.27.ffn_down.weight"].type == "Q4_K"
+    assert block["blk.27.attn_q.weight"].type == "Q4_0"
+    assert block["blk.27.attn_q.weight"].fallback
+    for t in q.targets:  # read back with gguf-py
+        assert q.written[t.name] == t.type
+    reader = gguf.GGUFReader(q.out)
+    assert {t.name: t.tensor_type.name for t in reader.tensors} == q.written
+    # sizes: tensor data exactly as predicted; the rest is metadata (the vocabulary)
+    data = sum(int(t.n_bytes) for t in reader.tensors)
+    assert data == q.predicted_bytes
+    src_size = default_model_path().stat().st_size
+    with open_source("default") as src:
+        src_meta = src_size - src.index.nbytes
+    assert (
+        abs(q.file_bytes - (q.predicted_bytes + src_meta)) <= 0.005 * q.predicted_bytes
+    )
+    # raw blocks are the source's bytes
+    with open_source("default") as a, open_source(q.out) as b:
+        out = {i.name: i for i in b.index.tensors}
+        info = next(i for i in a.index.tensors if i.name == "blk.5.attn_q.weight")
+        assert np.array_equal(a.read(info), b.read(out[info.name]))
+    model = llama_cpp.Llama(str(q.out), n_ctx=128, verbose=False, seed=0)
+    text = model("The capital of France is", max_tokens=8, temperature=0)
+    assert "Paris" in text["choices"][0]["text"]
+
+
+def test_size_function_matches_ggml_block_sizes():
+    # 4096 x 4096: Q8_0 = 34 bytes per 32; Q4_K = 144 per 256; TQ1_0 = 54 per 256
+    n = 4096 * 4096
+    assert tensor_bytes((4096, 4096), gguf.GGMLQuantizationType.Q8_0) == n // 32 * 34
+    assert tensor_bytes((4096, 4096), gguf.GGMLQuantizationType.Q4_K) == n // 256 * 144
+    assert tensor_bytes((4096, 4096), gguf.GGMLQuantizationType.TQ1_0) == n // 256 * 54
+    with pytest.raises(ValueError, match="do not fit"):
+        tensor_bytes((10, 100), gguf.GGMLQuantizationType.Q4_K)
+    # fallbacks: rows of 576 take Q4_0 for every sub-8-bit precision
+    for p in ("4-bit", "3-bit", "2-bit", "1.58-bit"):
+        qtype, fallback = gguf_target(
+            "blk.0.attn_q.weight", (576, 576), "F16", Precision(p)
+        )
+        assert (qtype.name, fallback) == ("Q4_0", True)
+    # never quantized: norms, routers, 1-D
+    assert (
+        gguf_target("blk.0.attn_norm.weight", (576,), "F32", Precision.Q4)[0].name
+        == "F32"
+    )
+    assert (
+        gguf_target("blk.1.ffn_gate_inp.weight", (8, 256), "F32", Precision.Q4)[0].name
+        == "F32"
+    )
+
+
+def test_cli_writes_model_and_provenance(monkeypatch, capsys, tmp_path, llama_f16_gguf):
+    plan = tmp_path / "plan.json"
+    doc = uniform_plan("8-bit", 2)
+    doc["blocks"][1]["precision"] = "4-bit"
+    plan.write_text(json.dumps(doc))
+    out = tmp_path / "m.gguf"
+    code, stdout, err = run(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(llama_f16_gguf),
+        "--plan",
+        str(plan),
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    record = json.loads((tmp_path / "m.gguf.ewq.json").read_text())
+    assert record["kind"] == "ewq-quantized" and record["source"] == str(llama_f16_gguf)
+    assert record["ewq_version"] and record["plan"]["blocks"][1]["precision"] == "4-bit"
+    assert record["predicted_tensor_bytes"] == sum(
+        t["bytes"] for t in record["tensors"]
+    )
+    types = {t["name"]: t["type"] for t in record["tensors"]}
+    assert (
+        types["blk.1.attn_q.weight"] == "Q4_K"
+        and types["blk.0.attn_q.weight"] == "Q8_0"
+    )
+    args = shlex.split(record["llama_quantize_command"])
+    assert args[0] == "llama-quantize" and args[-3:] == [
+        str(llama_f16_gguf),
+        str(out),
+        "q8_0",
+    ]
+    assert "^blk\\.1\\.=q4_k" in args and "^blk\\.0\\.=q8_0" in args
+    assert "blk.1" not in stdout or "4-bit" in stdout
+
+
+def test_analysis_json_is_a_plan(tmp_path):
+    doc = {
+        "schema_version": 1,
+        "kind": "ewq-analysis",
+        "source": "x",
+        "num_blocks": 2,
+        "variant": "4bit/8bit",
+        "blocks": [
+            {"exec_index": 2, "decision": "4-bit", "num_parameters": 10},
+            {"exec_index": 3, "decision": "raw", "num_parameters": 10},
+        ],
+    }
+    plan = plan_from_doc(doc)
+    assert [b.precision for b in plan.blocks] == [Precision.Q4, Precision.RAW]
+    assert plan.embedding.precision is Precision.RAW and plan.num_blocks == 2
+
+
+def bad_quantize(monkeypatch, capsys, tmp_path, source, plan_doc) -> str:
+    plan = tmp_path / "plan.json"
+    plan.write_text(plan_doc if isinstance(plan_doc, str) else json.dumps(plan_doc))
+    out = tmp_path / "out.gguf"
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(source),
+        "--plan",
+        str(plan),
+        "--out",
+        str(out),
+    )
+    assert code == 1, err
+    assert not out.exists() and not (tmp_path / "out.gguf.ewq.json").exists()
+    assert not list(tmp_path.glob(".out.gguf*"))
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("ewq: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_unknown_block(monkeypatch, capsys, tmp_path, llama_f16_gguf):
+    doc = uniform_plan("8-bit", 2)
+    doc["blocks"].append({"exec_index": 9, "precision": "8-bit"})
+    assert "names block 9, which" in bad_quantize(
+        monkeypatch, capsys, tmp_path, llama_f16_gguf, doc
+    )
+
+
+def test_bad_unknown_precision(monkeypatch, capsys, tmp_path, llama_f16_gguf):
+    doc = uniform_plan("8-bit", 2)
+    doc["blocks"][0]["precision"] = "5-bit"
+    line = bad_quantize(monkeypatch, capsys, tmp_path, llama_f16_gguf, doc)
+    assert "blocks.0.precision" in line and "'4-bit'" in line
+
+
+def test_bad_plan_for_another_model(monkeypatch, capsys, tmp_path, llama_f16_gguf):
+    doc = uniform_plan("8-bit", 30) | {"num_blocks": 30}
+    line = bad_quantize(monkeypatch, capsys, tmp_path, llama_f16_gguf, doc)
+    assert "made for a model with 30 transformer blocks" in line
+    doc = uniform_plan("8-bit", 2)
+    doc["blocks"][0]["num_parameters"] = 3_540_096  # a SmolLM2 block
+    line = bad_quantize(monkeypatch, capsys, tmp_path, llama_f16_gguf, doc)
+    assert "made for another model: block 2 has" in line
+
+
+def test_bad_missing_block_and_json(monkeypatch, capsys, tmp_path, llama_f16_gguf):
+    doc = uniform_plan("8-bit", 2)
+    doc["blocks"].pop()
+    assert "no precision for block(s) 3" in bad_quantize(
+        monkeypatch, capsys, tmp_path, llama_f16_gguf, doc
+    )
+    assert "not valid JSON" in bad_quantize(
+        monkeypatch, capsys, tmp_path, llama_f16_gguf, "{"
+    )
+    doc = uniform_plan("8-bit", 2) | {"schema_version": 7}
+    assert "schema_version 7" in bad_quantize(
+        monkeypatch, capsys, tmp_path, llama_f16_gguf, doc
+    )
+
+
+def test_bad_hf_source_for_gguf(monkeypatch, capsys, tmp_path, tiny_models):
+    line = bad_quantize(
+        monkeypatch, capsys, tmp_path, tiny_models["llama"], uniform_plan("8-bit", 2)
+    )
+    assert "GGUF output needs a GGUF source" in line
+
+
+def test_interrupted_write_leaves_nothing(monkeypatch, tmp_path, llama_f16_gguf):
+    import ewq.quant.gguf as qg
+
+    def interrupt(path, targets):
+        assert path.exists()  # llama.cpp has written the temporary file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qg, "_check_written", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        api.quantize(llama_f16_gguf, uniform_plan("4-bit", 2), tmp_path / "o.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_error_type():
+    with pytest.raises(PlanError):
+        plan_from_doc([1, 2])
