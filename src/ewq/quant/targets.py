@@ -6,7 +6,15 @@ import re
 from dataclasses import dataclass
 
 from ewq.arch import ModelLayout
-from ewq.formats import gguf_quantizable, gguf_target, tensor_bytes
+from ewq.formats import (
+    HF_BITS,
+    gguf_quantizable,
+    gguf_target,
+    hf_group_size,
+    hf_quantizable,
+    hf_tensor_bytes,
+    tensor_bytes,
+)
 from ewq.planfile import Plan, PlanError
 from ewq.types import ModelIndex, Precision
 
@@ -14,10 +22,12 @@ __all__ = [
     "TensorTarget",
     "check_plan",
     "gguf_targets",
+    "hf_targets",
     "llama_quantize_args",
     "overrides",
 ]
 
+_INT_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"})
 _BLOCK = re.compile(r"^blk\.\d+\.")
 
 
@@ -86,6 +96,65 @@ def gguf_targets(
                 fallback,
                 tensor_bytes(info.shape, qtype),
                 gguf_quantizable(info.name, info.shape),
+            )
+        )
+    return out
+
+
+def hf_targets(
+    index: ModelIndex, layout: ModelLayout, plan: Plan
+) -> list[TensorTarget]:
+    """Every tensor's form and exact size in a pack-quantized Hugging Face checkpoint.
+
+    ``type`` reads ``int4/g128`` (4-bit integers, scales per 128 columns),
+    ``int8/row`` (one scale per row), or the tensor's own dtype when kept. Integer
+    buffers of old checkpoints (BERT's ``position_ids``) are not weights: transformers
+    rebuilds them and does not save them, so they are left out.
+    """
+    out = []
+    for info in index.tensors:
+        if info.dtype in _INT_DTYPES:
+            continue
+        key = layout.keys.get(info.name)
+        exec_index = key.exec_index if key else None
+        precision = (
+            plan.precision_of(exec_index, layout.num_blocks)
+            if exec_index is not None
+            else Precision.RAW
+        )
+        itemsize = info.nbytes // max(1, info.num_elements)
+        linear = key is not None and hf_quantizable(
+            key.role, info.shape, key.kind.value == "weight"
+        )
+        if precision is Precision.RAW or not linear:
+            matrix = (
+                key is not None and key.kind.value == "weight" and len(info.shape) >= 2
+            )
+            out.append(
+                TensorTarget(
+                    info.name,
+                    exec_index,
+                    precision,
+                    info.dtype,
+                    info.dtype,
+                    precision is not Precision.RAW and matrix,
+                    info.nbytes,
+                    linear,
+                )
+            )
+            continue
+        group = hf_group_size(info.shape[-1])
+        form = f"int{HF_BITS[precision]}/" + (f"g{group}" if group else "row")
+        out.append(
+            TensorTarget(
+                info.name,
+                exec_index,
+                precision,
+                info.dtype,
+                form,
+                precision is Precision.TERNARY,
+                hf_tensor_bytes(info.shape, precision, itemsize),
+                True,
             )
         )
     return out

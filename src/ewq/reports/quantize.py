@@ -28,11 +28,17 @@ def provenance_json(q: Any, ewq_version: str) -> dict[str, Any]:
         "source": q.source,
         "output": str(q.out),
         "format": q.format,
-        "quantizer": "llama.cpp llama_model_quantize (pure, allow_requantize)",
+        "quantizer": (
+            "llama.cpp llama_model_quantize (pure, allow_requantize)"
+            if q.format == "gguf"
+            else "compressed-tensors pack-quantized, symmetric round-to-nearest"
+        ),
         "plan": q.plan.to_doc(),
         "predicted_tensor_bytes": q.predicted_bytes,
         "file_bytes": q.file_bytes,
-        "llama_quantize_command": shlex.join(q.llama_quantize_args),
+        "llama_quantize_command": (
+            shlex.join(q.llama_quantize_args) if q.llama_quantize_args else None
+        ),
         "tensors": [
             {
                 "name": t.name,
