@@ -97,3 +97,15 @@ def test_offline_is_a_clear_error(monkeypatch, tmp_path):
         HubUnavailableError, match=r"cannot reach the Hugging Face hub .*\(offline\?\)"
     ):
         open_source("some/model")
+
+
+def test_analyze_hub_id(hub, small_llama):
+    from ewq import analyze
+
+    with pytest.raises(Exception, match="metadata only; the analysis reads every weight"):
+        analyze("tiny/llama")  # headers alone are not enough
+    remote = analyze("tiny/llama", download=True)
+    local = analyze(small_llama)
+    assert [b.entropy for b in remote.profile.blocks] == [
+        b.entropy for b in local.profile.blocks
+    ]
