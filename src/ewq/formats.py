@@ -34,14 +34,18 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from math import prod
 
 import gguf
 
-from ewq.types import Precision, Role
+from ewq.types import ParamKind, Precision, Role, TensorInfo, TensorKey
 
 __all__ = [
+    "FORMATS",
     "GGUF_CHOICES",
+    "Target",
+    "target",
     "HF_BITS",
     "gguf_quantizable",
     "gguf_target",
@@ -183,3 +187,54 @@ def hf_tensor_bytes(shape: tuple[int, ...], precision: Precision, itemsize: int)
     group = hf_group_size(cols)
     groups = cols // group if group else 1
     return rows * math.ceil(cols * bits / 32) * 4 + rows * groups * itemsize + 2 * 8
+
+
+FORMATS = ("gguf", "hf")
+_INT_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"})
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one tensor becomes in one format at one precision."""
+
+    type: str  # GGML type name (gguf); int4/g128-style form or own dtype (hf)
+    fallback: bool  # a quantizable tensor not in its precision's first choice
+    nbytes: int  # exact bytes of its data in the output
+    quantizable: bool  # the format's quantizer would quantize it if asked
+
+
+def target(
+    fmt: str, info: TensorInfo, key: TensorKey | None, precision: Precision
+) -> Target | None:
+    """The one rule both the quantizers and the planner use; None: not written.
+
+    (Only the hf format drops tensors: integer buffers of old checkpoints, such as
+    BERT's ``position_ids``, which transformers rebuilds and does not save.)
+    """
+    if fmt == "gguf":
+        qtype, fallback = gguf_target(info.name, info.shape, info.dtype, precision)
+        return Target(
+            qtype.name,
+            fallback,
+            tensor_bytes(info.shape, qtype),
+            gguf_quantizable(info.name, info.shape),
+        )
+    if fmt != "hf":
+        raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    if info.dtype in _INT_DTYPES:
+        return None
+    is_weight = key is not None and key.kind is ParamKind.WEIGHT
+    linear = key is not None and hf_quantizable(key.role, info.shape, is_weight)
+    if precision is Precision.RAW or not linear:
+        matrix = is_weight and len(info.shape) >= 2
+        fallback = precision is not Precision.RAW and matrix
+        return Target(info.dtype, fallback, info.nbytes, linear)
+    group = hf_group_size(info.shape[-1])
+    form = f"int{HF_BITS[precision]}/" + (f"g{group}" if group else "row")
+    itemsize = info.nbytes // max(1, info.num_elements)
+    return Target(
+        form,
+        precision is Precision.TERNARY,
+        hf_tensor_bytes(info.shape, precision, itemsize),
+        True,
+    )

@@ -6,15 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ewq.arch import ModelLayout
-from ewq.formats import (
-    HF_BITS,
-    gguf_quantizable,
-    gguf_target,
-    hf_group_size,
-    hf_quantizable,
-    hf_tensor_bytes,
-    tensor_bytes,
-)
+from ewq.formats import target
 from ewq.planfile import Plan, PlanError
 from ewq.types import ModelIndex, Precision
 
@@ -23,11 +15,11 @@ __all__ = [
     "check_plan",
     "gguf_targets",
     "hf_targets",
+    "plan_targets",
     "llama_quantize_args",
     "overrides",
 ]
 
-_INT_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"})
 _BLOCK = re.compile(r"^blk\.\d+\.")
 
 
@@ -72,49 +64,16 @@ class TensorTarget:
     quantizable: bool  # llama.cpp would quantize it if asked
 
 
-def gguf_targets(
-    index: ModelIndex, layout: ModelLayout, plan: Plan
+def plan_targets(
+    fmt: str, index: ModelIndex, layout: ModelLayout, plan: Plan
 ) -> list[TensorTarget]:
-    """Every tensor's GGML type and exact size under ``plan``, in file order."""
-    out = []
-    for info in index.tensors:
-        key = layout.keys.get(info.name)
-        exec_index = key.exec_index if key else None
-        precision = (
-            plan.precision_of(exec_index, layout.num_blocks)
-            if exec_index is not None
-            else Precision.RAW
-        )
-        qtype, fallback = gguf_target(info.name, info.shape, info.dtype, precision)
-        out.append(
-            TensorTarget(
-                info.name,
-                exec_index,
-                precision,
-                info.dtype,
-                qtype.name,
-                fallback,
-                tensor_bytes(info.shape, qtype),
-                gguf_quantizable(info.name, info.shape),
-            )
-        )
-    return out
+    """Every written tensor's type and exact size under ``plan``, in file order.
 
-
-def hf_targets(
-    index: ModelIndex, layout: ModelLayout, plan: Plan
-) -> list[TensorTarget]:
-    """Every tensor's form and exact size in a pack-quantized Hugging Face checkpoint.
-
-    ``type`` reads ``int4/g128`` (4-bit integers, scales per 128 columns),
-    ``int8/row`` (one scale per row), or the tensor's own dtype when kept. Integer
-    buffers of old checkpoints (BERT's ``position_ids``) are not weights: transformers
-    rebuilds them and does not save them, so they are left out.
+    For hf, ``type`` reads ``int4/g128`` (4-bit integers, scales per 128 columns),
+    ``int8/row`` (one scale per row), or the tensor's own dtype when kept.
     """
     out = []
     for info in index.tensors:
-        if info.dtype in _INT_DTYPES:
-            continue
         key = layout.keys.get(info.name)
         exec_index = key.exec_index if key else None
         precision = (
@@ -122,42 +81,33 @@ def hf_targets(
             if exec_index is not None
             else Precision.RAW
         )
-        itemsize = info.nbytes // max(1, info.num_elements)
-        linear = key is not None and hf_quantizable(
-            key.role, info.shape, key.kind.value == "weight"
-        )
-        if precision is Precision.RAW or not linear:
-            matrix = (
-                key is not None and key.kind.value == "weight" and len(info.shape) >= 2
-            )
+        t = target(fmt, info, key, precision)
+        if t is not None:
             out.append(
                 TensorTarget(
                     info.name,
                     exec_index,
                     precision,
                     info.dtype,
-                    info.dtype,
-                    precision is not Precision.RAW and matrix,
-                    info.nbytes,
-                    linear,
+                    t.type,
+                    t.fallback,
+                    t.nbytes,
+                    t.quantizable,
                 )
             )
-            continue
-        group = hf_group_size(info.shape[-1])
-        form = f"int{HF_BITS[precision]}/" + (f"g{group}" if group else "row")
-        out.append(
-            TensorTarget(
-                info.name,
-                exec_index,
-                precision,
-                info.dtype,
-                form,
-                precision is Precision.TERNARY,
-                hf_tensor_bytes(info.shape, precision, itemsize),
-                True,
-            )
-        )
     return out
+
+
+def gguf_targets(
+    index: ModelIndex, layout: ModelLayout, plan: Plan
+) -> list[TensorTarget]:
+    return plan_targets("gguf", index, layout, plan)
+
+
+def hf_targets(
+    index: ModelIndex, layout: ModelLayout, plan: Plan
+) -> list[TensorTarget]:
+    return plan_targets("hf", index, layout, plan)
 
 
 def overrides(targets: list[TensorTarget]) -> list[tuple[str, str]]:
