@@ -102,7 +102,9 @@ def test_offline_is_a_clear_error(monkeypatch, tmp_path):
 def test_analyze_hub_id(hub, small_llama):
     from ewq import analyze
 
-    with pytest.raises(Exception, match="metadata only; the analysis reads every weight"):
+    with pytest.raises(
+        Exception, match="metadata only; the analysis reads every weight"
+    ):
         analyze("tiny/llama")  # headers alone are not enough
     remote = analyze("tiny/llama", download=True)
     local = analyze(small_llama)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from ewq.analysis.profile import check_eps
 from ewq.arch import ModelLayout, resolve
 from ewq.errors import EwqError
 from ewq.planfile import Plan, load_plan, plan_from_doc
+from ewq.planning import MODES, FitResult, Machine, block_specs, exports, fit
 from ewq.quant.targets import (
     TensorTarget,
     check_plan,
@@ -27,10 +28,12 @@ from ewq.quant.targets import (
     llama_quantize_args,
 )
 from ewq.sources import open_source
-from ewq.types import ModelIndex
+from ewq.types import BlockKind, ModelIndex
 
 __all__ = [
     "Analysis",
+    "Planned",
+    "plan",
     "Inspection",
     "Progress",
     "Quantized",
@@ -209,4 +212,83 @@ def _quantize_hf(source, index, layout, plan, out, progress) -> Quantized:
         predicted_bytes=sum(t.nbytes for t in targets),
         file_bytes=sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
         llama_quantize_args=(),
+    )
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A plan for a budget: the analysis it rests on, the fit, and the exports."""
+
+    analysis: Analysis
+    method: str
+    format: str
+    machines: tuple[Machine, ...]
+    result: FitResult
+    exports: dict
+
+
+def plan(
+    source: str | Path,
+    machines: Sequence[Machine],
+    *,
+    method: str = "ewq",
+    mode: str = "8/4",
+    alpha: float = DEFAULT_ALPHA,
+    variant: Variant | str = Variant.MIXED_4_8,
+    format: str | None = None,
+    download: bool = False,
+    revision: str | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> Planned:
+    """Fit ``source`` into ``machines`` (Algorithm 1, METHOD.md section 5).
+
+    Sizes are the exact bytes ``format`` writes (default: gguf for a GGUF source,
+    hf for a Hugging Face folder). The EWQ decision uses the mode's pair of
+    precisions (8/4: 8-bit and 4-bit; 4/3 and 4/2: 4-bit and 3- or 2-bit).
+    """
+    if method != "ewq":
+        raise EwqError(f"unknown method '{method}' (this version plans with ewq)")
+    if mode not in MODES:
+        raise EwqError(f"unknown mode '{mode}' (one of {', '.join(MODES)})")
+    if not machines:
+        raise EwqError("no machine to plan for")
+    check_alpha(alpha)
+    levels = MODES[mode]
+    a = analyze(
+        source,
+        alpha=alpha,
+        variant=variant,
+        download=download,
+        revision=revision,
+        workers=workers,
+        progress=progress,
+    )
+    fmt = format or ("gguf" if a.index.format == "gguf" else "hf")
+    entropies = {b.exec_index: b.entropy for b in a.profile.transformer}
+    decision = decide(
+        entropies,
+        alpha=alpha,
+        variant=Variant(variant),
+        moderate=levels[2],
+        aggressive=levels[1],
+    )
+    a = Analysis(a.index, a.layout, a.profile, decision)
+    specs = {s.exec_index: s for s in block_specs(fmt, a.layout)}
+    emb = a.layout.blocks[0].exec_index
+    head = a.layout.blocks[-1].exec_index
+    transformer = [
+        b.exec_index for b in a.layout.blocks if b.kind is BlockKind.TRANSFORMER
+    ]
+    result = fit(
+        [specs[i] for i in transformer],
+        specs[emb],
+        specs[head],
+        decision.precision,
+        decision.priority,
+        machines,
+        mode=mode,
+    )
+    return Planned(
+        a, method, fmt, tuple(machines), result, exports(result, machines, transformer)
     )

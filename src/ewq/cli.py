@@ -28,6 +28,7 @@ from ewq.errors import EwqError
 from ewq.fileio import atomic_write_text
 from ewq.reports.analysis import analysis_json, analysis_table, write_plot
 from ewq.reports.inspect import inspection_json, inspection_table
+from ewq.reports.plan import plan_json, plan_table
 from ewq.reports.quantize import provenance_json, provenance_path, quantize_table
 
 __all__ = ["app", "main"]
@@ -243,6 +244,121 @@ def quantize(
     err.print(f"wrote {result.out}")
     if result.llama_quantize_args:
         err.print(f"the llama-quantize command doing the same is in {record.name}")
+
+
+class Mode(enum.StrEnum):
+    m84 = "8/4"
+    m43 = "4/3"
+    m42 = "4/2"
+
+
+@app.command(
+    "plan",
+    epilog="Examples:\n\n  ewq plan default --memory 80MB --json plan.json"
+    "\n\n  ewq plan ./Llama-3.1-8B --memory 12GiB --disk 40GB --reserve 1GiB"
+    "\n\n  ewq plan ./Llama-3.1-8B --cluster cluster.yaml --json plan.json"
+    "\n\n  cluster.yaml:  machines: [{name: a, memory: 8GB, host: 10.0.0.2}, "
+    "{name: b, memory: 6GiB, disk: 20GB, speed: 0.5}]",
+)
+def plan_cmd(
+    source: SourceArg,
+    memory: Annotated[
+        str | None, typer.Option(help="One machine's memory, e.g. 8GB or 7.5GiB.")
+    ] = None,
+    disk: Annotated[
+        str | None,
+        typer.Option(help="Its free disk (capacity is the smaller of the two)."),
+    ] = None,
+    cluster: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML file of machines (name, memory, disk, speed, host, reserve)."
+        ),
+    ] = None,
+    reserve: Annotated[
+        str | None,
+        typer.Option(help="Keep this much free on every machine (KV cache, runtime)."),
+    ] = None,
+    method: Annotated[str, typer.Option(help="Block selection: ewq.")] = "ewq",
+    mode: Annotated[
+        Mode,
+        typer.Option(
+            help="Moderate/aggressive precisions: 8/4, or 4/3 and 4/2 for edge devices."
+        ),
+    ] = Mode.m84,
+    alpha: Annotated[float, typer.Option(help="EWQ threshold factor.")] = DEFAULT_ALPHA,
+    variant: Annotated[Variant, typer.Option(help="EWQ variant.")] = Variant.MIXED_4_8,
+    format: Annotated[
+        OutFormat | None,
+        typer.Option(
+            "--format",
+            help="Count sizes as this output format writes them "
+            "(default: gguf for GGUF sources, hf otherwise).",
+        ),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the plan (for `ewq quantize`).")
+    ] = None,
+    download: Annotated[
+        bool,
+        typer.Option(
+            help="For hub ids: download the weights (the analysis reads them)."
+        ),
+    ] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub branch, tag or commit.")
+    ] = None,
+) -> None:
+    """Fit a model into a machine or a cluster: per block precision and machine (Algorithm 1)."""
+    from ewq.analysis.decision import check_alpha
+    from ewq.planning import load_cluster, single_machine
+
+    if (memory is None) == (cluster is None):
+        raise typer.BadParameter("give either --memory (one machine) or --cluster FILE")
+    if disk is not None and memory is None:
+        raise typer.BadParameter("--disk goes with --memory")
+    check_alpha(alpha)
+    if cluster is not None:
+        machines = load_cluster(cluster)
+        if reserve is not None:
+            from dataclasses import replace
+
+            from ewq.planning import parse_size
+
+            extra = parse_size(reserve, "--reserve")
+            machines = tuple(replace(m, reserve=extra) for m in machines)
+    else:
+        machines = (single_machine(memory, disk, reserve),)
+    with _progress("analysing") as progress:
+        planned = api.plan(
+            source,
+            machines,
+            method=method,
+            mode=mode.value,
+            alpha=alpha,
+            variant=variant,
+            format=format.value if format else None,
+            download=download,
+            revision=revision,
+            progress=progress,
+        )
+    r = planned.result
+    if not r.fits:
+        from ewq.reports.inspect import human_bytes
+
+        raise EwqError(
+            f"cannot fit {source} into {human_bytes(r.capacity_bytes)} on "
+            f"{len(machines)} machine(s): the smallest this plan can reach is "
+            f"{human_bytes(r.smallest_bytes)} ({r.smallest_bytes:,} bytes; every block "
+            "at 1.58-bit"
+            + (", split across machines" if len(machines) > 1 else "")
+            + ")"
+        )
+    out.print(plan_table(planned))
+    for name, export in planned.exports.items():
+        out.print(f"{name}: {export['command']}")
+    if json_path is not None:
+        _write_json(json_path, plan_json(planned, __version__))
 
 
 @app.callback()

@@ -1,0 +1,28 @@
+"""Planning: budgets and clusters (budget), exact block sizes (sizes), Algorithm 1
+and placement (ladder), and the runtimes' syntax for a placement (exports)."""
+
+from ewq.planning.budget import (
+    BudgetError,
+    Machine,
+    load_cluster,
+    parse_size,
+    single_machine,
+)
+from ewq.planning.exports import exports
+from ewq.planning.ladder import MODES, Assignment, BlockSpec, FitResult, fit
+from ewq.planning.sizes import block_specs
+
+__all__ = [
+    "MODES",
+    "Assignment",
+    "BlockSpec",
+    "BudgetError",
+    "FitResult",
+    "Machine",
+    "block_specs",
+    "exports",
+    "fit",
+    "load_cluster",
+    "parse_size",
+    "single_machine",
+]

@@ -1,0 +1,163 @@
+"""Budgets: sizes with units, machines and clusters (METHOD.md section 5)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ewq.errors import EwqError, SourceNotFoundError
+
+__all__ = ["BudgetError", "Machine", "load_cluster", "parse_size", "single_machine"]
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+class BudgetError(EwqError):
+    """A size, machine or cluster file that cannot be used."""
+
+
+def parse_size(text: str | int | float, what: str = "size") -> int:
+    """Bytes from '8GB', '7.5 GiB', '512MiB', '1e9' or a number (bytes).
+
+    KB, MB, GB, TB are powers of 1000; KiB, MiB, GiB, TiB powers of 1024.
+    """
+    if isinstance(text, bool):
+        raise BudgetError(f"{what}: {text!r} is not a size")
+    if isinstance(text, int | float):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise BudgetError(
+                f"{what}: cannot read {text!r} as a size (examples: 8GB, 7.5GiB, 512MiB)"
+            )
+        value, unit = float(m.group(1)), m.group(2).upper()
+        if unit not in _UNITS:
+            raise BudgetError(
+                f"{what}: unknown unit {m.group(2)!r} in {text!r} (B, KB, MB, GB, TB, "
+                "KiB, MiB, GiB, TiB)"
+            )
+    if not math.isfinite(value) or value < 0:
+        raise BudgetError(f"{what}: {text!r} is negative or not a number")
+    return int(value * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One machine. Its capacity is min(memory, disk) less the reserve."""
+
+    name: str
+    memory: int
+    disk: int | None = None
+    reserve: int = 0
+    speed: float = 1.0
+    host: str | None = None  # for llama.cpp RPC: host[:port] of its rpc-server
+
+    @property
+    def capacity(self) -> int:
+        room = self.memory if self.disk is None else min(self.memory, self.disk)
+        return max(0, room - self.reserve)
+
+
+def single_machine(
+    memory: str, disk: str | None = None, reserve: str | None = None
+) -> Machine:
+    return Machine(
+        name="local",
+        memory=parse_size(memory, "--memory"),
+        disk=parse_size(disk, "--disk") if disk is not None else None,
+        reserve=parse_size(reserve, "--reserve") if reserve is not None else 0,
+    )
+
+
+_MACHINE_KEYS = {"name", "memory", "disk", "reserve", "speed", "host"}
+
+
+def cluster_from_doc(doc: Any, origin: str = "cluster") -> tuple[Machine, ...]:
+    """Machines from a decoded YAML document::
+
+    reserve: 1GiB            # optional, for every machine
+    machines:
+      - {name: a, memory: 16GB, disk: 100GB, speed: 1.0, host: 10.0.0.2:50052}
+      - {name: b, memory: 8GiB}
+    """
+    if not isinstance(doc, dict):
+        raise BudgetError(f"{origin}: expected a mapping with a 'machines' list")
+    unknown = set(doc) - {"machines", "reserve"}
+    if unknown:
+        raise BudgetError(
+            f"{origin}: unknown key(s) {', '.join(sorted(map(str, unknown)))}"
+        )
+    machines = doc.get("machines")
+    if not isinstance(machines, list) or not machines:
+        raise BudgetError(f"{origin}: the cluster has no machines")
+    default_reserve = parse_size(doc.get("reserve", 0), f"{origin}: reserve")
+    out, names = [], set()
+    for i, m in enumerate(machines):
+        where = f"{origin}: machine {i + 1}"
+        if not isinstance(m, dict):
+            raise BudgetError(f"{where}: expected a mapping")
+        unknown = set(m) - _MACHINE_KEYS
+        if unknown:
+            raise BudgetError(
+                f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}"
+            )
+        if "memory" not in m:
+            raise BudgetError(f"{where}: 'memory' is required")
+        name = str(m.get("name", f"machine-{i + 1}"))
+        if name in names:
+            raise BudgetError(f"{origin}: two machines are named {name!r}")
+        names.add(name)
+        speed = m.get("speed", 1.0)
+        if (
+            isinstance(speed, bool)
+            or not isinstance(speed, int | float)
+            or not (math.isfinite(speed) and speed > 0)
+        ):
+            raise BudgetError(f"{where}: speed must be a number > 0, got {speed!r}")
+        out.append(
+            Machine(
+                name=name,
+                memory=parse_size(m["memory"], f"{where}: memory"),
+                disk=parse_size(m["disk"], f"{where}: disk") if "disk" in m else None,
+                reserve=parse_size(
+                    m.get("reserve", default_reserve), f"{where}: reserve"
+                ),
+                speed=float(speed),
+                host=str(m["host"]) if "host" in m else None,
+            )
+        )
+    return tuple(out)
+
+
+def load_cluster(path: str | Path) -> tuple[Machine, ...]:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SourceNotFoundError(f"no such cluster file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BudgetError(f"{path}: cannot read ({exc})") from exc
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise BudgetError(f"{path}: not valid YAML ({first})") from None
+    return cluster_from_doc(doc, str(path))

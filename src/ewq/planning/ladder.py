@@ -1,0 +1,244 @@
+"""Fit a model to a machine or a cluster: the paper's Algorithm 1 as a ladder.
+
+Pure: numbers in, a plan out; O(n log n) in the number of blocks.
+
+Every block has four levels per mode: 1.58-bit < aggressive < moderate < raw
+(mode 8/4: 4-bit and 8-bit; 4/3: 3-bit and 4-bit; 4/2: 2-bit and 4-bit). The planner
+builds one fixed sequence of single-level promotions, the *ladder*, from the smallest
+model to the unquantized one, and keeps the longest prefix that fits:
+
+1. every transformer block starts at 1.58-bit, the embedding and head at aggressive;
+2. blocks leave 1.58-bit for aggressive, highest entropy first (read backwards, this
+   is Algorithm 1's step 4: the lowest-entropy blocks are pushed to 1.58-bit first);
+3. the embedding and head go to moderate, then the blocks that the decision puts at
+   moderate or raw go to moderate, highest entropy first;
+4. the embedding and head go raw, then the blocks the decision keeps raw go raw,
+   highest entropy first. This state *is* the decision (Algorithm 1's step 2);
+5. the remaining blocks are promoted, highest entropy first: moderate blocks to raw,
+   then aggressive blocks to moderate, then to raw. The top is the unquantized model
+   (step 1: if it fits, nothing is quantized).
+
+Where this departs from the paper's text: when the decision does not fit, Algorithm 1
+restarts from uniform 8-bit and promotes; the ladder instead takes back the decision's
+raw blocks one by one, lowest entropy first, keeping its 4-bit blocks at 4-bit. The
+paper's order is not monotone (a budget just above the decision's size would give the
+lowest-entropy blocks 4-bit, a budget just below it 8-bit); the ladder is, so more
+memory never lowers any block's precision. For the paper's "8bit mixed" variant (no
+aggressive blocks) the two coincide.
+
+Placement puts blocks in execution order onto the machines in the order given, as
+contiguous ranges: each machine is filled before the next is used, which uses the
+fewest machines (fewest cross-machine hops) for that order. When machines declare
+different speeds, the ranges are balanced instead, so that the slowest machine's
+share (parameters / speed) is as small as capacity allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ewq.planning.budget import Machine
+from ewq.types import Precision
+
+__all__ = [
+    "MODES",
+    "Assignment",
+    "BlockSpec",
+    "FitResult",
+    "fit",
+]
+
+MODES: dict[str, tuple[Precision, Precision, Precision, Precision]] = {
+    "8/4": (Precision.TERNARY, Precision.Q4, Precision.Q8, Precision.RAW),
+    "4/3": (Precision.TERNARY, Precision.Q3, Precision.Q4, Precision.RAW),
+    "4/2": (Precision.TERNARY, Precision.Q2, Precision.Q4, Precision.RAW),
+}
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block as the planner sees it: exact bytes at every precision."""
+
+    exec_index: int
+    num_parameters: int
+    bytes: Mapping[Precision, int]
+    entropy: float | None = None  # for the report only; the order comes from priority
+
+
+@dataclass(frozen=True)
+class Assignment:
+    name: str
+    capacity_bytes: int
+    exec_indices: tuple[int, ...]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class FitResult:
+    fits: bool
+    mode: str
+    precision: Mapping[int, Precision]  # every block, embedding and head included
+    bytes: Mapping[int, int]
+    machine: Mapping[int, str | None]
+    total_bytes: int
+    capacity_bytes: int
+    smallest_bytes: int  # the bottom of the ladder: the least this model can take
+    machines: tuple[Assignment, ...]
+    rung: int  # how many promotions of the ladder were kept
+    rungs: int  # how many there are
+
+
+def _ladder(
+    blocks: Sequence[BlockSpec],
+    embedding: BlockSpec,
+    head: BlockSpec,
+    decision: Mapping[int, int],
+    priority: Sequence[int],
+) -> tuple[dict[int, int], list[tuple[int, int]]]:
+    """The starting levels and the promotions (exec_index, new level) in order."""
+    start = {b.exec_index: 0 for b in blocks}
+    start[embedding.exec_index] = start[head.exec_index] = 1
+    down = list(reversed(priority))  # highest entropy first
+    side = [embedding.exec_index, head.exec_index]
+    steps = [(i, 1) for i in down]
+    steps += [(i, 2) for i in side] + [(i, 2) for i in down if decision[i] >= 2]
+    steps += [(i, 3) for i in side] + [(i, 3) for i in down if decision[i] == 3]
+    steps += [(i, 3) for i in down if decision[i] == 2]
+    steps += [(i, 2) for i in down if decision[i] == 1]
+    steps += [(i, 3) for i in down if decision[i] == 1]
+    return start, steps
+
+
+def _place(
+    order: Sequence[int],
+    sizes: Mapping[int, int],
+    params: Mapping[int, int],
+    machines: Sequence[Machine],
+    time_limit: float = float("inf"),
+) -> list[list[int]] | None:
+    """Contiguous ranges in machine order, each machine filled before the next."""
+    out: list[list[int]] = [[] for _ in machines]
+    m, used, work = 0, 0, 0.0
+    for idx in order:
+        size, load = sizes[idx], params[idx]
+        while m < len(machines) and (
+            used + size > machines[m].capacity
+            or (out[m] and work + load / machines[m].speed > time_limit)
+        ):
+            m, used, work = m + 1, 0, 0.0
+        if m == len(machines):
+            return None
+        if load / machines[m].speed > time_limit and not out[m]:
+            return None
+        out[m].append(idx)
+        used += size
+        work += load / machines[m].speed
+    return out
+
+
+def _balanced(
+    order: Sequence[int],
+    sizes: Mapping[int, int],
+    params: Mapping[int, int],
+    machines: Sequence[Machine],
+) -> list[list[int]] | None:
+    """Ranges minimising the largest parameters/speed share, within capacity."""
+    plain = _place(order, sizes, params, machines)
+    if plain is None:
+        return None
+    lo = max(params[i] for i in order) / max(m.speed for m in machines)
+    hi = sum(params[i] for i in order) / min(m.speed for m in machines)
+    best = plain
+    for _ in range(40):  # bisection on the largest share
+        mid = (lo + hi) / 2
+        placed = _place(order, sizes, params, machines, mid)
+        if placed is None:
+            lo = mid
+        else:
+            best, hi = placed, mid
+    return best
+
+
+def fit(
+    blocks: Sequence[BlockSpec],
+    embedding: BlockSpec,
+    head: BlockSpec,
+    decision: Mapping[int, Precision],
+    priority: Sequence[int],
+    machines: Sequence[Machine],
+    *,
+    mode: str = "8/4",
+) -> FitResult:
+    """Algorithm 1 (see the module docstring) for ``machines``.
+
+    ``blocks`` are the transformer blocks in execution order; ``decision`` gives each
+    its EWQ precision (in the mode's terms); ``priority`` lists them in quantization
+    order (lowest entropy first).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+    levels = MODES[mode]
+    level_of = {p: k for k, p in enumerate(levels)}
+    try:
+        target = {i: level_of[p] for i, p in decision.items()}
+    except KeyError as exc:
+        raise ValueError(f"precision {exc} is not a level of mode {mode}") from None
+    specs = {b.exec_index: b for b in (embedding, *blocks, head)}
+    order = sorted(specs)
+    start, steps = _ladder(blocks, embedding, head, target, priority)
+
+    def size(i: int, level: int) -> int:
+        return specs[i].bytes[levels[level]]
+
+    # totals along the ladder, then the highest rung that fits (totals first: cheap)
+    level = dict(start)
+    totals = [sum(size(i, level[i]) for i in order)]
+    before = []  # each promotion's previous level, to walk the ladder back down
+    for i, new in steps:
+        before.append(level[i])
+        totals.append(totals[-1] + size(i, new) - size(i, level[i]))
+        level[i] = new
+    capacity = sum(m.capacity for m in machines)
+    params = {i: specs[i].num_parameters for i in order}
+    balanced = len({m.speed for m in machines}) > 1
+    chosen, placement = 0, None
+    for rung in range(len(steps), -1, -1):
+        if rung < len(steps):
+            level[steps[rung][0]] = before[rung]  # undo promotion `rung`
+        if totals[rung] > capacity:
+            continue
+        sizes = {i: size(i, level[i]) for i in order}
+        placed = (
+            _balanced(order, sizes, params, machines)
+            if balanced
+            else _place(order, sizes, params, machines)
+        )
+        if placed is not None:
+            chosen, placement = rung, placed
+            break
+    if placement is None:
+        level = dict(start)
+        chosen = 0
+    sizes = {i: size(i, level[i]) for i in order}
+    machine_of: dict[int, str | None] = dict.fromkeys(order)
+    assignments = []
+    for m, idxs in zip(machines, placement or [[] for _ in machines], strict=True):
+        for i in idxs:
+            machine_of[i] = m.name
+        assignments.append(
+            Assignment(m.name, m.capacity, tuple(idxs), sum(sizes[i] for i in idxs))
+        )
+    return FitResult(
+        fits=placement is not None,
+        mode=mode,
+        precision={i: levels[level[i]] for i in order},
+        bytes=sizes,
+        machine=machine_of,
+        total_bytes=sum(sizes.values()),
+        capacity_bytes=capacity,
+        smallest_bytes=totals[0],
+        machines=tuple(assignments),
+        rung=chosen,
+        rungs=len(steps),
+    )

@@ -1,0 +1,456 @@
+"""The planner: Algorithm 1 as a ladder, placement, exports, budgets and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cli import run
+
+from ewq.analysis import decide
+from ewq.planning import MODES, BlockSpec, BudgetError, Machine, fit, parse_size
+from ewq.planning.budget import cluster_from_doc
+from ewq.planning.exports import exports
+from ewq.types import Precision
+
+GIB = 2**30
+TABLE9 = (
+    Path(__file__).parents[2]
+    / "shared"
+    / "data"
+    / "paper"
+    / "table9_avg_block_size_gb.csv"
+)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def spec(
+    i: int, raw: int, params: int = 100, entropy: float | None = None
+) -> BlockSpec:
+    """Sizes shrink with the bits, as for a bf16 source."""
+    sizes = {
+        Precision.RAW: raw,
+        Precision.Q8: raw // 2 + 1,
+        Precision.Q4: raw // 4 + 1,
+        Precision.Q3: raw * 3 // 16 + 1,
+        Precision.Q2: raw // 8 + 1,
+        Precision.TERNARY: raw // 10 + 1,
+    }
+    return BlockSpec(i, params, sizes, entropy)
+
+
+def model(entropies: list[float], raws: list[int], side: int = 0):
+    n = len(entropies)
+    blocks = [spec(i + 2, raws[i], entropy=entropies[i]) for i in range(n)]
+    return blocks, spec(1, side), spec(n + 2, side)
+
+
+def run_fit(entropies, raws, machines, *, mode="8/4", alpha=1.25, side=0):
+    blocks, emb, head = model(entropies, raws, side)
+    levels = MODES[mode]
+    d = decide(
+        {b.exec_index: b.entropy for b in blocks},
+        alpha=alpha,
+        moderate=levels[2],
+        aggressive=levels[1],
+    )
+    return fit(blocks, emb, head, d.precision, d.priority, machines, mode=mode), d
+
+
+# ---------------------------------------------------------------- worked examples
+
+
+def table9(model_name: str) -> dict[Precision, int]:
+    with open(TABLE9) as fh:
+        row = next(r for r in csv.DictReader(fh) if r["model"] == model_name)
+    return {
+        Precision.RAW: round(float(row["raw_gb"]) * GIB),
+        Precision.Q8: round(float(row["8bit_gb"]) * GIB),
+        Precision.Q4: round(float(row["4bit_gb"]) * GIB),
+        Precision.Q3: 0,
+        Precision.Q2: 0,
+        Precision.TERNARY: round(float(row["4bit_gb"]) * GIB) // 3,
+    }
+
+
+def paper_case(model_name: str, n: int, order: str, four_bit: str):
+    """Blocks of equal size (Table 9) and EWQ's selection as published (Table 8)."""
+    sizes = table9(model_name)
+    quantized = [int(x) for x in order.split(",")]
+    four = {int(x) for x in four_bit.split(",")}
+    decision = {
+        i: Precision.Q4
+        if i in four
+        else Precision.Q8
+        if i in quantized
+        else Precision.RAW
+        for i in range(2, n + 2)
+    }
+    priority = quantized + [i for i in range(2, n + 2) if i not in quantized]
+    blocks = [BlockSpec(i, 1, sizes) for i in range(2, n + 2)]
+    zero = dict.fromkeys(Precision, 0)
+    return blocks, BlockSpec(1, 0, zero), BlockSpec(n + 2, 0, zero), decision, priority
+
+
+def counts(result) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i, p in result.precision.items():
+        if i not in (1, max(result.precision)):
+            out[p.value] = out.get(p.value, 0) + 1
+    return out
+
+
+LLAMA = (
+    "meta-llama/Meta-Llama-3.1-8B-Instruct",
+    32,
+    "33, 13, 17, 16, 14, 15, 2, 19, 18, 32, 3, 11, 9",
+    "33, 13",
+)
+
+
+def test_llama_8b_under_12_gib():
+    # raw 32 x 0.4062 = 13.00 GiB does not fit. The decision (19 raw, 11 at 8-bit,
+    # 2 at 4-bit) is 19*0.4062 + 11*0.2031 + 2*0.1079 = 10.1677 GiB and fits; the
+    # 1.8323 GiB left pays for 9 promotions 8-bit -> raw at 0.2031 each (blocks 9,
+    # 11, 3, 32, 18, 19, 2, 15, 14: highest entropy first), 11.9956 GiB in all.
+    blocks, emb, head, decision, priority = paper_case(*LLAMA)
+    r = fit(blocks, emb, head, decision, priority, [Machine("m", 12 * GIB)])
+    assert r.fits and counts(r) == {"raw": 28, "8-bit": 2, "4-bit": 2}
+    assert {i for i, p in r.precision.items() if p is Precision.Q8} == {16, 17}
+    assert {i for i, p in r.precision.items() if p is Precision.Q4} == {13, 33}
+    assert r.total_bytes / GIB == pytest.approx(11.9956, abs=1e-3)
+
+
+def test_llama_8b_under_10_gib():
+    # The decision (10.1677 GiB) does not fit; the ladder takes back its last raw
+    # promotion: 9.9646 GiB with 18 raw, 12 at 8-bit, 2 at 4-bit. (Read literally,
+    # Algorithm 1 restarts from uniform 8-bit, 6.4992 GiB, and promotes 17 blocks.)
+    blocks, emb, head, decision, priority = paper_case(*LLAMA)
+    r = fit(blocks, emb, head, decision, priority, [Machine("m", 10 * GIB)])
+    assert r.fits and counts(r) == {"raw": 18, "8-bit": 12, "4-bit": 2}
+    assert r.total_bytes / GIB == pytest.approx(9.9646, abs=1e-3)
+
+
+def test_gemma2_9b_under_14_gib():
+    # Decision: 25 raw, 11 at 8-bit, 6 at 4-bit = 11.8492 GiB. All 11 8-bit blocks
+    # go raw (+2.0306 = 13.8798), then the 4-bit blocks climb, highest entropy
+    # first: 26 to 8-bit (+0.0865 = 13.9663); 27 would reach 14.0528 and stops it.
+    case = (
+        "google/gemma-2-9b-it",
+        42,
+        "5, 2, 4, 3, 27, 26, 19, 7, 6, 25, 33, 31, 28, 30, 20, 32, 39",
+        "27, 26, 5, 4, 3, 2",
+    )
+    blocks, emb, head, decision, priority = paper_case(*case)
+    r = fit(blocks, emb, head, decision, priority, [Machine("m", 14 * GIB)])
+    assert r.fits and counts(r) == {"raw": 36, "8-bit": 1, "4-bit": 5}
+    assert r.precision[26] is Precision.Q8 and r.precision[27] is Precision.Q4
+
+
+def test_unquantized_fits_nothing_quantized():
+    r, _ = run_fit([1.0, 2.0, 3.0], [100, 100, 100], [Machine("m", 300)])
+    assert r.fits and set(r.precision.values()) == {Precision.RAW}
+
+
+def test_cannot_fit_names_the_smallest_size():
+    r, _ = run_fit([1.0, 2.0], [100, 100], [Machine("m", 5)], side=10)
+    assert (
+        not r.fits and r.smallest_bytes == 11 + 11 + 3 + 3
+    )  # 2x1.58-bit + 2x4-bit side
+
+
+def test_edge_modes_use_their_pairs():
+    r, d = run_fit(
+        [1.0, 5.0, 5.1, 5.2, 5.3],
+        [160] * 5,
+        [Machine("m", 10**6)],
+        mode="4/3",
+        alpha=1.0,
+    )
+    assert set(d.precision.values()) <= {Precision.RAW, Precision.Q4, Precision.Q3}
+    tight, _ = run_fit(
+        [1.0, 5.0, 5.1, 5.2, 5.3], [160] * 5, [Machine("m", 200)], mode="4/2"
+    )
+    assert tight.fits and set(tight.precision.values()) <= {
+        Precision.RAW,
+        Precision.Q4,
+        Precision.Q2,
+        Precision.TERNARY,
+    }
+
+
+# ---------------------------------------------------------------- properties
+
+blocks_st = st.integers(1, 30).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.floats(10, 11, allow_nan=False), min_size=n, max_size=n),
+        st.lists(st.integers(10, 10_000), min_size=n, max_size=n),
+    )
+)
+machines_st = st.lists(
+    st.tuples(st.integers(0, 60_000), st.floats(0.25, 4)), min_size=1, max_size=6
+)
+
+
+def machines_of(caps, speeds=True):
+    return [
+        Machine(f"m{k}", c, speed=s if speeds else 1.0) for k, (c, s) in enumerate(caps)
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    blocks_st,
+    machines_st,
+    st.integers(0, 2000),
+    st.sampled_from(sorted(MODES)),
+    st.booleans(),
+)
+def test_properties(model_, caps, side, mode, speeds):
+    entropies, raws = model_
+    machines = machines_of(caps, speeds)
+    r, d = run_fit(entropies, raws, machines, mode=mode, side=side)
+    order = sorted(r.precision)
+    if r.fits:
+        # never over any machine's capacity; contiguous ranges covering every block once
+        for a, m in zip(r.machines, machines, strict=True):
+            assert a.bytes == sum(r.bytes[i] for i in a.exec_indices) <= m.capacity
+        assert [i for a in r.machines for i in a.exec_indices] == order
+        assert r.total_bytes == sum(r.bytes.values()) <= r.capacity_bytes
+    # promotions follow entropy order: within one decision class, higher entropy
+    # never gets fewer bits
+    levels = {p: k for k, p in enumerate(MODES[mode])}
+    for i in d.precision:
+        for j in d.precision:
+            if d.precision[i] is d.precision[j] and d.rank(i) < d.rank(j):
+                assert levels[r.precision[i]] <= levels[r.precision[j]]
+    # more memory never lowers any block's precision
+    bigger = [
+        Machine(m.name, m.memory + 5_000 * (k % 2 + 1), speed=m.speed)
+        for k, m in enumerate(machines)
+    ]
+    r2, _ = run_fit(entropies, raws, bigger, mode=mode, side=side)
+    assert r2.fits or not r.fits
+    for i in order:
+        assert levels[r2.precision[i]] >= levels[r.precision[i]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(blocks_st, machines_st)
+def test_same_inputs_same_plan(model_, caps):
+    a, _ = run_fit(*model_, machines_of(caps))
+    b, _ = run_fit(*model_, machines_of(caps))
+    assert a == b
+
+
+def test_speed_balances_the_ranges():
+    entropies = [10.0 + k / 100 for k in range(12)]
+    fast = [Machine("fast", 10**9, speed=3.0), Machine("slow", 10**9, speed=1.0)]
+    r, _ = run_fit(entropies, [100] * 12, fast)
+    n_fast = len(r.machines[0].exec_indices)
+    n_slow = len(r.machines[1].exec_indices)
+    assert n_fast > n_slow > 0  # 14 blocks: about 3 to 1
+    same = [Machine("a", 10**9), Machine("b", 10**9)]
+    r, _ = run_fit(entropies, [100] * 12, same)
+    assert [len(a.exec_indices) for a in r.machines] == [14, 0]  # fewest hops
+
+
+def test_exports():
+    entropies = [10.0 + k / 100 for k in range(6)]
+    machines = [
+        Machine("a", 350, host="10.0.0.1"),
+        Machine("b", 350, host="10.0.0.2:6000"),
+        Machine("c", 350),
+    ]
+    r, _ = run_fit(entropies, [100] * 6, machines, side=10)
+    ex = exports(r, machines, list(range(2, 8)))
+    layers = [
+        sum(1 for i in a.exec_indices if 2 <= i <= 7)
+        for a in r.machines
+        if a.exec_indices
+    ]
+    assert sum(layers) == 6
+    assert ex["vllm"]["VLLM_PP_LAYER_PARTITION"] == ",".join(map(str, layers))
+    assert ex["vllm"]["pipeline_parallel_size"] == len(layers)
+    assert ex["llama_cpp"]["tensor_split"] == layers
+    assert ex["llama_cpp"]["rpc"][0] == "10.0.0.2:6000"
+    assert "--rpc 10.0.0.2:6000" in ex["llama_cpp"]["command"]
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def test_parse_size():
+    assert parse_size("8GB") == 8 * 10**9
+    assert parse_size("7.5GiB") == int(7.5 * GIB)
+    assert parse_size("512 MiB") == 512 * 2**20
+    assert parse_size("1e9") == 10**9 and parse_size("100kb") == 100_000
+    assert parse_size(4096) == 4096
+    for bad in ("-1GB", "lots", "8XB", "", "nan", "GB"):
+        with pytest.raises(BudgetError):
+            parse_size(bad)
+
+
+def test_cluster_file_and_capacity():
+    machines = cluster_from_doc(
+        {
+            "reserve": "1GB",
+            "machines": [
+                {"name": "a", "memory": "16GB", "disk": "10GB"},
+                {"name": "b", "memory": "8GB", "reserve": "0", "speed": 2},
+            ],
+        }
+    )
+    assert [m.capacity for m in machines] == [9 * 10**9, 8 * 10**9]
+    assert machines[1].speed == 2.0
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"machines": []}, "no machines"),
+        ({}, "no machines"),
+        (
+            {"machines": [{"name": "a", "memory": "1GB", "gpu": 1}]},
+            "unknown key(s) gpu",
+        ),
+        ({"nodes": []}, "unknown key(s) nodes"),
+        ({"machines": [{"name": "a"}]}, "'memory' is required"),
+        ({"machines": [{"memory": "-2GB"}]}, "negative"),
+        (
+            {
+                "machines": [
+                    {"name": "a", "memory": "1GB"},
+                    {"name": "a", "memory": "1GB"},
+                ]
+            },
+            "two machines",
+        ),
+        ({"machines": [{"memory": "1GB", "speed": 0}]}, "speed must be a number > 0"),
+        ([1, 2], "expected a mapping"),
+    ],
+)
+def test_bad_cluster(doc, message):
+    with pytest.raises(
+        BudgetError, match=message.replace("(", r"\(").replace(")", r"\)")
+    ):
+        cluster_from_doc(doc)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_plan_cli_default_then_quantize(monkeypatch, capsys, tmp_path):
+    js = tmp_path / "plan.json"
+    code, out, err = run(
+        monkeypatch, capsys, "plan", "default", "--memory", "80MB", "--json", str(js)
+    )
+    assert code == 0, err
+    doc = json.loads(js.read_text())
+    assert {
+        "schema_version",
+        "source",
+        "method",
+        "fits",
+        "total_bytes",
+        "capacity_bytes",
+        "blocks",
+        "machines",
+    } <= doc.keys()
+    assert doc["fits"] and doc["total_bytes"] <= doc["capacity_bytes"] == 80 * 10**6
+    for b in doc["blocks"]:
+        assert {"exec_index", "precision", "bytes", "machine"} <= b.keys()
+        assert b["precision"] in [p.value for p in Precision]
+    assert doc["machines"][0]["exec_indices"] == list(range(1, 33))
+    total = (
+        sum(b["bytes"] for b in doc["blocks"])
+        + doc["embedding"]["bytes"]
+        + doc["head"]["bytes"]
+    )
+    assert total == doc["total_bytes"]
+    assert "VLLM_PP_LAYER_PARTITION=30" in out
+    first = js.read_bytes()
+    code, _, _ = run(
+        monkeypatch, capsys, "plan", "default", "--memory", "80MB", "--json", str(js)
+    )
+    assert code == 0 and js.read_bytes() == first  # byte-identical
+    # the plan is what `ewq quantize` takes; the written tensor bytes are the plan's
+    out_gguf = tmp_path / "m.gguf"
+    pytest.importorskip("llama_cpp")
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "quantize",
+        "default",
+        "--plan",
+        str(js),
+        "--out",
+        str(out_gguf),
+    )
+    assert code == 0, err
+    record = json.loads((tmp_path / "m.gguf.ewq.json").read_text())
+    assert record["predicted_tensor_bytes"] == doc["total_bytes"]
+
+
+def test_plan_cli_cluster(monkeypatch, capsys, tmp_path, tiny_models):
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(
+        "machines:\n  - {name: a, memory: 20kB}\n  - {name: b, memory: 1MB, host: 10.0.0.9}\n"
+    )
+    js = tmp_path / "plan.json"
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "plan",
+        str(tiny_models["llama"]),
+        "--cluster",
+        str(cluster),
+        "--json",
+        str(js),
+    )
+    assert code == 0, err
+    doc = json.loads(js.read_text())
+    assert doc["format"] == "hf" and doc["fits"]
+    names = [m["name"] for m in doc["machines"] if m["exec_indices"]]
+    assert names == ["a", "b"] and "--rpc 10.0.0.9:50052" in out
+
+
+def bad_plan(monkeypatch, capsys, tmp_path, *args) -> tuple[int, str]:
+    js = tmp_path / "plan.json"
+    code, _, err = run(monkeypatch, capsys, "plan", *args, "--json", str(js))
+    assert code != 0 and not js.exists()
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_bad_plan_inputs(monkeypatch, capsys, tmp_path):
+    code, err = bad_plan(monkeypatch, capsys, tmp_path, "default", "--memory", "-3GB")
+    assert code == 1 and "negative" in err
+    code, err = bad_plan(monkeypatch, capsys, tmp_path, "default", "--memory", "lots")
+    assert code == 1 and "cannot read 'lots' as a size" in err
+    code, err = bad_plan(monkeypatch, capsys, tmp_path, "default", "--memory", "10MB")
+    assert (
+        code == 1
+        and "cannot fit default" in err
+        and "smallest this plan can reach is 63.38 MiB" in err
+    )
+    code, err = bad_plan(monkeypatch, capsys, tmp_path, "default")
+    assert code == 2  # neither --memory nor --cluster
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("machines: []\n")
+    code, err = bad_plan(
+        monkeypatch, capsys, tmp_path, "default", "--cluster", str(empty)
+    )
+    assert code == 1 and "no machines" in err
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("machines:\n  - {name: a, memory: 1GB, ram: 2GB}\n")
+    code, err = bad_plan(
+        monkeypatch, capsys, tmp_path, "default", "--cluster", str(odd)
+    )
+    assert code == 1 and "unknown key(s) ram" in err
