@@ -209,12 +209,10 @@ def fit(
         if totals[rung] > capacity:
             continue
         sizes = {i: size(i, level[i]) for i in order}
-        placed = (
-            _balanced(order, sizes, params, machines)
-            if balanced
-            else _place(order, sizes, params, machines)
-        )
-        if placed is not None:
+        placed = _place(order, sizes, params, machines)
+        if placed is not None:  # balancing never changes whether a rung fits
+            if balanced:
+                placed = _balanced(order, sizes, params, machines)
             chosen, placement = rung, placed
             break
     if placement is None:
@@ -237,7 +235,8 @@ def fit(
         machine=machine_of,
         total_bytes=sum(sizes.values()),
         capacity_bytes=capacity,
-        smallest_bytes=totals[0],
+        smallest_bytes=min(totals),  # sizes need not grow along the ladder when the
+        # source is quantized already (a Q4_1 "raw" block is smaller than its Q8_0)
         machines=tuple(assignments),
         rung=chosen,
         rungs=len(steps),
