@@ -223,3 +223,23 @@ def gguf_tensors(arch: str, n_blocks: int = 2, hidden: int = 64, seed: int = 0) 
     if arch in ("llama", "deepseek2"):
         t["output.weight"] = w(128, h, qtype=Q.Q8_0)
     return t
+
+
+def shared_data() -> Path:
+    """The workplace's evaluation data: ``../shared/data`` beside the repository.
+
+    ``EWQ_SHARED_DATA`` overrides it; a clone elsewhere falls back to /work/shared.
+    """
+    import os
+
+    env = os.environ.get("EWQ_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    repo = Path(__file__).resolve().parents[1]
+    candidates += [p / "shared" / "data" for p in repo.parents]
+    candidates.append(Path("/work/shared/data"))
+    for c in candidates:
+        if (c / "paper").is_dir():
+            return c
+    raise FileNotFoundError(
+        "shared evaluation data not found: set EWQ_SHARED_DATA to the shared/data folder"
+    )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import shared_data
 from test_cli import run
 
 from ewq.analysis import decide
@@ -18,13 +18,7 @@ from ewq.planning.exports import exports
 from ewq.types import Precision
 
 GIB = 2**30
-TABLE9 = (
-    Path(__file__).parents[2]
-    / "shared"
-    / "data"
-    / "paper"
-    / "table9_avg_block_size_gb.csv"
-)
+TABLE9 = shared_data() / "paper" / "table9_avg_block_size_gb.csv"
 
 
 # ---------------------------------------------------------------- helpers
