@@ -54,7 +54,7 @@ def quantize_gguf(
     lc = _llama_cpp()
     pairs = overrides(targets)
     table = (lc.llama_model_tensor_override * (len(pairs) + 1))()
-    keep = []
+    keep = []  # the C strings must outlive the call: ctypes keeps only pointers
     for i, (pattern, qtype) in enumerate(pairs):
         raw = pattern.encode()
         keep.append(raw)
