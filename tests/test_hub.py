@@ -111,3 +111,16 @@ def test_analyze_hub_id(hub, small_llama):
     assert [b.entropy for b in remote.profile.blocks] == [
         b.entropy for b in local.profile.blocks
     ]
+
+
+def test_features_of_a_hub_id_read_headers_only(hub, small_llama):
+    from ewq import features
+
+    remote = features("tiny/llama")
+    local = features(small_llama)
+    assert remote.method == "headers"
+    assert [b.num_parameters for b in remote.blocks] == [
+        b.num_parameters for b in local.blocks
+    ]
+    served = sum(n for f, n in hub.sent.items() if f.endswith(".safetensors"))
+    assert served < 0.05 * weight_bytes(small_llama)  # one header range, no weights

@@ -9,6 +9,6 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
-from ewq.api import Analysis, Inspection, analyze, inspect  # noqa: E402
+from ewq.api import Analysis, Inspection, analyze, features, inspect  # noqa: E402
 
-__all__ = ["Analysis", "Inspection", "__version__", "analyze", "inspect"]
+__all__ = ["Analysis", "Inspection", "__version__", "analyze", "features", "inspect"]

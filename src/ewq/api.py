@@ -18,6 +18,8 @@ from ewq.analysis.decision import check_alpha
 from ewq.analysis.profile import check_eps
 from ewq.arch import ModelLayout, resolve
 from ewq.errors import EwqError
+from ewq.fast.features import Features
+from ewq.fast.features import features as _features
 from ewq.planfile import Plan, load_plan, plan_from_doc
 from ewq.planning import MODES, FitResult, Machine, block_specs, exports, fit
 from ewq.quant.targets import (
@@ -38,6 +40,7 @@ __all__ = [
     "Progress",
     "Quantized",
     "analyze",
+    "features",
     "inspect",
     "quantize",
 ]
@@ -81,6 +84,22 @@ def inspect(
                 if progress is not None:
                     progress(done, total, info.name)
         return Inspection(src.index, layout)
+
+
+def features(
+    source: str | Path,
+    *,
+    analytic: bool = False,
+    revision: str | None = None,
+) -> Features:
+    """FastEWQ's features per transformer block, from metadata only (no weight read).
+
+    Example:
+        >>> f = features("path/to/config.json")          # doctest: +SKIP
+        >>> f.num_blocks, f.blocks[0].num_parameters
+        (32, 218112000)
+    """
+    return _features(source, analytic=analytic, revision=revision)
 
 
 @dataclass(frozen=True)

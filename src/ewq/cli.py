@@ -27,6 +27,7 @@ from ewq.analysis import DEFAULT_ALPHA, Variant
 from ewq.errors import EwqError
 from ewq.fileio import atomic_write_text
 from ewq.reports.analysis import analysis_json, analysis_table, write_plot
+from ewq.reports.features import features_json, features_table
 from ewq.reports.inspect import inspection_json, inspection_table
 from ewq.reports.plan import plan_json, plan_table
 from ewq.reports.quantize import provenance_json, provenance_path, quantize_table
@@ -189,6 +190,38 @@ def analyze(
     if plot is not None:
         write_plot(result, plot)
         err.print(f"wrote {plot}")
+
+
+@app.command(
+    epilog="Examples:\n\n  ewq features ./Llama-3.2-1B/config.json"
+    "\n\n  ewq features Qwen/Qwen2.5-7B --json features.json   (headers only)"
+)
+def features(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A config.json file, a model folder, a safetensors or GGUF file, "
+            "a hub id, or 'default'."
+        ),
+    ],
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the rows as JSON.")
+    ] = None,
+    analytic: Annotated[
+        bool,
+        typer.Option(
+            help="Count parameters from config.json even where headers exist."
+        ),
+    ] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub branch, tag or commit.")
+    ] = None,
+) -> None:
+    """FastEWQ's features per transformer block (num_blocks, exec_index, num_parameters)."""
+    result = api.features(source, analytic=analytic, revision=revision)
+    out.print(features_table(result))
+    if json_path is not None:
+        _write_json(json_path, features_json(result, __version__))
 
 
 class OutFormat(enum.StrEnum):
