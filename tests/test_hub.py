@@ -124,3 +124,12 @@ def test_features_of_a_hub_id_read_headers_only(hub, small_llama):
     ]
     served = sum(n for f, n in hub.sent.items() if f.endswith(".safetensors"))
     assert served < 0.05 * weight_bytes(small_llama)  # one header range, no weights
+
+
+def test_fast_plan_reads_metadata_only(hub):
+    from ewq import api
+    from ewq.planning import Machine
+
+    planned = api.plan("tiny/llama", [Machine("m", 10**9)], method="fast")
+    assert planned.analysis is None and planned.result.fits
+    assert planned.index.metadata_only

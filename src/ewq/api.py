@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from ewq.quant.targets import (
     llama_quantize_args,
 )
 from ewq.sources import open_source
-from ewq.types import BlockKind, ModelIndex
+from ewq.types import ModelIndex, Precision
 
 __all__ = [
     "Analysis",
@@ -40,7 +40,9 @@ __all__ = [
     "Progress",
     "Quantized",
     "analyze",
+    "build_dataset",
     "features",
+    "train_fastewq",
     "inspect",
     "quantize",
 ]
@@ -236,14 +238,26 @@ def _quantize_hf(source, index, layout, plan, out, progress) -> Quantized:
 
 @dataclass(frozen=True)
 class Planned:
-    """A plan for a budget: the analysis it rests on, the fit, and the exports."""
+    """A plan for a budget: what it rests on, the fit, and the exports.
 
-    analysis: Analysis
+    ``analysis`` is the EWQ analysis (method ewq); for the FastEWQ methods it is None
+    and ``predicted`` holds the classifier's choice per block.
+    """
+
+    index: ModelIndex
+    layout: ModelLayout
     method: str
     format: str
     machines: tuple[Machine, ...]
+    decision: Mapping[int, Precision]
+    priority: tuple[int, ...]
     result: FitResult
     exports: dict
+    analysis: Analysis | None = None
+    predicted: Mapping[int, bool] | None = None
+
+
+METHODS = ("ewq", "fast", "fast-train")
 
 
 def plan(
@@ -255,6 +269,7 @@ def plan(
     alpha: float = DEFAULT_ALPHA,
     variant: Variant | str = Variant.MIXED_4_8,
     format: str | None = None,
+    classifier: str | Path | None = None,
     download: bool = False,
     revision: str | None = None,
     workers: int | None = None,
@@ -262,52 +277,151 @@ def plan(
 ) -> Planned:
     """Fit ``source`` into ``machines`` (Algorithm 1, METHOD.md section 5).
 
-    Sizes are the exact bytes ``format`` writes (default: gguf for a GGUF source,
-    hf for a Hugging Face folder). The EWQ decision uses the mode's pair of
-    precisions (8/4: 8-bit and 4-bit; 4/3 and 4/2: 4-bit and 3- or 2-bit).
+    ``method`` ewq reads every weight (the entropy analysis); fast and fast-train
+    read only metadata (config.json or headers) and let the FastEWQ classifier
+    choose the blocks (Algorithm 2, section 6). Sizes are the exact bytes ``format``
+    writes (default: gguf for a GGUF source, hf otherwise). The decision uses the
+    mode's pair of precisions (8/4: 8-bit and 4-bit; 4/3 and 4/2: 4-bit and 3- or
+    2-bit).
     """
-    if method != "ewq":
-        raise EwqError(f"unknown method '{method}' (this version plans with ewq)")
+    if method not in METHODS:
+        raise EwqError(f"unknown method '{method}' (one of {', '.join(METHODS)})")
     if mode not in MODES:
         raise EwqError(f"unknown mode '{mode}' (one of {', '.join(MODES)})")
     if not machines:
         raise EwqError("no machine to plan for")
     check_alpha(alpha)
     levels = MODES[mode]
-    a = analyze(
-        source,
-        alpha=alpha,
-        variant=variant,
-        download=download,
-        revision=revision,
-        workers=workers,
-        progress=progress,
-    )
-    fmt = format or ("gguf" if a.index.format == "gguf" else "hf")
-    entropies = {b.exec_index: b.entropy for b in a.profile.transformer}
-    decision = decide(
-        entropies,
-        alpha=alpha,
-        variant=Variant(variant),
-        moderate=levels[2],
-        aggressive=levels[1],
-    )
-    a = Analysis(a.index, a.layout, a.profile, decision)
-    specs = {s.exec_index: s for s in block_specs(fmt, a.layout)}
-    emb = a.layout.blocks[0].exec_index
-    head = a.layout.blocks[-1].exec_index
-    transformer = [
-        b.exec_index for b in a.layout.blocks if b.kind is BlockKind.TRANSFORMER
-    ]
+    analysis = predicted = None
+    if method == "ewq":
+        analysis = analyze(
+            source,
+            alpha=alpha,
+            variant=variant,
+            download=download,
+            revision=revision,
+            workers=workers,
+            progress=progress,
+        )
+        entropies = {b.exec_index: b.entropy for b in analysis.profile.transformer}
+        d = decide(
+            entropies,
+            alpha=alpha,
+            variant=Variant(variant),
+            moderate=levels[2],
+            aggressive=levels[1],
+        )
+        analysis = Analysis(analysis.index, analysis.layout, analysis.profile, d)
+        index, layout = analysis.index, analysis.layout
+        decision, priority = d.precision, d.priority
+    else:
+        feats = _features(source, revision=revision)
+        index, layout = feats.index, feats.layout
+        predicted, decision, priority = fast_decision(
+            feats, method, levels[2], classifier
+        )
+    fmt = format or ("gguf" if index.format == "gguf" else "hf")
+    specs = {s.exec_index: s for s in block_specs(fmt, layout)}
+    emb = layout.blocks[0].exec_index
+    head = layout.blocks[-1].exec_index
+    transformer = [b.exec_index for b in layout.transformer_blocks]
     result = fit(
         [specs[i] for i in transformer],
         specs[emb],
         specs[head],
-        decision.precision,
-        decision.priority,
+        decision,
+        priority,
         machines,
         mode=mode,
     )
     return Planned(
-        a, method, fmt, tuple(machines), result, exports(result, machines, transformer)
+        index,
+        layout,
+        method,
+        fmt,
+        tuple(machines),
+        decision,
+        tuple(priority),
+        result,
+        exports(result, machines, transformer),
+        analysis,
+        predicted,
     )
+
+
+def fast_decision(
+    feats: Features,
+    method: str,
+    moderate: Precision,
+    classifier: str | Path | None = None,
+) -> tuple[dict[int, bool], dict[int, Precision], list[int]]:
+    """Algorithm 2: the classifier's blocks at the moderate precision, in order of
+    exec_index descending (the highest block is quantized first); the others raw,
+    after them in the same order."""
+    from ewq.fast.classify import load_model, predict
+
+    doc = load_model(classifier)
+    rows = feats.rows()
+    chosen = predict(doc, method, rows)
+    predicted = {int(r["exec_index"]): c for r, c in zip(rows, chosen, strict=True)}
+    decision = {i: moderate if q else Precision.RAW for i, q in predicted.items()}
+    desc = sorted(predicted, reverse=True)
+    priority = [i for i in desc if predicted[i]] + [i for i in desc if not predicted[i]]
+    return predicted, decision, priority
+
+
+def build_dataset(
+    sources: Sequence[str | Path],
+    *,
+    paper_tables: str | Path | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    names: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """FastEWQ dataset rows: the EWQ analysis of each source (its features from
+    its headers, its labels from the decision), plus the paper's published labels
+    when ``paper_tables`` (the folder of its CSV tables) is given."""
+    from ewq.fast.dataset import paper_rows, rows_from_decision
+
+    rows: list[dict] = []
+    for k, source in enumerate(sources):
+        if progress is not None:
+            progress(str(source))
+        a = analyze(source, alpha=alpha)
+        feats = _features(source, name=names[k] if names else None)
+        rows += rows_from_decision(feats, a.decision.precision)
+    if paper_tables is not None:
+        rows += paper_rows(paper_tables)
+    if not rows:
+        raise EwqError("no rows: give at least one model or the paper's tables")
+    return rows
+
+
+def train_fastewq(
+    dataset: str | Path,
+    out: str | Path,
+    *,
+    report_dir: str | Path | None = None,
+    paper_tables: str | Path | None = None,
+    seed: int = 42,
+):
+    """Train and evaluate the six classifiers on ``dataset``; store the random forest
+    (fast and fast-train) at ``out`` (skops) and write the Markdown report."""
+    from ewq.fast.classify import save_model, study
+    from ewq.fast.dataset import read_dataset
+    from ewq.reports.fastewq import write_report
+
+    rows = read_dataset(dataset)
+    st = study(rows, seed=seed)
+    save_model(st, out, Path(dataset).name)
+    report = None
+    if report_dir is not None:
+        report = write_report(
+            st,
+            rows,
+            report_dir,
+            dataset=Path(dataset).name,
+            model_path=Path(out).name,
+            paper_tables=paper_tables,
+        )
+    return st, report

@@ -224,6 +224,84 @@ def features(
         _write_json(json_path, features_json(result, __version__))
 
 
+dataset_app = typer.Typer(help="The FastEWQ dataset.", no_args_is_help=True)
+fast_app = typer.Typer(help="FastEWQ classifiers.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+app.add_typer(fast_app, name="fast")
+
+
+@dataset_app.command("build")
+def dataset_build(
+    sources: Annotated[
+        list[str] | None, typer.Argument(help="Models to analyse (any SOURCE).")
+    ] = None,
+    out_path: Annotated[
+        Path, typer.Option("--out", help="The dataset CSV to write.")
+    ] = Path("dataset.csv"),
+    paper: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the paper's tables (table2, table8 CSVs): add their labels."
+        ),
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="EWQ threshold factor.")] = DEFAULT_ALPHA,
+) -> None:
+    """Analyse each model and write one labelled row per block (the paper's six columns)."""
+    from ewq.analysis.decision import check_alpha
+    from ewq.fast.dataset import write_dataset
+
+    check_alpha(alpha)
+    rows = api.build_dataset(
+        sources or [],
+        paper_tables=paper,
+        alpha=alpha,
+        progress=lambda s: err.print(f"analysing {s}"),
+    )
+    n = write_dataset(rows, out_path)
+    models = len({r["model_name"] for r in rows})
+    err.print(f"wrote {out_path}: {n} rows from {models} models")
+
+
+@fast_app.command("train")
+def fast_train(
+    dataset: Annotated[Path, typer.Argument(help="A dataset CSV (ewq dataset build).")],
+    out_path: Annotated[
+        Path, typer.Option("--out", help="Where to store the classifier (.skops).")
+    ],
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for report.md and its plots (default: beside --out)."
+        ),
+    ] = None,
+    paper: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the paper's tables, to set its figures beside ours."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the 70/30 split and the models.")
+    ] = 42,
+) -> None:
+    """Train the six classifiers, write the report, store the random forest."""
+    report_dir = report or out_path.with_suffix("").with_name(out_path.stem + "-report")
+    st, path = api.train_fastewq(
+        dataset, out_path, report_dir=report_dir, paper_tables=paper, seed=seed
+    )
+    table = __import__("rich.table", fromlist=["Table"]).Table(
+        title=f"FastEWQ classifiers on {dataset.name}: {st.n_rows} rows, {st.n_models} models"
+    )
+    for col in ("classifier", "test accuracy", "AUC", "leave-one-model-out"):
+        table.add_column(col, justify="left" if col == "classifier" else "right")
+    for name, r in st.results.items():
+        table.add_row(
+            name, f"{r.report['accuracy']:.1%}", f"{r.auc:.3f}", f"{r.lomo:.1%}"
+        )
+    out.print(table)
+    err.print(f"wrote {out_path} and {path}")
+
+
 class OutFormat(enum.StrEnum):
     gguf = "gguf"
     hf = "hf"
@@ -312,7 +390,19 @@ def plan_cmd(
         str | None,
         typer.Option(help="Keep this much free on every machine (KV cache, runtime)."),
     ] = None,
-    method: Annotated[str, typer.Option(help="Block selection: ewq.")] = "ewq",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="Block selection: ewq (entropy analysis, reads every weight), or fast / "
+            "fast-train (FastEWQ classifier, reads metadata only)."
+        ),
+    ] = "ewq",
+    classifier: Annotated[
+        Path | None,
+        typer.Option(
+            help="FastEWQ classifier (.skops); default: the one shipped with ewq."
+        ),
+    ] = None,
     mode: Annotated[
         Mode,
         typer.Option(
@@ -362,11 +452,13 @@ def plan_cmd(
             machines = tuple(replace(m, reserve=extra) for m in machines)
     else:
         machines = (single_machine(memory, disk, reserve),)
-    with _progress("analysing") as progress:
+    bar = _progress("analysing") if method == "ewq" else contextlib.nullcontext(None)
+    with bar as progress:
         planned = api.plan(
             source,
             machines,
             method=method,
+            classifier=classifier,
             mode=mode.value,
             alpha=alpha,
             variant=variant,
