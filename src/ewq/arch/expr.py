@@ -13,7 +13,7 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ExprError", "evaluate"]
+__all__ = ["ExprError", "evaluate", "names_in"]
 
 _BIN = {
     ast.Add: operator.add,
@@ -48,6 +48,12 @@ def _parse(text: str) -> ast.expr:
         return ast.parse(text, mode="eval").body
     except SyntaxError as exc:
         raise ExprError(f"cannot parse {text!r}: {exc.msg}") from None
+
+
+@functools.cache
+def names_in(text: str) -> frozenset[str]:
+    """The names an expression reads."""
+    return frozenset(n.id for n in ast.walk(_parse(text)) if isinstance(n, ast.Name))
 
 
 def evaluate(text: str, names: Mapping[str, Any]) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ewq.arch.expr import ExprError, evaluate
+from ewq.arch.expr import ExprError, evaluate, names_in
 from ewq.arch.registry import find_table
 from ewq.errors import FormatError, UnknownArchitectureError
 from ewq.types import ModelIndex, TensorInfo
@@ -123,21 +123,48 @@ def index_from_config(config: Mapping[str, Any], source: str) -> ModelIndex:
     try:
         names = _names(config, table)
         n_layers = int(evaluate(table.layers or "num_hidden_layers", names))
+        # names that change from layer to layer: N and what is derived from it
+        per_layer = {"N"}
+        for key, expr in table.derived.items():
+            if names_in(expr) & per_layer:
+                per_layer.add(key)
+        base = dict(names, N=-1)
+        for key, expr in table.derived.items():
+            if key not in per_layer:
+                base[key] = evaluate(expr, base)
         tensors = []
         for template, raw in table.tensors.items():
             entry = raw if isinstance(raw, Entry) else Entry(shape=raw)
+            exprs = [*entry.shape, entry.when or "True", entry.experts or "1"]
+            varies = any(names_in(e) & per_layer for e in exprs)
             layers = range(n_layers) if "{N}" in template else [None]
+            cached = None
             for n in layers:
-                scope = dict(names, N=n if n is not None else -1)
-                for key, expr in table.derived.items():
-                    scope[key] = evaluate(expr, scope)
-                if entry.when is not None and not evaluate(entry.when, scope):
+                if cached is None or varies:
+                    scope = base
+                    if varies:
+                        scope = dict(base, N=n if n is not None else -1)
+                        for key in table.derived:
+                            if key in per_layer:
+                                scope[key] = evaluate(table.derived[key], scope)
+                    keep = entry.when is None or bool(evaluate(entry.when, scope))
+                    shape = (
+                        tuple(int(evaluate(e, scope)) for e in entry.shape)
+                        if keep
+                        else ()
+                    )
+                    count = (
+                        int(evaluate(entry.experts, scope))
+                        if entry.experts and keep
+                        else 1
+                    )
+                    cached = (keep, shape, count)
+                keep, shape, count = cached
+                if not keep:
                     continue
-                shape = tuple(int(evaluate(e, scope)) for e in entry.shape)
-                count = int(evaluate(entry.experts, scope)) if entry.experts else 1
+                nbytes = prod(shape) * _ITEMSIZE[dtype]
                 for e in range(count):
                     name = template.replace("{N}", str(n)).replace("{E}", str(e))
-                    nbytes = prod(shape) * _ITEMSIZE[dtype]
                     tensors.append(TensorInfo(name, dtype, shape, nbytes, source, 0))
     except ExprError as exc:
         if exc.missing:

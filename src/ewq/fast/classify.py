@@ -78,7 +78,7 @@ def _estimator(name: str, seed: int) -> Any:
         return SVC(random_state=seed)  # ROC from its decision function
     if name == "random forest":
         return RandomForestClassifier(
-            n_estimators=100, min_samples_leaf=2, random_state=seed, n_jobs=1
+            n_estimators=50, min_samples_leaf=2, random_state=seed, n_jobs=1
         )
     if name == "XGB":
         from xgboost import XGBClassifier
