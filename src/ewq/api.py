@@ -41,6 +41,7 @@ __all__ = [
     "Quantized",
     "analyze",
     "build_dataset",
+    "evaluate",
     "features",
     "train_fastewq",
     "inspect",
@@ -425,3 +426,83 @@ def train_fastewq(
             paper_tables=paper_tables,
         )
     return st, report
+
+
+TASKS = ("mmlu", "perplexity", "kld")
+
+
+def evaluate(
+    source: str | Path,
+    task: str,
+    *,
+    data: str | Path,
+    quantized: str | Path | None = None,
+    plan: str | Path | dict | None = None,
+    shots: int = 0,
+    limit: int | None = None,
+    ctx: int = 512,
+    stride: int | None = None,
+    split: str = "validation",
+    progress: Progress | None = None,
+) -> dict:
+    """Evaluate a model (or its quantized version) on ``task`` (METHOD.md section 7).
+
+    ``quantized`` is a written model; ``plan`` quantizes ``source`` into a temporary
+    file first. perplexity and mmlu evaluate the quantized model when one is given,
+    else the source; kld compares the two and needs one. Both sides of a comparison
+    run on the same runtime and the same token ids.
+    """
+    import tempfile
+
+    from ewq.evaluate import tasks
+    from ewq.evaluate.backends import open_model
+    from ewq.evaluate.data import load_mmlu, load_text
+
+    if task not in TASKS:
+        raise EwqError(f"unknown task '{task}' (one of {', '.join(TASKS)})")
+    if quantized is not None and plan is not None:
+        raise EwqError("give --quantized or --plan, not both")
+    if task == "kld" and quantized is None and plan is None:
+        raise EwqError(
+            "kld compares two models: give --quantized PATH or --plan PLAN.json"
+        )
+    if shots < 0 or (limit is not None and limit < 1) or ctx < 8:
+        raise EwqError("shots must be >= 0, limit >= 1 and ctx >= 8")
+    # the data first: a missing file is found before any model is loaded
+    text = load_text(data) if task in ("perplexity", "kld") else None
+    questions = load_mmlu(data, split) if task == "mmlu" else None
+    dev = load_mmlu(data, "dev") if task == "mmlu" and shots else []
+    with open_source(source) as src:
+        base_path = Path(src.index.files[0])
+        base = base_path if src.index.format == "gguf" else base_path.parent
+    with tempfile.TemporaryDirectory(prefix="ewq-eval-") as tmp:
+        if plan is not None:
+            fmt = "gguf" if base.is_file() else "hf"
+            out = Path(tmp) / ("model.gguf" if fmt == "gguf" else "model")
+            quantized = quantize(source, plan, out, format=fmt).out
+        target = open_model(quantized if quantized is not None else base, ctx)
+        if task == "perplexity":
+            metrics = tasks.perplexity(
+                target, text, ctx=ctx, stride=stride, limit=limit, progress=progress
+            )
+        elif task == "kld":
+            reference = open_model(base, ctx)
+            metrics = tasks.kld(
+                reference, target, text, ctx=ctx, limit=limit, progress=progress
+            )
+        else:
+            metrics = tasks.mmlu(
+                target, questions, dev=dev, shots=shots, limit=limit, progress=progress
+            )
+    return {
+        "task": task,
+        "source": str(source),
+        "quantized": str(quantized) if quantized is not None and plan is None else None,
+        "plan": plan if isinstance(plan, dict) else (str(plan) if plan else None),
+        "data": str(data),
+        "limit": limit,
+        "shots": shots if task == "mmlu" else None,
+        "ctx": ctx,
+        "stride": (stride or ctx) if task != "mmlu" else None,
+        "metrics": metrics,
+    }

@@ -302,6 +302,94 @@ def fast_train(
     err.print(f"wrote {out_path} and {path}")
 
 
+class Task(enum.StrEnum):
+    mmlu = "mmlu"
+    perplexity = "perplexity"
+    kld = "kld"
+
+
+@app.command(
+    "eval",
+    epilog="Examples:\n\n  ewq eval default --task perplexity --data wiki.txt --limit 20"
+    "\n\n  ewq eval default --plan plan.json --task kld --data wiki.txt --limit 20"
+    "\n\n  ewq eval default --task mmlu --data mmlu_val.jsonl --limit 200",
+)
+def eval_cmd(
+    source: SourceArg,
+    task: Annotated[Task, typer.Option(help="What to measure.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Text file (perplexity, kld) or MMLU data (JSONL, CSV folder, arrow "
+            "folder, or a hub dataset id)."
+        ),
+    ] = None,
+    quantized: Annotated[
+        Path | None,
+        typer.Option(help="A quantized model to evaluate (or compare, kld)."),
+    ] = None,
+    plan: Annotated[
+        Path | None, typer.Option(help="Quantize the source by this plan first.")
+    ] = None,
+    shots: Annotated[
+        int, typer.Option(min=0, help="MMLU examples from the dev split.")
+    ] = 0,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="At most this many questions or windows.")
+    ] = None,
+    ctx: Annotated[int, typer.Option(min=8, help="Context window in tokens.")] = 512,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Perplexity window stride (default: the window, no overlap)."
+        ),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the result as JSON.")
+    ] = None,
+) -> None:
+    """Measure MMLU accuracy, text perplexity, or KL divergence to the unquantized model."""
+    if data is None:
+        raise typer.BadParameter("--data is required (a text file or MMLU data)")
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        t = bar.add_task(task.value, total=None)
+        result = api.evaluate(
+            source,
+            task.value,
+            data=data if data.exists() else str(data),
+            quantized=quantized,
+            plan=plan,
+            shots=shots,
+            limit=limit,
+            ctx=ctx,
+            stride=stride,
+            progress=lambda d, n, what: bar.update(t, completed=d, total=n),
+        )
+    metrics = result["metrics"]
+    table = __import__("rich.table", fromlist=["Table"]).Table(
+        title=f"{source}: {task.value}"
+        + (f" (quantized: {quantized or plan})" if (quantized or plan) else "")
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if not isinstance(v, dict):
+            table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    out.print(table)
+    if json_path is not None:
+        _write_json(
+            json_path,
+            {"schema_version": 1, "kind": "ewq-eval", "ewq_version": __version__}
+            | result,
+        )
+
+
 class OutFormat(enum.StrEnum):
     gguf = "gguf"
     hf = "hf"

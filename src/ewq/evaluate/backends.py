@@ -1,0 +1,116 @@
+"""Runtimes that give next-token log-probabilities: llama.cpp for GGUF files,
+transformers for Hugging Face folders. Both sides of a comparison see the same
+token ids (checked by the tasks)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ewq.errors import EwqError
+from ewq.evaluate.metrics import log_softmax
+
+__all__ = ["LanguageModel", "LlamaCppModel", "TransformersModel", "open_model"]
+
+
+class LanguageModel(Protocol):
+    name: str
+    vocab_size: int
+    bos: int | None
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def logprobs(self, tokens: list[int]) -> np.ndarray:
+        """(len(tokens), vocab) log-probabilities of the token after each position."""
+        ...
+
+
+class LlamaCppModel:
+    """A GGUF model run by llama.cpp (llama-cpp-python), on the CPU."""
+
+    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise EwqError(
+                "evaluating a GGUF model needs llama-cpp-python (pip install "
+                "llama-cpp-python==0.3.36; scripts/setup.sh installs it)"
+            ) from None
+        self.name = str(path)
+        self.n_ctx = n_ctx
+        try:
+            self.llm = llama_cpp.Llama(
+                str(path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                logits_all=True,
+                verbose=False,
+                n_threads=threads,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise EwqError(f"{path}: llama.cpp cannot load it ({exc})") from None
+        self.vocab_size = self.llm.n_vocab()
+        bos = self.llm.token_bos()
+        self.bos = bos if bos >= 0 else None
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(
+            self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        )
+
+    def logprobs(self, tokens: list[int]) -> np.ndarray:
+        if len(tokens) > self.n_ctx:
+            raise ValueError(f"{len(tokens)} tokens exceed the context of {self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return log_softmax(np.asarray(self.llm.scores[: len(tokens)]))
+
+
+class TransformersModel:
+    """A Hugging Face causal LM (or a GGUF file loaded by transformers), on the CPU."""
+
+    def __init__(self, path: str | Path, gguf_file: str | None = None):
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            raise EwqError(
+                "evaluating a Hugging Face model needs torch and transformers"
+            ) from None
+        self.torch = torch
+        self.name = str(path) if gguf_file is None else f"{path}/{gguf_file}"
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        transformers.utils.logging.disable_progress_bar()
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.tok = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, **kwargs
+            ).eval()
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.bos = self.tok.bos_token_id
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def logprobs(self, tokens: list[int]) -> np.ndarray:
+        with self.torch.no_grad():
+            ids = self.torch.tensor([tokens])
+            logits = self.model(ids).logits[0].float().numpy()
+        return log_softmax(logits[:, : self.vocab_size])
+
+
+def open_model(path: str | Path, n_ctx: int = 512) -> LanguageModel:
+    """llama.cpp for a GGUF file, transformers for a model folder."""
+    p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as fh:
+            if fh.read(4) == b"GGUF":
+                return LlamaCppModel(p, n_ctx)
+        raise EwqError(f"{p}: not a GGUF file (give a GGUF file or a model folder)")
+    if p.is_dir() and (p / "config.json").is_file():
+        return TransformersModel(p)
+    raise EwqError(f"no model at {p} (a GGUF file or a Hugging Face folder)")

@@ -1,0 +1,71 @@
+"""Evaluation metrics, pure: numbers in, numbers out (METHOD.md sections 7-8)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "LETTERS",
+    "ABSENT_LOGPROB",
+    "log_softmax",
+    "kl_per_position",
+    "paper_question_nll",
+    "paper_perplexity",
+    "summarize_kl",
+]
+
+LETTERS = ("A", "B", "C", "D")
+ABSENT_LOGPROB = -100.0  # the paper's log-prob for a letter not in the top 100
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (logits are float32 from the runtimes)."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def kl_per_position(logp_ref: np.ndarray, logp_q: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P_q) at each position: sum_v p_ref (log p_ref - log p_q), nats."""
+    p = np.exp(logp_ref)
+    return (p * (logp_ref - logp_q)).sum(axis=-1)
+
+
+def summarize_kl(
+    kl: np.ndarray, top1_ref: np.ndarray, top1_q: np.ndarray
+) -> dict[str, float]:
+    kl = np.asarray(kl, dtype=np.float64)
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.percentile(kl, 99)),
+        "kl_max": float(kl.max()),
+        "top1_agreement": float((np.asarray(top1_ref) == np.asarray(top1_q)).mean()),
+        "positions": int(kl.size),
+    }
+
+
+def paper_question_nll(
+    letter_logprobs: Mapping[str, float | None], answer: str
+) -> float:
+    """-ln p(correct) for one question, the paper's way (METHOD.md section 7).
+
+    ``letter_logprobs`` holds each letter's log-prob if it was among the model's
+    top-100 next tokens, else None. A letter not found gets -100; if none of the four
+    is found, each gets probability 1/4. p is the softmax over the four.
+    """
+    found = [letter_logprobs.get(k) for k in LETTERS]
+    if all(v is None for v in found):
+        return math.log(4.0)
+    scores = np.array([ABSENT_LOGPROB if v is None else float(v) for v in found])
+    logp = scores - (scores.max() + math.log(np.exp(scores - scores.max()).sum()))
+    return float(-logp[LETTERS.index(answer)])
+
+
+def paper_perplexity(nlls: Sequence[float]) -> float:
+    """exp of the mean per-question -ln p(correct)."""
+    if not nlls:
+        raise ValueError("no questions")
+    return float(math.exp(sum(nlls) / len(nlls)))

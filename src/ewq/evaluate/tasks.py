@@ -1,0 +1,221 @@
+"""The evaluation tasks: perplexity on text, KL divergence against the unquantized
+model, and MMLU with the paper's scoring and cloze scoring."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ewq.errors import EwqError
+from ewq.evaluate.backends import LanguageModel
+from ewq.evaluate.data import Question, format_prompt
+from ewq.evaluate.metrics import (
+    LETTERS,
+    kl_per_position,
+    paper_perplexity,
+    paper_question_nll,
+    summarize_kl,
+)
+
+__all__ = ["kld", "mmlu", "perplexity", "windows"]
+
+Progress = Callable[[int, int, str], None]
+TOP_K = 100  # the paper's top-100 next tokens
+
+
+def windows(
+    n_tokens: int, size: int, stride: int, limit: int | None
+) -> list[tuple[int, int, int]]:
+    """(start, stop, score_from) of each window of the text's tokens.
+
+    Windows of ``size`` tokens start every ``stride`` tokens. A window scores the
+    tokens in ``[score_from, stop)``: the ones no earlier window scored, so every
+    token is counted once and, after the first window, with at least
+    ``size - stride`` tokens of context.
+    """
+    if not 0 < stride <= size:
+        raise EwqError(f"stride must be in 1..{size}, got {stride}")
+    out, start, scored = [], 0, 0
+    while start < n_tokens and (limit is None or len(out) < limit):
+        stop = min(start + size, n_tokens)
+        out.append((start, stop, scored))
+        scored = stop
+        if stop == n_tokens:
+            break
+        start += stride
+    return out
+
+
+def _with_bos(model: LanguageModel, tokens: list[int]) -> list[int]:
+    return tokens if model.bos is None else [model.bos, *tokens]
+
+
+def perplexity(
+    model: LanguageModel,
+    text: str,
+    *,
+    ctx: int = 512,
+    stride: int | None = None,
+    limit: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    tokens = model.tokenize(text)
+    size = ctx - (model.bos is not None)  # room for the BOS token
+    # without a BOS a window cannot score its own first token: overlap by one
+    longest = size if model.bos is not None else size - 1
+    wins = windows(len(tokens), size, min(stride or longest, longest), limit)
+    nll, count = 0.0, 0
+    for k, (a, b, score_from) in enumerate(wins):
+        seq = _with_bos(model, tokens[a:b])
+        offset = len(seq) - (b - a)  # 1 with a BOS
+        lp = model.logprobs(seq)
+        # position t - 1 predicts seq[t], which is text token a + t - offset
+        for t in range(max(1, score_from - a + offset), len(seq)):
+            nll -= lp[t - 1, seq[t]]
+            count += 1
+        if progress is not None:
+            progress(k + 1, len(wins), f"window {k + 1}")
+    if count == 0:
+        raise EwqError("the text is too short to score a single token")
+    return {
+        "perplexity": float(np.exp(nll / count)),
+        "nll_per_token": float(nll / count),
+        "tokens_scored": count,
+        "windows": len(wins),
+        "tokens_in_text": len(tokens),
+    }
+
+
+def _same_tokens(a: LanguageModel, b: LanguageModel, text: str) -> list[int]:
+    ta = a.tokenize(text)
+    if a.vocab_size != b.vocab_size or ta[:2000] != b.tokenize(text)[:2000]:
+        raise EwqError(
+            f"the compared models tokenize differently ({a.name}: vocabulary "
+            f"{a.vocab_size}; {b.name}: {b.vocab_size}); KL needs the same tokens"
+        )
+    return ta
+
+
+def kld(
+    reference: LanguageModel,
+    quantized: LanguageModel,
+    text: str,
+    *,
+    ctx: int = 512,
+    limit: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """KL(reference || quantized) of next-token distributions on the same tokens."""
+    tokens = _same_tokens(reference, quantized, text)
+    size = ctx - (reference.bos is not None)
+    wins = windows(len(tokens), size, size, limit)
+    kls, top_ref, top_q = [], [], []
+    for k, (a, b, _) in enumerate(wins):
+        seq = _with_bos(reference, tokens[a:b])
+        p, q = reference.logprobs(seq), quantized.logprobs(seq)
+        kls.append(kl_per_position(p, q))
+        top_ref.append(p.argmax(axis=1))
+        top_q.append(q.argmax(axis=1))
+        if progress is not None:
+            progress(k + 1, len(wins), f"window {k + 1}")
+    if not kls:
+        raise EwqError("the text is too short for a single window")
+    return summarize_kl(
+        np.concatenate(kls), np.concatenate(top_ref), np.concatenate(top_q)
+    ) | {"windows": len(wins)}
+
+
+def _letter_ids(model: LanguageModel) -> dict[str, list[int]]:
+    ids = {}
+    for letter in LETTERS:
+        cands = []
+        for form in (f" {letter}", letter):
+            t = model.tokenize(form)
+            if len(t) == 1:
+                cands.append(t[0])
+        if not cands:
+            raise EwqError(
+                f"{model.name}: no single token for the answer letter {letter}"
+            )
+        ids[letter] = cands
+    return ids
+
+
+def mmlu(
+    model: LanguageModel,
+    questions: Sequence[Question],
+    *,
+    dev: Sequence[Question] = (),
+    shots: int = 0,
+    limit: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Accuracy per subject and overall, with two scorings, and the paper's perplexity.
+
+    * letter (the paper's): the letter A-D the model puts most probability on after
+      "Answer:"; its perplexity from the top-100 next tokens (METHOD.md section 7);
+    * cloze: the answer whose text is likeliest after the question, log-likelihood
+      normalised by the answer's length in bytes.
+    """
+    if shots and not dev:
+        raise EwqError(
+            f"{shots}-shot needs the dev split (arrow or CSV layouts hold it)"
+        )
+    by_subject: dict[str, list[Question]] = defaultdict(list)
+    for q in dev:
+        by_subject[q.subject].append(q)
+    letters = _letter_ids(model)
+    chosen = list(questions[:limit] if limit else questions)
+    right: dict[str, list[int]] = defaultdict(list)
+    cloze_right: dict[str, list[int]] = defaultdict(list)
+    nlls = []
+    for k, q in enumerate(chosen):
+        prompt = format_prompt(q, list(by_subject.get(q.subject, []))[:shots])
+        ids = _with_bos(model, model.tokenize(prompt))
+        lp = model.logprobs(ids)[-1]
+        top = set(np.argpartition(lp, -TOP_K)[-TOP_K:].tolist())
+        best = {L: max(lp[i] for i in letters[L]) for L in LETTERS}
+        found = {
+            L: max((lp[i] for i in letters[L] if i in top), default=None)
+            for L in LETTERS
+        }
+        nlls.append(paper_question_nll(found, q.letter))
+        right[q.subject].append(int(max(best, key=best.get) == q.letter))
+        cloze_right[q.subject].append(int(_cloze(model, q) == q.answer))
+        if progress is not None:
+            progress(k + 1, len(chosen), q.subject)
+    if not chosen:
+        raise EwqError("no MMLU questions to evaluate")
+    flat = [v for vs in right.values() for v in vs]
+    flat_cloze = [v for vs in cloze_right.values() for v in vs]
+    return {
+        "accuracy": float(np.mean(flat)),
+        "paper_perplexity": paper_perplexity(nlls),
+        "cloze_accuracy": float(np.mean(flat_cloze)),
+        "questions": len(chosen),
+        "shots": shots,
+        "per_subject": {
+            s: {
+                "accuracy": float(np.mean(v)),
+                "cloze_accuracy": float(np.mean(cloze_right[s])),
+                "questions": len(v),
+            }
+            for s, v in sorted(right.items())
+        },
+    }
+
+
+def _cloze(model: LanguageModel, q: Question) -> int:
+    stem = f"Question: {q.question.strip()}\nAnswer:"
+    base = _with_bos(model, model.tokenize(stem))
+    scores = []
+    for choice in q.choices:
+        cont = model.tokenize(" " + choice)
+        seq = base + cont
+        lp = model.logprobs(seq)
+        ll = sum(lp[len(base) - 1 + j, t] for j, t in enumerate(cont))
+        scores.append(ll / max(1, len((" " + choice).encode("utf-8"))))
+    return int(np.argmax(scores))

