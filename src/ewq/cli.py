@@ -379,7 +379,7 @@ def eval_cmd(
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
-        if not isinstance(v, dict):
+        if not isinstance(v, dict | list):
             table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
     out.print(table)
     if json_path is not None:
@@ -388,6 +388,50 @@ def eval_cmd(
             {"schema_version": 1, "kind": "ewq-eval", "ewq_version": __version__}
             | result,
         )
+
+
+@app.command(
+    epilog="Example:\n\n  ewq bench default --mmlu mmlu.jsonl --text wiki.txt --out results/smollm2"
+)
+def bench(
+    source: SourceArg,
+    mmlu: Annotated[
+        Path, typer.Option(help="MMLU data (any layout `ewq eval` reads).")
+    ],
+    text: Annotated[Path, typer.Option(help="Text for perplexity and KL.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")],
+    questions: Annotated[
+        int, typer.Option(min=1, help="MMLU questions per variant.")
+    ] = 40,
+    windows: Annotated[int, typer.Option(min=1, help="Text windows per variant.")] = 8,
+    ctx: Annotated[int, typer.Option(min=16, help="Tokens per text window.")] = 256,
+    seeds: Annotated[int, typer.Option(min=1, help="Random orders at equal size.")] = 3,
+    budgets: Annotated[int, typer.Option(min=1, help="Budgets at equal size.")] = 6,
+) -> None:
+    """The paper's Tables 6, 7 and 14 on one model, and EWQ against random and
+    position-only block choices at equal size."""
+    from ewq.bench import BenchConfig
+    from ewq.bench import bench as run_bench
+
+    cfg = BenchConfig(mmlu, text, questions, windows, ctx, seeds, budgets)
+    result = run_bench(source, cfg, out_dir, log=lambda m: err.print(m))
+    table = __import__("rich.table", fromlist=["Table"]).Table(
+        title=f"{result['model_name']}"
+    )
+    for col in ("variant", "MMLU", "cloze", "text ppl", "KL mean", "MB", "raw/8/4"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for v in result["variants"]:
+        table.add_row(
+            v["variant"],
+            f"{v['mmlu_accuracy']:.3f}",
+            f"{v['mmlu_cloze_accuracy']:.3f}",
+            f"{v['text_perplexity']:.2f}",
+            f"{v['text_kl_mean']:.4f}",
+            f"{v['total_bytes'] / 1e6:.1f}",
+            v["raw_8bit_4bit_blocks"],
+        )
+    out.print(table)
+    err.print(f"wrote {out_dir}/README.md, bench.json, table6/7/14.csv, size_vs_kl.png")
 
 
 class OutFormat(enum.StrEnum):

@@ -24,8 +24,9 @@ class LanguageModel(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
 
-    def logprobs(self, tokens: list[int]) -> np.ndarray:
-        """(len(tokens), vocab) log-probabilities of the token after each position."""
+    def logprobs(self, tokens: list[int], rows: slice | None = None) -> np.ndarray:
+        """(len(tokens), vocab) log-probabilities of the token after each position
+        (only the positions in ``rows``, when given)."""
         ...
 
 
@@ -62,12 +63,15 @@ class LlamaCppModel:
             self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         )
 
-    def logprobs(self, tokens: list[int]) -> np.ndarray:
+    def logprobs(self, tokens: list[int], rows: slice | None = None) -> np.ndarray:
         if len(tokens) > self.n_ctx:
-            raise ValueError(f"{len(tokens)} tokens exceed the context of {self.n_ctx}")
+            raise EwqError(
+                f"{len(tokens)} tokens exceed the context of {self.n_ctx} (raise --ctx)"
+            )
         self.llm.reset()
         self.llm.eval(tokens)
-        return log_softmax(np.asarray(self.llm.scores[: len(tokens)]))
+        scores = np.asarray(self.llm.scores[: len(tokens)])
+        return log_softmax(scores if rows is None else scores[rows])
 
 
 class TransformersModel:
@@ -96,11 +100,12 @@ class TransformersModel:
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def logprobs(self, tokens: list[int]) -> np.ndarray:
+    def logprobs(self, tokens: list[int], rows: slice | None = None) -> np.ndarray:
         with self.torch.no_grad():
             ids = self.torch.tensor([tokens])
             logits = self.model(ids).logits[0].float().numpy()
-        return log_softmax(logits[:, : self.vocab_size])
+        logits = logits[:, : self.vocab_size]
+        return log_softmax(logits if rows is None else logits[rows])
 
 
 def open_model(path: str | Path, n_ctx: int = 512) -> LanguageModel:

@@ -171,20 +171,32 @@ def mmlu(
     chosen = list(questions[:limit] if limit else questions)
     right: dict[str, list[int]] = defaultdict(list)
     cloze_right: dict[str, list[int]] = defaultdict(list)
-    nlls = []
+    nlls: list[float] = []
+    details: list[dict[str, Any]] = []
     for k, q in enumerate(chosen):
         prompt = format_prompt(q, list(by_subject.get(q.subject, []))[:shots])
         ids = _with_bos(model, model.tokenize(prompt))
-        lp = model.logprobs(ids)[-1]
+        lp = model.logprobs(ids, slice(-1, None))[0]
         top = set(np.argpartition(lp, -TOP_K)[-TOP_K:].tolist())
         best = {L: max(lp[i] for i in letters[L]) for L in LETTERS}
         found = {
             L: max((lp[i] for i in letters[L] if i in top), default=None)
             for L in LETTERS
         }
-        nlls.append(paper_question_nll(found, q.letter))
-        right[q.subject].append(int(max(best, key=best.get) == q.letter))
-        cloze_right[q.subject].append(int(_cloze(model, q) == q.answer))
+        nll = paper_question_nll(found, q.letter)
+        nlls.append(nll)
+        correct = int(max(best, key=best.get) == q.letter)
+        cloze = int(_cloze(model, q) == q.answer)
+        right[q.subject].append(correct)
+        cloze_right[q.subject].append(cloze)
+        details.append(
+            {
+                "subject": q.subject,
+                "correct": correct,
+                "nll": nll,
+                "cloze_correct": cloze,
+            }
+        )
         if progress is not None:
             progress(k + 1, len(chosen), q.subject)
     if not chosen:
@@ -205,6 +217,7 @@ def mmlu(
             }
             for s, v in sorted(right.items())
         },
+        "per_question": details,
     }
 
 
@@ -215,7 +228,7 @@ def _cloze(model: LanguageModel, q: Question) -> int:
     for choice in q.choices:
         cont = model.tokenize(" " + choice)
         seq = base + cont
-        lp = model.logprobs(seq)
-        ll = sum(lp[len(base) - 1 + j, t] for j, t in enumerate(cont))
+        lp = model.logprobs(seq, slice(len(base) - 1, len(seq) - 1))
+        ll = sum(lp[j, t] for j, t in enumerate(cont))
         scores.append(ll / max(1, len((" " + choice).encode("utf-8"))))
     return int(np.argmax(scores))

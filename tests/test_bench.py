@@ -1,0 +1,167 @@
+"""`ewq bench`: the statistics by hand, and a smoke run on the default model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from models import shared_data
+from test_cli import run
+
+from ewq.bench import _paired, _verdict
+
+MMLU = shared_data() / "mmlu" / "mmlu_val_zero_shot.jsonl"
+WIKI = shared_data() / "wikitext-2" / "valid.txt"
+
+
+def test_paired_t_and_cohens_d_by_hand():
+    a, b = [1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 4.0]
+    per_q = {
+        "fast 8bit mixed": a,
+        "fast train 8bit mixed": b,
+        "fast 4bit/8bit mixed": a,
+        "fast train 4bit/8bit mixed": a,
+    }
+    s = _paired(per_q)
+    # differences 1, 1, 1, 0: mean 0.75, sd 0.5, t = 0.75 / (0.5 / 2) = 3
+    assert s["8bit mixed"]["t"] == pytest.approx(3.0)
+    # pooled sd = sqrt((var a + var b) / 2) = sqrt((5/3 + 35/12) / 2)
+    pooled = math.sqrt((5 / 3 + 35 / 12) / 2)
+    assert s["8bit mixed"]["cohens_d"] == pytest.approx(0.75 / pooled)
+    assert s["4bit/8bit mixed"] == {
+        "composite_fast": 2.5,
+        "composite_fast_train": 2.5,
+        "t": 0.0,
+        "p": 1.0,
+        "cohens_d": 0.0,
+        "questions": 4,
+    }
+
+
+def test_verdict_says_what_the_points_show():
+    points = [
+        {"budget_bytes": 1, "order": "ewq (entropy)", "kl_mean": 0.1},
+        {"budget_bytes": 1, "order": "random seed 0", "kl_mean": 0.2},
+        {"budget_bytes": 1, "order": "random seed 1", "kl_mean": 0.05},
+        {
+            "budget_bytes": 1,
+            "order": "position (highest exec_index first)",
+            "kl_mean": 0.3,
+        },
+        {"budget_bytes": 2, "order": "ewq (entropy)", "kl_mean": 0.4},
+        {"budget_bytes": 2, "order": "random seed 0", "kl_mean": 0.3},
+        {
+            "budget_bytes": 2,
+            "order": "position (highest exec_index first)",
+            "kl_mean": 0.1,
+        },
+    ]
+    assert _verdict(points) == (
+        "At 2 equal-size budgets, EWQ's entropy order gave a lower mean KL than the "
+        "average of the random orders at 1 and than the position-only order at 1."
+    )
+
+
+@pytest.mark.slow
+def test_bench_smoke_on_the_default_model(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "bench"
+    code, stdout, err = run(
+        monkeypatch,
+        capsys,
+        "bench",
+        "default",
+        "--mmlu",
+        str(MMLU),
+        "--text",
+        str(WIKI),
+        "--out",
+        str(out),
+        "--questions",
+        "1",
+        "--windows",
+        "1",
+        "--ctx",
+        "32",
+        "--seeds",
+        "1",
+        "--budgets",
+        "1",
+    )
+    assert code == 0, err
+    doc = json.loads((out / "bench.json").read_text())
+    names = [v["variant"] for v in doc["variants"]]
+    assert names == [
+        "raw",
+        "4bit",
+        "8bit",
+        "8bit mixed",
+        "4bit/8bit mixed",
+        "fast 8bit mixed",
+        "fast 4bit/8bit mixed",
+        "fast train 8bit mixed",
+        "fast train 4bit/8bit mixed",
+    ]
+    raw = doc["variants"][0]
+    assert (
+        raw["text_kl_mean"] == pytest.approx(0.0, abs=1e-9)
+        and raw["text_top1_agreement"] == 1.0
+    )
+    assert raw["raw_8bit_4bit_blocks"] == "30 / 0 / 0"
+    assert doc["variants"][1]["raw_8bit_4bit_blocks"] == "0 / 0 / 30"
+    with open(out / "table6.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["variant"] for r in rows] == [
+        "raw",
+        "4bit",
+        "8bit",
+        "8bit mixed",
+        "4bit/8bit mixed",
+    ]
+    assert {
+        "mmlu_accuracy",
+        "mmlu_perplexity",
+        "blocks_mb_over_total_mb",
+        "raw_8bit_4bit_blocks",
+    } <= rows[0].keys()
+    with open(out / "table14.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 9
+    assert (out / "size_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        doc["equal_size"] and "EWQ's entropy order" in (out / "README.md").read_text()
+    )
+
+
+def test_bench_refuses_non_gguf(monkeypatch, capsys, tmp_path, tiny_models):
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "bench",
+        str(tiny_models["llama"]),
+        "--mmlu",
+        str(MMLU),
+        "--text",
+        str(WIKI),
+        "--out",
+        str(tmp_path / "b"),
+    )
+    assert code == 1 and "runs GGUF decoders" in err
+
+
+def test_bench_missing_data_writes_nothing(monkeypatch, capsys, tmp_path):
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "bench",
+        "default",
+        "--mmlu",
+        str(tmp_path / "none.jsonl"),
+        "--text",
+        str(WIKI),
+        "--out",
+        str(tmp_path / "b"),
+    )
+    assert code == 1 and "no such MMLU data" in err
+    assert not (tmp_path / "b").exists()
