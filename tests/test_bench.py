@@ -106,7 +106,7 @@ def test_bench_smoke_on_the_default_model(monkeypatch, capsys, tmp_path):
     ]
     raw = doc["variants"][0]
     assert (
-        raw["text_kl_mean"] == pytest.approx(0.0, abs=1e-9)
+        raw["text_kl_mean"] == pytest.approx(0.0, abs=1e-6)  # float32 reference
         and raw["text_top1_agreement"] == 1.0
     )
     assert raw["raw_8bit_4bit_blocks"] == "30 / 0 / 0"

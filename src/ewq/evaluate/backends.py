@@ -30,6 +30,28 @@ class LanguageModel(Protocol):
         ...
 
 
+def _silent(level: int, text: bytes, user: object) -> None:
+    pass
+
+
+_SILENT = None  # the ctypes callback, created once and kept alive (C keeps a pointer)
+
+
+@contextlib.contextmanager
+def _quiet_llama(llama_cpp):
+    """Silence llama.cpp's own log lines (some escape verbose=False) while loading."""
+    global _SILENT
+    from llama_cpp import _logger
+
+    if _SILENT is None:
+        _SILENT = llama_cpp.llama_log_callback(_silent)
+    llama_cpp.llama_log_set(_SILENT, None)
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, None)
+
+
 class LlamaCppModel:
     """A GGUF model run by llama.cpp (llama-cpp-python), on the CPU."""
 
@@ -44,14 +66,15 @@ class LlamaCppModel:
         self.name = str(path)
         self.n_ctx = n_ctx
         try:
-            self.llm = llama_cpp.Llama(
-                str(path),
-                n_ctx=n_ctx,
-                n_batch=n_ctx,
-                logits_all=True,
-                verbose=False,
-                n_threads=threads,
-            )
+            with _quiet_llama(llama_cpp):
+                self.llm = llama_cpp.Llama(
+                    str(path),
+                    n_ctx=n_ctx,
+                    n_batch=n_ctx,
+                    logits_all=True,
+                    verbose=False,
+                    n_threads=threads,
+                )
         except (ValueError, RuntimeError) as exc:
             raise EwqError(f"{path}: llama.cpp cannot load it ({exc})") from None
         self.vocab_size = self.llm.n_vocab()
