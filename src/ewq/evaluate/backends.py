@@ -14,7 +14,13 @@ import numpy as np
 from ewq.errors import EwqError
 from ewq.evaluate.metrics import log_softmax
 
-__all__ = ["LanguageModel", "LlamaCppModel", "TransformersModel", "open_model"]
+__all__ = [
+    "LanguageModel",
+    "LlamaCppModel",
+    "TransformersEncoder",
+    "TransformersModel",
+    "open_model",
+]
 
 
 class LanguageModel(Protocol):
@@ -142,3 +148,46 @@ def open_model(path: str | Path, n_ctx: int = 512) -> LanguageModel:
     if p.is_dir() and (p / "config.json").is_file():
         return TransformersModel(p)
     raise EwqError(f"no model at {p} (a GGUF file or a Hugging Face folder)")
+
+
+class TransformersEncoder:
+    """A Hugging Face encoder (BERT, sentence-transformers): mean-pooled embeddings."""
+
+    def __init__(self, path: str | Path, max_tokens: int = 128):
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            raise EwqError(
+                "evaluating an encoder needs torch and transformers"
+            ) from None
+        self.torch, self.name, self.max_tokens = torch, str(path), max_tokens
+        transformers.utils.logging.disable_progress_bar()
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.tok = transformers.AutoTokenizer.from_pretrained(path)
+            self.model = transformers.AutoModel.from_pretrained(
+                path, dtype=torch.float32
+            ).eval()
+        self.vocab_size = int(self.model.config.vocab_size)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and limit > 0:
+            self.max_tokens = min(max_tokens, limit)
+
+    def embed(self, sentences: list[str]) -> np.ndarray:
+        """Mean-pooled last hidden states, one row per sentence (as sentence-transformers)."""
+        torch = self.torch
+        batch = self.tok(
+            sentences,
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        )
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (
+            ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+            .numpy()
+            .astype(np.float64)
+        )

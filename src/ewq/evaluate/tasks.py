@@ -20,7 +20,7 @@ from ewq.evaluate.metrics import (
     summarize_kl,
 )
 
-__all__ = ["kld", "mmlu", "perplexity", "windows"]
+__all__ = ["embedding_fidelity", "kld", "mmlu", "perplexity", "sentences", "windows"]
 
 Progress = Callable[[int, int, str], None]
 TOP_K = 100  # the paper's top-100 next tokens
@@ -232,3 +232,44 @@ def _cloze(model: LanguageModel, q: Question) -> int:
         ll = sum(lp[j, t] for j, t in enumerate(cont))
         scores.append(ll / max(1, len((" " + choice).encode("utf-8"))))
     return int(np.argmax(scores))
+
+
+def sentences(text: str, limit: int | None = None, min_chars: int = 20) -> list[str]:
+    """Lines of real text (headings and blank lines skipped), for encoder tests."""
+    out = [
+        ln.strip()
+        for ln in text.splitlines()
+        if len(ln.strip()) >= min_chars and not ln.strip().startswith("=")
+    ]
+    return out[:limit] if limit else out
+
+
+def embedding_fidelity(
+    reference: Any,
+    quantized: Any,
+    text: str,
+    *,
+    limit: int | None = 64,
+    batch: int = 16,
+) -> dict[str, Any]:
+    """Cosine similarity of each sentence's embedding, quantized against reference
+    (the encoders' counterpart of KL divergence)."""
+    if reference.vocab_size != quantized.vocab_size:
+        raise EwqError("the compared encoders have different vocabularies")
+    items = sentences(text, limit)
+    if not items:
+        raise EwqError("no sentences of 20 characters or more in the text")
+    cos = []
+    for k in range(0, len(items), batch):
+        a = reference.embed(items[k : k + batch])
+        b = quantized.embed(items[k : k + batch])
+        cos.append(
+            (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        )
+    c = np.concatenate(cos)
+    return {
+        "cosine_mean": float(c.mean()),
+        "cosine_p01": float(np.percentile(c, 1)),
+        "cosine_min": float(c.min()),
+        "sentences": int(c.size),
+    }
