@@ -36,7 +36,10 @@ def median_ms(fn, repeat: int) -> float:
 def main() -> None:
     configs = paper_configs()
     doc = load_model()
-    for name in ("meta-llama/Meta-Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-405B-Instruct"):
+    for name in (
+        "meta-llama/Meta-Llama-3.1-8B-Instruct",
+        "meta-llama/Llama-3.1-405B-Instruct",
+    ):
         cfg = configs[name]
 
         def decide(cfg=cfg, name=name):
