@@ -185,6 +185,10 @@ def test_encoder_bench_on_tiny_bert(monkeypatch, capsys, tmp_path, tiny_models):
     assert rows["raw"]["cosine_mean"] == pytest.approx(1.0)
     assert rows["8bit"]["cosine_mean"] > rows["4bit"]["cosine_mean"] > 0
     assert rows["8bit"]["total_bytes"] < rows["raw"]["total_bytes"]
+    # two blocks: one equal size (1 block at 4-bit), five orders (ewq, position, 3 seeds)
+    assert [c["blocks_4bit"] for c in doc["equal_size"]] == [1] * 5
+    assert len({c["bytes"] for c in doc["equal_size"]}) == 1
+    assert "EWQ's entropy order kept the embeddings" in (out / "README.md").read_text()
 
 
 def test_embedding_fidelity_by_hand():
