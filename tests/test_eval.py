@@ -390,3 +390,47 @@ def test_transformers_backend_log_probs(tiny_models):
         ref = torch.log_softmax(m.model(torch.tensor([tokens])).logits[0].double(), -1)
     assert np.allclose(lp, ref.numpy(), atol=1e-5)
     assert np.allclose(m.logprobs(tokens, slice(-2, None)), lp[-2:])
+
+
+def test_gensim_wikipedia_sample():
+    from ewq.evaluate.data import gensim_wiki_sample, load_text
+
+    path = gensim_wiki_sample()
+    if path is None:
+        pytest.skip("gensim is not installed")
+    text = load_text(path)
+    assert 3_000_000 < len(text) < 3_200_000 and text.startswith("'''Anarchism'''")
+
+
+def test_hub_dataset_path(monkeypatch):
+    """The online path (datasets.load_dataset), with a stand-in `datasets` module."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [
+            {
+                "question": "2+2?",
+                "subject": "math",
+                "choices": ["3", "4", "5", "6"],
+                "answer": 1,
+            }
+        ]
+
+    monkeypatch.setitem(
+        sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset)
+    )
+    q = load_mmlu("cais/mmlu", "validation")
+    assert calls == [("cais/mmlu", "all", "validation")] and q[0].letter == "B"
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setitem(
+        sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline)
+    )
+    with pytest.raises(DataError, match="cannot load the hub dataset"):
+        load_mmlu("cais/mmlu")

