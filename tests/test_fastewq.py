@@ -232,3 +232,37 @@ def test_algorithm_2_order(tmp_path):
             seen_mixed = True
             assert min(four) > max(eight)  # the highest exec_index went first
     assert seen_mixed
+
+
+def test_fast_train_cli(monkeypatch, capsys, tmp_path):
+    model = tmp_path / "m.skops"
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "fast",
+        "train",
+        str(COMMITTED),
+        "--out",
+        str(model),
+        "--report",
+        str(tmp_path / "r"),
+        "--paper",
+        str(PAPER),
+    )
+    assert code == 0, err
+    assert "random forest" in out and load_model(model)["n_rows"] == 202
+    assert (tmp_path / "r" / "report.md").is_file()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model_name,exec_index\nx,2\n")
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "fast",
+        "train",
+        str(bad),
+        "--out",
+        str(tmp_path / "x.skops"),
+    )
+    assert (
+        code == 1 and "missing column(s)" in err and not (tmp_path / "x.skops").exists()
+    )

@@ -21,6 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
 
 from ewq import __version__, api
 from ewq.analysis import DEFAULT_ALPHA, Variant
@@ -289,7 +290,7 @@ def fast_train(
     st, path = api.train_fastewq(
         dataset, out_path, report_dir=report_dir, paper_tables=paper, seed=seed
     )
-    table = __import__("rich.table", fromlist=["Table"]).Table(
+    table = Table(
         title=f"FastEWQ classifiers on {dataset.name}: {st.n_rows} rows, {st.n_models} models"
     )
     for col in ("classifier", "test accuracy", "AUC", "leave-one-model-out"):
@@ -374,7 +375,7 @@ def eval_cmd(
             progress=lambda d, n, what: bar.update(t, completed=d, total=n),
         )
     metrics = result["metrics"]
-    table = __import__("rich.table", fromlist=["Table"]).Table(
+    table = Table(
         title=f"{source}: {task.value}"
         + (f" (quantized: {quantized or plan})" if (quantized or plan) else "")
     )
@@ -435,9 +436,7 @@ def bench(
         raise typer.BadParameter("--mmlu is required for decoders")
     cfg = BenchConfig(mmlu, text, questions, windows, ctx, seeds, budgets)
     result = run_bench(source, cfg, out_dir, log=lambda m: err.print(m))
-    table = __import__("rich.table", fromlist=["Table"]).Table(
-        title=f"{result['model_name']}"
-    )
+    table = Table(title=f"{result['model_name']}")
     for col in ("variant", "MMLU", "cloze", "text ppl", "KL mean", "MB", "raw/8/4"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for v in result["variants"]:
