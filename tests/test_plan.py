@@ -448,3 +448,19 @@ def test_bad_plan_inputs(monkeypatch, capsys, tmp_path):
         monkeypatch, capsys, tmp_path, "default", "--cluster", str(odd)
     )
     assert code == 1 and "unknown key(s) ram" in err
+
+
+def test_reserve_overrides_every_machine_of_a_cluster_file(tmp_path):
+    from ewq.planning import load_cluster
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "reserve: 1GB\nmachines:\n  - {name: a, memory: 8GB}\n  - {name: b, memory: 4GB, reserve: 2GB}\n"
+    )
+    assert [m.capacity for m in load_cluster(path)] == [7 * 10**9, 2 * 10**9]
+    assert [m.capacity for m in load_cluster(path, "512MB")] == [
+        7_488_000_000,
+        3_488_000_000,
+    ]
+    with pytest.raises(BudgetError, match="--reserve"):
+        load_cluster(path, "-1GB")

@@ -47,7 +47,7 @@ from ewq.fileio import atomic_write_text
 from ewq.planning import BlockSpec, Machine, block_specs, fit
 from ewq.types import Precision
 
-__all__ = ["BenchConfig", "bench", "bench_encoder"]
+__all__ = ["BenchConfig", "bench", "bench_encoder", "is_encoder"]
 
 Log = Callable[[str], None]
 
@@ -467,34 +467,52 @@ def _equal_size_plot(result: dict[str, Any], out: Path) -> str:
     return "![size against KL](size_vs_kl.png)"
 
 
-def _verdict(points: list[dict[str, Any]]) -> str:
-    """One sentence saying what the equal-size comparison shows, whichever way."""
-    by_budget: dict[int, dict[str, list[float]]] = {}
+def _wins(
+    points: list[dict[str, Any]], size: str, metric: str, better
+) -> tuple[int, dict]:
+    """Per equal size, is EWQ's order better than position-only and than the mean of
+    the random orders? Returns the number of sizes compared and the win counts."""
+    by_size: dict[Any, dict[str, list[float]]] = {}
     for p in points:
+        order = p["order"]
         key = (
             "random"
-            if p["order"].startswith("random")
-            else ("ewq" if p["order"].startswith("ewq") else "position")
+            if order.startswith("random")
+            else ("ewq" if order.startswith("ewq") else "position")
         )
-        by_budget.setdefault(p["budget_bytes"], {}).setdefault(key, []).append(
-            p["kl_mean"]
-        )
+        by_size.setdefault(p[size], {}).setdefault(key, []).append(p[metric])
     wins = {"random": 0, "position": 0}
     total = 0
-    for groups in by_budget.values():
+    for groups in by_size.values():
         if "ewq" not in groups:
             continue
         total += 1
-        e = groups["ewq"][0]
-        for other in ("random", "position"):
-            if other in groups and e < float(np.mean(groups[other])):
+        for other in wins:
+            if other in groups and better(
+                groups["ewq"][0], float(np.mean(groups[other]))
+            ):
                 wins[other] += 1
+    return total, wins
+
+
+def _verdict(points: list[dict[str, Any]]) -> str:
+    """One sentence saying what the equal-size comparison shows, whichever way."""
+    total, wins = _wins(points, "budget_bytes", "kl_mean", lambda e, o: e < o)
     if total == 0:
         return "No budget gave comparable plans."
     return (
         f"At {total} equal-size budgets, EWQ's entropy order gave a lower mean KL than "
         f"the average of the random orders at {wins['random']} and than the "
         f"position-only order at {wins['position']}."
+    )
+
+
+def is_encoder(source: str | Path) -> bool:
+    """A Hugging Face folder of an encoder (no causal or generation head)?"""
+    index = api.inspect(source).index
+    archs = " ".join(index.config.get("architectures") or [])
+    return index.format == "safetensors" and not any(
+        k in archs for k in ("CausalLM", "LMHead", "ConditionalGeneration")
     )
 
 
@@ -624,23 +642,9 @@ def bench_encoder(
 
 
 def _verdict_cosine(points: list[dict[str, Any]]) -> str:
-    by_k: dict[int, dict[str, list[float]]] = {}
-    for p in points:
-        key = (
-            "random"
-            if p["order"].startswith("random")
-            else ("ewq" if p["order"].startswith("ewq") else "position")
-        )
-        by_k.setdefault(p["blocks_4bit"], {}).setdefault(key, []).append(
-            p["cosine_mean"]
-        )
-    wins = {"random": 0, "position": 0}
-    for groups in by_k.values():
-        for other in ("random", "position"):
-            if groups["ewq"][0] > float(np.mean(groups[other])):
-                wins[other] += 1
+    total, wins = _wins(points, "blocks_4bit", "cosine_mean", lambda e, o: e > o)
     return (
-        f"At {len(by_k)} equal sizes, EWQ's entropy order kept the embeddings closer to "
+        f"At {total} equal sizes, EWQ's entropy order kept the embeddings closer to "
         f"the raw model's than the average of the random orders at {wins['random']} and "
         f"than the position-only order at {wins['position']}."
     )

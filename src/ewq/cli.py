@@ -54,6 +54,9 @@ SourceArg = Annotated[
 ]
 
 
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")]
+
+
 @contextlib.contextmanager
 def _progress(description: str) -> Iterator[api.Progress]:
     """A byte-based progress bar on stderr, fed by the API's progress callback."""
@@ -92,9 +95,7 @@ def inspect(
         bool,
         typer.Option(help="For hub ids: download the weights instead of headers only."),
     ] = False,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub branch, tag or commit.")
-    ] = None,
+    revision: RevisionOpt = None,
     verify: Annotated[
         bool,
         typer.Option(help="Also read every tensor once and check it for NaN and Inf."),
@@ -157,9 +158,7 @@ def analyze(
             help="For hub ids: download the weights (the analysis reads them)."
         ),
     ] = False,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub branch, tag or commit.")
-    ] = None,
+    revision: RevisionOpt = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -214,9 +213,7 @@ def features(
             help="Count parameters from config.json even where headers exist."
         ),
     ] = False,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub branch, tag or commit.")
-    ] = None,
+    revision: RevisionOpt = None,
 ) -> None:
     """FastEWQ's features per transformer block (num_blocks, exec_index, num_parameters)."""
     result = api.features(source, analytic=analytic, revision=revision)
@@ -416,15 +413,10 @@ def bench(
 ) -> None:
     """The paper's Tables 6, 7 and 14 on one model, and EWQ against random and
     position-only block choices at equal size."""
-    from ewq.bench import BenchConfig, bench_encoder
+    from ewq.bench import BenchConfig, bench_encoder, is_encoder
     from ewq.bench import bench as run_bench
 
-    index = api.inspect(source).index
-    archs = " ".join(index.config.get("architectures") or [])
-    encoder = index.format == "safetensors" and not any(
-        k in archs for k in ("CausalLM", "LMHead", "ConditionalGeneration")
-    )
-    if encoder:
+    if is_encoder(source):
         enc = bench_encoder(source, text, out_dir, log=lambda m: err.print(m))
         for r in enc["variants"]:
             out.print(
@@ -579,9 +571,7 @@ def plan_cmd(
             help="For hub ids: download the weights (the analysis reads them)."
         ),
     ] = False,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub branch, tag or commit.")
-    ] = None,
+    revision: RevisionOpt = None,
 ) -> None:
     """Fit a model into a machine or a cluster: per block precision and machine (Algorithm 1)."""
     from ewq.analysis.decision import check_alpha
@@ -593,14 +583,7 @@ def plan_cmd(
         raise typer.BadParameter("--disk goes with --memory")
     check_alpha(alpha)
     if cluster is not None:
-        machines = load_cluster(cluster)
-        if reserve is not None:
-            from dataclasses import replace
-
-            from ewq.planning import parse_size
-
-            extra = parse_size(reserve, "--reserve")
-            machines = tuple(replace(m, reserve=extra) for m in machines)
+        machines = load_cluster(cluster, reserve)
     else:
         machines = (single_machine(memory, disk, reserve),)
     bar = _progress("analysing") if method == "ewq" else contextlib.nullcontext(None)
@@ -625,9 +608,8 @@ def plan_cmd(
         raise EwqError(
             f"cannot fit {source} into {human_bytes(r.capacity_bytes)} on "
             f"{len(machines)} machine(s): the smallest this plan can reach is "
-            f"{human_bytes(r.smallest_bytes)} ({r.smallest_bytes:,} bytes; every block "
-            "at 1.58-bit"
-            + (", split across machines" if len(machines) > 1 else "")
+            f"{human_bytes(r.smallest_bytes)} ({r.smallest_bytes:,} bytes"
+            + (", before splitting it across machines" if len(machines) > 1 else "")
             + ")"
         )
     out.print(plan_table(planned))

@@ -258,11 +258,12 @@ def load_model(path: str | Path | None = None) -> dict[str, Any]:
     path = Path(path) if path is not None else default_model_path()
     if not path.is_file():
         raise SourceNotFoundError(f"no such classifier file: {path}")
-    return _load(str(path))
+    st = path.stat()  # in the key: a file rewritten in place is loaded again
+    return _load(str(path), st.st_mtime_ns, st.st_size)
 
 
 @functools.cache
-def _load(path: str) -> dict[str, Any]:
+def _load(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     import skops.io as sio
 
     try:

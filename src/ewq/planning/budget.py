@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,9 @@ def cluster_from_doc(doc: Any, origin: str = "cluster") -> tuple[Machine, ...]:
     return tuple(out)
 
 
-def load_cluster(path: str | Path) -> tuple[Machine, ...]:
+def load_cluster(path: str | Path, reserve: str | None = None) -> tuple[Machine, ...]:
+    """Machines from a cluster YAML file; ``reserve`` (e.g. "1GiB") overrides every
+    machine's reserve."""
     import yaml
 
     path = Path(path)
@@ -160,4 +162,8 @@ def load_cluster(path: str | Path) -> tuple[Machine, ...]:
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise BudgetError(f"{path}: not valid YAML ({first})") from None
-    return cluster_from_doc(doc, str(path))
+    machines = cluster_from_doc(doc, str(path))
+    if reserve is None:
+        return machines
+    extra = parse_size(reserve, "--reserve")
+    return tuple(replace(m, reserve=extra) for m in machines)
