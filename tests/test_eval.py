@@ -252,7 +252,16 @@ def test_eval_perplexity_and_kld_on_the_default_model(monkeypatch, capsys, tmp_p
     )
     plan = tmp_path / "plan.json"
     code, _, err = run(
-        monkeypatch, capsys, "plan", "default", "--memory", "80MB", "--json", str(plan)
+        monkeypatch,
+        capsys,
+        "plan",
+        "default",
+        "--memory",
+        "80MB",
+        "--context",
+        "0",
+        "--json",
+        str(plan),
     )
     assert code == 0, err
     code, _, err = run(

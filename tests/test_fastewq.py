@@ -92,7 +92,7 @@ def test_committed_dataset_is_current():
             "model_name,num_blocks,exec_index\nx,1,2\n",
             "missing column(s) num_parameters",
         ),
-        (",".join(COLUMNS) + "\nx,2,2,10,5-bit,1,ewq\n", "line 2"),
+        (",".join(COLUMNS) + "\nx,2,2,10,9-bit,1,ewq\n", "line 2"),
         (",".join(COLUMNS) + "\nx,2,2,10,raw,7,ewq\n", "quantized must be 0 or 1"),
         (",".join(COLUMNS) + "\n", "no rows"),
     ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from models import shared_data
 from test_cli import run
 
+from ewq import api
 from ewq.analysis import decide
 from ewq.planning import MODES, BlockSpec, BudgetError, Machine, fit, parse_size
 from ewq.planning.budget import cluster_from_doc
@@ -343,7 +345,16 @@ def test_bad_cluster(doc, message):
 def test_plan_cli_default_then_quantize(monkeypatch, capsys, tmp_path):
     js = tmp_path / "plan.json"
     code, out, err = run(
-        monkeypatch, capsys, "plan", "default", "--memory", "80MB", "--json", str(js)
+        monkeypatch,
+        capsys,
+        "plan",
+        "default",
+        "--memory",
+        "80MB",
+        "--context",
+        "0",
+        "--json",
+        str(js),
     )
     assert code == 0, err
     doc = json.loads(js.read_text())
@@ -371,7 +382,16 @@ def test_plan_cli_default_then_quantize(monkeypatch, capsys, tmp_path):
     assert "VLLM_PP_LAYER_PARTITION=30" in out
     first = js.read_bytes()
     code, _, _ = run(
-        monkeypatch, capsys, "plan", "default", "--memory", "80MB", "--json", str(js)
+        monkeypatch,
+        capsys,
+        "plan",
+        "default",
+        "--memory",
+        "80MB",
+        "--context",
+        "0",
+        "--json",
+        str(js),
     )
     assert code == 0 and js.read_bytes() == first  # byte-identical
     # the plan is what `ewq quantize` takes; the written tensor bytes are the plan's
@@ -405,6 +425,8 @@ def test_plan_cli_cluster(monkeypatch, capsys, tmp_path, tiny_models):
         str(tiny_models["llama"]),
         "--cluster",
         str(cluster),
+        "--context",
+        "0",
         "--json",
         str(js),
     )
@@ -429,11 +451,16 @@ def test_bad_plan_inputs(monkeypatch, capsys, tmp_path):
     code, err = bad_plan(monkeypatch, capsys, tmp_path, "default", "--memory", "lots")
     assert code == 1 and "cannot read 'lots' as a size" in err
     code, err = bad_plan(monkeypatch, capsys, tmp_path, "default", "--memory", "10MB")
-    assert (
-        code == 1
-        and "cannot fit default" in err
-        and "smallest this plan can reach is 63.38 MiB" in err
+    assert code == 1 and "cannot fit default" in err
+    # the size named is really the least: it fits, one byte less does not
+    smallest = int(
+        re.search(r"need at least [\d.]+ \w+ \(([\d,]+) bytes", err)[1].replace(",", "")
     )
+    # (bad_plan's default context adds the runtime's buffers to the weights)
+    extra = api.plan("default", [Machine("m", 10**9)]).runtime
+    room = smallest + sum(extra.kv_bytes.values()) + extra.buffers_bytes
+    assert api.plan("default", [Machine("m", room)]).result.fits
+    assert not api.plan("default", [Machine("m", room - 1)]).result.fits
     code, err = bad_plan(monkeypatch, capsys, tmp_path, "default")
     assert code == 2  # neither --memory nor --cluster
     empty = tmp_path / "empty.yaml"

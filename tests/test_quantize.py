@@ -21,7 +21,7 @@ pytest.importorskip("llama_cpp")
 PRECISIONS = [p.value for p in Precision]
 # signal-to-quantization-noise floors (dB) on Gaussian weights; measured: Q8_0 45,
 # Q4_K 23, Q3_K 16, Q2_K 10.5, TQ1_0 1.8 (ternary is for ternary-trained models)
-SQNR_FLOOR = {"8-bit": 40, "4-bit": 20, "3-bit": 14, "2-bit": 8, "1.58-bit": 1}
+SQNR_FLOOR = {"8-bit": 40, "6-bit": 30, "5-bit": 25, "4-bit": 20, "3-bit": 14, "2-bit": 8, "1.58-bit": 1}
 
 
 def uniform_plan(precision: str, n_blocks: int) -> dict:
@@ -71,11 +71,12 @@ def test_default_model_mixed_plan_runs_in_llama_cpp(tmp_path):
     plan = analysis_json(analysis, "test")
     q = api.quantize("default", plan, tmp_path / "mixed.gguf")
     # the plan's 4-bit block: ffn_down rows (1536) fit Q4_K, rows of 576 fall back
+    # to Q5_0, as llama.cpp's own tensor_type_fallback does
     four = [b["exec_index"] for b in plan["blocks"] if b["decision"] == "4-bit"]
     assert four == [29]
     block = {t.name: t for t in q.targets if t.exec_index == 29}
     assert block["blk.27.ffn_down.weight"].type == "Q4_K"
-    assert block["blk.27.attn_q.weight"].type == "Q4_0"
+    assert block["blk.27.attn_q.weight"].type == "Q5_0"
     assert block["blk.27.attn_q.weight"].fallback
     for t in q.targets:  # read back with gguf-py
         assert q.written[t.name] == t.type
@@ -108,12 +109,19 @@ def test_size_function_matches_ggml_block_sizes():
     assert tensor_bytes((4096, 4096), gguf.GGMLQuantizationType.TQ1_0) == n // 256 * 54
     with pytest.raises(ValueError, match="do not fit"):
         tensor_bytes((10, 100), gguf.GGMLQuantizationType.Q4_K)
-    # fallbacks: rows of 576 take Q4_0 for every sub-8-bit precision
-    for p in ("4-bit", "3-bit", "2-bit", "1.58-bit"):
+    # fallbacks for rows of 576 (llama.cpp's table; test_criteria asks llama.cpp)
+    for p, name in (
+        ("6-bit", "Q8_0"),
+        ("5-bit", "Q5_1"),
+        ("4-bit", "Q5_0"),
+        ("3-bit", "Q4_0"),
+        ("2-bit", "Q4_0"),
+        ("1.58-bit", "Q4_0"),
+    ):
         qtype, fallback = gguf_target(
             "blk.0.attn_q.weight", (576, 576), "F16", Precision(p)
         )
-        assert (qtype.name, fallback) == ("Q4_0", True)
+        assert (qtype.name, fallback) == (name, True)
     # never quantized: norms, routers, 1-D
     assert (
         gguf_target("blk.0.attn_norm.weight", (576,), "F32", Precision.Q4)[0].name
@@ -212,7 +220,7 @@ def test_bad_unknown_block(monkeypatch, capsys, tmp_path, llama_f16_gguf):
 
 def test_bad_unknown_precision(monkeypatch, capsys, tmp_path, llama_f16_gguf):
     doc = uniform_plan("8-bit", 2)
-    doc["blocks"][0]["precision"] = "5-bit"
+    doc["blocks"][0]["precision"] = "7-bit"
     line = bad_quantize(monkeypatch, capsys, tmp_path, llama_f16_gguf, doc)
     assert "blocks.0.precision" in line and "'4-bit'" in line
 
@@ -417,3 +425,27 @@ def test_bad_gguf_source_for_hf(monkeypatch, capsys, tmp_path, llama_f16_gguf):
     )
     assert code == 1 and "needs a Hugging Face model folder" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_hf_refuses_a_precision_it_does_not_offer(
+    monkeypatch, capsys, tmp_path, tiny_models
+):
+    """6-bit is a GGUF precision (Q6_K); compressed-tensors output does not offer it."""
+    doc = uniform_plan("8-bit", 2)
+    doc["blocks"][0]["precision"] = "6-bit"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(tiny_models["llama"]),
+        "--plan",
+        str(plan),
+        "--out",
+        str(out),
+        "--format",
+        "hf",
+    )
+    assert code == 1 and "does not offer 6-bit" in err and not out.exists()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ewq.analysis import (
@@ -20,8 +21,21 @@ from ewq.arch import ModelLayout, resolve
 from ewq.errors import EwqError
 from ewq.fast.features import Features
 from ewq.fast.features import features as _features
+from ewq.formats import FORMATS, offered
 from ewq.planfile import Plan, load_plan, plan_from_doc
-from ewq.planning import MODES, FitResult, Machine, block_specs, exports, fit
+from ewq.planning import (
+    MODES,
+    BlockSpec,
+    FitResult,
+    Machine,
+    Option,
+    Runtime,
+    block_specs,
+    exports,
+    fit,
+    fit_optimal,
+    runtime_memory,
+)
 from ewq.quant.targets import (
     TensorTarget,
     check_plan,
@@ -29,12 +43,14 @@ from ewq.quant.targets import (
     hf_targets,
     llama_quantize_args,
 )
+from ewq.sensitivity import CRITERIA, Sensitivity, modelled
 from ewq.sources import open_source
 from ewq.types import ModelIndex, Precision
 
 __all__ = [
     "Analysis",
     "Planned",
+    "sensitivity",
     "plan",
     "Inspection",
     "Progress",
@@ -188,6 +204,16 @@ def quantize(
         index = src.index
         layout = resolve(index)
     check_plan(plan, layout, str(source))
+    wanted = {b.precision for b in plan.blocks} | {
+        plan.embedding.precision,
+        plan.head.precision,
+    }
+    missing = sorted(p.value for p in wanted - set(offered(format)))
+    if missing:
+        raise EwqError(
+            f"the {format} format does not offer {', '.join(missing)} (it offers "
+            f"{', '.join(p.value for p in offered(format))})"
+        )
     if format == "hf":
         return _quantize_hf(source, index, layout, plan, out, progress)
     from ewq.quant.gguf import quantize_gguf
@@ -242,7 +268,9 @@ class Planned:
     """A plan for a budget: what it rests on, the fit, and the exports.
 
     ``analysis`` is the EWQ analysis (method ewq); for the FastEWQ methods it is None
-    and ``predicted`` holds the classifier's choice per block.
+    and ``predicted`` holds the classifier's choice per block. ``sensitivity`` is
+    the criterion's damage table (optimal allocator); ``runtime`` the memory the
+    runtime adds per machine (KV cache and buffers), when a context was given.
     """
 
     index: ModelIndex
@@ -256,9 +284,16 @@ class Planned:
     exports: dict
     analysis: Analysis | None = None
     predicted: Mapping[int, bool] | None = None
+    criterion: str = "entropy"
+    allocator: str = "ladder"
+    sensitivity: Sensitivity | None = None
+    runtime: Runtime | None = None
 
 
 METHODS = ("ewq", "fast", "fast-train")
+ALLOCATORS = ("optimal", "ladder")
+DEFAULT_CRITERION = "error"
+DEFAULT_CONTEXT = 2048  # tokens the runtime holds, unless told otherwise
 
 
 def plan(
@@ -266,6 +301,10 @@ def plan(
     machines: Sequence[Machine],
     *,
     method: str = "ewq",
+    criterion: str | None = None,
+    allocator: str | None = None,
+    calibration: str | Path | None = None,
+    context: int = DEFAULT_CONTEXT,
     mode: str = "8/4",
     alpha: float = DEFAULT_ALPHA,
     variant: Variant | str = Variant.MIXED_4_8,
@@ -276,14 +315,20 @@ def plan(
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> Planned:
-    """Fit ``source`` into ``machines`` (Algorithm 1, METHOD.md section 5).
+    """Fit ``source`` into ``machines``.
 
-    ``method`` ewq reads every weight (the entropy analysis); fast and fast-train
-    read only metadata (config.json or headers) and let the FastEWQ classifier
-    choose the blocks (Algorithm 2, section 6). Sizes are the exact bytes ``format``
-    writes (default: gguf for a GGUF source, hf otherwise). The decision uses the
-    mode's pair of precisions (8/4: 8-bit and 4-bit; 4/3 and 4/2: 4-bit and 3- or
-    2-bit).
+    ``criterion`` says how much damage each precision does to each block (see
+    ewq.sensitivity): entropy (the paper's score), error (round trip through the
+    real quantizer, data-free; the default), kl (calibrated on the text
+    ``calibration``; the default when one is given), random or position
+    (baselines). ``allocator`` optimal picks, per block, the precision
+    of least total damage that fits (planning/allocate.py); ladder is the paper's
+    Algorithm 1 (METHOD.md section 5) and needs the entropy criterion. ``method``
+    fast and fast-train read only metadata and let the FastEWQ classifier choose
+    the blocks (Algorithm 2, ladder only). Sizes are the exact bytes ``format``
+    writes (default: gguf for a GGUF source, hf otherwise). ``context`` > 0 adds the
+    runtime's KV cache for that many tokens and its compute buffers to every
+    machine (planning/runtime.py).
     """
     if method not in METHODS:
         raise EwqError(f"unknown method '{method}' (one of {', '.join(METHODS)})")
@@ -291,6 +336,36 @@ def plan(
         raise EwqError(f"unknown mode '{mode}' (one of {', '.join(MODES)})")
     if not machines:
         raise EwqError("no machine to plan for")
+    if method != "ewq":
+        criterion = criterion or "entropy"
+        allocator = allocator or "ladder"
+        if allocator != "ladder" or criterion != "entropy":
+            raise EwqError(
+                f"method {method} plans by the paper's ladder (Algorithm 2): use "
+                "--method ewq for other criteria or the optimal allocator"
+            )
+    if criterion is None:
+        criterion = "entropy" if allocator == "ladder" else DEFAULT_CRITERION
+        if allocator != "ladder" and calibration is not None:
+            criterion = "kl"
+    if criterion not in CRITERIA:
+        raise EwqError(
+            f"unknown criterion '{criterion}' (one of {', '.join(CRITERIA)})"
+        )
+    allocator = allocator or ("ladder" if criterion == "entropy" else "optimal")
+    if allocator not in ALLOCATORS:
+        raise EwqError(
+            f"unknown allocator '{allocator}' (one of {', '.join(ALLOCATORS)})"
+        )
+    if allocator == "ladder" and criterion != "entropy":
+        raise EwqError(
+            "the ladder (the paper's Algorithm 1) orders blocks by entropy: use "
+            "--criterion entropy with it, or --allocator optimal"
+        )
+    if criterion == "kl" and calibration is None:
+        raise EwqError("the kl criterion needs a calibration text (--calibration FILE)")
+    if context < 0:
+        raise EwqError("--context must be >= 0")
     check_alpha(alpha)
     levels = MODES[mode]
     analysis = predicted = None
@@ -322,19 +397,64 @@ def plan(
             feats, method, levels[2], classifier
         )
     fmt = format or ("gguf" if index.format == "gguf" else "hf")
+    if fmt not in FORMATS:
+        raise EwqError(f"unknown format '{fmt}' (one of {', '.join(FORMATS)})")
+    runtime = None
+    if context:
+        runtime = runtime_memory(index, layout, context)
+        machines = tuple(
+            replace(m, reserve=m.reserve + runtime.buffers_bytes) for m in machines
+        )
     specs = {s.exec_index: s for s in block_specs(fmt, layout)}
+    if runtime is not None:
+        specs = {
+            i: BlockSpec(
+                i,
+                s.num_parameters,
+                {p: b + runtime.kv_bytes.get(i, 0) for p, b in s.bytes.items()},
+                s.entropy,
+            )
+            for i, s in specs.items()
+        }
     emb = layout.blocks[0].exec_index
     head = layout.blocks[-1].exec_index
     transformer = [b.exec_index for b in layout.transformer_blocks]
-    result = fit(
-        [specs[i] for i in transformer],
-        specs[emb],
-        specs[head],
-        decision,
-        priority,
-        machines,
-        mode=mode,
-    )
+    sens = None
+    if allocator == "ladder":
+        result = fit(
+            [specs[i] for i in transformer],
+            specs[emb],
+            specs[head],
+            decision,
+            priority,
+            machines,
+            mode=mode,
+        )
+    else:
+        sens = sensitivity(
+            source,
+            criterion,
+            fmt=fmt,
+            calibration=calibration,
+            analysis=analysis,
+            progress=progress,
+        )
+        options = {
+            i: [
+                Option(p, nbytes, sens.damage[i][p])
+                for p, nbytes in specs[i].bytes.items()
+            ]
+            for i in specs
+        }
+        params = {i: specs[i].num_parameters for i in specs}
+        result = fit_optimal(options, params, machines, mode="optimal")
+    if runtime is not None:  # sizes in the result are weights + KV: report weights
+        result = replace(
+            result,
+            bytes={i: b - runtime.kv_bytes.get(i, 0) for i, b in result.bytes.items()},
+            total_bytes=result.total_bytes - sum(runtime.kv_bytes.values()),
+            smallest_bytes=result.smallest_bytes - sum(runtime.kv_bytes.values()),
+        )
     return Planned(
         index,
         layout,
@@ -347,6 +467,89 @@ def plan(
         exports(result, machines, transformer),
         analysis,
         predicted,
+        criterion,
+        allocator,
+        sens,
+        runtime,
+    )
+
+
+def sensitivity(
+    source: str | Path,
+    criterion: str,
+    *,
+    fmt: str | None = None,
+    calibration: str | Path | None = None,
+    windows: int = 4,
+    ctx: int = 256,
+    probe: Precision | None = Precision.Q4,
+    seed: int = 0,
+    analysis: Analysis | None = None,
+    progress: Progress | None = None,
+) -> Sensitivity:
+    """Estimated damage per block and precision by ``criterion`` (ewq.sensitivity).
+
+    error and kl are measured once per model file and setting, then cached
+    (sensitivity/cache.py); kl reads ``calibration`` (any text `ewq eval` reads).
+    """
+    from ewq.sensitivity.cache import cached
+
+    if criterion not in CRITERIA:
+        raise EwqError(
+            f"unknown criterion '{criterion}' (one of {', '.join(CRITERIA)})"
+        )
+    with open_source(source) as src:
+        index = src.index
+        layout = resolve(index)
+        fmt = fmt or ("gguf" if index.format == "gguf" else "hf")
+        if criterion in ("random", "position"):
+            return modelled(criterion, fmt, layout, seed=seed)
+        if criterion == "entropy":
+            a = analysis or analyze(source, progress=progress)
+            h = {b.exec_index: b.entropy for b in a.profile.transformer}
+            return modelled("entropy", fmt, layout, h)
+        if criterion == "error":
+            if index.format != "gguf" and fmt == "gguf":
+                raise EwqError(
+                    f"{source}: the error criterion for GGUF output needs a GGUF source"
+                )
+            from ewq.sensitivity.error import error_sensitivity
+
+            return cached(
+                index,
+                "error",
+                fmt,
+                {},
+                lambda: error_sensitivity(src, layout, fmt, progress=progress),
+            )
+    from ewq.evaluate.data import load_text
+    from ewq.sensitivity.kl import kl_sensitivity
+
+    if calibration is None:
+        raise EwqError("the kl criterion needs a calibration text")
+    text = load_text(calibration)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    error = sensitivity(source, "error", fmt="gguf") if probe is not None else None
+    return cached(
+        index,
+        "kl",
+        "gguf",
+        {
+            "text": digest,
+            "windows": windows,
+            "ctx": ctx,
+            "probe": probe.value if probe is not None else "all",
+        },
+        lambda: kl_sensitivity(
+            index,
+            layout,
+            text,
+            windows=windows,
+            ctx=ctx,
+            probe=probe,
+            error=error,
+            progress=progress,
+        ),
     )
 
 

@@ -445,6 +445,70 @@ def bench(
     err.print(f"wrote {out_dir}/README.md, bench.json, table6/7/14.csv, size_vs_kl.png")
 
 
+@app.command(
+    epilog="Example:\n\n  ewq compare default --text wiki.valid.txt --calibration "
+    "enwiki.xml.bz2 --out results/smollm2-135m/compare"
+)
+def compare(
+    source: SourceArg,
+    text: Annotated[Path, typer.Option(help="Evaluation text (KL, perplexity).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")],
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibration text for the kl criterion (another text; decoders)."
+        ),
+    ] = None,
+    windows: Annotated[int, typer.Option(min=1, help="Evaluation windows.")] = 8,
+    ctx: Annotated[int, typer.Option(min=16, help="Tokens per window.")] = 512,
+    seeds: Annotated[int, typer.Option(min=1, help="Random criteria (seeds).")] = 3,
+    extra: Annotated[
+        int,
+        typer.Option(min=0, help="Budgets below the smallest preset (criteria only)."),
+    ] = 3,
+    presets: Annotated[
+        str, typer.Option(help="llama.cpp presets, comma-separated.")
+    ] = ",".join(
+        ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q2_K")
+    ),
+) -> None:
+    """ewq's plans against llama.cpp's presets at equal bytes (KL, perplexity); for
+    a Hugging Face encoder, against uniform precisions (embedding cosine)."""
+    from ewq.bench import is_encoder
+    from ewq.compare import compare as run_compare
+    from ewq.compare import compare_encoder, summary
+
+    log = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
+    if is_encoder(source):
+        compare_encoder(source, text, out_dir, seeds=seeds, log=log)
+        err.print(f"wrote {out_dir}/README.md, compare.json")
+        return
+    if calibration is None:
+        raise typer.BadParameter("--calibration is required for decoders")
+    result = run_compare(
+        source,
+        text,
+        calibration,
+        out_dir,
+        windows=windows,
+        ctx=ctx,
+        seeds=seeds,
+        extra=extra,
+        presets=[p.strip() for p in presets.split(",") if p.strip()],
+        log=log,
+    )
+    rows = summary(result)
+    cols = sorted({k for r in rows for k in r if k != "size_of"})
+    table = Table(title=f"{result['model_name']}: mean KL at each preset's size")
+    table.add_column("size of")
+    for c in cols:
+        table.add_column(c.replace("ewq ", ""), justify="right")
+    for r in rows:
+        table.add_row(r["size_of"], *(f"{r[c]:.4f}" if c in r else "-" for c in cols))
+    out.print(table)
+    err.print(f"wrote {out_dir}/README.md, compare.json, size_vs_kl.png")
+
+
 class OutFormat(enum.StrEnum):
     gguf = "gguf"
     hf = "hf"
@@ -536,10 +600,40 @@ def plan_cmd(
     method: Annotated[
         str,
         typer.Option(
-            help="Block selection: ewq (entropy analysis, reads every weight), or fast / "
-            "fast-train (FastEWQ classifier, reads metadata only)."
+            help="Block selection: ewq (reads every weight), or fast / fast-train "
+            "(FastEWQ classifier, reads metadata only; the paper's ladder)."
         ),
     ] = "ewq",
+    criterion: Annotated[
+        str | None,
+        typer.Option(
+            help="Damage estimate per block and precision: error (round trip through "
+            "the real quantizer, data-free; the default), kl (calibrated on the "
+            "--calibration text; the default when one is given), entropy (the "
+            "paper's score), random, position."
+        ),
+    ] = None,
+    allocator: Annotated[
+        str | None,
+        typer.Option(
+            help="optimal (least total damage within the budget; default) or ladder "
+            "(the paper's Algorithm 1; default with --criterion entropy)."
+        ),
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Text for --criterion kl (UTF-8 text, or a Wikipedia .xml.bz2 dump)."
+        ),
+    ] = None,
+    context: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Tokens of context the runtime must hold: adds its KV cache and "
+            "compute buffers (llama.cpp's rules) to every machine; 0: weights only.",
+        ),
+    ] = api.DEFAULT_CONTEXT,
     classifier: Annotated[
         Path | None,
         typer.Option(
@@ -592,6 +686,10 @@ def plan_cmd(
             source,
             machines,
             method=method,
+            criterion=criterion,
+            allocator=allocator,
+            calibration=calibration,
+            context=context,
             classifier=classifier,
             mode=mode.value,
             alpha=alpha,
@@ -605,12 +703,22 @@ def plan_cmd(
     if not r.fits:
         from ewq.reports.inspect import human_bytes
 
+        rt = planned.runtime
+        memory = sum(
+            m.memory if m.disk is None else min(m.memory, m.disk) for m in machines
+        )
+        runtime = (
+            f" and the runtime {human_bytes(sum(rt.kv_bytes.values()) + rt.buffers_bytes * len(machines))} "
+            f"for {rt.context} tokens of context (KV cache and buffers; --context)"
+            if rt is not None
+            else ""
+        )
         raise EwqError(
-            f"cannot fit {source} into {human_bytes(r.capacity_bytes)} on "
-            f"{len(machines)} machine(s): the smallest this plan can reach is "
-            f"{human_bytes(r.smallest_bytes)} ({r.smallest_bytes:,} bytes"
-            + (", before splitting it across machines" if len(machines) > 1 else "")
-            + ")"
+            f"cannot fit {source} into {human_bytes(memory)} on {len(machines)} "
+            f"machine(s): the weights need at least {human_bytes(r.smallest_bytes)} "
+            f"({r.smallest_bytes:,} bytes"
+            + (", before splitting them across machines" if len(machines) > 1 else "")
+            + f"){runtime}"
         )
     out.print(plan_table(planned))
     for name, export in planned.exports.items():

@@ -3,21 +3,30 @@
 Pure: no I/O. The quantizers write what :func:`gguf_target` says, and the planner
 counts what :func:`tensor_bytes` says, so a plan's sizes are the written sizes.
 
-GGUF (llama.cpp) types per precision, first fit wins; a type fits a tensor when its
-row length is a multiple of the type's block:
+Every precision is declared once, in :data:`PRECISIONS` (nominal bits, llama.cpp
+type, compressed-tensors width); the other tables are derived from it.
 
-==========  ====================================================
-raw         the tensor's own type (copied bit for bit)
-8-bit       Q8_0 (block 32)
-4-bit       Q4_K (block 256), else Q4_0 (32)
-3-bit       Q3_K (256), else Q4_0: no 3-bit type has a block of 32
-2-bit       Q2_K (256), else Q4_0
-1.58-bit    TQ1_0 (256), else Q4_0
-==========  ====================================================
+GGUF (llama.cpp) types per precision, and the fallback llama.cpp itself applies when
+a tensor's rows (its first GGML dimension) are not a multiple of the type's block
+(``tensor_type_fallback`` in llama.cpp's ``src/llama-quant.cpp``; tested against the
+bundled build):
 
-The Q4_0 fallbacks are the ones llama.cpp itself applies (it logs "falling back");
-choosing them here makes the prediction exact. A row that fits no type (not a
-multiple of 32) keeps its own type. Tensors llama.cpp never quantizes (1-D tensors,
+==========  ============  ==========
+precision   type          fallback
+==========  ============  ==========
+raw         its own type  -
+8-bit       Q8_0          -
+6-bit       Q6_K          Q8_0
+5-bit       Q5_K          Q5_1
+4-bit       Q4_K          Q5_0
+3-bit       Q3_K          Q4_0
+2-bit       Q2_K          Q4_0
+1.58-bit    TQ1_0         Q4_0
+==========  ============  ==========
+
+ewq passes the final type to llama.cpp as an explicit override, so what it writes is
+what is predicted. A row that fits no type (not a multiple of 32) keeps its own type
+(where llama.cpp would write F16). Tensors llama.cpp never quantizes (1-D tensors,
 norms, MoE routers, position and token-type embeddings) keep their type whatever the
 plan says.
 
@@ -44,6 +53,10 @@ from ewq.types import ParamKind, Precision, Role, TensorInfo, TensorKey
 __all__ = [
     "FORMATS",
     "GGUF_CHOICES",
+    "GGUF_FALLBACK",
+    "PRECISIONS",
+    "PrecisionSpec",
+    "offered",
     "Target",
     "target",
     "HF_BITS",
@@ -57,13 +70,61 @@ __all__ = [
 
 T = gguf.GGMLQuantizationType
 
-GGUF_CHOICES: dict[Precision, tuple[T, ...]] = {
-    Precision.Q8: (T.Q8_0,),
-    Precision.Q4: (T.Q4_K, T.Q4_0),
-    Precision.Q3: (T.Q3_K, T.Q4_0),
-    Precision.Q2: (T.Q2_K, T.Q4_0),
-    Precision.TERNARY: (T.TQ1_0, T.Q4_0),
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """One precision: its nominal bits per weight and what each format writes."""
+
+    precision: Precision
+    bits: float  # nominal bits per weight of the GGUF type, scales included
+    gguf: T  # llama.cpp's type (its fallback: GGUF_FALLBACK)
+    hf_bits: int | None  # compressed-tensors integer width; None: not offered for hf
+
+
+#: every quantized precision, most precise first; adding one is one line here
+PRECISIONS: dict[Precision, PrecisionSpec] = {
+    s.precision: s
+    for s in (
+        PrecisionSpec(Precision.Q8, 8.5, T.Q8_0, 8),
+        PrecisionSpec(Precision.Q6, 6.5625, T.Q6_K, None),
+        PrecisionSpec(Precision.Q5, 5.5, T.Q5_K, None),
+        PrecisionSpec(Precision.Q4, 4.5, T.Q4_K, 4),
+        PrecisionSpec(Precision.Q3, 3.4375, T.Q3_K, 3),
+        PrecisionSpec(Precision.Q2, 2.625, T.Q2_K, 2),
+        # no ternary type in compressed-tensors: written as 2-bit (a fallback)
+        PrecisionSpec(Precision.TERNARY, 1.6875, T.TQ1_0, 2),
+    )
 }
+
+#: llama.cpp's fallback for rows that are not a multiple of the type's 256 block
+#: (src/llama-quant.cpp, tensor_type_fallback)
+GGUF_FALLBACK: dict[T, T] = {
+    T.Q6_K: T.Q8_0,
+    T.Q5_K: T.Q5_1,
+    T.Q4_K: T.Q5_0,
+    T.Q3_K: T.Q4_0,
+    T.Q2_K: T.Q4_0,
+    T.TQ1_0: T.Q4_0,
+}
+
+GGUF_CHOICES: dict[Precision, tuple[T, ...]] = {
+    p: (s.gguf, GGUF_FALLBACK[s.gguf]) if s.gguf in GGUF_FALLBACK else (s.gguf,)
+    for p, s in PRECISIONS.items()
+}
+
+HF_BITS: dict[Precision, int] = {
+    p: s.hf_bits for p, s in PRECISIONS.items() if s.hf_bits is not None
+}
+
+
+def offered(fmt: str) -> tuple[Precision, ...]:
+    """The precisions ``fmt`` can write, raw first, then most precise first."""
+    if fmt == "gguf":
+        return (Precision.RAW, *PRECISIONS)
+    if fmt == "hf":
+        return (Precision.RAW, *HF_BITS)
+    raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+
 
 # Names llama.cpp's quantizer copies unchanged (llama-quant.cpp, "quantize &= ..."):
 # kept as data so the size prediction matches what it writes.
@@ -121,14 +182,6 @@ def tensor_bytes(shape: tuple[int, ...], qtype: T) -> int:
         )
     return n // block * size
 
-
-HF_BITS: dict[Precision, int] = {
-    Precision.Q8: 8,
-    Precision.Q4: 4,
-    Precision.Q3: 3,
-    Precision.Q2: 2,
-    Precision.TERNARY: 2,  # no ternary type in compressed-tensors: a fallback
-}
 
 _HF_LINEAR_ROLES = frozenset(
     {
@@ -229,6 +282,8 @@ def target(
         matrix = is_weight and len(info.shape) >= 2
         fallback = precision is not Precision.RAW and matrix
         return Target(info.dtype, fallback, info.nbytes, linear)
+    if precision not in HF_BITS:
+        raise ValueError(f"{precision.value} is not offered for the hf format")
     group = hf_group_size(info.shape[-1])
     form = f"int{HF_BITS[precision]}/" + (f"g{group}" if group else "row")
     itemsize = info.nbytes // max(1, info.num_elements)

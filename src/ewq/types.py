@@ -93,6 +93,8 @@ class Precision(StrEnum):
 
     RAW = "raw"  # the source model's own precision
     Q8 = "8-bit"
+    Q6 = "6-bit"
+    Q5 = "5-bit"
     Q4 = "4-bit"
     Q3 = "3-bit"
     Q2 = "2-bit"

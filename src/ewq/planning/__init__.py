@@ -1,6 +1,7 @@
 """Planning: budgets and clusters (budget), exact block sizes (sizes), Algorithm 1
 and placement (ladder), and the runtimes' syntax for a placement (exports)."""
 
+from ewq.planning.allocate import Option, allocate, fit_optimal
 from ewq.planning.budget import (
     BudgetError,
     Machine,
@@ -10,10 +11,16 @@ from ewq.planning.budget import (
 )
 from ewq.planning.exports import exports
 from ewq.planning.ladder import MODES, Assignment, BlockSpec, FitResult, fit
+from ewq.planning.runtime import Runtime, runtime_memory
 from ewq.planning.sizes import block_specs
 
 __all__ = [
     "MODES",
+    "Option",
+    "Runtime",
+    "allocate",
+    "fit_optimal",
+    "runtime_memory",
     "Assignment",
     "BlockSpec",
     "BudgetError",

@@ -85,8 +85,9 @@ class FitResult:
     capacity_bytes: int
     smallest_bytes: int  # the bottom of the ladder: the least this model can take
     machines: tuple[Assignment, ...]
-    rung: int  # how many promotions of the ladder were kept
+    rung: int  # how many promotions of the ladder were kept (ladder only)
     rungs: int  # how many there are
+    damage: float | None = None  # estimated damage (optimal allocator only)
 
 
 def _ladder(

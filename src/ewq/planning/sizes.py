@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from ewq.arch import ModelLayout
-from ewq.formats import target
+from ewq.formats import offered, target
 from ewq.planning.ladder import BlockSpec
-from ewq.types import Precision
 
 __all__ = ["block_specs"]
 
@@ -19,7 +18,7 @@ def block_specs(fmt: str, layout: ModelLayout) -> list[BlockSpec]:
     specs = []
     for block in layout.blocks:
         sizes = {}
-        for p in Precision:
+        for p in offered(fmt):
             total = 0
             for info, key in zip(block.tensors, block.keys, strict=True):
                 t = target(fmt, info, key, p)

@@ -20,7 +20,7 @@ from ewq.fileio import atomic_path
 from ewq.quant.targets import TensorTarget, overrides
 from ewq.sources.gguf import read_header
 
-__all__ = ["LLAMA_CPP_PIN", "quantize_gguf"]
+__all__ = ["LLAMA_CPP_PIN", "quantize_gguf", "quantize_preset"]
 
 LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
@@ -70,6 +70,41 @@ def quantize_gguf(
         table, ctypes.POINTER(lc.llama_model_tensor_override)
     )
 
+    with _lock, atomic_path(out) as tmp:
+        _run(lc, source, tmp, params, progress)
+        written = _check_written(tmp, targets)
+    return written
+
+
+def quantize_preset(
+    source: str | Path,
+    preset: str,
+    out: str | Path,
+    *,
+    pure: bool = False,
+    threads: int | None = None,
+) -> dict[str, str]:
+    """Write ``source`` as llama.cpp's own preset ``preset`` (Q4_K_M, Q3_K_S, ...):
+    its per-tensor type mixture, exactly as `llama-quantize SRC OUT PRESET` makes it
+    (``--allow-requantize``, no importance matrix); with ``pure``, the preset's
+    plain type for every tensor (`--pure`). Returns the types written."""
+    lc = _llama_cpp()
+    ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{preset.upper()}", None)
+    if ftype is None:
+        raise EwqError(f"llama.cpp has no preset {preset}")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.pure = pure
+    params.nthread = threads or 0
+    with _lock, atomic_path(out) as tmp:
+        _run(lc, source, tmp, params, None)
+        header = read_header(tmp)
+    return {name: qtype.name for name, _, qtype, _ in header.tensors}
+
+
+def _run(lc, source, tmp, params, progress) -> None:
+    """llama_model_quantize with its log captured (progress, and the error line)."""
     log: list[str] = []
 
     def on_log(level: int, text: bytes, user: ctypes.c_void_p) -> None:
@@ -83,28 +118,25 @@ def quantize_gguf(
                 pass
 
     callback = lc.llama_log_callback(on_log)
-    with _lock, atomic_path(out) as tmp:
-        lc.llama_log_set(callback, None)
-        try:
-            rc = lc.llama_model_quantize(
-                str(source).encode(), str(tmp).encode(), ctypes.byref(params)
-            )
-        finally:
-            # back to llama-cpp-python's own logger; the C side keeps only a raw
-            # pointer, so the callback object must outlive the call (module-level)
-            lc.llama_log_set(_restore_logger(lc), None)
-        if rc != 0:
-            errors = [
-                ln.strip()
-                for ln in "".join(log).splitlines()
-                if "error" in ln.lower() or "failed" in ln.lower()
-            ]
-            raise FormatError(
-                f"llama.cpp could not quantize {source}: "
-                + (errors[-1] if errors else f"status {rc}")
-            )
-        written = _check_written(tmp, targets)
-    return written
+    lc.llama_log_set(callback, None)
+    try:
+        rc = lc.llama_model_quantize(
+            str(source).encode(), str(tmp).encode(), ctypes.byref(params)
+        )
+    finally:
+        # back to llama-cpp-python's own logger; the C side keeps only a raw
+        # pointer, so the callback object must outlive the call (module-level)
+        lc.llama_log_set(_restore_logger(lc), None)
+    if rc != 0:
+        errors = [
+            ln.strip()
+            for ln in "".join(log).splitlines()
+            if "error" in ln.lower() or "failed" in ln.lower()
+        ]
+        raise FormatError(
+            f"llama.cpp could not quantize {source}: "
+            + (errors[-1] if errors else f"status {rc}")
+        )
 
 
 def _restore_logger(lc):

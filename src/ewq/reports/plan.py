@@ -36,6 +36,8 @@ def plan_json(planned: Any, ewq_version: str) -> dict[str, Any]:
         "ewq_version": ewq_version,
         "source": planned.index.source,
         "method": planned.method,
+        "criterion": planned.criterion,
+        "allocator": planned.allocator,
         "mode": r.mode,
     }
     if a is not None:
@@ -43,6 +45,21 @@ def plan_json(planned: Any, ewq_version: str) -> dict[str, Any]:
             "variant": a.decision.variant.value,
             "alpha": a.decision.alpha,
             "eps": a.profile.eps,
+        }
+    rt = planned.runtime
+    if r.damage is not None:
+        doc["estimated_damage"] = r.damage
+    if planned.sensitivity is not None:
+        doc["sensitivity"] = {
+            k: v for k, v in planned.sensitivity.details.items() if k != "cached"
+        }
+    if rt is not None:
+        doc["runtime"] = {
+            "context": rt.context,
+            "kv_cells": rt.cells,
+            "compute_buffer_bytes": rt.compute_bytes,
+            "output_buffer_bytes": rt.output_bytes,
+            "rules": "llama.cpp: f16 KV cache, n_ubatch 512 (ewq.planning.runtime)",
         }
     return doc | {
         "format": planned.format,
@@ -65,16 +82,25 @@ def plan_json(planned: Any, ewq_version: str) -> dict[str, Any]:
             }
             for b in layout.transformer_blocks
         ],
-        "machines": [
-            {
-                "name": m.name,
-                "capacity_bytes": m.capacity_bytes,
-                "bytes": m.bytes,
-                "exec_indices": list(m.exec_indices),
-            }
-            for m in r.machines
-        ],
+        "machines": [_machine(m, r, rt) for m in r.machines],
         "exports": planned.exports,
+    }
+
+
+def _machine(m: Any, r: Any, rt: Any) -> dict[str, Any]:
+    """One machine's share: weights, the KV cache of its layers, the runtime's
+    buffers (when a context was given) and their sum against its capacity."""
+    weights = sum(r.bytes[i] for i in m.exec_indices)
+    kv = sum(rt.kv_bytes.get(i, 0) for i in m.exec_indices) if rt is not None else 0
+    buffers = rt.buffers_bytes if rt is not None and m.exec_indices else 0
+    return {
+        "name": m.name,
+        "capacity_bytes": m.capacity_bytes + (rt.buffers_bytes if rt else 0),
+        "bytes": weights + kv + buffers,
+        "weights_bytes": weights,
+        "kv_bytes": kv,
+        "buffers_bytes": buffers,
+        "exec_indices": list(m.exec_indices),
     }
 
 
@@ -84,12 +110,28 @@ def plan_table(planned: Any) -> Table:
     for b in layout.transformer_blocks:
         p = r.precision[b.exec_index].value
         counts[p] = counts.get(p, 0) + 1
+    rt = planned.runtime
+    how = (
+        f"criterion {planned.criterion}, {planned.allocator} allocator"
+        if planned.method == "ewq"
+        else f"{planned.method} (Algorithm 2)"
+    )
+    runtime = ""
+    if rt is not None:
+        kv = sum(rt.kv_bytes.values())
+        used = sum(1 for m in r.machines if m.exec_indices)
+        runtime = (
+            f" + KV cache {human_bytes(kv)} ({rt.context} tokens) + buffers "
+            f"{human_bytes(rt.buffers_bytes)} x {used}"
+        )
+        capacity = r.capacity_bytes + rt.buffers_bytes * len(r.machines)
+    else:
+        capacity = r.capacity_bytes
     table = Table(
-        title=f"{planned.index.source}: {planned.method} plan, mode {r.mode}, "
-        f"{planned.format} sizes",
-        caption=f"{human_bytes(r.total_bytes)} of {human_bytes(r.capacity_bytes)} on "
-        f"{sum(1 for m in r.machines if m.exec_indices)} machine(s); blocks: "
-        + ", ".join(f"{n} {p}" for p, n in counts.items()),
+        title=f"{planned.index.source}: {how}, {planned.format} sizes",
+        caption=f"weights {human_bytes(r.total_bytes)}{runtime} of "
+        f"{human_bytes(capacity)} on {sum(1 for m in r.machines if m.exec_indices)} "
+        "machine(s); blocks: " + ", ".join(f"{n} {p}" for p, n in counts.items()),
     )
     for col in (
         "exec_index",
@@ -104,7 +146,13 @@ def plan_table(planned: Any) -> Table:
             col,
             justify="right" if col in ("exec_index", "entropy", "bytes") else "left",
         )
-    styles = {"raw": "", "8-bit": "yellow", "4-bit": "red"}
+    styles = {
+        "raw": "",
+        "8-bit": "yellow",
+        "6-bit": "yellow",
+        "5-bit": "dark_orange",
+        "4-bit": "red",
+    }
     entropy = {b.exec_index: b.entropy for b in a.profile.blocks} if a else {}
     for b in layout.blocks:
         i = b.exec_index

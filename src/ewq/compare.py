@@ -1,0 +1,423 @@
+"""`ewq compare`: ewq's plans against what a user would do otherwise, at equal bytes.
+
+GGUF decoders: llama.cpp's own presets (Q8_0 ... Q2_K), made from the same source
+by llama.cpp's quantizer as shipped (its per-tensor mixtures, no importance matrix),
+against ewq plans whose budget is each preset's exact tensor bytes, one per
+criterion (entropy, error, kl, random with several seeds, position; all through the
+optimal allocator) and the paper's ladder. Every model is measured on the same
+windows of an evaluation text (the calibration text of the kl criterion is another
+text): KL divergence from the source model (mean and 99th percentile), top-1
+agreement and perplexity.
+
+Hugging Face encoders (MiniLM): uniform 8-, 4- and 3-bit checkpoints against the
+criteria's plans at the same bytes, by the cosine of mean-pooled embeddings.
+
+A plan that keeps every block raw is the source itself, byte for byte: it is not
+written and measured again; it gets the source's own figures (KL 0).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ewq import api
+from ewq.bench import BenchConfig, _plan_doc, _Reference, _text_metrics
+from ewq.errors import EwqError
+from ewq.evaluate.data import load_text
+from ewq.fileio import atomic_path, atomic_write_text
+from ewq.formats import tensor_bytes
+from ewq.planning import Machine, Option, block_specs, fit, fit_optimal
+from ewq.sensitivity import Sensitivity
+from ewq.types import Precision
+
+__all__ = ["PRESETS", "compare", "compare_encoder", "summary"]
+
+PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q2_K")
+Log = Callable[[str], None]
+
+
+def _doc(layout, precision: dict[int, Precision]) -> dict[str, Any]:
+    n = layout.num_blocks
+    doc = _plan_doc(n, {i: precision[i] for i in range(2, n + 2)})
+    doc["embedding"] = {"precision": precision[1].value}
+    doc["head"] = {"precision": precision[n + 2].value}
+    return doc
+
+
+def _counts(precision: dict[int, Precision], blocks: Sequence[int]) -> str:
+    n: dict[str, int] = {}
+    for i in blocks:
+        n[precision[i].value] = n.get(precision[i].value, 0) + 1
+    return ", ".join(f"{c} {p}" for p, c in n.items())
+
+
+def compare(
+    source: str,
+    text: Path,
+    calibration: Path,
+    out_dir: str | Path,
+    *,
+    windows: int = 8,
+    ctx: int = 512,
+    seeds: int = 3,
+    presets: Sequence[str] = PRESETS,
+    calib_windows: int = 4,
+    calib_ctx: int = 256,
+    extra: int = 3,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Run the head-to-head and write ``out_dir`` (compare.json, README.md, plot);
+    ``extra`` more budgets, evenly between the smallest size ewq can reach and the
+    smallest preset, compare the criteria where no preset exists."""
+    from ewq.evaluate.backends import LlamaCppModel
+    from ewq.quant.gguf import quantize_preset
+    from ewq.sources.gguf import read_header
+
+    started = time.perf_counter()
+    eval_text = load_text(text)
+    load_text(calibration)  # fail early
+    analysis = api.analyze(source)
+    index, layout = analysis.index, analysis.layout
+    if index.format != "gguf":
+        raise EwqError(
+            f"{source}: ewq compare runs GGUF decoders (use compare_encoder)"
+        )
+    path = Path(index.files[0])
+    specs = {s.exec_index: s for s in block_specs("gguf", layout)}
+    params = {i: s.num_parameters for i, s in specs.items()}
+    blocks = [b.exec_index for b in layout.transformer_blocks]
+    source_bytes = sum(s.bytes[Precision.RAW] for s in specs.values())
+    sens: dict[str, Sensitivity] = {}
+    for c in ("entropy", "error", "position"):
+        sens[c] = api.sensitivity(source, c, analysis=analysis)
+    for s in range(seeds):
+        sens[f"random seed {s}"] = api.sensitivity(source, "random", seed=s)
+    log("kl criterion (cached after the first run)")
+    sens["kl"] = api.sensitivity(
+        source, "kl", calibration=calibration, windows=calib_windows, ctx=calib_ctx
+    )
+    cfg = BenchConfig(mmlu=Path(), text=Path(text), windows=windows, ctx=ctx)
+    ref = _Reference(path, eval_text, cfg)
+    raw_metrics = _text_metrics(ref.model, ref)
+    del ref.model
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ewq-compare-") as tmp:
+        out = Path(tmp) / "m.gguf"
+        sizes = []
+        for preset in presets:
+            types = quantize_preset(path, preset, out)
+            nbytes = sum(
+                tensor_bytes(shape, qtype)
+                for _, shape, qtype, _ in read_header(out).tensors
+            )
+            sizes.append((preset, nbytes))
+            model = LlamaCppModel(out, ctx)
+            m = _text_metrics(model, ref)
+            del model
+            mix = {}
+            for t in types.values():
+                mix[t] = mix.get(t, 0) + 1
+            rows.append(
+                {
+                    "size_of": preset,
+                    "plan": f"llama.cpp {preset}",
+                    "bytes": nbytes,
+                    "blocks": ", ".join(f"{c} {t}" for t, c in sorted(mix.items())),
+                    **m,
+                }
+            )
+            log(f"{preset}: {nbytes / 1e6:.2f} MB, KL {m['kl_mean']:.4f}")
+        # below the smallest preset, budgets no preset offers: where the criteria
+        # must choose among blocks, not only the embedding
+        floor = sum(min(s.bytes.values()) for s in specs.values())
+        low = min((b for _, b in sizes), default=source_bytes)
+        for k in range(extra, 0, -1):
+            budget = floor + (low - floor) * k // (extra + 1)
+            sizes.append((f"{budget / 1e6:.1f} MB", budget))
+        measured: dict[int, list[dict[str, Any]]] = {}  # budget -> rows
+        for preset, budget in sizes:
+            if budget in measured:  # two presets of one size (fallbacks): same plans
+                rows += [{**r, "size_of": preset} for r in measured[budget]]
+                continue
+            first = len(rows)
+            plans: dict[str, dict[int, Precision] | None] = {}
+            for name, s in sens.items():
+                options = {
+                    i: [Option(p, b, s.damage[i][p]) for p, b in specs[i].bytes.items()]
+                    for i in specs
+                }
+                r = fit_optimal(options, params, [Machine("m", budget)])
+                plans[f"ewq {name}"] = dict(r.precision) if r.fits else None
+            d = analysis.decision
+            emb, head = layout.blocks[0].exec_index, layout.blocks[-1].exec_index
+            r = fit(
+                [specs[i] for i in blocks],
+                specs[emb],
+                specs[head],
+                d.precision,
+                d.priority,
+                [Machine("m", budget)],
+            )
+            plans["paper ladder (entropy)"] = dict(r.precision) if r.fits else None
+            for name, precision in plans.items():
+                if precision is None:
+                    rows.append({"size_of": preset, "plan": name, "bytes": None})
+                    continue
+                nbytes = sum(specs[i].bytes[precision[i]] for i in specs)
+                if all(p is Precision.RAW for p in precision.values()):
+                    m = dict(raw_metrics)
+                else:
+                    api.quantize(source, _doc(layout, precision), out)
+                    model = LlamaCppModel(out, ctx)
+                    m = _text_metrics(model, ref)
+                    del model
+                rows.append(
+                    {
+                        "size_of": preset,
+                        "plan": name,
+                        "bytes": nbytes,
+                        "blocks": _counts(precision, [1, *blocks]),
+                        **m,
+                    }
+                )
+                log(
+                    f"  at {preset} {name}: {nbytes / 1e6:.2f} MB, KL {m['kl_mean']:.4f}"
+                )
+            measured[budget] = rows[first:]
+    result = {
+        "schema_version": 1,
+        "kind": "ewq-compare",
+        "source": source,
+        "model_name": api.features(source).model_name,
+        "source_tensor_bytes": source_bytes,
+        "eval": {"text": Path(text).name, "windows": windows, "ctx": ctx},
+        "calibration": {
+            "text": Path(calibration).name,
+            "windows": calib_windows,
+            "ctx": calib_ctx,
+        },
+        "criterion_seconds": {k: v.seconds for k, v in sens.items()},
+        "source_metrics": raw_metrics,
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+    }
+    _write(result, Path(out_dir))
+    return result
+
+
+def _curve(name: str) -> str:
+    if name.startswith("ewq random"):
+        return "ewq random (mean of seeds)"
+    return name
+
+
+def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per preset size: the preset's KL and each plan's (random: mean of seeds)."""
+    out = []
+    by: dict[str, dict[str, list[float]]] = {}
+    for r in result["rows"]:
+        if r.get("bytes") is None:
+            continue
+        by.setdefault(r["size_of"], {}).setdefault(_curve(r["plan"]), []).append(
+            r["kl_mean"]
+        )
+    for preset, plans in by.items():
+        row = {"size_of": preset}
+        row.update({k: sum(v) / len(v) for k, v in plans.items()})
+        out.append(row)
+    return out
+
+
+def _write(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    src_mb = result["source_tensor_bytes"] / 1e6
+    md = [
+        f"# {result['model_name']}: ewq plans against llama.cpp's presets at equal bytes",
+        "",
+        f"Source: the GGUF file as shipped ({src_mb:.2f} MB of tensor data). Each "
+        "llama.cpp preset is made from it by llama.cpp's quantizer (its own per-tensor "
+        "mixture, `--allow-requantize`, no importance matrix); each ewq plan gets the "
+        "preset's exact tensor bytes as its budget (optimal allocator, one precision "
+        "per block from the whole GGUF ladder). Measured on "
+        f"{result['eval']['windows']} windows of {result['eval']['ctx']} tokens of "
+        f"`{result['eval']['text']}`; the kl criterion was calibrated on "
+        f"{result['calibration']['windows']} windows of {result['calibration']['ctx']} "
+        f"tokens of `{result['calibration']['text']}` (another text). KL is from the "
+        "source model, in nats per token. MB = 10^6 bytes.",
+        "",
+        "![size against KL](size_vs_kl.png)",
+        "",
+        "| size of | plan | MB | blocks | KL mean | KL p99 | top-1 | perplexity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if r.get("bytes") is None:
+            md.append(f"| {r['size_of']} | {r['plan']} | does not fit | | | | | |")
+            continue
+        md.append(
+            f"| {r['size_of']} | {r['plan']} | {r['bytes'] / 1e6:.2f} | {r['blocks']} | "
+            f"{r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1_agreement']:.4f} | "
+            f"{r['perplexity']:.3f} |"
+        )
+    md += ["", "## Summary: mean KL at each preset's size", ""]
+    summ = summary(result)
+    cols = sorted({k for row in summ for k in row if k != "size_of"})
+    md.append("| size of | " + " | ".join(cols) + " |")
+    md.append("|---|" + "---|" * len(cols))
+    for row in summ:
+        md.append(
+            f"| {row['size_of']} | "
+            + " | ".join(f"{row[c]:.4f}" if c in row else "-" for c in cols)
+            + " |"
+        )
+    md += [
+        "",
+        "Criterion time (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in result["criterion_seconds"].items())
+        + f"; whole run {result['seconds'] / 60:.1f} min.",
+    ]
+    _plot(result, out / "size_vs_kl.png")
+    atomic_write_text(out / "README.md", "\n".join(md) + "\n")
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in result["rows"]:
+        if r.get("bytes") is None:
+            continue
+        name = "llama.cpp presets" if r["plan"].startswith("llama.cpp") else r["plan"]
+        curves.setdefault(name, []).append((r["bytes"] / 1e6, max(r["kl_mean"], 1e-5)))
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for name, pts in sorted(curves.items()):
+        xs, ys = zip(*sorted(pts), strict=True)
+        style = dict(lw=2.2, color="black", marker="s") if "llama.cpp" in name else {}
+        if name.startswith("ewq random"):
+            style = dict(lw=0.8, color="#999999", marker="x")
+        ax.plot(xs, ys, marker=style.pop("marker", "o"), ms=4, label=name, **style)
+    ax.axvline(result["source_tensor_bytes"] / 1e6, color="#bbbbbb", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("tensor bytes written (MB)")
+    ax.set_ylabel("mean KL from the source (nats/token, log)")
+    ax.set_title(f"{result['model_name']}: size against KL")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def compare_encoder(
+    source: str,
+    text: Path,
+    out_dir: str | Path,
+    *,
+    sentences: int = 128,
+    seeds: int = 3,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Hugging Face encoders: uniform 8-, 4- and 3-bit checkpoints against each
+    criterion's plan at the same bytes, by embedding cosine to the source."""
+    from ewq.bench import is_encoder
+    from ewq.evaluate import tasks
+    from ewq.evaluate.backends import TransformersEncoder
+
+    started = time.perf_counter()
+    if not is_encoder(source):
+        raise EwqError(f"{source}: not a Hugging Face encoder folder")
+    sentences_text = load_text(text)
+    analysis = api.analyze(source)
+    layout = analysis.layout
+    folder = Path(analysis.index.files[0]).parent
+    specs = {s.exec_index: s for s in block_specs("hf", layout)}
+    params = {i: s.num_parameters for i, s in specs.items()}
+    blocks = [b.exec_index for b in layout.transformer_blocks]
+    sens: dict[str, Sensitivity] = {
+        c: api.sensitivity(source, c, analysis=analysis)
+        for c in ("entropy", "error", "position")
+    }
+    for k in range(seeds):
+        sens[f"random seed {k}"] = api.sensitivity(source, "random", seed=k)
+    reference = TransformersEncoder(folder)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ewq-compare-") as tmp:
+
+        def measure(name: str, size_of: str, precision: dict[int, Precision]) -> None:
+            nbytes = sum(specs[i].bytes[precision[i]] for i in specs)
+            out = Path(tmp) / "m"
+            api.quantize(source, _doc(layout, precision), out, format="hf")
+            m = tasks.embedding_fidelity(
+                reference, TransformersEncoder(out), sentences_text, limit=sentences
+            )
+            rows.append(
+                {
+                    "size_of": size_of,
+                    "plan": name,
+                    "bytes": nbytes,
+                    "blocks": _counts(precision, [1, *blocks]),
+                    **m,
+                }
+            )
+            log(
+                f"  at {size_of} {name}: {nbytes / 1e6:.2f} MB, cosine {m['cosine_mean']:.5f}"
+            )
+
+        for p in (Precision.Q8, Precision.Q4, Precision.Q3):
+            uniform = {i: (p if i in blocks else Precision.RAW) for i in specs}
+            budget = sum(specs[i].bytes[uniform[i]] for i in specs)
+            label = f"uniform {p.value}"
+            measure(label, label, uniform)
+            for name, sv in sens.items():
+                options = {
+                    i: [
+                        Option(q, b, sv.damage[i][q]) for q, b in specs[i].bytes.items()
+                    ]
+                    for i in specs
+                }
+                r = fit_optimal(options, params, [Machine("m", budget)])
+                measure(f"ewq {name}", label, dict(r.precision))
+    result = {
+        "schema_version": 1,
+        "kind": "ewq-compare-encoder",
+        "source": source,
+        "model_name": api.features(source).model_name,
+        "sentences": sentences,
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    md = [
+        f"# {result['model_name']}: uniform precisions against ewq's criteria at equal bytes",
+        "",
+        "Each uniform checkpoint puts every transformer block at one precision "
+        "(embeddings raw); each ewq plan gets its exact tensor bytes as the budget "
+        "(optimal allocator over raw, 8, 4, 3 and 2 bits per block, embeddings "
+        f"included). Fidelity: cosine of mean-pooled embeddings of {sentences} "
+        f"sentences of `{Path(text).name}` to the source model's. Hugging Face output "
+        "(compressed-tensors, round to nearest); the kl criterion needs llama.cpp and "
+        "is not run here.",
+        "",
+        "| size of | plan | MB | blocks | cosine mean | cosine p01 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['size_of']} | {r['plan']} | {r['bytes'] / 1e6:.3f} | {r['blocks']} | "
+            f"{r['cosine_mean']:.5f} | {r['cosine_p01']:.5f} |"
+        )
+    md += ["", f"Whole run {result['seconds'] / 60:.1f} min."]
+    atomic_write_text(out / "README.md", "\n".join(md) + "\n")
+    return result

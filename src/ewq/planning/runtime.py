@@ -1,0 +1,153 @@
+"""The memory a runtime adds to the weights: KV cache and compute buffers.
+
+Pure: hyperparameters from the model's metadata (GGUF keys or config.json), no
+weight read. The rules are llama.cpp's (the bundled build; file names are its
+sources), checked against the sizes it reports for the default model:
+
+* KV cache (``src/llama-kv-cache.cpp``): per transformer layer, K and V rows of
+  n_head_kv * head_dim elements for every cell, in the cache type (f16: 2 bytes).
+  The cells are the context rounded up to a multiple of 256
+  (``src/llama-context.cpp``: ``GGML_PAD(n_ctx, 256)``). Sliding-window layers
+  (Gemma-2/3) keep min(cells, pad256(window + n_ubatch)) cells, as llama-server does
+  (``--swa-full`` off; ``src/llama-kv-cache-iswa.cpp``).
+* Compute buffer (``sched_reserve``: the graph for one micro-batch of n_ubatch
+  tokens, 512 by default, its tensors packed by ggml's allocator): the larger of the
+  output phase, 4 * n_ubatch * (n_vocab + 3 * n_embd) bytes (float32 logits for
+  every token of the batch), and the attention phase without flash attention,
+  4 * n_ubatch * (n_head * cells + cells + n_ff + 3 * n_embd) (the float32 KQ
+  matrix). Measured on SmolLM2-135M: 98.25, 99.38, 166.38 MiB at contexts 512,
+  2048, 8192 against 99.38, 99.38, 166.38 predicted. With flash attention llama.cpp
+  needs at most the same, within 4%.
+* Output buffer: float32 logits for one sequence (n_vocab * 4 bytes).
+
+In a cluster every machine runs its part of the graph: each holds the KV cache of
+its own layers and a compute buffer; the estimate charges every machine the full
+buffer (the output phase lands on the last machine, the attention phase on each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ewq.arch import ModelLayout
+from ewq.types import ModelIndex, Role
+
+__all__ = ["UBATCH", "Runtime", "runtime_memory"]
+
+UBATCH = 512  # llama.cpp's default micro-batch (n_ubatch)
+_PAD = 256
+# GGUF architectures whose layers alternate sliding-window and global attention:
+# every n-th layer is global (llama.cpp's set_swa_pattern in src/llama-model.cpp)
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the runtime allocates beside the weights, for ``context`` tokens."""
+
+    context: int
+    cells: int  # KV cells of a global-attention layer
+    kv_bytes: Mapping[int, int]  # per transformer block (exec_index)
+    compute_bytes: int  # the compute buffer, per machine
+    output_bytes: int  # logits of one sequence
+
+    @property
+    def buffers_bytes(self) -> int:
+        return self.compute_bytes + self.output_bytes
+
+
+def _pad(n: int, to: int = _PAD) -> int:
+    return -(-n // to) * to
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, list):  # per-layer values (some GGUFs): take the largest
+        value = max((v for v in value if isinstance(v, int)), default=None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"no usable {what} in the model's metadata ({value!r})")
+    return value
+
+
+def _dims(index: ModelIndex, layout: ModelLayout) -> dict[str, Any]:
+    cfg = index.config
+    embed = next(
+        (
+            i
+            for i, k in layout.keys.items()
+            if k.role is Role.EMBED and k.kind.value == "weight"
+        ),
+        None,
+    )
+    shapes = {t.name: t.shape for t in index.tensors}
+    if index.format == "gguf":
+        arch = cfg.get("general.architecture")
+        get = lambda key, default=None: cfg.get(f"{arch}.{key}", default)  # noqa: E731
+        n_embd = _int(get("embedding_length"), "embedding_length")
+        n_head = _int(get("attention.head_count"), "attention.head_count")
+        n_kv = _int(get("attention.head_count_kv", n_head), "head_count_kv")
+        hd = n_embd // max(1, n_head)
+        dk = _int(get("attention.key_length", hd), "attention.key_length")
+        dv = _int(get("attention.value_length", hd), "attention.value_length")
+        n_ff = _int(get("feed_forward_length", 4 * n_embd), "feed_forward_length")
+        window = get("attention.sliding_window")
+        pattern = _SWA_PATTERN.get(str(arch))
+        n = layout.num_blocks
+        swa = {il for il in range(n) if pattern and window and (il + 1) % pattern}
+    else:
+        n_embd = _int(cfg.get("hidden_size"), "hidden_size")
+        n_head = _int(cfg.get("num_attention_heads"), "num_attention_heads")
+        n_kv = _int(cfg.get("num_key_value_heads", n_head), "num_key_value_heads")
+        dk = dv = _int(cfg.get("head_dim") or n_embd // max(1, n_head), "head_dim")
+        n_ff = _int(cfg.get("intermediate_size", 4 * n_embd), "intermediate_size")
+        window = cfg.get("sliding_window")
+        types = cfg.get("layer_types")
+        swa = (
+            {i for i, t in enumerate(types) if t == "sliding_attention"}
+            if isinstance(types, list)
+            else set()
+        )
+    vocab = (
+        shapes[embed][0] if embed in shapes else _int(cfg.get("vocab_size"), "vocab")
+    )
+    return {
+        "n_embd": n_embd,
+        "n_head": n_head,
+        "kv_row": n_kv * (dk + dv),
+        "n_ff": n_ff,
+        "n_vocab": vocab,
+        "window": window if isinstance(window, int) and window > 0 else None,
+        "swa": swa,
+    }
+
+
+def runtime_memory(
+    index: ModelIndex,
+    layout: ModelLayout,
+    context: int,
+    *,
+    ubatch: int = UBATCH,
+    cache_bytes: int = 2,
+) -> Runtime:
+    """KV cache per block and buffers for ``context`` tokens (llama.cpp's rules)."""
+    if context <= 0:
+        raise ValueError("context must be > 0")
+    d = _dims(index, layout)
+    cells = _pad(context)
+    ub = min(ubatch, cells)
+    kv = {}
+    for il, block in enumerate(layout.transformer_blocks):
+        n = cells
+        if il in d["swa"] and d["window"]:
+            n = min(cells, _pad(d["window"] + ub))
+        kv[block.exec_index] = d["kv_row"] * n * cache_bytes
+    output_phase = 4 * ub * (d["n_vocab"] + 3 * d["n_embd"])
+    attention = 4 * ub * (d["n_head"] * cells + cells + d["n_ff"] + 3 * d["n_embd"])
+    return Runtime(
+        context=context,
+        cells=cells,
+        kv_bytes=kv,
+        compute_bytes=max(output_phase, attention),
+        output_bytes=4 * d["n_vocab"],
+    )
