@@ -208,3 +208,51 @@ def test_embedding_fidelity_by_hand():
     text = "a sentence long enough to count\n" * 3
     r = embedding_fidelity(Fixed([1, 0]), Fixed([1, 1]), text)
     assert r["cosine_mean"] == pytest.approx(1 / math.sqrt(2)) and r["sentences"] == 3
+
+
+@pytest.mark.slow
+def test_compare_against_a_preset(monkeypatch, capsys, tmp_path):
+    """ewq compare on the default model, reduced: one llama.cpp preset, two criteria,
+    one budget below it; every ewq plan within the preset's bytes."""
+    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
+    text = shared_data() / "wikitext-2" / "valid.txt"
+    out = tmp_path / "cmp"
+    code, stdout, err = run(
+        monkeypatch,
+        capsys,
+        "compare",
+        "default",
+        "--text",
+        str(text),
+        "--calibration",
+        str(text),
+        "--out",
+        str(out),
+        "--presets",
+        "Q3_K_M",
+        "--windows",
+        "1",
+        "--ctx",
+        "64",
+        "--extra",
+        "1",
+        "--seeds",
+        "1",
+        "--criteria",
+        "error,position",
+    )
+    assert code == 0, err
+    doc = json.loads((out / "compare.json").read_text())
+    preset = next(r for r in doc["rows"] if r["plan"] == "llama.cpp Q3_K_M")
+    assert 80e6 < preset["bytes"] < doc["source_tensor_bytes"]
+    plans = [r for r in doc["rows"] if r["size_of"] == "Q3_K_M" and r is not preset]
+    assert {r["plan"] for r in plans} == {
+        "ewq error",
+        "ewq position",
+        "paper ladder (entropy)",
+    }
+    assert all(r["bytes"] <= preset["bytes"] for r in plans)
+    below = [r for r in doc["rows"] if r["size_of"].endswith(" MB")]
+    assert below and all(r["bytes"] < preset["bytes"] for r in below if r["bytes"])
+    assert (out / "size_vs_kl.png").stat().st_size > 0
+    assert "Q3_K_M" in (out / "README.md").read_text()

@@ -164,3 +164,24 @@ def test_plan_with_context_leaves_room_for_the_runtime(monkeypatch, tmp_path):
     assert weights_only.runtime is None
     assert all(p.value == "raw" for p in weights_only.result.precision.values())
     assert with_ctx.result.total_bytes < weights_only.result.total_bytes
+
+
+def test_every_family_plans_with_its_runtime(
+    tiny_models, tiny_ggufs, monkeypatch, tmp_path
+):
+    """Every architecture of the map sizes its KV cache from its own metadata (or
+    says why not in one line): no family falls through to a traceback."""
+    from ewq.errors import EwqError
+    from ewq.planning import single_machine
+
+    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
+    for name, path in {**tiny_models, **tiny_ggufs}.items():
+        try:
+            planned = api.plan(path, [single_machine("1GB")], context=4096)
+        except EwqError as exc:
+            assert "--context 0" in str(exc), (name, exc)
+            continue
+        rt = planned.runtime
+        assert planned.result.fits, name
+        assert rt.cells == 4096 and len(rt.kv_bytes) == planned.layout.num_blocks
+        assert all(v > 0 for v in rt.kv_bytes.values()), name

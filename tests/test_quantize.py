@@ -21,7 +21,15 @@ pytest.importorskip("llama_cpp")
 PRECISIONS = [p.value for p in Precision]
 # signal-to-quantization-noise floors (dB) on Gaussian weights; measured: Q8_0 45,
 # Q4_K 23, Q3_K 16, Q2_K 10.5, TQ1_0 1.8 (ternary is for ternary-trained models)
-SQNR_FLOOR = {"8-bit": 40, "6-bit": 30, "5-bit": 25, "4-bit": 20, "3-bit": 14, "2-bit": 8, "1.58-bit": 1}
+SQNR_FLOOR = {
+    "8-bit": 40,
+    "6-bit": 30,
+    "5-bit": 25,
+    "4-bit": 20,
+    "3-bit": 14,
+    "2-bit": 8,
+    "1.58-bit": 1,
+}
 
 
 def uniform_plan(precision: str, n_blocks: int) -> dict:
@@ -188,7 +196,7 @@ def test_analysis_json_is_a_plan(tmp_path):
     assert plan.embedding.precision is Precision.RAW and plan.num_blocks == 2
 
 
-def bad_quantize(monkeypatch, capsys, tmp_path, source, plan_doc) -> str:
+def bad_quantize(monkeypatch, capsys, tmp_path, source, plan_doc, *extra) -> str:
     plan = tmp_path / "plan.json"
     plan.write_text(plan_doc if isinstance(plan_doc, str) else json.dumps(plan_doc))
     out = tmp_path / "out.gguf"
@@ -201,6 +209,7 @@ def bad_quantize(monkeypatch, capsys, tmp_path, source, plan_doc) -> str:
         str(plan),
         "--out",
         str(out),
+        *extra,
     )
     assert code == 1, err
     assert not out.exists() and not (tmp_path / "out.gguf.ewq.json").exists()
@@ -380,32 +389,92 @@ def test_hf_interrupted_write_leaves_nothing(monkeypatch, tiny_models, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_hf_cli_replaces_an_old_output(monkeypatch, capsys, tiny_models, tmp_path):
+def test_hf_output_never_replaces_a_foreign_folder(
+    monkeypatch, capsys, tiny_models, tmp_path
+):
+    """A folder ewq did not write is left whole (it used to be swapped away); an
+    earlier ewq output is replaced only with --force."""
     out = tmp_path / "o"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "notes.txt").write_text("mine")
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(uniform_plan("4-bit", 2)))
+    args = ["quantize", str(tiny_models["llama"]), "--plan", str(plan)]
+    args += ["--out", str(out), "--format", "hf"]
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 1 and "was not written by ewq" in err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "plan.json"]
+
+    fresh = tmp_path / "q"
+    code, _, err = run(monkeypatch, capsys, *args[:-3], str(fresh), "--format", "hf")
+    assert code == 0, err
+    record = json.loads((tmp_path / "q.ewq.json").read_text())
+    assert record["format"] == "hf" and record["llama_quantize_command"] is None
+    assert (
+        json.loads((fresh / "config.json").read_text())["quantization_config"]["format"]
+        == "pack-quantized"
+    )
+    (fresh / "stale.txt").write_text("old")
+    code, _, err = run(monkeypatch, capsys, *args[:-3], str(fresh), "--format", "hf")
+    assert code == 1 and "--force" in err and (fresh / "stale.txt").exists()
+    code, _, err = run(
+        monkeypatch, capsys, *args[:-3], str(fresh), "--format", "hf", "--force"
+    )
+    assert code == 0, err
+    assert not (fresh / "stale.txt").exists() and (fresh / "config.json").exists()
+
+
+def test_outputs_that_would_destroy_an_input_or_a_device(
+    monkeypatch, capsys, tmp_path, llama_f16_gguf
+):
+    import os
+    import shutil
+
+    src = tmp_path / "src.gguf"
+    shutil.copy(llama_f16_gguf, src)
+    before = src.read_bytes()
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(uniform_plan("4-bit", 2)))
+    for out in (src, plan):  # --out is the model, or the plan
+        code, _, err = run(
+            monkeypatch,
+            capsys,
+            "quantize",
+            str(src),
+            "--plan",
+            str(plan),
+            "--out",
+            str(out),
+        )
+        assert code == 1 and "would overwrite the input" in err, err
+    assert src.read_bytes() == before and json.loads(plan.read_text())
+    # --json into the model it analyses, into a FIFO, into a folder: refused first
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for target, message in (
+        (src, "would overwrite the input"),
+        (fifo, "not a regular file"),
+        (tmp_path, "is a folder"),
+    ):
+        code, _, err = run(
+            monkeypatch, capsys, "analyze", str(src), "--json", str(target)
+        )
+        assert code == 1 and message in err, err
+    assert src.read_bytes() == before and fifo.is_fifo()
+    # a plot path that cannot be written is refused before the JSON is written
+    js = tmp_path / "a.json"
     code, _, err = run(
         monkeypatch,
         capsys,
-        "quantize",
-        str(tiny_models["llama"]),
-        "--plan",
-        str(plan),
-        "--out",
-        str(out),
-        "--format",
-        "hf",
+        "analyze",
+        str(src),
+        "--json",
+        str(js),
+        "--plot",
+        str(tmp_path),
     )
-    assert code == 0, err
-    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
-    record = json.loads((tmp_path / "o.ewq.json").read_text())
-    assert record["format"] == "hf" and record["llama_quantize_command"] is None
-    assert (
-        json.loads((out / "config.json").read_text())["quantization_config"]["format"]
-        == "pack-quantized"
-    )
+    assert code == 1 and not js.exists()
 
 
 def test_bad_gguf_source_for_hf(monkeypatch, capsys, tmp_path, llama_f16_gguf):
@@ -433,19 +502,7 @@ def test_hf_refuses_a_precision_it_does_not_offer(
     """6-bit is a GGUF precision (Q6_K); compressed-tensors output does not offer it."""
     doc = uniform_plan("8-bit", 2)
     doc["blocks"][0]["precision"] = "6-bit"
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps(doc))
-    out = tmp_path / "out"
-    code, _, err = run(
-        monkeypatch,
-        capsys,
-        "quantize",
-        str(tiny_models["llama"]),
-        "--plan",
-        str(plan),
-        "--out",
-        str(out),
-        "--format",
-        "hf",
+    line = bad_quantize(
+        monkeypatch, capsys, tmp_path, tiny_models["llama"], doc, "--format", "hf"
     )
-    assert code == 1 and "does not offer 6-bit" in err and not out.exists()
+    assert "does not offer 6-bit" in line

@@ -22,6 +22,7 @@ from ewq.errors import EwqError
 from ewq.fast.features import Features
 from ewq.fast.features import features as _features
 from ewq.formats import FORMATS, offered
+from ewq.outputs import check_output
 from ewq.planfile import Plan, load_plan, plan_from_doc
 from ewq.planning import (
     MODES,
@@ -186,15 +187,19 @@ def quantize(
     *,
     format: str = "gguf",
     threads: int | None = None,
+    force: bool = False,
     progress: Progress | None = None,
 ) -> Quantized:
     """Write ``source`` quantized block by block as ``plan`` says.
 
     The plan is checked against the model before anything is written; the output
-    appears atomically (temporary file, then rename) or not at all.
+    appears atomically (temporary file, then rename) or not at all. An output that
+    would overwrite an input, or an existing folder, is refused (ewq.outputs);
+    ``force`` replaces an earlier ewq output folder.
     """
     if format not in ("gguf", "hf"):
         raise EwqError(f"unknown output format '{format}' (gguf or hf)")
+    plan_path = plan if isinstance(plan, (str, Path)) else None
     if isinstance(plan, (str, Path)):
         plan = load_plan(plan)
     elif isinstance(plan, dict):
@@ -204,6 +209,12 @@ def quantize(
         index = src.index
         layout = resolve(index)
     check_plan(plan, layout, str(source))
+    check_output(
+        out,
+        (*index.files, plan_path, str(source)),
+        folder=format == "hf",
+        force=force,
+    )
     wanted = {b.precision for b in plan.blocks} | {
         plan.embedding.precision,
         plan.head.precision,
@@ -401,7 +412,13 @@ def plan(
         raise EwqError(f"unknown format '{fmt}' (one of {', '.join(FORMATS)})")
     runtime = None
     if context:
-        runtime = runtime_memory(index, layout, context)
+        try:
+            runtime = runtime_memory(index, layout, context)
+        except ValueError as exc:
+            raise EwqError(
+                f"{source}: cannot size the runtime's KV cache ({exc}); plan the "
+                "weights alone with --context 0"
+            ) from None
         machines = tuple(
             replace(m, reserve=m.reserve + runtime.buffers_bytes) for m in machines
         )

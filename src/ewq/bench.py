@@ -507,6 +507,15 @@ def _verdict(points: list[dict[str, Any]]) -> str:
     )
 
 
+def _fresh(folder: Path) -> Path:
+    """A scratch output folder of this run, emptied for the next variant (ewq never
+    replaces a folder it is not told to)."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
 def is_encoder(source: str | Path) -> bool:
     """A Hugging Face folder of an encoder (no causal or generation head)?"""
     index = api.inspect(source).index
@@ -576,7 +585,10 @@ def bench_encoder(
                     i: Precision.Q4 if i in first else Precision.Q8 for i in blocks
                 }
                 q = api.quantize(
-                    source, _plan_doc(n, precision), Path(tmp) / "eq", format="hf"
+                    source,
+                    _plan_doc(n, precision),
+                    _fresh(Path(tmp) / "eq"),
+                    format="hf",
                 )
                 m = tasks.embedding_fidelity(
                     reference, TransformersEncoder(q.out), text, limit=sentences

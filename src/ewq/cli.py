@@ -27,6 +27,7 @@ from ewq import __version__, api
 from ewq.analysis import DEFAULT_ALPHA, Variant
 from ewq.errors import EwqError
 from ewq.fileio import atomic_write_text
+from ewq.outputs import check_output
 from ewq.reports.analysis import analysis_json, analysis_table, write_plot
 from ewq.reports.features import features_json, features_table
 from ewq.reports.inspect import inspection_json, inspection_table
@@ -76,6 +77,16 @@ def _progress(description: str) -> Iterator[api.Progress]:
         yield update
 
 
+def _outputs(inputs: tuple, **outputs: Path | None) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or a file ewq
+    does not own (ewq.outputs); keyword names are the options, as the user typed
+    them (json_path: --json)."""
+    for option, path in outputs.items():
+        if path is not None:
+            name = "--" + option.removesuffix("_path").replace("_", "-")
+            check_output(path, inputs, option=name)
+
+
 def _write_json(path: Path, doc: dict) -> None:
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     err.print(f"wrote {path}")
@@ -102,6 +113,7 @@ def inspect(
     ] = False,
 ) -> None:
     """List a model's blocks (exec_index, tensors, parameters, bytes) without reading weights."""
+    _outputs((source,), json_path=json_path)
     bar = _progress("reading tensors") if verify else contextlib.nullcontext(None)
     with bar as progress:
         result = api.inspect(
@@ -173,6 +185,7 @@ def analyze(
 
     check_alpha(alpha)
     check_eps(eps)
+    _outputs((source,), json_path=json_path, plot=plot)
     with _progress("analysing") as progress:
         result = api.analyze(
             source,
@@ -216,6 +229,7 @@ def features(
     revision: RevisionOpt = None,
 ) -> None:
     """FastEWQ's features per transformer block (num_blocks, exec_index, num_parameters)."""
+    _outputs((source,), json_path=json_path)
     result = api.features(source, analytic=analytic, revision=revision)
     out.print(features_table(result))
     if json_path is not None:
@@ -245,6 +259,7 @@ def dataset_build(
     alpha: Annotated[float, typer.Option(help="EWQ threshold factor.")] = DEFAULT_ALPHA,
 ) -> None:
     """Analyse each model and write one labelled row per block (the paper's six columns)."""
+    _outputs(tuple(sources), out=out_path)
     from ewq.analysis.decision import check_alpha
     from ewq.fast.dataset import write_dataset
 
@@ -283,6 +298,7 @@ def fast_train(
     ] = 42,
 ) -> None:
     """Train the six classifiers, write the report, store the random forest."""
+    _outputs((dataset,), out=out_path)
     report_dir = report or out_path.with_suffix("").with_name(out_path.stem + "-report")
     st, path = api.train_fastewq(
         dataset, out_path, report_dir=report_dir, paper_tables=paper, seed=seed
@@ -351,6 +367,7 @@ def eval_cmd(
     or (encoders) the cosine similarity of sentence embeddings to the unquantized ones."""
     if data is None:
         raise typer.BadParameter("--data is required (a text file or MMLU data)")
+    _outputs((source, data, quantized, plan), json_path=json_path)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -466,6 +483,9 @@ def compare(
         int,
         typer.Option(min=0, help="Budgets below the smallest preset (criteria only)."),
     ] = 3,
+    criteria: Annotated[
+        str, typer.Option(help="Criteria compared, comma-separated.")
+    ] = "entropy,error,kl,random,position",
     presets: Annotated[
         str, typer.Option(help="llama.cpp presets, comma-separated.")
     ] = ",".join(
@@ -494,6 +514,7 @@ def compare(
         ctx=ctx,
         seeds=seeds,
         extra=extra,
+        criteria=[c.strip() for c in criteria.split(",") if c.strip()],
         presets=[p.strip() for p in presets.split(",") if p.strip()],
         log=log,
     )
@@ -536,8 +557,13 @@ def quantize(
     threads: Annotated[
         int | None, typer.Option(min=1, help="Quantizer threads (default: all cores).")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Replace an earlier ewq output folder at --out (hf)."),
+    ] = False,
 ) -> None:
     """Write the model quantized block by block as the plan says, with a provenance record."""
+    _outputs((source, plan), out_path=provenance_path(out_path))
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -552,6 +578,7 @@ def quantize(
             out_path,
             format=format.value,
             threads=threads,
+            force=force,
             progress=lambda done, total, name: bar.update(
                 task, completed=done, total=total
             ),
@@ -572,7 +599,7 @@ class Mode(enum.StrEnum):
 
 @app.command(
     "plan",
-    epilog="Examples:\n\n  ewq plan default --memory 80MB --json plan.json"
+    epilog="Examples:\n\n  ewq plan default --memory 230MB --json plan.json"
     "\n\n  ewq plan ./Llama-3.1-8B --memory 12GiB --disk 40GB --reserve 1GiB"
     "\n\n  ewq plan ./Llama-3.1-8B --cluster cluster.yaml --json plan.json"
     "\n\n  cluster.yaml:  machines: [{name: a, memory: 8GB, host: 10.0.0.2}, "
@@ -673,6 +700,7 @@ def plan_cmd(
 
     if (memory is None) == (cluster is None):
         raise typer.BadParameter("give either --memory (one machine) or --cluster FILE")
+    _outputs((source, cluster, calibration, classifier), json_path=json_path)
     if disk is not None and memory is None:
         raise typer.BadParameter("--disk goes with --memory")
     check_alpha(alpha)

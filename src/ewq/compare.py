@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from ewq import api
-from ewq.bench import BenchConfig, _plan_doc, _Reference, _text_metrics
+from ewq.bench import BenchConfig, _fresh, _plan_doc, _Reference, _text_metrics
 from ewq.errors import EwqError
 from ewq.evaluate.data import load_text
 from ewq.fileio import atomic_path, atomic_write_text
 from ewq.formats import tensor_bytes
 from ewq.planning import Machine, Option, block_specs, fit, fit_optimal
-from ewq.sensitivity import Sensitivity
+from ewq.sensitivity import CRITERIA, Sensitivity
 from ewq.types import Precision
 
 __all__ = ["PRESETS", "compare", "compare_encoder", "summary"]
@@ -47,6 +47,18 @@ def _doc(layout, precision: dict[int, Precision]) -> dict[str, Any]:
     doc["embedding"] = {"precision": precision[1].value}
     doc["head"] = {"precision": precision[n + 2].value}
     return doc
+
+
+def _optimal(
+    sens: Sensitivity, specs: dict, params: dict[int, int], budget: int
+) -> dict[int, Precision] | None:
+    """The optimal allocator's plan for one machine of ``budget`` bytes."""
+    options = {
+        i: [Option(p, b, sens.damage[i][p]) for p, b in specs[i].bytes.items()]
+        for i in specs
+    }
+    r = fit_optimal(options, params, [Machine("m", budget)])
+    return dict(r.precision) if r.fits else None
 
 
 def _counts(precision: dict[int, Precision], blocks: Sequence[int]) -> str:
@@ -69,6 +81,7 @@ def compare(
     calib_windows: int = 4,
     calib_ctx: int = 256,
     extra: int = 3,
+    criteria: Sequence[str] = CRITERIA,
     log: Log = print,
 ) -> dict[str, Any]:
     """Run the head-to-head and write ``out_dir`` (compare.json, README.md, plot);
@@ -79,6 +92,11 @@ def compare(
     from ewq.sources.gguf import read_header
 
     started = time.perf_counter()
+    unknown = sorted(set(criteria) - set(CRITERIA))
+    if unknown:
+        raise EwqError(
+            f"unknown criterion {', '.join(unknown)} (one of {', '.join(CRITERIA)})"
+        )
     eval_text = load_text(text)
     load_text(calibration)  # fail early
     analysis = api.analyze(source)
@@ -94,13 +112,15 @@ def compare(
     source_bytes = sum(s.bytes[Precision.RAW] for s in specs.values())
     sens: dict[str, Sensitivity] = {}
     for c in ("entropy", "error", "position"):
-        sens[c] = api.sensitivity(source, c, analysis=analysis)
-    for s in range(seeds):
+        if c in criteria:
+            sens[c] = api.sensitivity(source, c, analysis=analysis)
+    for s in range(seeds if "random" in criteria else 0):
         sens[f"random seed {s}"] = api.sensitivity(source, "random", seed=s)
-    log("kl criterion (cached after the first run)")
-    sens["kl"] = api.sensitivity(
-        source, "kl", calibration=calibration, windows=calib_windows, ctx=calib_ctx
-    )
+    if "kl" in criteria:
+        log("kl criterion (cached after the first run)")
+        sens["kl"] = api.sensitivity(
+            source, "kl", calibration=calibration, windows=calib_windows, ctx=calib_ctx
+        )
     cfg = BenchConfig(mmlu=Path(), text=Path(text), windows=windows, ctx=ctx)
     ref = _Reference(path, eval_text, cfg)
     raw_metrics = _text_metrics(ref.model, ref)
@@ -147,12 +167,7 @@ def compare(
             first = len(rows)
             plans: dict[str, dict[int, Precision] | None] = {}
             for name, s in sens.items():
-                options = {
-                    i: [Option(p, b, s.damage[i][p]) for p, b in specs[i].bytes.items()]
-                    for i in specs
-                }
-                r = fit_optimal(options, params, [Machine("m", budget)])
-                plans[f"ewq {name}"] = dict(r.precision) if r.fits else None
+                plans[f"ewq {name}"] = _optimal(s, specs, params, budget)
             d = analysis.decision
             emb, head = layout.blocks[0].exec_index, layout.blocks[-1].exec_index
             r = fit(
@@ -355,7 +370,7 @@ def compare_encoder(
 
         def measure(name: str, size_of: str, precision: dict[int, Precision]) -> None:
             nbytes = sum(specs[i].bytes[precision[i]] for i in specs)
-            out = Path(tmp) / "m"
+            out = _fresh(Path(tmp) / "m")
             api.quantize(source, _doc(layout, precision), out, format="hf")
             m = tasks.embedding_fidelity(
                 reference, TransformersEncoder(out), sentences_text, limit=sentences
@@ -379,14 +394,9 @@ def compare_encoder(
             label = f"uniform {p.value}"
             measure(label, label, uniform)
             for name, sv in sens.items():
-                options = {
-                    i: [
-                        Option(q, b, sv.damage[i][q]) for q, b in specs[i].bytes.items()
-                    ]
-                    for i in specs
-                }
-                r = fit_optimal(options, params, [Machine("m", budget)])
-                measure(f"ewq {name}", label, dict(r.precision))
+                precision = _optimal(sv, specs, params, budget)
+                if precision is not None:
+                    measure(f"ewq {name}", label, precision)
     result = {
         "schema_version": 1,
         "kind": "ewq-compare-encoder",

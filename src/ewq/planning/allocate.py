@@ -35,7 +35,7 @@ from functools import reduce
 import numpy as np
 
 from ewq.planning.budget import Machine
-from ewq.planning.ladder import Assignment, FitResult, _balanced, _place
+from ewq.planning.ladder import FitResult, _balanced, _place, assign
 from ewq.types import Precision
 
 __all__ = ["MAX_CELLS", "Option", "allocate", "fit_optimal", "total"]
@@ -190,14 +190,7 @@ def fit_optimal(
         ]
     chosen = {i: items[n][choice[n]] for n, i in enumerate(order)}
     sizes = {i: o.bytes for i, o in chosen.items()}
-    machine_of: dict[int, str | None] = dict.fromkeys(order)
-    assignments = []
-    for m, idxs in zip(machines, placement or [[] for _ in machines], strict=True):
-        for i in idxs:
-            machine_of[i] = m.name
-        assignments.append(
-            Assignment(m.name, m.capacity, tuple(idxs), sum(sizes[i] for i in idxs))
-        )
+    machine_of, assignments = assign(order, sizes, machines, placement)
     return FitResult(
         fits=placement is not None,
         mode=mode,
@@ -207,7 +200,7 @@ def fit_optimal(
         total_bytes=sum(sizes.values()),
         capacity_bytes=capacity,
         smallest_bytes=smallest,
-        machines=tuple(assignments),
+        machines=assignments,
         rung=0,
         rungs=0,
         damage=math.fsum(o.damage for o in chosen.values()),

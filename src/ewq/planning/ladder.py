@@ -161,6 +161,24 @@ def _balanced(
     return best
 
 
+def assign(
+    order: Sequence[int],
+    sizes: Mapping[int, int],
+    machines: Sequence[Machine],
+    placement: list[list[int]] | None,
+) -> tuple[dict[int, str | None], tuple[Assignment, ...]]:
+    """Each block's machine (None when nothing was placed) and each machine's share."""
+    machine_of: dict[int, str | None] = dict.fromkeys(order)
+    assignments = []
+    for m, idxs in zip(machines, placement or [[] for _ in machines], strict=True):
+        for i in idxs:
+            machine_of[i] = m.name
+        assignments.append(
+            Assignment(m.name, m.capacity, tuple(idxs), sum(sizes[i] for i in idxs))
+        )
+    return machine_of, tuple(assignments)
+
+
 def fit(
     blocks: Sequence[BlockSpec],
     embedding: BlockSpec,
@@ -220,14 +238,7 @@ def fit(
         level = dict(start)
         chosen = 0
     sizes = {i: size(i, level[i]) for i in order}
-    machine_of: dict[int, str | None] = dict.fromkeys(order)
-    assignments = []
-    for m, idxs in zip(machines, placement or [[] for _ in machines], strict=True):
-        for i in idxs:
-            machine_of[i] = m.name
-        assignments.append(
-            Assignment(m.name, m.capacity, tuple(idxs), sum(sizes[i] for i in idxs))
-        )
+    machine_of, assignments = assign(order, sizes, machines, placement)
     return FitResult(
         fits=placement is not None,
         mode=mode,
@@ -238,7 +249,7 @@ def fit(
         capacity_bytes=capacity,
         smallest_bytes=min(totals),  # sizes need not grow along the ladder when the
         # source is quantized already (a Q4_1 "raw" block is smaller than its Q8_0)
-        machines=tuple(assignments),
+        machines=assignments,
         rung=chosen,
         rungs=len(steps),
     )

@@ -70,6 +70,11 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+def _first(cfg: Mapping[str, Any], *keys: str) -> Any:
+    """The first of ``keys`` config.json has (families name the same thing apart)."""
+    return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
+
+
 def _dims(index: ModelIndex, layout: ModelLayout) -> dict[str, Any]:
     cfg = index.config
     embed = next(
@@ -96,11 +101,20 @@ def _dims(index: ModelIndex, layout: ModelLayout) -> dict[str, Any]:
         n = layout.num_blocks
         swa = {il for il in range(n) if pattern and window and (il + 1) % pattern}
     else:
-        n_embd = _int(cfg.get("hidden_size"), "hidden_size")
-        n_head = _int(cfg.get("num_attention_heads"), "num_attention_heads")
-        n_kv = _int(cfg.get("num_key_value_heads", n_head), "num_key_value_heads")
+        n_embd = _int(_first(cfg, "hidden_size", "n_embd", "d_model"), "hidden_size")
+        n_head = _int(
+            _first(cfg, "num_attention_heads", "n_head", "num_heads"),
+            "num_attention_heads",
+        )
+        n_kv = _int(
+            _first(cfg, "num_key_value_heads", "n_head_kv", "num_kv_heads") or n_head,
+            "num_key_value_heads",
+        )
         dk = dv = _int(cfg.get("head_dim") or n_embd // max(1, n_head), "head_dim")
-        n_ff = _int(cfg.get("intermediate_size", 4 * n_embd), "intermediate_size")
+        n_ff = _int(
+            _first(cfg, "intermediate_size", "n_inner", "ffn_dim") or 4 * n_embd,
+            "intermediate_size",
+        )
         window = cfg.get("sliding_window")
         types = cfg.get("layer_types")
         swa = (
