@@ -380,3 +380,42 @@ def test_bf16_pieces_merge_exactly(small_llama, model_copy):
             assert whole[info.name][0] == pytest.approx(
                 entropy_reference(src.read(info)), rel=1e-9
             )
+
+
+def test_bad_nan_in_a_norm_weight(
+    monkeypatch, capsys, tmp_path, tiny_models, model_copy
+):
+    """Norm weights do not count for the entropy, but a NaN there breaks the model:
+    analyze (and so plan) refuses it, and so does quantize --format hf, which used
+    to write NaN scales and exit 0."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = model_copy(tiny_models["llama"])
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.0.input_layernorm.weight"][1] = float("nan")
+    save_file(state, folder / "model.safetensors")
+    line = bad_analyze(monkeypatch, capsys, tmp_path, str(folder))
+    assert "'model.layers.0.input_layernorm.weight' holds 1 NaN" in line
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "blocks": [{"exec_index": i, "precision": "4-bit"} for i in (2, 3)],
+            }
+        )
+    )
+    out = tmp_path / "q"
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(folder),
+        "--plan",
+        str(plan),
+        "--out",
+        str(out),
+        "--format",
+        "hf",
+    )
+    assert code == 1 and "holds 1 NaN" in err and not out.exists()

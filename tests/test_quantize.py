@@ -506,3 +506,52 @@ def test_hf_refuses_a_precision_it_does_not_offer(
         monkeypatch, capsys, tmp_path, tiny_models["llama"], doc, "--format", "hf"
     )
     assert "does not offer 6-bit" in line
+
+
+@pytest.fixture(scope="module")
+def big_f16_gguf(tmp_path_factory):
+    """An F16 Llama large enough (8 blocks of 1024) that quantizing takes seconds."""
+    from models import Q, gguf_tensors, write_gguf
+
+    t = gguf_tensors("llama", 8, hidden=1024)
+    t = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in t.items()}
+    root = tmp_path_factory.mktemp("big")
+    return write_gguf(root / "big.gguf", "llama", 8, t, hidden=1024)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [2, 15], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_quantize_at_once_and_leaves_nothing(
+    big_f16_gguf, tmp_path, signum
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(uniform_plan("2-bit", 8)))
+    out = tmp_path / "o.gguf"
+    cmd = [sys.executable, "-m", "ewq", "quantize", str(big_f16_gguf)]
+    proc = subprocess.Popen(
+        [*cmd, "--plan", str(plan), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".o.gguf.*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    assert list(tmp_path.glob(".o.gguf.*")), "quantizing never started"
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    took = time.monotonic() - sent
+    assert proc.returncode == 128 + signum, err.decode()
+    assert took < 2.0, took
+    assert "Traceback" not in err.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+    assert signal.Signals(signum).name in ("SIGINT", "SIGTERM") and os.path.exists(
+        big_f16_gguf
+    )

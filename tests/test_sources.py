@@ -244,3 +244,35 @@ def test_truncated_gguf(tiny_ggufs, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(FormatError, match="cut.gguf"):
         open_source(path)
+
+
+def test_a_shard_index_cannot_reach_outside_its_folder(tmp_path, sharded_llama):
+    """A shard named '../x', an absolute path, or a link out of the folder is refused
+    before any byte of it is read."""
+    import json
+    import shutil
+
+    from ewq.errors import FormatError
+    from ewq.sources import open_source
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    folder = tmp_path / "m"
+    shutil.copytree(sharded_llama, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    shutil.move(folder / first, outside / first)
+    for shard in (f"../elsewhere/{first}", str(outside / first), "/etc/passwd"):
+        doc = {
+            **index,
+            "weight_map": {
+                k: (shard if v == first else v) for k, v in index["weight_map"].items()
+            },
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(doc))
+        with pytest.raises(FormatError, match="nothing outside was read"):
+            open_source(folder)
+    (folder / first).symlink_to(outside / first)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FormatError, match="links outside"):
+        open_source(folder)

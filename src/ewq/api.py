@@ -260,6 +260,10 @@ def _quantize_hf(source, index, layout, plan, out, progress) -> Quantized:
             "(config.json and safetensors weights)"
         )
     targets = hf_targets(index, layout, plan)
+    # NaN or Inf would become NaN scales in a checkpoint that loads: refuse first
+    with open_source(source) as src:
+        for _ in src.iter_tensors(check=True):
+            pass
     sizes = quantize_hf(folder, targets, out, progress=progress)
     return Quantized(
         source=str(source),

@@ -781,8 +781,27 @@ def main() -> None:
     Usage errors are click's (exit status 2); anything else is a bug and keeps its
     traceback.
     """
+    import signal
+
+    stopped: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        # unwind from wherever the main thread is: every temporary file is removed
+        # by the code that made it; click turns the interrupt into its own exit 1,
+        # which the handler below turns back into 128 + the signal number
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         app()
     except EwqError as exc:
         err.print(f"ewq: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if not stopped:
+            raise
+        del exc
+        err.print("ewq: interrupted; no partial output was left", markup=False)
+        sys.exit(128 + stopped[0])

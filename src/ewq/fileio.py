@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_path", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_path_for_native", "atomic_write_text"]
 
 
 @contextlib.contextmanager
@@ -38,6 +40,32 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path_for_native(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Like :func:`atomic_path`, for a writer that cannot be stopped (llama.cpp in a
+    thread): the temporary file lives in a private folder beside ``path``. When the
+    run is abandoned the folder goes, so a writer that opens its file later finds no
+    folder and fails instead of leaving a file behind."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    )
+    tmp_path = folder / target.name
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
+        os.replace(tmp_path, target)
+    finally:
+        for _ in range(50):  # the writer may still be creating the file: retry
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                break
+            time.sleep(0.01)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -11,7 +11,10 @@ from ewq.analysis.scan import Progress, counts_as_matrix, matrices_of, scan
 from ewq.arch import ModelLayout
 from ewq.errors import EwqError, FormatError, InvalidParameterError
 from ewq.sources import TensorSource
+from ewq.sources.base import check_finite
 from ewq.types import BlockKind, TensorInfo
+
+_SMALL = 64 << 20  # tensors outside the analysis read for the NaN check (bytes)
 
 __all__ = ["BlockEntropy", "EntropyProfile", "MATRIX_RULE", "profile"]
 
@@ -79,6 +82,12 @@ def profile(
         ]
     infos = [t for ts in counted.values() for t in ts]
     infos.sort(key=lambda t: (t.file, t.offset))  # file order: sequential reads
+    # the tensors that do not count (norm weights, biases) are small, but a NaN in
+    # one breaks the model all the same: read them too and refuse NaN and Inf
+    matrices = {t.name for t in infos}
+    for t in src.index.tensors:
+        if t.name not in matrices and t.nbytes <= _SMALL:
+            check_finite(t, src.read(t))
     entropies = scan(src, infos, eps=eps, workers=workers, progress=progress)
     blocks = []
     for block in layout.blocks:

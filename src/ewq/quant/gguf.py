@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ewq.errors import EwqError, FormatError
-from ewq.fileio import atomic_path
+from ewq.fileio import atomic_path_for_native
 from ewq.quant.targets import TensorTarget, overrides
 from ewq.sources.gguf import read_header
 
@@ -25,6 +25,7 @@ __all__ = ["LLAMA_CPP_PIN", "quantize_gguf", "quantize_preset"]
 LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 _lock = threading.Lock()  # llama.cpp's logger is process-wide
+_ABANDONED: list = []  # callbacks of runs interrupted while llama.cpp still logs
 
 
 def _llama_cpp():
@@ -70,7 +71,7 @@ def quantize_gguf(
         table, ctypes.POINTER(lc.llama_model_tensor_override)
     )
 
-    with _lock, atomic_path(out) as tmp:
+    with _lock, atomic_path_for_native(out) as tmp:
         _run(lc, source, tmp, params, progress)
         written = _check_written(tmp, targets)
     return written
@@ -97,7 +98,7 @@ def quantize_preset(
     params.allow_requantize = True
     params.pure = pure
     params.nthread = threads or 0
-    with _lock, atomic_path(out) as tmp:
+    with _lock, atomic_path_for_native(out) as tmp:
         _run(lc, source, tmp, params, None)
         header = read_header(tmp)
     return {name: qtype.name for name, _, qtype, _ in header.tensors}
@@ -118,15 +119,40 @@ def _run(lc, source, tmp, params, progress) -> None:
                 pass
 
     callback = lc.llama_log_callback(on_log)
+    # The quantizer runs in a daemon thread so that Ctrl-C (KeyboardInterrupt) and
+    # SIGTERM reach the main thread at once: the caller's cleanup removes the
+    # temporary file, and the process exits without waiting for llama.cpp. (In the
+    # main thread the interrupt was raised inside the log callback and swallowed by
+    # ctypes, and the run finished with exit 0.)
+    outcome: dict[str, object] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["rc"] = lc.llama_model_quantize(
+                str(source).encode(), str(tmp).encode(), ctypes.byref(params)
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
+        finally:
+            done.set()
+
     lc.llama_log_set(callback, None)
+    worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
+    worker.start()
     try:
-        rc = lc.llama_model_quantize(
-            str(source).encode(), str(tmp).encode(), ctypes.byref(params)
-        )
-    finally:
-        # back to llama-cpp-python's own logger; the C side keeps only a raw
-        # pointer, so the callback object must outlive the call (module-level)
-        lc.llama_log_set(_restore_logger(lc), None)
+        while not done.wait(0.1):
+            pass
+    except BaseException:
+        # llama.cpp still runs and logs through the callback: keep it alive for
+        # the rest of the process (the C side holds only a raw pointer)
+        _ABANDONED.append((callback, params))
+        raise
+    # back to llama-cpp-python's own logger
+    lc.llama_log_set(_restore_logger(lc), None)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    rc = outcome["rc"]
     if rc != 0:
         errors = [
             ln.strip()

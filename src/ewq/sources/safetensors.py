@@ -173,6 +173,16 @@ def _load_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def _is_plain_name(name: str) -> bool:
+    """A file name in the folder itself: no separators, no '..', not absolute."""
+    return (
+        name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+    )
+
+
 def _shards_from_index(folder: Path) -> list[TensorInfo]:
     index_path = folder / INDEX_FILE
     try:
@@ -192,7 +202,17 @@ def _shards_from_index(folder: Path) -> list[TensorInfo]:
         by_shard.setdefault(shard, []).append(name)
     infos: list[TensorInfo] = []
     for shard in sorted(by_shard):
+        if not isinstance(shard, str) or not _is_plain_name(shard):
+            raise FormatError(
+                f"{index_path}: shard {shard!r} is not a file of {folder} (a shard "
+                "index may name only files beside it); nothing outside was read"
+            )
         path = folder / shard
+        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+            raise FormatError(
+                f"{index_path}: shard {shard!r} links outside {folder}; nothing "
+                "outside was read"
+            )
         if not path.is_file():
             raise SourceNotFoundError(
                 f"{index_path}: shard '{shard}' (holding '{by_shard[shard][0]}' and "
