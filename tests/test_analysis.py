@@ -419,3 +419,25 @@ def test_bad_nan_in_a_norm_weight(
         "hf",
     )
     assert code == 1 and "holds 1 NaN" in err and not out.exists()
+
+
+def test_a_tensor_name_cannot_break_the_error_line(monkeypatch, capsys, tmp_path):
+    """Names come from the file: a newline or an escape sequence in one is shown
+    escaped, on the one error line, and never reaches the terminal raw."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    name = "model.layers.0.mlp.up_proj.weight\n\x1b[2J\x1b]0;owned\x07"
+    w = np.zeros((4, 4), np.float32)
+    w[0, 0] = float("nan")
+    save_file({name: w}, folder / "model.safetensors")
+    code, _, err = run(
+        monkeypatch, capsys, "analyze", str(folder / "model.safetensors")
+    )
+    assert code == 1
+    assert "\x1b" not in err and "\x07" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert all(ln.startswith("ewq: ") for ln in lines)  # warnings, then the error
+    errors = [ln for ln in lines if ln.startswith("ewq: error: ")]
+    assert len(errors) == 1 and "\\n\\x1b[2J" in errors[0]

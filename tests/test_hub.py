@@ -133,3 +133,39 @@ def test_fast_plan_reads_metadata_only(hub):
     planned = api.plan("tiny/llama", [Machine("m", 10**9)], method="fast")
     assert planned.analysis is None and planned.result.fits
     assert planned.index.metadata_only
+
+
+def test_a_stalled_hub_ends_in_one_line(monkeypatch, capsys):
+    """A server that accepts connections and never answers: the command ends by
+    itself (4 read timeouts) with one error line; it used to wait forever."""
+    import socket
+    import threading
+    import time
+
+    from test_cli import run
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(32)
+    held = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.getsockname()[1]}")
+    monkeypatch.setenv("EWQ_HUB_TIMEOUT", "1")
+    started = time.monotonic()
+    try:
+        code, _, err = run(monkeypatch, capsys, "inspect", "owner/stalled")
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
+    assert code == 1 and "did not answer within 4 s" in err
+    assert time.monotonic() - started < 20
+    assert len([ln for ln in err.splitlines() if ln.startswith("ewq: error:")]) == 1

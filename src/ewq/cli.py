@@ -764,15 +764,35 @@ def _root(
         bool, typer.Option("--version", help="Print the version.")
     ] = False,
 ) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("ewq: %(levelname)s: %(message)s"))
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
-        format="ewq: %(levelname)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
         force=True,
     )
     if version:
         out.print(f"ewq {__version__}")
         raise typer.Exit()
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line of printable characters: names taken from a file (a
+    tensor name with a newline or an escape sequence) cannot break the error line
+    or drive the user's terminal."""
+    return "".join(
+        ch
+        if ch.isprintable()
+        else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for ch in text
+    )
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Log records as one escaped line each (their text may hold names from files)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return one_line(super().format(record))
 
 
 def main() -> None:
@@ -797,7 +817,12 @@ def main() -> None:
     try:
         app()
     except EwqError as exc:
-        err.print(f"ewq: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        err.print(
+            f"ewq: error: {one_line(str(exc))}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
     except (KeyboardInterrupt, SystemExit) as exc:
         if not stopped:

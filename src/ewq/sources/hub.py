@@ -31,6 +31,69 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 
+_TIMEOUTS_SET = False
+
+
+def _timeout() -> float:
+    try:
+        value = float(os.environ.get("EWQ_HUB_TIMEOUT", "30"))
+    except ValueError:
+        return 30.0
+    return value if value > 0 else 30.0
+
+
+def _within_deadline(call, endpoint: str):
+    """``call()``, or a one-line error when the hub has not answered within four
+    read timeouts: huggingface_hub retries a stalled request five times with
+    backoff, which alone can take minutes. The abandoned request runs on in a
+    daemon thread and ends with the process."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="ewq-hub", daemon=True)
+    worker.start()
+    deadline = 4 * _timeout()
+    worker.join(deadline)
+    if worker.is_alive():
+        raise HubUnavailableError(
+            f"the hub at {endpoint} did not answer within {deadline:g} s "
+            "(EWQ_HUB_TIMEOUT sets the seconds per read)"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _ensure_timeouts() -> None:
+    """huggingface_hub's HTTP client waits forever by default (``timeout=None``): a
+    server that accepts and never answers hung ewq. Give its shared client connect
+    and read timeouts: ``EWQ_HUB_TIMEOUT`` seconds per read (default 60), 10 s to
+    connect. A timeout ends in the same one-line hub error as a refused connection."""
+    global _TIMEOUTS_SET
+    if _TIMEOUTS_SET:
+        return
+    from huggingface_hub.utils import _http
+
+    read = _timeout()
+    factory = _http.default_client_factory
+
+    def with_timeouts():
+        client = factory()
+        timeout_cls = type(client.timeout)
+        client.timeout = timeout_cls(read, connect=min(10.0, read))
+        return client
+
+    _http.set_client_factory(with_timeouts)
+    _TIMEOUTS_SET = True
+
+
 def is_hub_id(spec: str) -> bool:
     """True for ``owner/name`` (and ``hf://owner/name``) that is not a local path."""
     return bool(_REPO_ID.match(spec.removeprefix("hf://")))
@@ -99,13 +162,21 @@ class HubMetadataSource(TensorSource):
     ):
         from huggingface_hub import HfApi, errors, hf_hub_download
 
+        _ensure_timeouts()
         endpoint = _endpoint(endpoint)
         try:
             api = HfApi(endpoint=endpoint)
             # model_info first: it tells a missing repository from a repository
             # without safetensors, and pins the commit for the reads that follow.
-            info = api.model_info(repo_id, revision=revision)
-            meta = api.get_safetensors_metadata(repo_id, revision=info.sha or revision)
+            info = _within_deadline(
+                lambda: api.model_info(repo_id, revision=revision), endpoint
+            )
+            meta = _within_deadline(
+                lambda: api.get_safetensors_metadata(
+                    repo_id, revision=info.sha or revision
+                ),
+                endpoint,
+            )
             try:
                 path = hf_hub_download(
                     repo_id,
@@ -161,6 +232,7 @@ def open_hub(
         return HubMetadataSource(repo_id, revision=revision, endpoint=endpoint)
     from huggingface_hub import snapshot_download
 
+    _ensure_timeouts()
     endpoint = _endpoint(endpoint)
     try:
         folder = snapshot_download(

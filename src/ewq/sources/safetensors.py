@@ -173,6 +173,16 @@ def _load_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def _roots(folder: Path) -> list[Path]:
+    """Where a shard's link may point: the folder itself and, for a folder of the
+    huggingface_hub cache (``models--org--name/snapshots/REV``), the repository's
+    ``blobs`` folder, where the cache keeps the files the snapshot links to."""
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        roots.append((folder.parent.parent / "blobs").resolve())
+    return roots
+
+
 def _is_plain_name(name: str) -> bool:
     """A file name in the folder itself: no separators, no '..', not absolute."""
     return (
@@ -208,7 +218,9 @@ def _shards_from_index(folder: Path) -> list[TensorInfo]:
                 "index may name only files beside it); nothing outside was read"
             )
         path = folder / shard
-        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        if path.is_symlink() and not any(
+            path.resolve().is_relative_to(root) for root in _roots(folder)
+        ):
             raise FormatError(
                 f"{index_path}: shard {shard!r} links outside {folder}; nothing "
                 "outside was read"
