@@ -276,3 +276,78 @@ def test_a_shard_index_cannot_reach_outside_its_folder(tmp_path, sharded_llama):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(FormatError, match="links outside"):
         open_source(folder)
+
+
+def test_headers_cannot_make_ewq_allocate_without_bound(tmp_path, monkeypatch, capsys):
+    """A block numbered 10^12 in a tensor name, or 10^6 layers in config.json, is
+    refused in one line instead of allocating per block."""
+    import json
+
+    import numpy as np
+    import psutil
+    from safetensors.numpy import save_file
+    from test_cli import run
+
+    w = np.zeros((4, 4), np.float32)
+    f = tmp_path / "huge.safetensors"
+    save_file(
+        {
+            "model.layers.0.mlp.up_proj.weight": w,
+            "model.layers.1000000000000.mlp.up_proj.weight": w,
+        },
+        f,
+    )
+    before = psutil.Process().memory_info().rss
+    code, _, err = run(monkeypatch, capsys, "inspect", str(f))
+    assert code == 1 and "numbered 0..N-1" in err
+    assert psutil.Process().memory_info().rss - before < 200 * 2**20
+    cfg = tmp_path / "config.json"
+    doc = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 1_000_000,
+        "vocab_size": 100,
+    }
+    cfg.write_text(json.dumps(doc))
+    code, _, err = run(monkeypatch, capsys, "features", str(cfg))
+    assert code == 1 and "declares 1000000 layers" in err
+
+
+def test_gguf_block_count_that_disagrees_is_refused_before_llama_cpp(
+    tmp_path, monkeypatch, capsys
+):
+    """llama.cpp aborts the process (SIGABRT) on such a file: ewq refuses it first."""
+    import json
+
+    from models import Q, gguf_tensors, write_gguf
+    from test_cli import run
+
+    t = gguf_tensors("llama", 2, hidden=64)
+    t = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in t.items()}
+    bad = write_gguf(tmp_path / "bad.gguf", "llama", 0, t, hidden=64)
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "blocks": [{"exec_index": i, "precision": "8-bit"} for i in (2, 3)],
+            }
+        )
+    )
+    out = tmp_path / "o.gguf"
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(bad),
+        "--plan",
+        str(plan),
+        "--out",
+        str(out),
+    )
+    assert code == 1 and "block_count = 0" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "plan.json"]

@@ -234,6 +234,15 @@ def quantize(
             f"{source}: GGUF output needs a GGUF source; no maintained converter from "
             "Hugging Face checkpoints to GGUF is installable here (use --format hf)"
         )
+    arch = index.config.get("general.architecture")
+    declared = index.config.get(f"{arch}.block_count")
+    if declared != layout.num_blocks:
+        # llama.cpp asserts on a block count that disagrees with the tensors
+        # (SIGABRT): refuse it here, in one line
+        raise EwqError(
+            f"{source}: its metadata declares {arch}.block_count = {declared!r}, but "
+            f"its tensors hold {layout.num_blocks} blocks; llama.cpp cannot load it"
+        )
     targets = gguf_targets(index, layout, plan)
     path = index.files[0]
     written = quantize_gguf(path, targets, out, threads=threads, progress=progress)

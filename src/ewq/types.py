@@ -11,7 +11,12 @@ from enum import StrEnum
 from math import prod
 from typing import Any
 
+#: the most transformer blocks a model may declare (the largest published models
+#: have a few hundred); a header or config.json beyond it is refused, not allocated
+MAX_BLOCKS = 10_000
+
 __all__ = [
+    "MAX_BLOCKS",
     "BlockKind",
     "ModelIndex",
     "ParamKind",

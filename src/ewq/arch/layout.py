@@ -17,8 +17,16 @@ from ewq.arch.registry import (
     param_kind,
     template_of,
 )
-from ewq.errors import UnknownArchitectureError
-from ewq.types import BlockKind, ModelIndex, ParamKind, Role, TensorInfo, TensorKey
+from ewq.errors import FormatError, UnknownArchitectureError
+from ewq.types import (
+    MAX_BLOCKS,
+    BlockKind,
+    ModelIndex,
+    ParamKind,
+    Role,
+    TensorInfo,
+    TensorKey,
+)
 
 __all__ = ["Block", "ModelLayout", "resolve"]
 
@@ -185,6 +193,13 @@ def resolve(index: ModelIndex) -> ModelLayout:
             f"(architecture {label!r}; expected names like 'model.layers.0.…')"
         )
     num_blocks = max(block_numbers) + 1
+    distinct = len(set(block_numbers))
+    if num_blocks > min(distinct, MAX_BLOCKS):
+        raise FormatError(
+            f"{index.source}: tensor names number blocks up to {num_blocks - 1}, but "
+            f"only {distinct} block numbers hold tensors (a model's blocks are "
+            f"numbered 0..N-1, N at most {MAX_BLOCKS})"
+        )
     declared = _config_blocks(index, table_keys(table_name), label)
     if declared is not None and declared != num_blocks:
         log.warning(

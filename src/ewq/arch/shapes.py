@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ewq.arch.expr import ExprError, evaluate, names_in
 from ewq.arch.registry import find_table
 from ewq.errors import FormatError, UnknownArchitectureError
-from ewq.types import ModelIndex, TensorInfo
+from ewq.types import MAX_BLOCKS, ModelIndex, TensorInfo
 
 __all__ = ["analytic_families", "index_from_config"]
 
@@ -123,6 +123,11 @@ def index_from_config(config: Mapping[str, Any], source: str) -> ModelIndex:
     try:
         names = _names(config, table)
         n_layers = int(evaluate(table.layers or "num_hidden_layers", names))
+        if not 1 <= n_layers <= MAX_BLOCKS:
+            raise FormatError(
+                f"config.json declares {n_layers} layers; ewq plans models of 1 to "
+                f"{MAX_BLOCKS} (Llama-3.1-405B has 126)"
+            )
         # names that change from layer to layer: N and what is derived from it
         per_layer = {"N"}
         for key, expr in table.derived.items():
