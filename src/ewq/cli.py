@@ -812,8 +812,10 @@ def main() -> None:
         stopped.append(signum)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    previous = {
+        signum: signal.signal(signum, on_signal)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         app()
     except EwqError as exc:
@@ -830,3 +832,6 @@ def main() -> None:
         del exc
         err.print("ewq: interrupted; no partial output was left", markup=False)
         sys.exit(128 + stopped[0])
+    finally:  # in-process callers (tests, notebooks) get their handlers back
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -99,7 +99,9 @@ def plan_from_doc(doc: Any, origin: str = "plan") -> Plan:
                     "precision": b.get("decision"),
                     "num_parameters": b.get("num_parameters"),
                 }
-                for b in doc.get("blocks") or []
+                for b in (
+                    doc.get("blocks") if isinstance(doc.get("blocks"), list) else []
+                )
                 if isinstance(b, dict)
             ],
             "alpha": doc.get("alpha"),
@@ -129,6 +131,9 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         raise PlanError(f"{path}: cannot read the plan ({exc})") from exc
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise PlanError(f"{path}: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and integers of over 4,300 digits
+        first = str(exc).splitlines()[0][:200]
+        raise PlanError(f"{path}: not valid JSON ({first})") from None
     return plan_from_doc(doc, str(path))

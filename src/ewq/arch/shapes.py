@@ -23,6 +23,9 @@ from ewq.arch.registry import find_table
 from ewq.errors import FormatError, UnknownArchitectureError
 from ewq.types import MAX_BLOCKS, ModelIndex, TensorInfo
 
+_MAX_DIM = 2**40  # no tensor dimension of a real model comes near
+_MAX_EXPERTS = 4096
+
 __all__ = ["analytic_families", "index_from_config"]
 
 _DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
@@ -163,6 +166,13 @@ def index_from_config(config: Mapping[str, Any], source: str) -> ModelIndex:
                         if entry.experts and keep
                         else 1
                     )
+                    if any(d < 0 or d > _MAX_DIM for d in shape) or not (
+                        0 <= count <= _MAX_EXPERTS
+                    ):
+                        raise FormatError(
+                            f"{source}: config values give {template} the shape "
+                            f"{shape} x {count}, which no model has"
+                        )
                     cached = (keep, shape, count)
                 keep, shape, count = cached
                 if not keep:
@@ -178,7 +188,7 @@ def index_from_config(config: Mapping[str, Any], source: str) -> ModelIndex:
                 "model's shapes need"
             ) from None
         raise FormatError(f"{source}: {exc}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
         raise FormatError(
             f"{source}: config values do not give shapes ({exc})"
         ) from None

@@ -10,7 +10,6 @@ Two ways to the parameter counts, both exact:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from ewq.arch import ModelLayout, resolve
 from ewq.arch.shapes import index_from_config
 from ewq.errors import FormatError, SourceNotFoundError
 from ewq.sources import open_source
+from ewq.sources.documents import check_config, load_json
 from ewq.types import ModelIndex
 
 __all__ = ["BlockFeatures", "Features", "features", "features_from_config"]
@@ -73,14 +73,12 @@ def _from_index(
 
 def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SourceNotFoundError(f"no such file: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: not a JSON object")
-    return config
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: cannot read ({exc})") from exc
+    return check_config(load_json(text, str(path)), str(path))
 
 
 def features_from_config(

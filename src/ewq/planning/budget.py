@@ -24,6 +24,7 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
+_MAX_SIZE = float(2**60)  # 1 EiB
 _SIZE = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -54,7 +55,10 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
             )
     if not math.isfinite(value) or value < 0:
         raise BudgetError(f"{what}: {text!r} is negative or not a number")
-    return int(value * _UNITS[unit])
+    size = value * _UNITS[unit]
+    if not size < _MAX_SIZE:
+        raise BudgetError(f"{what}: {text!r} is larger than any machine (max 1 EiB)")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,8 @@ def load_cluster(path: str | Path, reserve: str | None = None) -> tuple[Machine,
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise BudgetError(f"{path}: not valid YAML ({first})") from None
+    except RecursionError:
+        raise BudgetError(f"{path}: YAML nested too deeply") from None
     machines = cluster_from_doc(doc, str(path))
     if reserve is None:
         return machines

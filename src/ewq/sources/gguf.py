@@ -12,6 +12,7 @@ Quantized tensors are dequantized to float32 as they are read (by whole rows, fo
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -195,7 +196,17 @@ def _parse(buf: memoryview, size: int, path: Path) -> GGUFHeader:
         ) from None
     except (ValueError, struct.error) as exc:
         raise FormatError(f"{path}: not a readable GGUF file ({exc})") from exc
-    align = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    align = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if (
+        isinstance(align, bool)
+        or not isinstance(align, int)
+        or not 1 <= align <= 1 << 20
+        or align & (align - 1)
+    ):
+        raise FormatError(
+            f"{path}: general.alignment {align!r:.40} is not a power of two "
+            "(llama.cpp reads only those)"
+        )
     data_offset = -(-cur.pos // align) * align
     tensors = [(n, s, q, data_offset + off) for n, s, q, off in raw]
     return GGUFHeader(version, metadata, tensors, data_offset)
@@ -203,7 +214,7 @@ def _parse(buf: memoryview, size: int, path: Path) -> GGUFHeader:
 
 def _nbytes(shape: tuple[int, ...], qtype: _Q) -> int:
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)  # Python integers: no int64 overflow to 0 bytes
     return n // block * type_size
 
 

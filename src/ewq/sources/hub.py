@@ -20,6 +20,7 @@ from typing import Any
 
 from ewq.errors import FormatError, HubUnavailableError
 from ewq.sources.base import TensorSource
+from ewq.sources.documents import check_config, load_json
 from ewq.sources.safetensors import SafetensorsSource, tensor_infos_from_header
 from ewq.types import ModelIndex, TensorInfo
 
@@ -184,8 +185,13 @@ class HubMetadataSource(TensorSource):
                     revision=info.sha or revision,
                     endpoint=endpoint,
                 )
-                with open(path, encoding="utf-8") as fh:
-                    config: dict[str, Any] = json.load(fh)
+                with open(path, "rb") as fh:
+                    config: dict[str, Any] = check_config(
+                        load_json(
+                            fh.read(), f"hub repository '{repo_id}': config.json"
+                        ),
+                        f"hub repository '{repo_id}': config.json",
+                    )
             except errors.EntryNotFoundError:
                 log.warning("hub repository '%s' has no config.json", repo_id)
                 config = {}

@@ -9,8 +9,8 @@ JSON header, then the data.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import struct
 import threading
@@ -23,6 +23,7 @@ import numpy as np
 
 from ewq.errors import FormatError, SourceNotFoundError
 from ewq.sources.base import TensorSource
+from ewq.sources.documents import check_config, load_json
 from ewq.types import ModelIndex, TensorInfo
 
 __all__ = [
@@ -86,12 +87,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 def parse_header(raw: bytes, where: Path | str) -> dict[str, Any]:
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(
-            f"{where}: corrupt safetensors header (not valid JSON: {exc})"
-        ) from exc
+    header = load_json(raw, f"{where}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise FormatError(f"{where}: corrupt safetensors header (not a JSON object)")
     return header
@@ -115,8 +111,10 @@ def tensor_infos_from_header(
         ):
             raise FormatError(f"{file}: corrupt header entry for tensor '{name}'")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
-            raise FormatError(f"{file}: tensor '{name}' has unknown dtype '{dtype}'")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise FormatError(
+                f"{file}: tensor '{name}' has unknown dtype {str(dtype)[:40]!r}"
+            )
         if (
             not isinstance(shape, list)
             or not all(isinstance(d, int) and d >= 0 for d in shape)
@@ -129,7 +127,8 @@ def tensor_infos_from_header(
                 f"{file}: tensor '{name}' has a corrupt shape or data_offsets"
             )
         begin, end = offsets
-        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        # Python integers: an int64 product of [2**32, 2**32] wraps to 0 bytes
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != expected:
             raise FormatError(
                 f"{file}: tensor '{name}' spans {end - begin} bytes but its shape "
@@ -165,12 +164,10 @@ def _load_config(folder: Path) -> dict[str, Any]:
         )
         return {}
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: not a JSON object")
-    return config
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: cannot read ({exc})") from exc
+    return check_config(load_json(text, str(path)), str(path))
 
 
 def _roots(folder: Path) -> list[Path]:
@@ -196,16 +193,11 @@ def _is_plain_name(name: str) -> bool:
 def _shards_from_index(folder: Path) -> list[TensorInfo]:
     index_path = folder / INDEX_FILE
     try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        doc = load_json(index_path.read_bytes(), f"{index_path}: corrupt shard index")
+        weight_map = doc["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (
-        OSError,
-        UnicodeDecodeError,
-        KeyError,
-        TypeError,
-        json.JSONDecodeError,
-    ) as exc:
+    except (OSError, KeyError, TypeError) as exc:
         raise FormatError(f"{index_path}: corrupt shard index ({exc})") from exc
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():

@@ -1,0 +1,140 @@
+"""Hand-made bad inputs, one per class the hostile-user tryout found (issue 13):
+each ends in one `ewq: error:` line and exit 1, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+from models import Q, gguf_tensors, write_gguf
+from test_cli import run
+
+
+def one_error(monkeypatch, capsys, *argv) -> str:
+    code, _, err = run(monkeypatch, capsys, *argv)
+    assert "Traceback" not in err, err
+    assert code == 1, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("ewq: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ('"vocab_size": Infinity', "not valid JSON"),
+        ('"vocab_size": ' + "9" * 5000, "not valid JSON"),
+        ('"num_attention_heads": 0', "num_attention_heads must be at least 1"),
+        ('"architectures": [1, 2]', "architectures must be a list of names"),
+        ('"tie_word_embeddings": "false"', "tie_word_embeddings must be true or false"),
+        ('"hidden_size": -64', "hidden_size = -64 is out of range"),
+        ('"x": ' + "[" * 5000 + "]" * 5000, "JSON nested"),
+    ],
+)
+def test_bad_config_json(monkeypatch, capsys, tmp_path, tiny_models, change, message):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], folder)
+    text = (folder / "config.json").read_text().rstrip().rstrip("}")
+    key = change.split(":")[0]
+    doc = json.loads((folder / "config.json").read_text())
+    doc.pop(json.loads(key), None)
+    text = json.dumps(doc)[:-1] + ", " + change + "}"
+    (folder / "config.json").write_text(text)
+    for argv in (["inspect", str(folder)], ["features", str(folder / "config.json")]):
+        assert message in one_error(monkeypatch, capsys, *argv)
+
+
+def _safetensors(path, header: dict, data: bytes = b"\0" * 64):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"dtype": ["F32"], "shape": [4, 4], "data_offsets": [0, 64]}, "unknown dtype"),
+        (
+            {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]},
+            "needs 73786976294838206464",
+        ),
+    ],
+)
+def test_bad_safetensors_header(monkeypatch, capsys, tmp_path, entry, message):
+    f = _safetensors(
+        tmp_path / "m.safetensors", {"model.layers.0.mlp.up_proj.weight": entry}
+    )
+    assert message in one_error(monkeypatch, capsys, "inspect", str(f))
+
+
+@pytest.mark.parametrize("value", [0, 3, 2**31])
+def test_bad_gguf_alignment(monkeypatch, capsys, tmp_path, value):
+    import gguf
+
+    f = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(f, "llama")
+    w.add_block_count(1)
+    w.add_custom_alignment(32)  # then patched: the writer needs a sane one
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = bytearray(f.read_bytes())
+    key = b"general.alignment"
+    at = data.index(key) + len(key)
+    (vtype,) = struct.unpack_from("<I", data, at)
+    assert vtype == 4  # uint32
+    struct.pack_into("<I", data, at + 4, value)
+    f.write_bytes(bytes(data))
+    assert "general.alignment" in one_error(monkeypatch, capsys, "inspect", str(f))
+
+
+def test_analysis_json_with_blocks_a_number_as_plan(monkeypatch, capsys, tmp_path):
+    t = gguf_tensors("llama", 2, hidden=64)
+    t = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in t.items()}
+    src = write_gguf(tmp_path / "m.gguf", "llama", 2, t, hidden=64)
+    plan = tmp_path / "a.json"
+    plan.write_text(
+        json.dumps({"schema_version": 1, "kind": "ewq-analysis", "blocks": 7})
+    )
+    line = one_error(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(src),
+        "--plan",
+        str(plan),
+        "--out",
+        str(tmp_path / "o.gguf"),
+    )
+    assert "no precision for block" in line
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"schema_version": 1, "blocks": ' + "[" * 5000 + "]" * 5000 + "}")
+    line = one_error(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(src),
+        "--plan",
+        str(deep),
+        "--out",
+        str(tmp_path / "o.gguf"),
+    )
+    assert "nested too deeply" in line
+
+
+def test_absurd_sizes(monkeypatch, capsys, tmp_path, tiny_models):
+    model = str(tiny_models["llama"])
+    line = one_error(monkeypatch, capsys, "plan", model, "--memory", "1e308TB")
+    assert "larger than any machine" in line
+    c = tmp_path / "c.yaml"
+    c.write_text("machines:\n  - {name: a, memory: 1e308TB}\n")
+    line = one_error(monkeypatch, capsys, "plan", model, "--cluster", str(c))
+    assert "larger than any machine" in line
+    c.write_text("machines: " + "[" * 3000 + "]" * 3000 + "\n")
+    line = one_error(monkeypatch, capsys, "plan", model, "--cluster", str(c))
+    assert "nested too deeply" in line
