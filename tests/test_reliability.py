@@ -138,3 +138,51 @@ def test_absurd_sizes(monkeypatch, capsys, tmp_path, tiny_models):
     c.write_text("machines: " + "[" * 3000 + "]" * 3000 + "\n")
     line = one_error(monkeypatch, capsys, "plan", model, "--cluster", str(c))
     assert "nested too deeply" in line
+
+
+def test_skops_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch, capsys):
+    import zipfile
+
+    bomb = tmp_path / "bomb.skops"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("schema.json", "{}")
+        zf.writestr("big.bin", b"\0" * (300 * 2**20))  # deflates to ~300 KB
+    assert bomb.stat().st_size < 2 * 2**20
+    cfg = tmp_path / "config.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "num_hidden_layers": 2,
+                "vocab_size": 100,
+            }
+        )
+    )
+    line = one_error(
+        monkeypatch,
+        capsys,
+        "plan",
+        str(cfg),
+        "--memory",
+        "1GB",
+        "--method",
+        "fast",
+        "--classifier",
+        str(bomb),
+    )
+    assert "inflates to" in line
+
+
+def test_dataset_csv_with_a_byte_order_mark_is_read(tmp_path):
+    from ewq.fast.dataset import read_dataset
+
+    cols = "model_name,num_blocks,exec_index,num_parameters,quantization_type,quantized"
+    f = tmp_path / "d.csv"
+    f.write_bytes(b"\xef\xbb\xbf" + f"{cols}\nm,1,2,10,raw,0\n".encode())
+    rows = read_dataset(f)
+    assert rows[0]["model_name"] == "m" and rows[0]["exec_index"] == 2

@@ -252,6 +252,9 @@ def default_model_path() -> Path:
     return Path(str(files("ewq.fast") / "data" / "fastewq.skops"))
 
 
+MAX_INFLATED = 256 * 2**20
+
+
 def load_model(path: str | Path | None = None) -> dict[str, Any]:
     """Load a stored classifier, refusing any type outside :data:`TRUSTED`."""
 
@@ -266,6 +269,18 @@ def load_model(path: str | Path | None = None) -> dict[str, Any]:
 def _load(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     import skops.io as sio
 
+    # a zip bomb (a few MB that inflate to gigabytes) is refused before skops
+    # inflates anything: the shipped classifier holds under 2 MB uncompressed
+    try:
+        with zipfile.ZipFile(path) as zf:
+            inflated = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise EwqError(f"{path}: not a readable skops file ({exc})") from None
+    if inflated > MAX_INFLATED:
+        raise EwqError(
+            f"{path}: refusing to load: it inflates to {inflated:,} bytes (at most "
+            f"{MAX_INFLATED:,})"
+        )
     try:
         untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in TRUSTED]
     except Exception as exc:  # noqa: BLE001 - any failure to parse is a bad file

@@ -150,7 +150,8 @@ def read_dataset(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a dataset CSV, typed and checked (required columns, labels)."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header: Sequence[str] = reader.fieldnames or []
             missing = [c for c in REQUIRED if c not in header]
