@@ -555,3 +555,31 @@ def test_a_signal_stops_quantize_at_once_and_leaves_nothing(
     assert signal.Signals(signum).name in ("SIGINT", "SIGTERM") and os.path.exists(
         big_f16_gguf
     )
+
+
+def test_the_record_is_in_place_before_the_model(monkeypatch, tmp_path, llama_f16_gguf):
+    """The provenance record is written before the model is renamed into place, so
+    a kill between the two leaves no new model beside a missing or stale record."""
+    import os
+
+    from ewq import api
+
+    out = tmp_path / "o.gguf"
+    seen = []
+    real = os.replace
+
+    def spy(a, b):
+        if str(b) == str(out):
+            seen.append((tmp_path / "o.gguf.ewq.json").exists())
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", spy)
+    record = tmp_path / "o.gguf.ewq.json"
+    api.quantize(
+        llama_f16_gguf,
+        uniform_plan("8-bit", 2),
+        out,
+        record=lambda q: record.write_text(json.dumps({"bytes": q.file_bytes})),
+    )
+    assert seen == [True]
+    assert json.loads(record.read_text())["bytes"] == out.stat().st_size

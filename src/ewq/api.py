@@ -188,6 +188,7 @@ def quantize(
     format: str = "gguf",
     threads: int | None = None,
     force: bool = False,
+    record: Callable[[Quantized], None] | None = None,
     progress: Progress | None = None,
 ) -> Quantized:
     """Write ``source`` quantized block by block as ``plan`` says.
@@ -195,7 +196,9 @@ def quantize(
     The plan is checked against the model before anything is written; the output
     appears atomically (temporary file, then rename) or not at all. An output that
     would overwrite an input, or an existing folder, is refused (ewq.outputs);
-    ``force`` replaces an earlier ewq output folder.
+    ``force`` replaces an earlier ewq output folder. ``record(result)`` runs after
+    the output is checked and before it is renamed into place: the CLI writes the
+    provenance record there, so a model never sits beside a missing or stale one.
     """
     if format not in ("gguf", "hf"):
         raise EwqError(f"unknown output format '{format}' (gguf or hf)")
@@ -226,7 +229,7 @@ def quantize(
             f"{', '.join(p.value for p in offered(format))})"
         )
     if format == "hf":
-        return _quantize_hf(source, index, layout, plan, out, progress)
+        return _quantize_hf(source, index, layout, plan, out, progress, record)
     from ewq.quant.gguf import quantize_gguf
 
     if index.format != "gguf":
@@ -245,21 +248,32 @@ def quantize(
         )
     targets = gguf_targets(index, layout, plan)
     path = index.files[0]
-    written = quantize_gguf(path, targets, out, threads=threads, progress=progress)
-    return Quantized(
-        source=str(source),
-        out=out,
-        format=format,
-        plan=plan,
-        targets=tuple(targets),
-        written=written,
-        predicted_bytes=sum(t.nbytes for t in targets),
-        file_bytes=out.stat().st_size,
-        llama_quantize_args=tuple(llama_quantize_args(targets, path, str(out))),
+    made: list[Quantized] = []
+
+    def commit(tmp: Path, written: dict[str, str]) -> None:
+        made.append(
+            Quantized(
+                source=str(source),
+                out=out,
+                format=format,
+                plan=plan,
+                targets=tuple(targets),
+                written=written,
+                predicted_bytes=sum(t.nbytes for t in targets),
+                file_bytes=tmp.stat().st_size,
+                llama_quantize_args=tuple(llama_quantize_args(targets, path, str(out))),
+            )
+        )
+        if record is not None:
+            record(made[0])
+
+    quantize_gguf(
+        path, targets, out, threads=threads, progress=progress, before_commit=commit
     )
+    return made[0]
 
 
-def _quantize_hf(source, index, layout, plan, out, progress) -> Quantized:
+def _quantize_hf(source, index, layout, plan, out, progress, record) -> Quantized:
     from ewq.quant.hf import quantize_hf
 
     folder = Path(index.files[0]).parent
@@ -273,18 +287,27 @@ def _quantize_hf(source, index, layout, plan, out, progress) -> Quantized:
     with open_source(source) as src:
         for _ in src.iter_tensors(check=True):
             pass
-    sizes = quantize_hf(folder, targets, out, progress=progress)
-    return Quantized(
-        source=str(source),
-        out=out,
-        format="hf",
-        plan=plan,
-        targets=tuple(targets),
-        written={t.name: t.type for t in targets if t.name in sizes},
-        predicted_bytes=sum(t.nbytes for t in targets),
-        file_bytes=sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
-        llama_quantize_args=(),
-    )
+    made: list[Quantized] = []
+
+    def commit(tmp: Path, sizes: dict[str, int]) -> None:
+        made.append(
+            Quantized(
+                source=str(source),
+                out=out,
+                format="hf",
+                plan=plan,
+                targets=tuple(targets),
+                written={t.name: t.type for t in targets if t.name in sizes},
+                predicted_bytes=sum(t.nbytes for t in targets),
+                file_bytes=sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()),
+                llama_quantize_args=(),
+            )
+        )
+        if record is not None:
+            record(made[0])
+
+    quantize_hf(folder, targets, out, progress=progress, before_commit=commit)
+    return made[0]
 
 
 @dataclass(frozen=True)

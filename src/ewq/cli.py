@@ -563,7 +563,8 @@ def quantize(
     ] = False,
 ) -> None:
     """Write the model quantized block by block as the plan says, with a provenance record."""
-    _outputs((source, plan), out_path=provenance_path(out_path))
+    record = provenance_path(out_path)  # written first, then the model renamed
+    _outputs((source, plan), out_path=record)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -579,13 +580,12 @@ def quantize(
             format=format.value,
             threads=threads,
             force=force,
+            record=lambda q: _write_json(record, provenance_json(q, __version__)),
             progress=lambda done, total, name: bar.update(
                 task, completed=done, total=total
             ),
         )
     out.print(quantize_table(result))
-    record = provenance_path(result.out)
-    _write_json(record, provenance_json(result, __version__))
     err.print(f"wrote {result.out}")
     if result.llama_quantize_args:
         err.print(f"the llama-quantize command doing the same is in {record.name}")

@@ -46,8 +46,13 @@ def quantize_gguf(
     *,
     threads: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    before_commit: Callable[[Path, dict[str, str]], None] | None = None,
 ) -> dict[str, str]:
     """Write ``source`` quantized as ``targets`` say; return the types written.
+
+    ``before_commit(tmp, written)`` runs after the check and before the rename (the
+    caller writes the provenance record there, so a model never sits beside a
+    missing or stale record).
 
     Raises :class:`FormatError` (and writes nothing) if llama.cpp fails or writes a
     type other than predicted.
@@ -74,6 +79,8 @@ def quantize_gguf(
     with _lock, atomic_path_for_native(out) as tmp:
         _run(lc, source, tmp, params, progress)
         written = _check_written(tmp, targets)
+        if before_commit is not None:
+            before_commit(tmp, written)
     return written
 
 

@@ -51,6 +51,7 @@ def quantize_hf(
     out: str | Path,
     *,
     progress: Callable[[int, int, str], None] | None = None,
+    before_commit: Callable[[Path, dict[str, int]], None] | None = None,
 ) -> dict[str, int]:
     """Write the checkpoint in ``folder`` quantized per ``targets`` into folder ``out``.
 
@@ -146,6 +147,8 @@ def quantize_hf(
                 if not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
         written = _check_written(tmp, targets)
+        if before_commit is not None:
+            before_commit(tmp, written)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
