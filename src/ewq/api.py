@@ -670,9 +670,8 @@ def train_fastewq(
 
     rows = read_dataset(dataset)
     st = study(rows, seed=seed)
-    save_model(st, out, Path(dataset).name)
     report = None
-    if report_dir is not None:
+    if report_dir is not None:  # the report first: a report that fails leaves no model
         report = write_report(
             st,
             rows,
@@ -681,6 +680,7 @@ def train_fastewq(
             model_path=Path(out).name,
             paper_tables=paper_tables,
         )
+    save_model(st, out, Path(dataset).name)
     return st, report
 
 

@@ -300,6 +300,8 @@ def fast_train(
     """Train the six classifiers, write the report, store the random forest."""
     _outputs((dataset,), out=out_path)
     report_dir = report or out_path.with_suffix("").with_name(out_path.stem + "-report")
+    if report_dir.exists() and not report_dir.is_dir():
+        raise EwqError(f"--report {report_dir} is a file; the report is a folder")
     st, path = api.train_fastewq(
         dataset, out_path, report_dir=report_dir, paper_tables=paper, seed=seed
     )

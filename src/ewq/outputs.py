@@ -80,6 +80,11 @@ def check_output(
             raise OutputError(
                 f"{option} {out} would overwrite the input {src}; choose another path"
             )
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the folder that will hold the new folders
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {out}: {parent} is not writable")
     try:
         st = out.lstat()
     except FileNotFoundError:
