@@ -186,3 +186,31 @@ def test_dataset_csv_with_a_byte_order_mark_is_read(tmp_path):
     f.write_bytes(b"\xef\xbb\xbf" + f"{cols}\nm,1,2,10,raw,0\n".encode())
     rows = read_dataset(f)
     assert rows[0]["model_name"] == "m" and rows[0]["exec_index"] == 2
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            [
+                f"a,6,{i},{1000 + i},{'8-bit' if i % 2 else 'raw'},{i % 2}"
+                for i in range(2, 8)
+            ],
+            "needs at least 2",
+        ),
+        (
+            [f"{m},6,{i},{1000 + i},raw,0" for m in "abc" for i in range(2, 8)]
+            + ["a,6,9,1,8-bit,1"],
+            "at least 2 of each",
+        ),
+        (["a,6,2,100000000000000000000,raw,0"], "out of range"),
+    ],
+)
+def test_datasets_the_study_cannot_use(tmp_path, monkeypatch, capsys, rows, message):
+    cols = "model_name,num_blocks,exec_index,num_parameters,quantization_type,quantized"
+    f = tmp_path / "d.csv"
+    f.write_text(cols + "\n" + "\n".join(rows) + "\n")
+    line = one_error(
+        monkeypatch, capsys, "fast", "train", str(f), "--out", str(tmp_path / "m.skops")
+    )
+    assert message in line and not (tmp_path / "m.skops").exists()

@@ -146,6 +146,9 @@ def write_dataset(
     return n
 
 
+_MAX_COUNT = 2**53  # beyond this a count is no model's, and floats lose it
+
+
 def read_dataset(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a dataset CSV, typed and checked (required columns, labels)."""
     path = Path(path)
@@ -173,6 +176,11 @@ def read_dataset(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                     raise DatasetError(f"{path}: line {k}: {exc}") from None
                 if row["quantized"] not in (0, 1):
                     raise DatasetError(f"{path}: line {k}: quantized must be 0 or 1")
+                for key in ("num_blocks", "exec_index", "num_parameters"):
+                    if not 0 <= row[key] <= _MAX_COUNT:
+                        raise DatasetError(
+                            f"{path}: line {k}: {key} {row[key]:.3g} is out of range"
+                        )
                 rows.append(row)
     except FileNotFoundError:
         raise SourceNotFoundError(f"no such dataset: {path}") from None
@@ -180,4 +188,17 @@ def read_dataset(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         raise FormatError(f"{path}: cannot read the dataset ({exc})") from exc
     if not rows:
         raise DatasetError(f"{path}: the dataset has no rows")
+    models = {r["model_name"] for r in rows}
+    if len(models) < 2:
+        raise DatasetError(
+            f"{path}: rows from {len(models)} model; the study holds one model out at "
+            "a time and needs at least 2"
+        )
+    for label in (0, 1):
+        n = sum(1 for r in rows if r["quantized"] == label)
+        if n < 2:
+            raise DatasetError(
+                f"{path}: {n} row(s) with quantized = {label}; a stratified split "
+                "needs at least 2 of each"
+            )
     return rows
