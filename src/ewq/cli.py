@@ -527,7 +527,9 @@ def compare(
     for c in cols:
         table.add_column(c.replace("ewq ", ""), justify="right")
     for r in rows:
-        table.add_row(r["size_of"], *(f"{r[c]:.4f}" if c in r else "-" for c in cols))
+        table.add_row(
+            r["size_of"], *(f"{max(r[c], 0.0):.4f}" if c in r else "-" for c in cols)
+        )
     out.print(table)
     err.print(f"wrote {out_dir}/README.md, compare.json, size_vs_kl.png")
 

@@ -228,6 +228,8 @@ def compare(
 def _curve(name: str) -> str:
     if name.startswith("ewq random"):
         return "ewq random (mean of seeds)"
+    if name.startswith("llama.cpp"):
+        return "llama.cpp preset"
     return name
 
 
@@ -277,7 +279,8 @@ def _write(result: dict[str, Any], out: Path) -> None:
             continue
         md.append(
             f"| {r['size_of']} | {r['plan']} | {r['bytes'] / 1e6:.2f} | {r['blocks']} | "
-            f"{r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {r['top1_agreement']:.4f} | "
+            f"{max(r['kl_mean'], 0.0):.4f} | {max(r['kl_p99'], 0.0):.3f} | "
+            f"{r['top1_agreement']:.4f} | "
             f"{r['perplexity']:.3f} |"
         )
     md += ["", "## Summary: mean KL at each preset's size", ""]
@@ -288,7 +291,7 @@ def _write(result: dict[str, Any], out: Path) -> None:
     for row in summ:
         md.append(
             f"| {row['size_of']} | "
-            + " | ".join(f"{row[c]:.4f}" if c in row else "-" for c in cols)
+            + " | ".join(f"{max(row[c], 0.0):.4f}" if c in row else "-" for c in cols)
             + " |"
         )
     md += [
