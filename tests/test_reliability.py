@@ -214,3 +214,75 @@ def test_datasets_the_study_cannot_use(tmp_path, monkeypatch, capsys, rows, mess
         monkeypatch, capsys, "fast", "train", str(f), "--out", str(tmp_path / "m.skops")
     )
     assert message in line and not (tmp_path / "m.skops").exists()
+
+
+def test_outputs_refused_before_any_work(monkeypatch, capsys, tmp_path, tiny_models):
+    """A provenance path that is a folder, a --report that is a file, an empty
+    --json: refused before anything is written (each used to leave a file)."""
+    t = gguf_tensors("llama", 2, hidden=64)
+    t = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in t.items()}
+    src = write_gguf(tmp_path / "m.gguf", "llama", 2, t, hidden=64)
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "blocks": [{"exec_index": i, "precision": "8-bit"} for i in (2, 3)],
+            }
+        )
+    )
+    (tmp_path / "o.gguf.ewq.json").mkdir()  # the record's path is a folder
+    line = one_error(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(src),
+        "--plan",
+        str(plan),
+        "--out",
+        str(tmp_path / "o.gguf"),
+    )
+    assert "is a folder" in line and not (tmp_path / "o.gguf").exists()
+    cols = "model_name,num_blocks,exec_index,num_parameters,quantization_type,quantized"
+    rows = [
+        f"{m},6,{i},{1000 + i},{'8-bit' if i % 2 else 'raw'},{i % 2}"
+        for m in "ab"
+        for i in range(2, 8)
+    ]
+    data = tmp_path / "d.csv"
+    data.write_text(cols + "\n" + "\n".join(rows) + "\n")
+    (tmp_path / "r.txt").write_text("a file")
+    line = one_error(
+        monkeypatch,
+        capsys,
+        "fast",
+        "train",
+        str(data),
+        "--out",
+        str(tmp_path / "m.skops"),
+        "--report",
+        str(tmp_path / "r.txt"),
+    )
+    assert "is a file" in line and not (tmp_path / "m.skops").exists()
+    code, _, err = run(monkeypatch, capsys, "inspect", str(src), "--json", "")
+    assert code == 1 and "give a file name" in err
+
+
+def test_a_cluster_host_with_a_lone_surrogate(
+    monkeypatch, capsys, tmp_path, tiny_models
+):
+    c = tmp_path / "c.yaml"
+    c.write_text('machines:\n  - {name: a, memory: 1GB, host: "\\ud800:1"}\n')
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "plan",
+        str(tiny_models["llama"]),
+        "--cluster",
+        str(c),
+        "--context",
+        "0",
+        "--criterion",
+        "position",
+    )
+    assert code in (0, 1) and "Traceback" not in err
