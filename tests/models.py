@@ -243,3 +243,19 @@ def shared_data() -> Path:
     raise FileNotFoundError(
         "shared evaluation data not found: set EWQ_SHARED_DATA to the shared/data folder"
     )
+
+
+def f16_gguf(path: Path, n_blocks: int = 2, hidden: int = 64, **kw) -> Path:
+    """A float Llama GGUF (F16 matrices, F32 norms) llama.cpp can load and quantize."""
+    t = gguf_tensors("llama", n_blocks, hidden=hidden)
+    t = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in t.items()}
+    return write_gguf(path, "llama", kw.get("block_count", n_blocks), t, hidden=hidden)
+
+
+def plan_file(path: Path, precision: str, n_blocks: int = 2) -> Path:
+    """A plan putting every transformer block at one precision."""
+    import json
+
+    blocks = [{"exec_index": i, "precision": precision} for i in range(2, n_blocks + 2)]
+    path.write_text(json.dumps({"schema_version": 1, "blocks": blocks}))
+    return path

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import plan_file
 from test_cli import run
 
 from ewq import api
@@ -396,15 +397,7 @@ def test_bad_nan_in_a_norm_weight(
     save_file(state, folder / "model.safetensors")
     line = bad_analyze(monkeypatch, capsys, tmp_path, str(folder))
     assert "'model.layers.0.input_layernorm.weight' holds 1 NaN" in line
-    plan = tmp_path / "plan.json"
-    plan.write_text(
-        json.dumps(
-            {
-                "schema_version": 1,
-                "blocks": [{"exec_index": i, "precision": "4-bit"} for i in (2, 3)],
-            }
-        )
-    )
+    plan = plan_file(tmp_path / "plan.json", "4-bit")
     out = tmp_path / "q"
     code, _, err = run(
         monkeypatch,

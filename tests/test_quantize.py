@@ -511,12 +511,9 @@ def test_hf_refuses_a_precision_it_does_not_offer(
 @pytest.fixture(scope="module")
 def big_f16_gguf(tmp_path_factory):
     """An F16 Llama large enough (8 blocks of 1024) that quantizing takes seconds."""
-    from models import Q, gguf_tensors, write_gguf
+    from models import f16_gguf
 
-    t = gguf_tensors("llama", 8, hidden=1024)
-    t = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in t.items()}
-    root = tmp_path_factory.mktemp("big")
-    return write_gguf(root / "big.gguf", "llama", 8, t, hidden=1024)
+    return f16_gguf(tmp_path_factory.mktemp("big") / "big.gguf", 8, hidden=1024)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 import pytest
-from models import Q, gguf_tensors, write_gguf
+from models import f16_gguf, plan_file
 from test_cli import run
 
 
@@ -45,6 +45,19 @@ def test_bad_config_json(monkeypatch, capsys, tmp_path, tiny_models, change, mes
     (folder / "config.json").write_text(text)
     for argv in (["inspect", str(folder)], ["features", str(folder / "config.json")]):
         assert message in one_error(monkeypatch, capsys, *argv)
+
+
+def quantize_error(monkeypatch, capsys, src, plan, out) -> str:
+    return one_error(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(src),
+        "--plan",
+        str(plan),
+        "--out",
+        str(out),
+    )
 
 
 def _safetensors(path, header: dict, data: bytes = b"\0" * 64):
@@ -94,36 +107,16 @@ def test_bad_gguf_alignment(monkeypatch, capsys, tmp_path, value):
 
 
 def test_analysis_json_with_blocks_a_number_as_plan(monkeypatch, capsys, tmp_path):
-    t = gguf_tensors("llama", 2, hidden=64)
-    t = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in t.items()}
-    src = write_gguf(tmp_path / "m.gguf", "llama", 2, t, hidden=64)
+    src = f16_gguf(tmp_path / "m.gguf")
     plan = tmp_path / "a.json"
     plan.write_text(
         json.dumps({"schema_version": 1, "kind": "ewq-analysis", "blocks": 7})
     )
-    line = one_error(
-        monkeypatch,
-        capsys,
-        "quantize",
-        str(src),
-        "--plan",
-        str(plan),
-        "--out",
-        str(tmp_path / "o.gguf"),
-    )
+    line = quantize_error(monkeypatch, capsys, src, plan, tmp_path / "o.gguf")
     assert "no precision for block" in line
     deep = tmp_path / "deep.json"
     deep.write_text('{"schema_version": 1, "blocks": ' + "[" * 5000 + "]" * 5000 + "}")
-    line = one_error(
-        monkeypatch,
-        capsys,
-        "quantize",
-        str(src),
-        "--plan",
-        str(deep),
-        "--out",
-        str(tmp_path / "o.gguf"),
-    )
+    line = quantize_error(monkeypatch, capsys, src, deep, tmp_path / "o.gguf")
     assert "nested too deeply" in line
 
 
@@ -183,9 +176,14 @@ def test_dataset_csv_with_a_byte_order_mark_is_read(tmp_path):
 
     cols = "model_name,num_blocks,exec_index,num_parameters,quantization_type,quantized"
     f = tmp_path / "d.csv"
-    f.write_bytes(b"\xef\xbb\xbf" + f"{cols}\nm,1,2,10,raw,0\n".encode())
-    rows = read_dataset(f)
-    assert rows[0]["model_name"] == "m" and rows[0]["exec_index"] == 2
+    rows = [
+        f"{m},2,{i},10,{p},{q}"
+        for m in "mn"
+        for i, p, q in ((2, "raw", 0), (3, "8-bit", 1))
+    ]
+    f.write_bytes(b"\xef\xbb\xbf" + (cols + "\n" + "\n".join(rows) + "\n").encode())
+    got = read_dataset(f)
+    assert got[0]["model_name"] == "m" and got[0]["exec_index"] == 2
 
 
 @pytest.mark.parametrize(
@@ -219,29 +217,10 @@ def test_datasets_the_study_cannot_use(tmp_path, monkeypatch, capsys, rows, mess
 def test_outputs_refused_before_any_work(monkeypatch, capsys, tmp_path, tiny_models):
     """A provenance path that is a folder, a --report that is a file, an empty
     --json: refused before anything is written (each used to leave a file)."""
-    t = gguf_tensors("llama", 2, hidden=64)
-    t = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in t.items()}
-    src = write_gguf(tmp_path / "m.gguf", "llama", 2, t, hidden=64)
-    plan = tmp_path / "plan.json"
-    plan.write_text(
-        json.dumps(
-            {
-                "schema_version": 1,
-                "blocks": [{"exec_index": i, "precision": "8-bit"} for i in (2, 3)],
-            }
-        )
-    )
+    src = f16_gguf(tmp_path / "m.gguf")
+    plan = plan_file(tmp_path / "plan.json", "8-bit")
     (tmp_path / "o.gguf.ewq.json").mkdir()  # the record's path is a folder
-    line = one_error(
-        monkeypatch,
-        capsys,
-        "quantize",
-        str(src),
-        "--plan",
-        str(plan),
-        "--out",
-        str(tmp_path / "o.gguf"),
-    )
+    line = quantize_error(monkeypatch, capsys, src, plan, tmp_path / "o.gguf")
     assert "is a folder" in line and not (tmp_path / "o.gguf").exists()
     cols = "model_name,num_blocks,exec_index,num_parameters,quantization_type,quantized"
     rows = [

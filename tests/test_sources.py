@@ -321,23 +321,12 @@ def test_gguf_block_count_that_disagrees_is_refused_before_llama_cpp(
     tmp_path, monkeypatch, capsys
 ):
     """llama.cpp aborts the process (SIGABRT) on such a file: ewq refuses it first."""
-    import json
 
-    from models import Q, gguf_tensors, write_gguf
+    from models import f16_gguf, plan_file
     from test_cli import run
 
-    t = gguf_tensors("llama", 2, hidden=64)
-    t = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in t.items()}
-    bad = write_gguf(tmp_path / "bad.gguf", "llama", 0, t, hidden=64)
-    plan = tmp_path / "plan.json"
-    plan.write_text(
-        json.dumps(
-            {
-                "schema_version": 1,
-                "blocks": [{"exec_index": i, "precision": "8-bit"} for i in (2, 3)],
-            }
-        )
-    )
+    bad = f16_gguf(tmp_path / "bad.gguf", block_count=0)
+    plan = plan_file(tmp_path / "plan.json", "8-bit")
     out = tmp_path / "o.gguf"
     code, _, err = run(
         monkeypatch,

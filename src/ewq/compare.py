@@ -49,6 +49,20 @@ def _doc(layout, precision: dict[int, Precision]) -> dict[str, Any]:
     return doc
 
 
+def _sensitivities(
+    source: str, analysis: Any, criteria: Sequence[str], seeds: int
+) -> dict[str, Sensitivity]:
+    """The data-free criteria by name, random once per seed (kl is the caller's)."""
+    sens = {
+        c: api.sensitivity(source, c, analysis=analysis)
+        for c in ("entropy", "error", "position")
+        if c in criteria
+    }
+    for k in range(seeds if "random" in criteria else 0):
+        sens[f"random seed {k}"] = api.sensitivity(source, "random", seed=k)
+    return sens
+
+
 def _optimal(
     sens: Sensitivity, specs: dict, params: dict[int, int], budget: int
 ) -> dict[int, Precision] | None:
@@ -110,12 +124,7 @@ def compare(
     params = {i: s.num_parameters for i, s in specs.items()}
     blocks = [b.exec_index for b in layout.transformer_blocks]
     source_bytes = sum(s.bytes[Precision.RAW] for s in specs.values())
-    sens: dict[str, Sensitivity] = {}
-    for c in ("entropy", "error", "position"):
-        if c in criteria:
-            sens[c] = api.sensitivity(source, c, analysis=analysis)
-    for s in range(seeds if "random" in criteria else 0):
-        sens[f"random seed {s}"] = api.sensitivity(source, "random", seed=s)
+    sens = _sensitivities(source, analysis, criteria, seeds)
     if "kl" in criteria:
         log("kl criterion (cached after the first run)")
         sens["kl"] = api.sensitivity(
@@ -361,12 +370,9 @@ def compare_encoder(
     specs = {s.exec_index: s for s in block_specs("hf", layout)}
     params = {i: s.num_parameters for i, s in specs.items()}
     blocks = [b.exec_index for b in layout.transformer_blocks]
-    sens: dict[str, Sensitivity] = {
-        c: api.sensitivity(source, c, analysis=analysis)
-        for c in ("entropy", "error", "position")
-    }
-    for k in range(seeds):
-        sens[f"random seed {k}"] = api.sensitivity(source, "random", seed=k)
+    sens = _sensitivities(
+        source, analysis, ("entropy", "error", "position", "random"), seeds
+    )
     reference = TransformersEncoder(folder)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ewq-compare-") as tmp:

@@ -17,6 +17,15 @@ from typing import IO
 __all__ = ["atomic_path", "atomic_path_for_native", "atomic_write_text"]
 
 
+def _publish(tmp_path: Path, target: Path) -> None:
+    """Rename the finished file onto ``target`` with the usual permissions (mkstemp
+    makes files private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
+    os.replace(tmp_path, target)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
@@ -32,11 +41,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # mkstemp makes the file private (0600); give it the usual umask permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, target)
+        _publish(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -56,10 +61,7 @@ def atomic_path_for_native(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = folder / target.name
     try:
         yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, target)
+        _publish(tmp_path, target)
     finally:
         for _ in range(50):  # the writer may still be creating the file: retry
             shutil.rmtree(folder, ignore_errors=True)
