@@ -265,3 +265,12 @@ def test_a_cluster_host_with_a_lone_surrogate(
         "position",
     )
     assert code in (0, 1) and "Traceback" not in err
+
+
+def test_a_file_that_is_no_model_is_not_echoed(monkeypatch, capsys, tmp_path):
+    """Its first bytes are not shown, not even as a header length."""
+    f = tmp_path / "secret.txt"
+    f.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 4)
+    line = one_error(monkeypatch, capsys, "inspect", str(f))
+    assert "not a safetensors file" in line
+    assert str(struct.unpack("<Q", b"root:x:0")[0]) not in line and "root:x" not in line

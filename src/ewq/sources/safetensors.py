@@ -72,9 +72,12 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                 )
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
+                # the number is shown only when it is plausible: for a file that is
+                # not a model, its first 8 bytes would be echoed as a number
+                shown = f" {n}" if n < 1 << 32 else ""
                 raise FormatError(
-                    f"{path}: safetensors header length {n} is longer than the file "
-                    f"({size} bytes): truncated or not a safetensors file"
+                    f"{path}: safetensors header length{shown} is longer than the "
+                    f"file ({size} bytes): truncated or not a safetensors file"
                 )
             if n > MAX_HEADER_BYTES:
                 raise FormatError(
