@@ -13,7 +13,8 @@ Hugging Face encoders (MiniLM): uniform 8-, 4- and 3-bit checkpoints against the
 criteria's plans at the same bytes, by the cosine of mean-pooled embeddings.
 
 A plan that keeps every block raw is the source itself, byte for byte: it is not
-written and measured again; it gets the source's own figures (KL 0).
+written and measured again; it gets the source's own figures (KL 0). A plan equal
+to one already measured (criteria often agree) is measured once.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def compare(
             budget = floor + (low - floor) * k // (extra + 1)
             sizes.append((f"{budget / 1e6:.1f} MB", budget))
         measured: dict[int, list[dict[str, Any]]] = {}  # budget -> rows
+        seen: dict[tuple, dict[str, float]] = {}  # plan -> its metrics
         for preset, budget in sizes:
             if budget in measured:  # two presets of one size (fallbacks): same plans
                 rows += [{**r, "size_of": preset} for r in measured[budget]]
@@ -193,12 +195,15 @@ def compare(
                     rows.append({"size_of": preset, "plan": name, "bytes": None})
                     continue
                 nbytes = sum(specs[i].bytes[precision[i]] for i in specs)
+                key = tuple(sorted((i, p.value) for i, p in precision.items()))
                 if all(p is Precision.RAW for p in precision.values()):
                     m = dict(raw_metrics)
+                elif key in seen:  # the same plan at another budget: same file
+                    m = dict(seen[key])
                 else:
                     api.quantize(source, _doc(layout, precision), out)
                     model = LlamaCppModel(out, ctx)
-                    m = _text_metrics(model, ref)
+                    m = seen[key] = _text_metrics(model, ref)
                     del model
                 rows.append(
                     {
