@@ -626,7 +626,10 @@ def plan_cmd(
     ] = None,
     reserve: Annotated[
         str | None,
-        typer.Option(help="Keep this much free on every machine (KV cache, runtime)."),
+        typer.Option(
+            help="Keep this much more free on every machine (other programs); the "
+            "runtime's KV cache and buffers are counted by --context."
+        ),
     ] = None,
     method: Annotated[
         str,
