@@ -771,7 +771,7 @@ def _root(
         bool, typer.Option("--version", help="Print the version.")
     ] = False,
 ) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_OneLineFormatter("ewq: %(levelname)s: %(message)s"))
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -793,6 +793,19 @@ def one_line(text: str) -> str:
         else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
         for ch in text
     )
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not to the one
+    it was when the command started (in-process callers swap and close it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 class _OneLineFormatter(logging.Formatter):
