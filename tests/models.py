@@ -259,3 +259,17 @@ def plan_file(path: Path, precision: str, n_blocks: int = 2) -> Path:
     blocks = [{"exec_index": i, "precision": precision} for i in range(2, n_blocks + 2)]
     path.write_text(json.dumps({"schema_version": 1, "blocks": blocks}))
     return path
+
+
+def tiny_llama_config(**overrides) -> dict:
+    """A Llama config.json as a dict: enough for features and FastEWQ plans."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 100,
+    } | overrides

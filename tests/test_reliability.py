@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 import pytest
-from models import f16_gguf, plan_file
+from models import f16_gguf, plan_file, tiny_llama_config
 from test_cli import run
 
 
@@ -142,20 +142,7 @@ def test_skops_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch, capsy
         zf.writestr("big.bin", b"\0" * (300 * 2**20))  # deflates to ~300 KB
     assert bomb.stat().st_size < 2 * 2**20
     cfg = tmp_path / "config.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 4,
-                "num_hidden_layers": 2,
-                "vocab_size": 100,
-            }
-        )
-    )
+    cfg.write_text(json.dumps(tiny_llama_config()))
     line = one_error(
         monkeypatch,
         capsys,

@@ -285,6 +285,7 @@ def test_headers_cannot_make_ewq_allocate_without_bound(tmp_path, monkeypatch, c
 
     import numpy as np
     import psutil
+    from models import tiny_llama_config
     from safetensors.numpy import save_file
     from test_cli import run
 
@@ -302,16 +303,7 @@ def test_headers_cannot_make_ewq_allocate_without_bound(tmp_path, monkeypatch, c
     assert code == 1 and "numbered 0..N-1" in err
     assert psutil.Process().memory_info().rss - before < 200 * 2**20
     cfg = tmp_path / "config.json"
-    doc = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "num_hidden_layers": 1_000_000,
-        "vocab_size": 100,
-    }
+    doc = tiny_llama_config(num_hidden_layers=1_000_000)
     cfg.write_text(json.dumps(doc))
     code, _, err = run(monkeypatch, capsys, "features", str(cfg))
     assert code == 1 and "declares 1000000 layers" in err
