@@ -169,3 +169,29 @@ def test_a_stalled_hub_ends_in_one_line(monkeypatch, capsys):
     assert code == 1 and "did not answer within 4 s" in err
     assert time.monotonic() - started < 20
     assert len([ln for ln in err.splitlines() if ln.startswith("ewq: error:")]) == 1
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("[1, 2]", "not a JSON object"),
+        ('{"architectures": "LlamaForCausalLM"}', "architectures must be a list"),
+        ('{"vocab_size": Infinity}', "not valid JSON"),
+    ],
+)
+def test_a_hub_config_of_the_wrong_type(
+    small_llama, tmp_path, monkeypatch, capsys, config, message
+):
+    import shutil
+
+    from test_cli import run
+
+    repo = tmp_path / "repo"
+    shutil.copytree(small_llama, repo)
+    (repo / "config.json").write_text(config)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    with FakeHub({"bad/config": repo}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        code, _, err = run(monkeypatch, capsys, "inspect", "bad/config")
+    assert code == 1 and message in err and "Traceback" not in err
