@@ -265,7 +265,14 @@ def test_exports():
         Machine("c", 350),
     ]
     r, _ = run_fit(entropies, [100] * 6, machines, side=10)
-    ex = exports(r, machines, list(range(2, 8)))
+    ex = exports(r, machines, list(range(2, 8)), "hf")
+    assert ex["llama_cpp"]["command"] is None  # llama.cpp serves GGUF files
+    served = {p.value for p in r.precision.values()} <= {"raw", "8-bit", "4-bit"}
+    assert (ex["vllm"]["command"] is not None) == served
+    ex = {
+        **exports(r, machines, list(range(2, 8)), "hf"),
+        **{"llama_cpp": exports(r, machines, list(range(2, 8)), "gguf")["llama_cpp"]},
+    }
     layers = [
         sum(1 for i in a.exec_indices if 2 <= i <= 7)
         for a in r.machines
@@ -379,7 +386,8 @@ def test_plan_cli_default_then_quantize(monkeypatch, capsys, tmp_path):
         + doc["head"]["bytes"]
     )
     assert total == doc["total_bytes"]
-    assert "VLLM_PP_LAYER_PARTITION=30" in out
+    # a GGUF plan: llama.cpp's command, and vLLM said not to serve it
+    assert "llama-server -m MODEL.gguf" in out and "vllm: not exported" in out
     first = js.read_bytes()
     code, _, _ = run(
         monkeypatch,
@@ -434,7 +442,9 @@ def test_plan_cli_cluster(monkeypatch, capsys, tmp_path, tiny_models):
     doc = json.loads(js.read_text())
     assert doc["format"] == "hf" and doc["fits"]
     names = [m["name"] for m in doc["machines"] if m["exec_indices"]]
-    assert names == ["a", "b"] and "--rpc 10.0.0.9:50052" in out
+    # an hf plan at 4 and 8 bits: vLLM's pipeline stages; llama.cpp wants GGUF
+    assert names == ["a", "b"] and "VLLM_PP_LAYER_PARTITION=" in out
+    assert "llama_cpp: not exported" in out
 
 
 def bad_plan(monkeypatch, capsys, tmp_path, *args) -> tuple[int, str]:
@@ -491,3 +501,22 @@ def test_reserve_overrides_every_machine_of_a_cluster_file(tmp_path):
     ]
     with pytest.raises(BudgetError, match="--reserve"):
         load_cluster(path, "-1GB")
+
+
+def test_exports_refuse_what_the_runtime_cannot_serve():
+    """vLLM's compressed-tensors kernels take 4 and 8 bits only, and it serves the
+    Hugging Face output; llama.cpp serves GGUF files. Said, not printed as a command."""
+    from ewq.planning import Option, fit_optimal
+
+    options = {
+        i: [Option(Precision.Q3, 30, 2.0), Option(Precision.RAW, 100, 0.0)]
+        for i in range(1, 5)
+    }
+    r = fit_optimal(options, dict.fromkeys(options, 1), [Machine("m", 200)])
+    assert Precision.Q3 in r.precision.values()
+    hf = exports(r, [Machine("m", 200)], [2, 3], "hf")
+    assert hf["vllm"]["command"] is None and "not 3-bit" in hf["vllm"]["refused"]
+    assert hf["llama_cpp"]["command"] is None
+    gg = exports(r, [Machine("m", 200)], [2, 3], "gguf")
+    assert gg["vllm"]["command"] is None and "--format hf" in gg["vllm"]["refused"]
+    assert gg["llama_cpp"]["command"].startswith("llama-server")

@@ -517,7 +517,7 @@ def plan(
         decision,
         tuple(priority),
         result,
-        exports(result, machines, transformer),
+        exports(result, machines, transformer, fmt),
         analysis,
         predicted,
         criterion,

@@ -757,7 +757,10 @@ def plan_cmd(
         )
     out.print(plan_table(planned))
     for name, export in planned.exports.items():
-        out.print(f"{name}: {export['command']}")
+        if export.get("command"):
+            out.print(f"{name}: {export['command']}")
+        else:
+            out.print(f"{name}: not exported: {export['refused']}")
     if json_path is not None:
         _write_json(json_path, plan_json(planned, __version__))
 

@@ -8,14 +8,22 @@ from typing import Any
 
 from ewq.planning.budget import Machine
 from ewq.planning.ladder import FitResult
+from ewq.types import Precision
 
 __all__ = ["exports"]
 
 RPC_PORT = 50052  # llama.cpp rpc-server's default
 
 
+#: what vLLM's compressed-tensors WNA16 kernels serve: 4- and 8-bit integer weights
+VLLM_SERVES = frozenset({Precision.RAW, Precision.Q8, Precision.Q4})
+
+
 def exports(
-    result: FitResult, machines: Sequence[Machine], transformer: Sequence[int]
+    result: FitResult,
+    machines: Sequence[Machine],
+    transformer: Sequence[int],
+    fmt: str = "gguf",
 ) -> dict[str, Any]:
     """vLLM's ``VLLM_PP_LAYER_PARTITION`` and llama.cpp's ``--rpc``/``--tensor-split``.
 
@@ -25,6 +33,32 @@ def exports(
     """
     if not result.fits:
         return {}
+    out = _exports(result, machines, transformer)
+    unserved = sorted(
+        {p.value for p in result.precision.values()} - {p.value for p in VLLM_SERVES}
+    )
+    if fmt != "hf":
+        out["vllm"] = {
+            "command": None,
+            "refused": "vLLM serves the Hugging Face output (plan with --format hf)",
+        }
+    elif unserved:
+        out["vllm"] = {
+            "command": None,
+            "refused": f"vLLM's compressed-tensors kernels serve 4- and 8-bit weights, "
+            f"not {', '.join(unserved)}",
+        }
+    if fmt != "gguf":
+        out["llama_cpp"] = {
+            "command": None,
+            "refused": "llama.cpp serves GGUF files (plan with --format gguf)",
+        }
+    return out
+
+
+def _exports(
+    result: FitResult, machines: Sequence[Machine], transformer: Sequence[int]
+) -> dict[str, Any]:
     blocks = set(transformer)
     by_name: Mapping[str, Machine] = {m.name: m for m in machines}
     stages = [
