@@ -185,3 +185,35 @@ def test_every_family_plans_with_its_runtime(
         assert planned.result.fits, name
         assert rt.cells == 4096 and len(rt.kv_bytes) == planned.layout.num_blocks
         assert all(v > 0 for v in rt.kv_bytes.values()), name
+
+
+@pytest.mark.slow
+def test_kl_criterion_is_the_kl_ewq_eval_measures(monkeypatch, tmp_path):
+    """A probe's damage is the KL divergence `ewq eval --task kld` measures for the
+    model with that one block at 4-bit (same windows); other precisions follow the
+    error criterion's ratios."""
+    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
+    from models import shared_data
+
+    text = shared_data() / "wikitext-2" / "valid.txt"
+    s = api.sensitivity("default", "kl", calibration=text, windows=1, ctx=64)
+    assert s.details["probes"] == 31 and s.details["probe"] == "4-bit"
+    err = api.sensitivity("default", "error")
+    for i in (2, 16):
+        row = s.damage[i]
+        assert row[Precision.RAW] == 0 and row[Precision.Q4] > 0
+        ratio = row[Precision.Q4] / err.damage[i][Precision.Q4]
+        assert row[Precision.Q3] == pytest.approx(ratio * err.damage[i][Precision.Q3])
+    n = 30
+    plan = {
+        "schema_version": 1,
+        "num_blocks": n,
+        "blocks": [
+            {"exec_index": i, "precision": "4-bit" if i == 16 else "raw"}
+            for i in range(2, n + 2)
+        ],
+    }
+    measured = api.evaluate("default", "kld", data=text, plan=plan, limit=1, ctx=64)
+    assert s.damage[16][Precision.Q4] == pytest.approx(
+        measured["metrics"]["kl_mean"], rel=1e-3, abs=1e-6
+    )

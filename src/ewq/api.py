@@ -248,29 +248,43 @@ def quantize(
         )
     targets = gguf_targets(index, layout, plan)
     path = index.files[0]
+    commit, made = _recorder(
+        record,
+        source=str(source),
+        out=out,
+        format=format,
+        plan=plan,
+        targets=tuple(targets),
+        predicted_bytes=sum(t.nbytes for t in targets),
+        llama_quantize_args=tuple(llama_quantize_args(targets, path, str(out))),
+    )
+    quantize_gguf(
+        path, targets, out, threads=threads, progress=progress, before_commit=commit
+    )
+    return made[0]
+
+
+def _recorder(record: Callable[[Quantized], None] | None, **fields):
+    """The hook a quantizer calls between its check and its rename: the result
+    record (types written, file bytes of the temporary output), handed to
+    ``record`` before the output appears."""
     made: list[Quantized] = []
 
-    def commit(tmp: Path, written: dict[str, str]) -> None:
+    def commit(tmp: Path, written: Mapping[str, object]) -> None:
+        files = [tmp] if tmp.is_file() else [f for f in tmp.iterdir() if f.is_file()]
+        if fields["format"] == "hf":
+            written = {t.name: t.type for t in fields["targets"] if t.name in written}
         made.append(
             Quantized(
-                source=str(source),
-                out=out,
-                format=format,
-                plan=plan,
-                targets=tuple(targets),
-                written=written,
-                predicted_bytes=sum(t.nbytes for t in targets),
-                file_bytes=tmp.stat().st_size,
-                llama_quantize_args=tuple(llama_quantize_args(targets, path, str(out))),
+                written=dict(written),
+                file_bytes=sum(f.stat().st_size for f in files),
+                **fields,
             )
         )
         if record is not None:
             record(made[0])
 
-    quantize_gguf(
-        path, targets, out, threads=threads, progress=progress, before_commit=commit
-    )
-    return made[0]
+    return commit, made
 
 
 def _quantize_hf(source, index, layout, plan, out, progress, record) -> Quantized:
@@ -283,29 +297,16 @@ def _quantize_hf(source, index, layout, plan, out, progress, record) -> Quantize
             "(config.json and safetensors weights)"
         )
     targets = hf_targets(index, layout, plan)
-    # NaN or Inf would become NaN scales in a checkpoint that loads: refuse first
-    with open_source(source) as src:
-        for _ in src.iter_tensors(check=True):
-            pass
-    made: list[Quantized] = []
-
-    def commit(tmp: Path, sizes: dict[str, int]) -> None:
-        made.append(
-            Quantized(
-                source=str(source),
-                out=out,
-                format="hf",
-                plan=plan,
-                targets=tuple(targets),
-                written={t.name: t.type for t in targets if t.name in sizes},
-                predicted_bytes=sum(t.nbytes for t in targets),
-                file_bytes=sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()),
-                llama_quantize_args=(),
-            )
-        )
-        if record is not None:
-            record(made[0])
-
+    commit, made = _recorder(
+        record,
+        source=str(source),
+        out=out,
+        format="hf",
+        plan=plan,
+        targets=tuple(targets),
+        predicted_bytes=sum(t.nbytes for t in targets),
+        llama_quantize_args=(),
+    )
     quantize_hf(folder, targets, out, progress=progress, before_commit=commit)
     return made[0]
 
@@ -582,7 +583,6 @@ def sensitivity(
         raise EwqError("the kl criterion needs a calibration text")
     text = load_text(calibration)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    error = sensitivity(source, "error", fmt="gguf") if probe is not None else None
     return cached(
         index,
         "kl",
@@ -600,7 +600,8 @@ def sensitivity(
             windows=windows,
             ctx=ctx,
             probe=probe,
-            error=error,
+            # measured (or read from the cache) only when kl itself is measured
+            error=sensitivity(source, "error", fmt="gguf") if probe else None,
             progress=progress,
         ),
     )

@@ -849,10 +849,9 @@ def main() -> None:
             soft_wrap=True,
         )
         sys.exit(1)
-    except (KeyboardInterrupt, SystemExit) as exc:
+    except (KeyboardInterrupt, SystemExit):
         if not stopped:
             raise
-        del exc
         err.print("ewq: interrupted; no partial output was left", markup=False)
         sys.exit(128 + stopped[0])
     finally:  # in-process callers (tests, notebooks) get their handlers back

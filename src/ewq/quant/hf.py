@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ewq.errors import EwqError, FormatError
+from ewq.errors import EwqError, FormatError, NonFiniteTensorError
 from ewq.quant.targets import TensorTarget
 from ewq.sources.safetensors import read_header as read_st_header
 
@@ -77,6 +77,14 @@ def quantize_hf(
     transformers.utils.logging.disable_progress_bar()
     with _no_tqdm():
         model = cls.from_pretrained(folder, dtype="auto")
+    # NaN or Inf would become NaN scales in a checkpoint that loads: refuse them,
+    # on the weights already in memory (no second read of the model)
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            n_nan, n_inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
+            raise NonFiniteTensorError(
+                f"{folder}: tensor '{name}' holds {n_nan} NaN and {n_inf} Inf values"
+            )
     modules = dict(model.named_modules())
 
     quantized = [t for t in targets if t.type.startswith("int")]

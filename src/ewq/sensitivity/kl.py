@@ -92,7 +92,8 @@ def kl_sensitivity(
     seqs = [
         ([ref.bos] if ref.bos is not None else []) + tokens[a:b] for a, b, _ in spans
     ]
-    reference = [ref.logprobs(s) for s in seqs]
+    # float32: four windows of a 262k vocabulary are 1 GB, not 2
+    reference = [ref.logprobs(s).astype(np.float32) for s in seqs]
     del ref
     jobs = []  # (exec_index, precisions sharing one set of written types)
     for block in layout.blocks:
@@ -119,7 +120,7 @@ def kl_sensitivity(
             quantize_gguf(path, targets, out)
             model = LlamaCppModel(out, ctx)
             kls = [
-                kl_per_position(p, model.logprobs(s))
+                kl_per_position(p.astype(np.float64), model.logprobs(s))
                 for p, s in zip(reference, seqs, strict=True)
             ]
             del model
