@@ -35,6 +35,7 @@ from ewq.planning import (
     exports,
     fit,
     fit_optimal,
+    route_for,
     runtime_memory,
 )
 from ewq.quant.targets import (
@@ -457,7 +458,7 @@ def plan(
                 "weights alone with --context 0"
             ) from None
         machines = tuple(
-            replace(m, reserve=m.reserve + runtime.buffers_bytes) for m in machines
+            replace(m, reserve=m.reserve + runtime.stage_bytes) for m in machines
         )
     specs = {s.exec_index: s for s in block_specs(fmt, layout)}
     if runtime is not None:
@@ -474,6 +475,7 @@ def plan(
     head = layout.blocks[-1].exec_index
     transformer = [b.exec_index for b in layout.transformer_blocks]
     sens = None
+    route = route_for(index, layout, fmt, runtime)
     if allocator == "ladder":
         result = fit(
             [specs[i] for i in transformer],
@@ -483,6 +485,7 @@ def plan(
             priority,
             machines,
             mode=mode,
+            route=route,
         )
     else:
         sens = sensitivity(
@@ -501,7 +504,7 @@ def plan(
             for i in specs
         }
         params = {i: specs[i].num_parameters for i in specs}
-        result = fit_optimal(options, params, machines, mode="optimal")
+        result = fit_optimal(options, params, machines, mode="optimal", route=route)
     if runtime is not None:  # sizes in the result are weights + KV: report weights
         result = replace(
             result,

@@ -11,13 +11,17 @@ from ewq.planning.budget import (
 )
 from ewq.planning.exports import exports
 from ewq.planning.ladder import MODES, Assignment, BlockSpec, FitResult, fit
-from ewq.planning.runtime import Runtime, runtime_memory
+from ewq.planning.placement import Route
+from ewq.planning.runtime import Runtime, model_dims, route_for, runtime_memory
 from ewq.planning.sizes import block_specs
 
 __all__ = [
     "MODES",
     "Option",
+    "Route",
     "Runtime",
+    "model_dims",
+    "route_for",
     "allocate",
     "fit_optimal",
     "runtime_memory",

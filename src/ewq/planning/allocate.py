@@ -35,7 +35,8 @@ from functools import reduce
 import numpy as np
 
 from ewq.planning.budget import Machine
-from ewq.planning.ladder import FitResult, _balanced, _place, assign
+from ewq.planning.ladder import FitResult, assign
+from ewq.planning.placement import Route, place
 from ewq.types import Precision
 
 __all__ = ["MAX_CELLS", "Option", "allocate", "fit_optimal", "total"]
@@ -157,6 +158,7 @@ def fit_optimal(
     machines: Sequence[Machine],
     *,
     mode: str = "optimal",
+    route: Route | None = None,
 ) -> FitResult:
     """The least-damage plan that fits ``machines`` (every block of ``options``,
     keyed by exec_index, placed in execution order as contiguous ranges).
@@ -170,18 +172,17 @@ def fit_optimal(
     items = [list(options[i]) for i in order]
     capacity = sum(m.capacity for m in machines)
     smallest = sum(min(o.bytes for o in opts) for opts in items)
-    balanced = len({m.speed for m in machines}) > 1
     step = max(1, max(max(o.bytes for o in opts) for opts in items) // 8)
-    budget, choice, placement = capacity, None, None
+    # the head's machine needs more runtime memory than the others (its logits)
+    budget = capacity - (route.last_bytes if route else 0)
+    choice, placement = None, None
     while budget >= smallest:
         choice = allocate(items, budget)
         if choice is None:
             break
         sizes = {i: items[n][choice[n]].bytes for n, i in enumerate(order)}
-        placement = _place(order, sizes, params, machines)
+        placement = place(order, sizes, params, machines, route)
         if placement is not None:
-            if balanced:
-                placement = _balanced(order, sizes, params, machines)
             break
         budget -= step
     if placement is None:  # report the smallest choice
@@ -204,4 +205,5 @@ def fit_optimal(
         rung=0,
         rungs=0,
         damage=math.fsum(o.damage for o in chosen.values()),
+        seconds_per_token=placement.seconds if placement is not None else None,
     )

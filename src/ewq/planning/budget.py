@@ -10,7 +10,16 @@ from typing import Any
 
 from ewq.errors import EwqError, SourceNotFoundError
 
-__all__ = ["BudgetError", "Machine", "load_cluster", "parse_size", "single_machine"]
+__all__ = [
+    "BudgetError",
+    "Link",
+    "Machine",
+    "load_cluster",
+    "parse_duration",
+    "parse_rate",
+    "parse_size",
+    "single_machine",
+]
 
 _UNITS = {
     "": 1,
@@ -61,6 +70,57 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
     return int(size)
 
 
+_BITS = {"BIT": 1 / 8, "KBIT": 10**3 / 8, "MBIT": 10**6 / 8, "GBIT": 10**9 / 8}
+_BITS |= {"TBIT": 10**12 / 8, "BPS": 1 / 8, "KBPS": 10**3 / 8, "MBPS": 10**6 / 8}
+_BITS |= {"GBPS": 10**9 / 8}
+_SECONDS = {"S": 1.0, "MS": 1e-3, "US": 1e-6, "NS": 1e-9}
+
+
+def parse_rate(text: str | int | float, what: str = "bandwidth") -> float:
+    """Bytes per second from '25GB/s', '1Gbit/s', '10Gbps', '800MiB/s' or a number."""
+    if isinstance(text, str):
+        t = text.strip()
+        if t.lower().endswith("/s"):
+            t = t[:-2]
+        m = _SIZE.match(t)
+        if m and m.group(2).upper() in _BITS:
+            rate = float(m.group(1)) * _BITS[m.group(2).upper()]
+        else:
+            rate = float(parse_size(t, what))
+    else:
+        rate = float(parse_size(text, what))
+    if not rate > 0:
+        raise BudgetError(f"{what}: {text!r} must be more than 0 per second")
+    return rate
+
+
+def parse_duration(text: str | int | float, what: str = "latency") -> float:
+    """Seconds from '0.2ms', '50us', '1s' or a number of seconds."""
+    if isinstance(text, bool):
+        raise BudgetError(f"{what}: {text!r} is not a duration")
+    if isinstance(text, int | float):
+        value, unit = float(text), "S"
+    else:
+        m = _SIZE.match(str(text))
+        if not m or (m.group(2) or "s").upper() not in _SECONDS:
+            raise BudgetError(
+                f"{what}: cannot read {text!r} as a duration (examples: 0.2ms, 50us, 1s)"
+            )
+        value, unit = float(m.group(1)), (m.group(2) or "s").upper()
+    seconds = value * _SECONDS[unit]
+    if not (math.isfinite(seconds) and 0 <= seconds < 3600):
+        raise BudgetError(f"{what}: {text!r} must be between 0 and an hour")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network link: bytes per second and seconds of latency per message."""
+
+    bandwidth: float
+    latency: float = 0.0
+
+
 @dataclass(frozen=True)
 class Machine:
     """One machine. Its capacity is min(memory, disk) less the reserve."""
@@ -71,6 +131,9 @@ class Machine:
     reserve: int = 0
     speed: float = 1.0
     host: str | None = None  # for llama.cpp RPC: host[:port] of its rpc-server
+    memory_bandwidth: float | None = None  # bytes/s, for the time per token
+    network: Link | None = None  # its link to a switch every such machine shares
+    links: tuple[tuple[str, Link], ...] = ()  # direct links: (other machine, link)
 
     @property
     def capacity(self) -> int:
@@ -89,7 +152,30 @@ def single_machine(
     )
 
 
-_MACHINE_KEYS = {"name", "memory", "disk", "reserve", "speed", "host"}
+_MACHINE_KEYS = {
+    "name",
+    "memory",
+    "disk",
+    "reserve",
+    "speed",
+    "host",
+    "memory_bandwidth",
+    "network",
+}
+
+
+def _link(doc: Any, where: str) -> Link:
+    if not isinstance(doc, dict) or "bandwidth" not in doc:
+        raise BudgetError(f"{where}: expected {{bandwidth: 1Gbit/s, latency: 0.2ms}}")
+    unknown = set(doc) - {"bandwidth", "latency", "between"}
+    if unknown:
+        raise BudgetError(
+            f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}"
+        )
+    return Link(
+        parse_rate(doc["bandwidth"], f"{where}: bandwidth"),
+        parse_duration(doc.get("latency", 0), f"{where}: latency"),
+    )
 
 
 def cluster_from_doc(doc: Any, origin: str = "cluster") -> tuple[Machine, ...]:
@@ -98,11 +184,18 @@ def cluster_from_doc(doc: Any, origin: str = "cluster") -> tuple[Machine, ...]:
     reserve: 1GiB            # optional, for every machine
     machines:
       - {name: a, memory: 16GB, disk: 100GB, speed: 1.0, host: 10.0.0.2:50052}
-      - {name: b, memory: 8GiB}
+      - {name: b, memory: 8GiB, memory_bandwidth: 50GB/s,
+         network: {bandwidth: 1Gbit/s, latency: 0.2ms}}   # its link to a switch
+    links:                   # optional: direct links between two machines
+      - {between: [a, b], bandwidth: 10Gbit/s, latency: 0.05ms}
+
+    With a network (``network`` or ``links``) every machine needs its
+    ``memory_bandwidth``, and the placement chooses the machines' order
+    (planning/placement.py).
     """
     if not isinstance(doc, dict):
         raise BudgetError(f"{origin}: expected a mapping with a 'machines' list")
-    unknown = set(doc) - {"machines", "reserve"}
+    unknown = set(doc) - {"machines", "reserve", "links"}
     if unknown:
         raise BudgetError(
             f"{origin}: unknown key(s) {', '.join(sorted(map(str, unknown)))}"
@@ -144,8 +237,45 @@ def cluster_from_doc(doc: Any, origin: str = "cluster") -> tuple[Machine, ...]:
                 ),
                 speed=float(speed),
                 host=str(m["host"]) if "host" in m else None,
+                memory_bandwidth=(
+                    parse_rate(m["memory_bandwidth"], f"{where}: memory_bandwidth")
+                    if "memory_bandwidth" in m
+                    else None
+                ),
+                network=(
+                    _link(m["network"], f"{where}: network") if "network" in m else None
+                ),
             )
         )
+    links = doc.get("links", [])
+    if not isinstance(links, list):
+        raise BudgetError(f"{origin}: links must be a list")
+    pairs: dict[str, list[tuple[str, Link]]] = {m.name: [] for m in out}
+    for i, lk in enumerate(links):
+        where = f"{origin}: link {i + 1}"
+        ends = lk.get("between") if isinstance(lk, dict) else None
+        if (
+            not isinstance(ends, list)
+            or len(ends) != 2
+            or any(str(e) not in pairs for e in ends)
+            or str(ends[0]) == str(ends[1])
+        ):
+            raise BudgetError(
+                f"{where}: 'between' must name two different machines of the cluster"
+            )
+        a, b = map(str, ends)
+        if any(other == b for other, _ in pairs[a]):
+            raise BudgetError(f"{where}: {a} and {b} are linked twice")
+        pairs[a].append((b, _link(lk, where)))
+    out = [replace(m, links=tuple(pairs[m.name])) for m in out]
+    if any(m.network is not None or m.links for m in out):
+        missing = [m.name for m in out if m.memory_bandwidth is None]
+        if missing:
+            raise BudgetError(
+                f"{origin}: machine(s) {', '.join(missing)} need a memory_bandwidth "
+                "(e.g. 50GB/s) when the cluster declares a network: the placement "
+                "weighs compute time against network time"
+            )
     return tuple(out)
 
 

@@ -26,11 +26,7 @@ lowest-entropy blocks 4-bit, a budget just below it 8-bit); the ladder is, so mo
 memory never lowers any block's precision. For the paper's "8bit mixed" variant (no
 aggressive blocks) the two coincide.
 
-Placement puts blocks in execution order onto the machines in the order given, as
-contiguous ranges: each machine is filled before the next is used, which uses the
-fewest machines (fewest cross-machine hops) for that order. When machines declare
-different speeds, the ranges are balanced instead, so that the slowest machine's
-share (parameters / speed) is as small as capacity allows.
+Placement (which machine runs which blocks) is planning/placement.py's.
 """
 
 from __future__ import annotations
@@ -39,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ewq.planning.budget import Machine
+from ewq.planning.placement import Placement, Route, place
 from ewq.types import Precision
 
 __all__ = [
@@ -71,7 +68,8 @@ class Assignment:
     name: str
     capacity_bytes: int
     exec_indices: tuple[int, ...]
-    bytes: int
+    bytes: int  # its blocks, and the copy below
+    copy_bytes: int = 0  # a tied head's own copy of the embedding (planning/placement)
 
 
 @dataclass(frozen=True)
@@ -88,6 +86,7 @@ class FitResult:
     rung: int  # how many promotions of the ladder were kept (ladder only)
     rungs: int  # how many there are
     damage: float | None = None  # estimated damage (optimal allocator only)
+    seconds_per_token: float | None = None  # modelled, when the cluster has a network
 
 
 def _ladder(
@@ -111,70 +110,32 @@ def _ladder(
     return start, steps
 
 
-def _place(
-    order: Sequence[int],
-    sizes: Mapping[int, int],
-    params: Mapping[int, int],
-    machines: Sequence[Machine],
-    time_limit: float = float("inf"),
-) -> list[list[int]] | None:
-    """Contiguous ranges in machine order, each machine filled before the next."""
-    out: list[list[int]] = [[] for _ in machines]
-    m, used, work = 0, 0, 0.0
-    for idx in order:
-        size, load = sizes[idx], params[idx]
-        while m < len(machines) and (
-            used + size > machines[m].capacity
-            or (out[m] and work + load / machines[m].speed > time_limit)
-        ):
-            m, used, work = m + 1, 0, 0.0
-        if m == len(machines):
-            return None
-        if load / machines[m].speed > time_limit and not out[m]:
-            return None
-        out[m].append(idx)
-        used += size
-        work += load / machines[m].speed
-    return out
-
-
-def _balanced(
-    order: Sequence[int],
-    sizes: Mapping[int, int],
-    params: Mapping[int, int],
-    machines: Sequence[Machine],
-) -> list[list[int]] | None:
-    """Ranges minimising the largest parameters/speed share, within capacity."""
-    plain = _place(order, sizes, params, machines)
-    if plain is None:
-        return None
-    lo = max(params[i] for i in order) / max(m.speed for m in machines)
-    hi = sum(params[i] for i in order) / min(m.speed for m in machines)
-    best = plain
-    for _ in range(40):  # bisection on the largest share
-        mid = (lo + hi) / 2
-        placed = _place(order, sizes, params, machines, mid)
-        if placed is None:
-            lo = mid
-        else:
-            best, hi = placed, mid
-    return best
-
-
 def assign(
     order: Sequence[int],
     sizes: Mapping[int, int],
     machines: Sequence[Machine],
-    placement: list[list[int]] | None,
+    placement: Placement | None,
 ) -> tuple[dict[int, str | None], tuple[Assignment, ...]]:
-    """Each block's machine (None when nothing was placed) and each machine's share."""
+    """Each block's machine (None when nothing was placed) and each machine's share,
+    the pipeline's stages first, in their order, then the machines left out."""
     machine_of: dict[int, str | None] = dict.fromkeys(order)
+    stages = placement.stages if placement is not None else ()
+    extra = placement.extra if placement is not None else {}
+    used = [k for k, _ in stages]
     assignments = []
-    for m, idxs in zip(machines, placement or [[] for _ in machines], strict=True):
+    for k, idxs in (*stages, *((k, ()) for k in range(len(machines)) if k not in used)):
+        m = machines[k]
         for i in idxs:
             machine_of[i] = m.name
+        copy = extra.get(k, 0)
         assignments.append(
-            Assignment(m.name, m.capacity, tuple(idxs), sum(sizes[i] for i in idxs))
+            Assignment(
+                m.name,
+                m.capacity,
+                tuple(idxs),
+                sum(sizes[i] for i in idxs) + copy,
+                copy,
+            )
         )
     return machine_of, tuple(assignments)
 
@@ -188,6 +149,7 @@ def fit(
     machines: Sequence[Machine],
     *,
     mode: str = "8/4",
+    route: Route | None = None,
 ) -> FitResult:
     """Algorithm 1 (see the module docstring) for ``machines``.
 
@@ -220,18 +182,15 @@ def fit(
         level[i] = new
     capacity = sum(m.capacity for m in machines)
     params = {i: specs[i].num_parameters for i in order}
-    balanced = len({m.speed for m in machines}) > 1
     chosen, placement = 0, None
     for rung in range(len(steps), -1, -1):
         if rung < len(steps):
             level[steps[rung][0]] = before[rung]  # undo promotion `rung`
-        if totals[rung] > capacity:
+        if totals[rung] > capacity - (route.last_bytes if route else 0):
             continue
         sizes = {i: size(i, level[i]) for i in order}
-        placed = _place(order, sizes, params, machines)
-        if placed is not None:  # balancing never changes whether a rung fits
-            if balanced:
-                placed = _balanced(order, sizes, params, machines)
+        placed = place(order, sizes, params, machines, route)
+        if placed is not None:
             chosen, placement = rung, placed
             break
     if placement is None:
@@ -252,4 +211,5 @@ def fit(
         machines=assignments,
         rung=chosen,
         rungs=len(steps),
+        seconds_per_token=placement.seconds if placement is not None else None,
     )
