@@ -215,9 +215,13 @@ def test_properties(model_, caps, side, mode, speeds):
     order = sorted(r.precision)
     if r.fits:
         # never over any machine's capacity; contiguous ranges covering every block once
-        for a, m in zip(r.machines, machines, strict=True):
-            assert a.bytes == sum(r.bytes[i] for i in a.exec_indices) <= m.capacity
+        cap = {m.name: m.capacity for m in machines}
+        for a in r.machines:
+            assert a.bytes == sum(r.bytes[i] for i in a.exec_indices) <= cap[a.name]
         assert [i for a in r.machines for i in a.exec_indices] == order
+        # without a network the pipeline keeps the machines' order
+        used = [a.name for a in r.machines if a.exec_indices]
+        assert used == [m.name for m in machines if m.name in used]
         assert r.total_bytes == sum(r.bytes.values()) <= r.capacity_bytes
     # promotions follow entropy order: within one decision class, higher entropy
     # never gets fewer bits
@@ -257,33 +261,86 @@ def test_speed_balances_the_ranges():
     assert [len(a.exec_indices) for a in r.machines] == [14, 0]  # fewest hops
 
 
-def test_exports():
-    entropies = [10.0 + k / 100 for k in range(6)]
+def llama_cpp_devices(n_layer, n_gpu_layers, tensor_split, rpc):
+    """Where llama.cpp puts each layer (0..n_layer, the output layer last), by its
+    own rule, restated from the bundled src/llama.cpp and src/llama-model.cpp
+    (llama_model_base::load_tensors): RPC servers are the devices, in --rpc order;
+    layers below i_gpu_start stay on the CPU; the others go to the first device
+    whose normalised cumulative split exceeds (il - i_gpu_start) / act_gpu_layers,
+    in float32 as there."""
+    import numpy as np
+
+    devices = list(rpc)
+    splits = np.zeros(len(devices), dtype=np.float32)
+    if tensor_split and any(tensor_split):
+        splits[: len(tensor_split)] = tensor_split
+    acc = np.float32(0)
+    for i in range(len(devices)):
+        acc = np.float32(acc + splits[i])
+        splits[i] = acc
+    splits = (splits / acc).astype(np.float32) if len(devices) else splits
+    i_gpu_start = max(n_layer + 1 - n_gpu_layers, 0)
+    act = 0 if not devices else min(n_gpu_layers, n_layer + 1)
+    where = {}
+    for il in range(n_layer + 1):
+        if il < i_gpu_start or il - i_gpu_start >= act:
+            where[il] = "main"
+        else:
+            x = np.float32(il - i_gpu_start) / np.float32(act)
+            where[il] = devices[int(np.searchsorted(splits, x, side="right"))]
+    return where
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 400), min_size=3, max_size=40),
+    st.lists(st.integers(150, 3000), min_size=1, max_size=5),
+)
+def test_llama_cpp_export_puts_every_layer_where_the_plan_does(raws, caps):
+    """Read by llama.cpp's rule, the exported -ngl/--tensor-split/--rpc put every
+    layer on the machine the plan gave it, and the output layer with the head."""
+    entropies = [10.0 + k / 100 for k in range(len(raws))]
     machines = [
-        Machine("a", 350, host="10.0.0.1"),
-        Machine("b", 350, host="10.0.0.2:6000"),
-        Machine("c", 350),
+        Machine(f"m{k}", c, host=f"10.0.0.{k}:5005{k}") for k, c in enumerate(caps)
     ]
+    r, _ = run_fit(entropies, raws, machines, side=3)
+    if not r.fits:
+        return
+    n = len(raws)
+    transformer = list(range(2, n + 2))
+    ex = exports(r, machines, transformer, "gguf")["llama_cpp"]
+    where = llama_cpp_devices(n, ex["n_gpu_layers"], ex["tensor_split"], ex["rpc"])
+    host = {m.name: m.host for m in machines}
+    main = next(a.name for a in r.machines if a.exec_indices)
+    for il in range(n):
+        planned = r.machine[il + 2]
+        assert where[il] == ("main" if planned == main else host[planned])
+    head = r.machine[n + 2]
+    assert where[n] == ("main" if head == main else host[head])
+    assert ex["main"] == main
+    # and the command carries exactly those values
+    cmd = ex["command"]
+    assert f"-ngl {ex['n_gpu_layers']}" in cmd
+    if ex["rpc"]:
+        assert "--rpc " + ",".join(ex["rpc"]) in cmd
+        assert "--tensor-split " + ",".join(map(str, ex["tensor_split"])) in cmd
+
+
+def test_vllm_export_names_each_rank():
+    """vLLM: ranks in pipeline order, decoder layers only (embedding with rank 0,
+    head with the last)."""
+    entropies = [10.0 + k / 100 for k in range(6)]
+    machines = [Machine("a", 350), Machine("b", 350), Machine("c", 350)]
     r, _ = run_fit(entropies, [100] * 6, machines, side=10)
-    ex = exports(r, machines, list(range(2, 8)), "hf")
-    assert ex["llama_cpp"]["command"] is None  # llama.cpp serves GGUF files
-    served = {p.value for p in r.precision.values()} <= {"raw", "8-bit", "4-bit"}
-    assert (ex["vllm"]["command"] is not None) == served
-    ex = {
-        **exports(r, machines, list(range(2, 8)), "hf"),
-        **{"llama_cpp": exports(r, machines, list(range(2, 8)), "gguf")["llama_cpp"]},
-    }
-    layers = [
-        sum(1 for i in a.exec_indices if 2 <= i <= 7)
-        for a in r.machines
-        if a.exec_indices
-    ]
+    ex = exports(r, machines, list(range(2, 8)), "hf")["vllm"]
+    if ex["command"] is None:  # precisions vLLM does not serve
+        assert "not" in ex["refused"]
+        return
+    stages = [a for a in r.machines if a.exec_indices]
+    assert [x["machine"] for x in ex["ranks"]] == [a.name for a in stages]
+    layers = [sum(1 for i in a.exec_indices if 2 <= i <= 7) for a in stages]
+    assert ex["VLLM_PP_LAYER_PARTITION"] == ",".join(map(str, layers))
     assert sum(layers) == 6
-    assert ex["vllm"]["VLLM_PP_LAYER_PARTITION"] == ",".join(map(str, layers))
-    assert ex["vllm"]["pipeline_parallel_size"] == len(layers)
-    assert ex["llama_cpp"]["tensor_split"] == layers
-    assert ex["llama_cpp"]["rpc"][0] == "10.0.0.2:6000"
-    assert "--rpc 10.0.0.2:6000" in ex["llama_cpp"]["command"]
 
 
 # ---------------------------------------------------------------- budgets

@@ -9,7 +9,7 @@ from rich.table import Table
 from ewq.reports.inspect import human_bytes
 from ewq.types import BlockKind
 
-__all__ = ["SCHEMA_VERSION", "plan_json", "plan_table"]
+__all__ = ["SCHEMA_VERSION", "placement_table", "plan_json", "plan_table"]
 
 SCHEMA_VERSION = 1
 
@@ -82,25 +82,31 @@ def plan_json(planned: Any, ewq_version: str) -> dict[str, Any]:
             }
             for b in layout.transformer_blocks
         ],
-        "machines": [_machine(m, r, rt) for m in r.machines],
+        "machines": [_machine(m, r, rt, planned.machines) for m in r.machines],
+        "seconds_per_token": r.seconds_per_token,
         "exports": planned.exports,
     }
 
 
-def _machine(m: Any, r: Any, rt: Any) -> dict[str, Any]:
+def _machine(m: Any, r: Any, rt: Any, machines: Any = ()) -> dict[str, Any]:
     """One machine's share: weights, the KV cache of its layers, the runtime's
     buffers (when a context was given) and their sum against its capacity."""
-    weights = sum(r.bytes[i] for i in m.exec_indices)
+    weights = sum(r.bytes[i] for i in m.exec_indices) + m.copy_bytes
     kv = sum(rt.kv_bytes.get(i, 0) for i in m.exec_indices) if rt is not None else 0
-    buffers = rt.buffers_bytes if rt is not None and m.exec_indices else 0
+    buffers = 0
+    if rt is not None and m.exec_indices:
+        holds_head = m.exec_indices[-1] == max(r.precision)
+        buffers = rt.buffers_bytes if holds_head else rt.stage_bytes
     return {
         "name": m.name,
-        "capacity_bytes": m.capacity_bytes + (rt.buffers_bytes if rt else 0),
+        "capacity_bytes": m.capacity_bytes + (rt.stage_bytes if rt else 0),
         "bytes": weights + kv + buffers,
         "weights_bytes": weights,
         "kv_bytes": kv,
         "buffers_bytes": buffers,
         "exec_indices": list(m.exec_indices),
+        "copy_bytes": m.copy_bytes,
+        "host": next((x.host for x in machines if x.name == m.name), None),
     }
 
 
@@ -120,11 +126,12 @@ def plan_table(planned: Any) -> Table:
     if rt is not None:
         kv = sum(rt.kv_bytes.values())
         used = sum(1 for m in r.machines if m.exec_indices)
+        buffers = rt.stage_bytes * used + rt.head_bytes
         runtime = (
             f" + KV cache {human_bytes(kv)} ({rt.context} tokens) + buffers "
-            f"{human_bytes(rt.buffers_bytes)} x {used}"
+            f"{human_bytes(buffers)}"
         )
-        capacity = r.capacity_bytes + rt.buffers_bytes * len(r.machines)
+        capacity = r.capacity_bytes + rt.stage_bytes * len(r.machines)
     else:
         capacity = r.capacity_bytes
     table = Table(
@@ -168,5 +175,47 @@ def plan_table(planned: Any) -> Table:
             human_bytes(r.bytes[i]),
             r.machine[i] or "-",
             style=styles.get(p, "magenta"),
+        )
+    return table
+
+
+def placement_table(planned: Any) -> Table | None:
+    """One row per machine of the pipeline: its blocks, its bytes against its
+    capacity, and the command it runs (None for a single machine)."""
+    r = planned.result
+    stages = [m for m in r.machines if m.exec_indices]
+    if len(stages) < 2 or not r.fits:
+        return None
+    rt = planned.runtime
+    llama = planned.exports.get("llama_cpp", {})
+    vllm = planned.exports.get("vllm", {})
+    runs: dict[str, str] = {}
+    if llama.get("command"):
+        runs[stages[0].name] = "ewq serve PLAN.json --model MODEL.gguf"
+        runs.update({w["machine"]: w["ewq"] for w in llama["workers"]})
+    elif vllm.get("command"):
+        runs = {x["machine"]: f"vLLM rank {x['rank']}" for x in vllm["ranks"]}
+    seconds = r.seconds_per_token
+    table = Table(
+        title="placement, in pipeline order"
+        + (f" (modelled {seconds * 1e3:.2f} ms per token)" if seconds else ""),
+    )
+    for col in ("machine", "blocks", "weights", "total", "capacity", "runs"):
+        table.add_column(
+            col, justify="right" if col in ("weights", "total", "capacity") else "left"
+        )
+    for m in stages:
+        row = _machine(m, r, rt)
+        first, last = m.exec_indices[0], m.exec_indices[-1]
+        blocks = f"{first}-{last}" if first != last else str(first)
+        if m.copy_bytes:
+            blocks += " + embedding copy"
+        table.add_row(
+            m.name,
+            blocks,
+            human_bytes(row["weights_bytes"]),
+            human_bytes(row["bytes"]),
+            human_bytes(row["capacity_bytes"]),
+            runs.get(m.name, "-"),
         )
     return table
