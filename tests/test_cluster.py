@@ -1,0 +1,280 @@
+"""A plan run for real: three llama.cpp RPC workers on loopback, the default model
+quantized by a plan for a main machine and those three workers.
+
+What is checked comes from llama.cpp itself (its log of where it put every layer and
+how big each buffer is), against the plan; and the cluster's output against the
+same file run in one process. Everything binds to 127.0.0.1 and is stopped by the
+fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from models import shared_data
+
+pytestmark = pytest.mark.slow
+
+EWQ = [sys.executable, "-m", "ewq"]
+PROMPT = "The history of the city begins"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker on {port} exited: {proc.stderr.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"worker on {port} did not listen")
+
+
+def start_worker(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [*EWQ, "worker", "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_listening(port, proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Three workers, a plan that gives each of them and the main machine blocks
+    (mixed precisions: the memory is short), and the model quantized by it."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    ports = [free_port() for _ in range(3)]
+    workers = [start_worker(p) for p in ports]
+    try:
+        (tmp / "cluster.yaml").write_text(
+            "machines:\n"
+            "  - {name: main, memory: 48MB}\n"
+            f"  - {{name: w1, memory: 38MB, host: 127.0.0.1:{ports[0]}}}\n"
+            f"  - {{name: w2, memory: 38MB, host: 127.0.0.1:{ports[1]}}}\n"
+            f"  - {{name: w3, memory: 142MB, host: 127.0.0.1:{ports[2]}}}\n"
+        )
+        plan, model = tmp / "plan.json", tmp / "model.gguf"
+        for args in (
+            [
+                "plan",
+                "default",
+                "--cluster",
+                str(tmp / "cluster.yaml"),
+                "--context",
+                "512",
+                "--json",
+                str(plan),
+            ],
+            ["quantize", "default", "--plan", str(plan), "--out", str(model)],
+        ):
+            done = subprocess.run([*EWQ, *args], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+        yield {
+            "plan": plan,
+            "model": model,
+            "ports": ports,
+            "workers": workers,
+            "tmp": tmp,
+        }
+    finally:
+        for w in workers:
+            stop(w)
+
+
+RUN = r"""
+import json, sys
+import numpy as np
+import llama_cpp
+from ewq.planfile import load_plan
+from ewq.serve.cluster import load, model_params
+
+plan, model, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def run(llm):
+    toks = llm.tokenize(prompt.encode(), add_bos=False)
+    out = llm.create_completion(prompt, max_tokens=16, temperature=0)
+    window = llm.tokenize(open(sys.argv[4]).read().encode(), add_bos=False)[:128]
+    llm.reset(); llm.eval(window)
+    s = np.asarray(llm.scores[: len(window)], dtype=np.float64)
+    lp = s - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True)) - s.max(1, keepdims=True)
+    return out["choices"][0]["text"], lp
+
+# the workers' buffers are never repacked: the reference runs the same kernels
+with model_params(use_extra_bufts=False):
+    single = llama_cpp.Llama(model, n_ctx=512, logits_all=True, verbose=False, n_threads=1)
+text1, lp1 = run(single)
+del single
+cm = load(model, load_plan(plan), n_ctx=512, threads=1, logits_all=True, repack=False)
+text2, lp2 = run(cm.model)
+print(json.dumps({
+    "single": text1, "cluster": text2,
+    "max_abs_logprob_diff": float(np.abs(lp1 - lp2).max()),
+    "report": cm.report(), "ngl": cm.n_gpu_layers, "split": cm.tensor_split,
+}))
+"""
+
+
+def test_each_worker_holds_the_plan_share_and_the_output_matches(cluster, tmp_path):
+    window = tmp_path / "window.txt"
+    valid = shared_data() / "wikitext-2" / "valid.txt"
+    window.write_text(valid.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUN,
+            str(cluster["plan"]),
+            str(cluster["model"]),
+            PROMPT,
+            str(window),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    plan = json.loads(cluster["plan"].read_text())
+    n = plan["num_blocks"]
+    machines = [m for m in plan["machines"] if m["exec_indices"]]
+    assert [m["name"] for m in machines] == ["main", "w1", "w2", "w3"]
+    for m, row in zip(machines, got["report"], strict=True):
+        assert row["machine"] == m["name"]
+        # llama.cpp's layers 0..n-1 are exec_index 2..n+1; its output layer n is
+        # the head (exec_index n+2)
+        want = sorted(i - 2 for i in m["exec_indices"] if 2 <= i <= n + 2)
+        assert row["layers"] == want, (m["name"], row["layers"], want)
+        if row["endpoint"] is not None:  # a worker: its buffer is exactly its share
+            planned = m["weights_bytes"] / 2**20
+            assert row["model_mib"] == pytest.approx(planned, rel=0.05)
+            assert row["kv_mib"] == pytest.approx(m["kv_bytes"] / 2**20, rel=0.05)
+    assert {p["precision"] for p in plan["blocks"]} >= {"raw", "3-bit"}
+    assert got["cluster"] == got["single"] and got["single"].strip()
+    assert got["max_abs_logprob_diff"] < 1e-6
+
+
+def test_a_worker_that_dies_mid_run_is_named_not_a_hang(cluster):
+    proc = subprocess.Popen(
+        [
+            *EWQ,
+            "serve",
+            str(cluster["plan"]),
+            "--model",
+            str(cluster["model"]),
+            "--ctx",
+            "512",
+            "--threads",
+            "1",
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "400",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim = cluster["workers"][1]
+    try:
+        # the placement table is printed once the model is loaded: then kill w2
+        first = proc.stdout.readline()
+        assert "llama.cpp placement" in first, proc.stderr.read()
+        victim.kill()
+        victim.wait()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        cluster["workers"][1] = start_worker(cluster["ports"][1])  # for later tests
+    assert proc.returncode == 1
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ewq: error: lost the worker(s) w2")
+
+
+def test_a_port_in_use_is_one_line(cluster):
+    done = subprocess.run(
+        [*EWQ, "worker", "--port", str(cluster["ports"][0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip()
+        == f"ewq: error: cannot listen on 127.0.0.1:{cluster['ports'][0]}: in use"
+    )
+
+
+def test_an_unreachable_worker_is_one_line(cluster):
+    closed = free_port()
+    eps = [f"127.0.0.1:{p}" for p in cluster["ports"][:2]] + [f"127.0.0.1:{closed}"]
+    done = subprocess.run(
+        [
+            *EWQ,
+            "serve",
+            str(cluster["plan"]),
+            "--model",
+            str(cluster["model"]),
+            "--prompt",
+            "x",
+            "--rpc",
+            ",".join(eps),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        f"ewq: error: cannot reach the worker at 127.0.0.1:{closed}"
+    )
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_plan_and_the_endpoints_must_agree(cluster):
+    done = subprocess.run(
+        [
+            *EWQ,
+            "serve",
+            str(cluster["plan"]),
+            "--model",
+            str(cluster["model"]),
+            "--prompt",
+            "x",
+            "--rpc",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+    )
+    assert done.returncode == 1
+    assert "give the 3 worker endpoint(s)" in done.stderr
