@@ -278,3 +278,64 @@ def test_the_plan_and_the_endpoints_must_agree(cluster):
     )
     assert done.returncode == 1
     assert "give the 3 worker endpoint(s)" in done.stderr
+
+
+def test_serve_http_answers_as_the_prompt_mode(cluster):
+    """Without --prompt, `ewq serve` is llama-cpp-python's OpenAI-compatible server
+    over the same placement; its greedy completion is the prompt mode's."""
+    import urllib.request
+
+    common = [
+        str(cluster["plan"]),
+        "--model",
+        str(cluster["model"]),
+        "--threads",
+        "1",
+        "--no-repack",
+    ]
+    once = subprocess.run(
+        [
+            *EWQ,
+            "serve",
+            *common,
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "16",
+            "--json",
+            str(cluster["tmp"] / "served.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert once.returncode == 0, once.stderr
+    expected = json.loads((cluster["tmp"] / "served.json").read_text())["completion"]
+    port = free_port()
+    proc = subprocess.Popen(
+        [*EWQ, "serve", *common, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_listening(port, proc, timeout=120)
+        body = json.dumps(
+            {
+                "prompt": PROMPT,
+                "max_tokens": 16,
+                "temperature": 0,
+                "repeat_penalty": 1.0,
+            }
+        ).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.loads(resp.read())
+        assert answer["choices"][0]["text"] == expected
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)  # stops by itself

@@ -215,3 +215,41 @@ def test_cluster_file_with_a_network():
 def test_bad_network(doc, message):
     with pytest.raises(BudgetError, match=message):
         cluster_from_doc(doc)
+
+
+def test_plan_of_the_default_model_avoids_the_slow_link(tmp_path, monkeypatch, capsys):
+    """End to end: the file lists `far` first, behind a 10 Mbit/s link; the model
+    fits on `near1` + `near2` (1 Gbit/s between them), so the plan leaves `far` out,
+    and llama.cpp's export starts at near1."""
+    from test_cli import run
+
+    (tmp_path / "c.yaml").write_text(
+        "machines:\n"
+        "  - {name: far, memory: 150MB, memory_bandwidth: 20GB/s,"
+        " network: {bandwidth: 10Mbit/s, latency: 5ms}}\n"
+        "  - {name: near1, memory: 150MB, memory_bandwidth: 20GB/s, host: 10.0.0.2}\n"
+        "  - {name: near2, memory: 150MB, memory_bandwidth: 20GB/s, host: 10.0.0.3}\n"
+        "links:\n"
+        "  - {between: [near1, near2], bandwidth: 1Gbit/s, latency: 0.1ms}\n"
+    )
+    out = tmp_path / "plan.json"
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "plan",
+        "default",
+        "--cluster",
+        str(tmp_path / "c.yaml"),
+        "--context",
+        "512",
+        "--json",
+        str(out),
+    )
+    assert code == 0, err
+    import json
+
+    doc = json.loads(out.read_text())
+    used = [m["name"] for m in doc["machines"] if m["exec_indices"]]
+    assert "far" not in used and used[0] == "near1"
+    assert doc["exports"]["llama_cpp"]["main"] == "near1"
+    assert doc["seconds_per_token"] > 0

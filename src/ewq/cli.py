@@ -822,7 +822,12 @@ def serve(
             "plan's cluster file).",
         ),
     ] = None,
-    ctx: Annotated[int, typer.Option(min=16, help="Context length (tokens).")] = 2048,
+    ctx: Annotated[
+        int | None,
+        typer.Option(
+            min=16, help="Context length (tokens; default: what the plan sized for)."
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
     prompt: Annotated[
         str | None,
@@ -854,6 +859,15 @@ def serve(
     if not model.is_file():
         raise EwqError(f"no such model file: {model}")
     p = load_plan(plan)
+    planned_ctx = ((p.model_extra or {}).get("runtime") or {}).get("context")
+    if ctx is None:
+        ctx = planned_ctx if isinstance(planned_ctx, int) and planned_ctx > 0 else 2048
+    elif isinstance(planned_ctx, int) and ctx > planned_ctx:
+        err.print(
+            f"ewq: warning: the plan sized the KV cache for {planned_ctx} tokens, "
+            f"not {ctx}: a machine may run out of memory",
+            markup=False,
+        )
     endpoints = rpc_endpoints.split(",") if rpc_endpoints else None
     if prompt is not None:
         cm = cluster.load(
