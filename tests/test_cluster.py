@@ -175,6 +175,9 @@ def test_each_worker_holds_the_plan_share_and_the_output_matches(cluster, tmp_pa
             planned = m["weights_bytes"] / 2**20
             assert row["model_mib"] == pytest.approx(planned, rel=0.05)
             assert row["kv_mib"] == pytest.approx(m["kv_bytes"] / 2**20, rel=0.05)
+            # all llama.cpp allocates there stays within what the plan charged
+            used = row["model_mib"] + row["kv_mib"] + row["compute_mib"]
+            assert used <= m["bytes"] / 2**20 * 1.01
     assert {p["precision"] for p in plan["blocks"]} >= {"raw", "3-bit"}
     assert got["cluster"] == got["single"] and got["single"].strip()
     assert got["max_abs_logprob_diff"] < 1e-6
