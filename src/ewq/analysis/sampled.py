@@ -1,0 +1,246 @@
+"""Sampled EWQ: each matrix's entropy estimated from a random sample of its rows,
+with a confidence interval, and the EWQ decision taken from the estimates.
+
+Why it works: with S = sum_i exp(w_i - c) and T = sum_i exp(w_i - c)(w_i - c) (any
+shift c), a matrix's softmax entropy is exactly H = log S - T / S. S and T are sums
+over elements, so a simple random sample of the matrix's row blocks (the units)
+estimates both without bias: S^ = (U / k) sum_sampled s_u, likewise T^, for U units
+and k sampled. H^ = log S^ - T^ / S^ is then consistent, and its variance follows by
+the delta method from the covariance of (s_u, t_u) across the sampled units, with the
+finite-population correction (1 - k / U):
+
+    Var H^ ~ g' C g,   g = (1/S + T/S^2, -1/S),   C = U^2 (1 - k/U) cov(s, t) / k
+
+A block's entropy is the parameter-weighted mean of its matrices' (METHOD.md 2), so
+its variance is sum_k (n_k/N)^2 Var H^_k (matrices are sampled independently). A
+matrix with fewer than ``min_units`` units is read whole (exact, variance 0).
+
+Units: ``b`` consecutive rows, b = min(unit_bytes / row bytes, R / 256) (at least
+1), so that a matrix has hundreds of units to choose from and a unit is one read of
+up to 64 KiB (one HTTP range request through the hub). Rows of quantized GGUF
+tensors hold whole quant blocks; they are dequantized as read.
+
+The sample is deterministic: unit choices come from numpy's generator seeded by
+(seed, CRC-32 of the tensor name, matrix index), independent of read order.
+Only the exact entropy (eps = 0) is estimated: eps > 0 needs the full log-sum-exp
+before any element's term.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ewq.analysis.scan import counts_as_matrix, default_workers, matrices_of
+from ewq.arch import ModelLayout
+from ewq.errors import FormatError, InvalidParameterError
+from ewq.sources import TensorSource
+from ewq.sources.base import check_finite
+from ewq.types import BlockKind, TensorInfo
+
+__all__ = [
+    "Z",
+    "BlockEstimate",
+    "MatrixEstimate",
+    "SampledProfile",
+    "sample_profile",
+]
+
+Z = 2.576  # half-width of the stated intervals in standard errors (99%, normal)
+UNIT_BYTES = 64 << 10
+MIN_UNITS = 8
+
+
+@dataclass(frozen=True)
+class MatrixEstimate:
+    entropy: float
+    variance: float  # of the estimate; 0 when the matrix was read whole
+    units: int
+    units_read: int
+    bytes_read: int
+
+
+@dataclass(frozen=True)
+class BlockEstimate:
+    exec_index: int
+    kind: BlockKind
+    num_parameters: int
+    matrix_parameters: int
+    entropy: float | None
+    stderr: float
+    bytes_read: int
+    bytes_total: int
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        if self.entropy is None:
+            return None
+        return self.entropy - Z * self.stderr, self.entropy + Z * self.stderr
+
+
+@dataclass(frozen=True)
+class SampledProfile:
+    blocks: tuple[BlockEstimate, ...]
+    fraction: float
+    seed: int
+    bytes_read: int
+    bytes_total: int
+
+    @property
+    def transformer(self) -> tuple[BlockEstimate, ...]:
+        return tuple(b for b in self.blocks if b.kind is BlockKind.TRANSFORMER)
+
+
+def _units(info: TensorInfo, granule: int) -> tuple[int, int, int, int]:
+    """(rows per matrix, row elements, rows per unit, units per matrix)."""
+    cols = max(info.shape[-1], granule) if info.shape else 1
+    n_mat = matrices_of(info)
+    rows = info.num_elements // n_mat // cols
+    row_bytes = max(1, info.nbytes // max(1, n_mat * rows))
+    b = max(1, min(UNIT_BYTES // row_bytes, rows // 256))
+    return rows, cols, b, -(-rows // b)
+
+
+def _unit_stats(values: np.ndarray) -> tuple[float, float, float]:
+    """(max, sum exp(w - max), sum exp(w - max)(w - max)) of one unit, in float64."""
+    w = np.asarray(values, dtype=np.float64)
+    m = float(w.max())
+    d = w - m
+    e = np.exp(d)
+    return m, float(e.sum()), float(np.einsum("i,i->", e, d))
+
+
+def estimate(
+    stats: Sequence[tuple[float, float, float]], units: int
+) -> tuple[float, float]:
+    """H^ and its delta-method variance from the units read (see the module text)."""
+    k = len(stats)
+    c = max(m for m, _, _ in stats)
+    s = np.array([su * math.exp(m - c) for m, su, _ in stats])
+    t = np.array([(tu + (m - c) * su) * math.exp(m - c) for m, su, tu in stats])
+    big_s, big_t = units / k * s.sum(), units / k * t.sum()
+    h = math.log(big_s) - big_t / big_s
+    if k >= units or k < 2:
+        return h, 0.0
+    cov = np.cov(np.vstack([s, t]), ddof=1) * units**2 * (1 - k / units) / k
+    g = np.array([1 / big_s + big_t / big_s**2, -1 / big_s])
+    return h, max(0.0, float(g @ cov @ g))
+
+
+def sample_matrix(
+    src: TensorSource,
+    info: TensorInfo,
+    matrix: int,
+    fraction: float,
+    seed: int,
+    *,
+    read: Callable[[Callable[[], np.ndarray]], np.ndarray] | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> MatrixEstimate:
+    """Estimate one matrix (``matrix``-th of a stacked tensor) from a sample of its
+    units: ``fraction`` of them, at least ``MIN_UNITS``, all of them when fewer."""
+    rows, cols, b, units = _units(info, src.granule(info))
+    k = min(units, max(MIN_UNITS, math.ceil(fraction * units)))
+    rng = np.random.default_rng([seed, zlib.crc32(info.name.encode()), matrix])
+    chosen = (
+        np.sort(rng.choice(units, size=k, replace=False)) if k < units else range(units)
+    )
+    base = matrix * rows * cols
+    spans = [
+        (base + u * b * cols, base + min(rows, (u + 1) * b) * cols) for u in chosen
+    ]
+
+    def one(span: tuple[int, int]) -> tuple[float, float, float]:
+        values = src.read_range(info, *span)
+        check_finite(info, values)
+        return _unit_stats(values)
+
+    stats = list(pool.map(one, spans)) if pool is not None else [one(s) for s in spans]
+    h, var = estimate(stats, units)
+    row_bytes = info.nbytes / (matrices_of(info) * rows)
+    read_rows = sum((stop - start) // cols for start, stop in spans)
+    return MatrixEstimate(h, var, units, k, round(read_rows * row_bytes))
+
+
+def sample_profile(
+    src: TensorSource,
+    layout: ModelLayout,
+    *,
+    fraction: float,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    refine: Mapping[int, float] | None = None,
+) -> SampledProfile:
+    """Every block's entropy estimated from ``fraction`` of each matrix's units.
+
+    ``refine`` maps exec_index -> a larger fraction for that block's matrices.
+    """
+    if not (0 < fraction <= 1):
+        raise InvalidParameterError(
+            f"the sample must be a fraction in (0, 1], got {fraction}"
+        )
+    if layout.num_blocks == 0:
+        raise FormatError(f"{src.index.source}: no transformer blocks to analyse")
+    refine = refine or {}
+    jobs = []
+    for block in layout.blocks:
+        for t, key in zip(block.tensors, block.keys, strict=True):
+            if counts_as_matrix(t, key):
+                jobs.append((block.exec_index, t))
+    total = sum(t.nbytes for _, t in jobs)
+    est: dict[int, list[tuple[int, MatrixEstimate]]] = {}
+    done = 0
+    with ThreadPoolExecutor(workers or default_workers() * 4) as pool:
+        for i, t in jobs:
+            f = max(fraction, refine.get(i, 0.0))
+            n_mat = matrices_of(t)
+            for m in range(n_mat):
+                e = sample_matrix(src, t, m, f, seed, pool=pool)
+                est.setdefault(i, []).append((t.num_elements // n_mat, e))
+            done += t.nbytes
+            if progress is not None:
+                progress(done, total, t.name)
+    blocks = []
+    for block in layout.blocks:
+        parts = est.get(block.exec_index, [])
+        n = sum(k for k, _ in parts)
+        if not parts or n == 0:
+            if block.kind is BlockKind.TRANSFORMER:
+                raise FormatError(
+                    f"{src.index.source}: transformer block {block.exec_index} holds no "
+                    "float weight matrix to analyse"
+                )
+            h, var = None, 0.0
+        else:
+            h = math.fsum(k / n * e.entropy for k, e in parts)
+            var = math.fsum((k / n) ** 2 * e.variance for k, e in parts)
+        counted = [
+            t
+            for t, k in zip(block.tensors, block.keys, strict=True)
+            if counts_as_matrix(t, k)
+        ]
+        blocks.append(
+            BlockEstimate(
+                block.exec_index,
+                block.kind,
+                block.num_parameters,
+                n,
+                h,
+                math.sqrt(var),
+                sum(e.bytes_read for _, e in parts),
+                sum(t.nbytes for t in counted),
+            )
+        )
+    return SampledProfile(
+        tuple(blocks),
+        fraction,
+        seed,
+        sum(b.bytes_read for b in blocks),
+        total,
+    )
