@@ -38,6 +38,7 @@ from ewq.analysis.entropy import (
     histogram16,
     is_16bit,
 )
+from ewq.analysis.quantized import quant_stats, supported
 from ewq.errors import NonFiniteTensorError
 from ewq.sources import TensorSource
 from ewq.types import ParamKind, TensorInfo, TensorKey
@@ -52,6 +53,10 @@ _BUFFER_BYTES = 16 << 20  # one read; several per segment
 _SEGMENT_BYTES = 64 << 20  # one task for the pool
 
 Progress = Callable[[int, int, str], None]
+
+#: take entropy sums straight from GGML quant blocks (EWQ_QUANT_KERNELS=0: dequantize
+#: every block to float first, the reference path the benchmark compares against)
+FAST = os.environ.get("EWQ_QUANT_KERNELS", "1") != "0"
 
 
 def counts_as_matrix(info: TensorInfo, key: TensorKey | None) -> bool:
@@ -123,8 +128,33 @@ class _Worker:
         for s in range(start, stop, step):
             yield self.src.read_range(info, s, min(stop, s + step), buf)
 
+    def _blocks(
+        self, info: TensorInfo, qtype: str, piece: _Piece
+    ) -> EntropyStats | None:
+        """The piece's sums straight from its quant blocks (analysis/quantized.py);
+        None when a sum is not finite (the float path then says where and why)."""
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = self.local.buf = np.empty(_BUFFER_BYTES, dtype=np.uint8)
+        row = info.shape[-1]
+        row_bytes = max(1, info.nbytes // max(1, info.num_elements // row))
+        step = max(row, _BUFFER_BYTES // row_bytes * row)
+        stats = EntropyStats(0, 0.0, 0.0, 0.0)
+        for s in range(piece.start, piece.stop, step):
+            raw = self.src.read_blocks(info, s, min(piece.stop, s + step), buf)
+            part = quant_stats(qtype, raw)
+            if part is None:
+                return None
+            stats = stats.merge(part)
+        return stats
+
     def __call__(self, piece: _Piece) -> np.ndarray | EntropyStats | float:
         info = self.infos[piece.tensor]
+        qtype = self.src.block_type(info)
+        if self.eps == 0.0 and qtype is not None and supported(qtype) and FAST:
+            fast = self._blocks(info, qtype, piece)
+            if fast is not None:
+                return fast
         hist: np.ndarray | None = None
         stats = EntropyStats(0, 0.0, 0.0, 0.0)
         dtype = None

@@ -75,6 +75,18 @@ class TensorSource(abc.ABC):
         """
         return 1
 
+    def block_type(self, info: TensorInfo) -> str | None:
+        """The GGML block type (``Q4_K``...) of a block-quantized tensor whose raw
+        blocks :meth:`read_blocks` gives; None for everything else."""
+        return None
+
+    def read_blocks(
+        self, info: TensorInfo, start: int, stop: int, buffer: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The raw bytes of elements ``[start, stop)`` (whole rows) of a tensor whose
+        :meth:`block_type` is not None."""
+        raise NotImplementedError
+
     def read_range(
         self, info: TensorInfo, start: int, stop: int, buffer: np.ndarray | None = None
     ) -> np.ndarray:

@@ -294,6 +294,21 @@ class GGUFSource(TensorSource):
             return 1
         return info.shape[-1]  # quantized blocks never straddle rows
 
+    def block_type(self, info: TensorInfo) -> str | None:
+        qtype = self._types[info.name]
+        return None if qtype in _PLAIN else qtype.name
+
+    def read_blocks(
+        self, info: TensorInfo, start: int, stop: int, buffer: np.ndarray | None = None
+    ) -> np.ndarray:
+        row = info.shape[-1]
+        if start % row or stop % row:
+            raise ValueError(f"range [{start}, {stop}) is not whole rows of {row}")
+        row_bytes = _nbytes((row,), self._types[info.name])
+        return self._pread(
+            info, start // row * row_bytes, (stop - start) // row * row_bytes, buffer
+        )
+
     def read_range(
         self, info: TensorInfo, start: int, stop: int, buffer: np.ndarray | None = None
     ) -> np.ndarray:
