@@ -111,6 +111,9 @@ class Uniform:
     def logprobs(self, tokens):
         return np.full((len(tokens), self.vocab_size), -math.log(self.vocab_size))
 
+    def logits(self, tokens):
+        return np.zeros((len(tokens), self.vocab_size), dtype=np.float32)
+
 
 @pytest.mark.parametrize("bos", [None, 0])
 @pytest.mark.parametrize("stride", [None, 7])
@@ -443,3 +446,43 @@ def test_hub_dataset_path(monkeypatch):
     )
     with pytest.raises(DataError, match="cannot load the hub dataset"):
         load_mmlu("cais/mmlu")
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.integers(2, 300),
+    st.floats(0.1, 30),
+    st.integers(0, 2**32 - 1),
+)
+def test_kl_from_logits_equals_the_log_softmax_route(rows, vocab, scale, seed):
+    """The jitted row reductions give scipy's log-sum-exp and the same KL as the
+    float64 log-softmax matrices they replace."""
+    from scipy.special import logsumexp
+
+    from ewq.evaluate.metrics import kl_logits, kl_per_position, log_softmax
+    from ewq.evaluate.metrics import logsumexp_rows
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, vocab)) * scale).astype(np.float32)
+    y = (x + rng.standard_normal((rows, vocab)).astype(np.float32)).astype(np.float32)
+    lx, ly = logsumexp_rows(x), logsumexp_rows(y)
+    assert lx == pytest.approx(logsumexp(x.astype(np.float64), axis=1), rel=1e-12)
+    want = kl_per_position(log_softmax(x), log_softmax(y))
+    assert kl_logits(x, lx, y, ly) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_continuations_reuse_the_stem_and_change_nothing():
+    """Cloze scoring evaluates the question once and each answer on its KV cache:
+    the log-probs equal evaluating stem + answer from scratch, in llama.cpp."""
+    from ewq.evaluate.backends import LlamaCppModel
+    from ewq.sources import default_model_path
+
+    m = LlamaCppModel(default_model_path(), n_ctx=256)
+    base = m.tokenize("Question: What is the capital of France?\nAnswer:")
+    conts = [m.tokenize(" " + a) for a in ("Paris", "Lyon and Marseille", "Rome", "1")]
+    shared = m.continuations(base, conts)
+    for cont, lp in zip(conts, shared, strict=True):
+        alone = m.logprobs(base + cont, slice(len(base) - 1, len(base) + len(cont) - 1))
+        assert lp.shape == alone.shape
+        assert np.abs(lp - alone).max() <= 1e-5

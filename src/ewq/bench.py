@@ -42,7 +42,7 @@ from ewq.errors import EwqError
 from ewq.evaluate import tasks
 from ewq.evaluate.backends import LlamaCppModel
 from ewq.evaluate.data import load_mmlu, load_text
-from ewq.evaluate.metrics import kl_per_position, summarize_kl
+from ewq.evaluate.metrics import kl_logits, logsumexp_rows, summarize_kl
 from ewq.fileio import atomic_write_text
 from ewq.planning import BlockSpec, Machine, block_specs, fit
 from ewq.types import Precision
@@ -83,18 +83,22 @@ class _Reference:
             ([self.model.bos] if self.model.bos is not None else []) + tokens[a:b]
             for a, b, _ in tasks.windows(len(tokens), size, size, cfg.windows)
         ]
-        self.logprobs = [self.model.logprobs(s).astype(np.float32) for s in self.seqs]
+        # float32 logits as llama.cpp gives them, and their log-sum-exps: each
+        # variant is compared with these, the reference runs once
+        self.logits = [self.model.logits(s) for s in self.seqs]
+        self.lse = [logsumexp_rows(x) for x in self.logits]
 
 
 def _text_metrics(model: LlamaCppModel, ref: _Reference) -> dict[str, float]:
     kls, t_ref, t_q, nll, count = [], [], [], 0.0, 0
-    for seq, p in zip(ref.seqs, ref.logprobs, strict=True):
-        q = model.logprobs(seq)
-        kls.append(kl_per_position(p.astype(np.float64), q))
+    for seq, p, lp in zip(ref.seqs, ref.logits, ref.lse, strict=True):
+        q = model.logits(seq)
+        lq = logsumexp_rows(q)
+        kls.append(kl_logits(p, lp, q, lq))
         t_ref.append(p.argmax(axis=1))
         t_q.append(q.argmax(axis=1))
         for t in range(1, len(seq)):
-            nll -= q[t - 1, seq[t]]
+            nll -= float(q[t - 1, seq[t]]) - lq[t - 1]
             count += 1
     out = summarize_kl(np.concatenate(kls), np.concatenate(t_ref), np.concatenate(t_q))
     out["perplexity"] = float(math.exp(nll / count))

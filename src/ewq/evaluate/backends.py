@@ -35,6 +35,12 @@ class LanguageModel(Protocol):
         (only the positions in ``rows``, when given)."""
         ...
 
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """(len(tokens), vocab) raw float32 logits, a copy the caller owns: with
+        ewq.evaluate.metrics.logsumexp_rows, log-probabilities without a float64
+        matrix."""
+        ...
+
 
 def _silent(level: int, text: bytes, user: object) -> None:
     pass
@@ -92,15 +98,44 @@ class LlamaCppModel:
             self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         )
 
-    def logprobs(self, tokens: list[int], rows: slice | None = None) -> np.ndarray:
+    def _scores(self, tokens: list[int]) -> np.ndarray:
+        """llama.cpp's logits of every position: a view of its buffer, valid until
+        the next evaluation."""
         if len(tokens) > self.n_ctx:
             raise EwqError(
                 f"{len(tokens)} tokens exceed the context of {self.n_ctx} (raise --ctx)"
             )
         self.llm.reset()
         self.llm.eval(tokens)
-        scores = np.asarray(self.llm.scores[: len(tokens)])
+        return np.asarray(self.llm.scores[: len(tokens)])
+
+    def logprobs(self, tokens: list[int], rows: slice | None = None) -> np.ndarray:
+        scores = self._scores(tokens)
         return log_softmax(scores if rows is None else scores[rows])
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        return np.array(self._scores(tokens), dtype=np.float32)
+
+    def continuations(
+        self, base: list[int], conts: list[list[int]]
+    ) -> list[np.ndarray]:
+        """For each continuation, the log-probabilities of its tokens after ``base``
+        (rows: its positions, from the last of ``base``). ``base`` is evaluated once;
+        each continuation reuses its KV cache (llama-cpp-python's ``eval`` drops the
+        cells after ``n_tokens`` first)."""
+        scores = self._scores(base)
+        last = log_softmax(scores[len(base) - 1 : len(base)])
+        out = []
+        for cont in conts:
+            if len(base) + len(cont) > self.n_ctx:
+                raise EwqError(
+                    f"{len(base) + len(cont)} tokens exceed the context of {self.n_ctx}"
+                )
+            self.llm.n_tokens = len(base)
+            self.llm.eval(cont)
+            rows = np.asarray(self.llm.scores[len(base) : len(base) + len(cont) - 1])
+            out.append(np.concatenate([last, log_softmax(rows)]) if len(rows) else last)
+        return out
 
 
 class TransformersModel:
@@ -129,11 +164,14 @@ class TransformersModel:
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def logprobs(self, tokens: list[int], rows: slice | None = None) -> np.ndarray:
+    def logits(self, tokens: list[int]) -> np.ndarray:
         with self.torch.no_grad():
             ids = self.torch.tensor([tokens])
             logits = self.model(ids).logits[0].float().numpy()
-        logits = logits[:, : self.vocab_size]
+        return np.ascontiguousarray(logits[:, : self.vocab_size], dtype=np.float32)
+
+    def logprobs(self, tokens: list[int], rows: slice | None = None) -> np.ndarray:
+        logits = self.logits(tokens)
         return log_softmax(logits if rows is None else logits[rows])
 
 

@@ -11,7 +11,9 @@ __all__ = [
     "LETTERS",
     "ABSENT_LOGPROB",
     "log_softmax",
+    "kl_logits",
     "kl_per_position",
+    "logsumexp_rows",
     "paper_question_nll",
     "paper_perplexity",
     "summarize_kl",
@@ -26,6 +28,27 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def logsumexp_rows(logits: np.ndarray) -> np.ndarray:
+    """Each row's log-sum-exp (float64) of float32 logits: log p = logits - this."""
+    from ewq.evaluate._kernels import row_logsumexp
+
+    return row_logsumexp(np.ascontiguousarray(logits, dtype=np.float32))
+
+
+def kl_logits(
+    ref: np.ndarray, ref_lse: np.ndarray, q: np.ndarray, q_lse: np.ndarray
+) -> np.ndarray:
+    """KL(P_ref || P_q) at each position from raw logits and their log-sum-exps."""
+    from ewq.evaluate._kernels import kl_rows
+
+    return kl_rows(
+        np.ascontiguousarray(ref, dtype=np.float32),
+        ref_lse,
+        np.ascontiguousarray(q, dtype=np.float32),
+        q_lse,
+    )
 
 
 def kl_per_position(logp_ref: np.ndarray, logp_q: np.ndarray) -> np.ndarray:

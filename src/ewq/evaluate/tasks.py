@@ -14,7 +14,8 @@ from ewq.evaluate.backends import LanguageModel
 from ewq.evaluate.data import Question, format_prompt
 from ewq.evaluate.metrics import (
     LETTERS,
-    kl_per_position,
+    kl_logits,
+    logsumexp_rows,
     paper_perplexity,
     paper_question_nll,
     summarize_kl,
@@ -71,10 +72,11 @@ def perplexity(
     for k, (a, b, score_from) in enumerate(wins):
         seq = _with_bos(model, tokens[a:b])
         offset = len(seq) - (b - a)  # 1 with a BOS
-        lp = model.logprobs(seq)
+        x = model.logits(seq)
+        lse = logsumexp_rows(x)
         # position t - 1 predicts seq[t], which is text token a + t - offset
         for t in range(max(1, score_from - a + offset), len(seq)):
-            nll -= lp[t - 1, seq[t]]
+            nll -= float(x[t - 1, seq[t]]) - lse[t - 1]
             count += 1
         if progress is not None:
             progress(k + 1, len(wins), f"window {k + 1}")
@@ -115,8 +117,8 @@ def kld(
     kls, top_ref, top_q = [], [], []
     for k, (a, b, _) in enumerate(wins):
         seq = _with_bos(reference, tokens[a:b])
-        p, q = reference.logprobs(seq), quantized.logprobs(seq)
-        kls.append(kl_per_position(p, q))
+        p, q = reference.logits(seq), quantized.logits(seq)
+        kls.append(kl_logits(p, logsumexp_rows(p), q, logsumexp_rows(q)))
         top_ref.append(p.argmax(axis=1))
         top_q.append(q.argmax(axis=1))
         if progress is not None:
@@ -224,11 +226,17 @@ def mmlu(
 def _cloze(model: LanguageModel, q: Question) -> int:
     stem = f"Question: {q.question.strip()}\nAnswer:"
     base = _with_bos(model, model.tokenize(stem))
+    conts = [model.tokenize(" " + choice) for choice in q.choices]
+    shared = getattr(model, "continuations", None)  # the stem evaluated once
+    if shared is not None:
+        lps = shared(base, conts)
+    else:
+        lps = [
+            model.logprobs(base + c, slice(len(base) - 1, len(base) + len(c) - 1))
+            for c in conts
+        ]
     scores = []
-    for choice in q.choices:
-        cont = model.tokenize(" " + choice)
-        seq = base + cont
-        lp = model.logprobs(seq, slice(len(base) - 1, len(seq) - 1))
+    for choice, cont, lp in zip(q.choices, conts, lps, strict=True):
         ll = sum(lp[j, t] for j, t in enumerate(cont))
         scores.append(ll / max(1, len((" " + choice).encode("utf-8"))))
     return int(np.argmax(scores))

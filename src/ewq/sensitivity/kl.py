@@ -31,7 +31,7 @@ from ewq.arch import ModelLayout
 from ewq.errors import EwqError
 from ewq.evaluate import tasks
 from ewq.evaluate.backends import LlamaCppModel
-from ewq.evaluate.metrics import kl_per_position
+from ewq.evaluate.metrics import kl_logits, logsumexp_rows
 from ewq.formats import offered, target
 from ewq.planfile import plan_from_doc
 from ewq.quant.gguf import quantize_gguf
@@ -92,8 +92,10 @@ def kl_sensitivity(
     seqs = [
         ([ref.bos] if ref.bos is not None else []) + tokens[a:b] for a, b, _ in spans
     ]
-    # float32: four windows of a 262k vocabulary are 1 GB, not 2
-    reference = [ref.logprobs(s).astype(np.float32) for s in seqs]
+    # float32 logits as llama.cpp gives them (four windows of a 262k vocabulary:
+    # 1 GB), and their log-sum-exps
+    reference = [ref.logits(s) for s in seqs]
+    ref_lse = [logsumexp_rows(x) for x in reference]
     del ref
     jobs = []  # (exec_index, precisions sharing one set of written types)
     for block in layout.blocks:
@@ -119,10 +121,10 @@ def kl_sensitivity(
             targets = gguf_targets(index, layout, _plan(layout, exec_index, ps[0]))
             quantize_gguf(path, targets, out)
             model = LlamaCppModel(out, ctx)
-            kls = [
-                kl_per_position(p.astype(np.float64), model.logprobs(s))
-                for p, s in zip(reference, seqs, strict=True)
-            ]
+            kls = []
+            for p, lp, s in zip(reference, ref_lse, seqs, strict=True):
+                q = model.logits(s)
+                kls.append(kl_logits(p, lp, q, logsumexp_rows(q)))
             del model
             value = float(np.concatenate(kls).mean())
             for p in ps:
