@@ -460,8 +460,12 @@ def test_kl_from_logits_equals_the_log_softmax_route(rows, vocab, scale, seed):
     float64 log-softmax matrices they replace."""
     from scipy.special import logsumexp
 
-    from ewq.evaluate.metrics import kl_logits, kl_per_position, log_softmax
-    from ewq.evaluate.metrics import logsumexp_rows
+    from ewq.evaluate.metrics import (
+        kl_logits,
+        kl_per_position,
+        log_softmax,
+        logsumexp_rows,
+    )
 
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((rows, vocab)) * scale).astype(np.float32)
