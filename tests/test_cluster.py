@@ -25,6 +25,11 @@ EWQ = [sys.executable, "-m", "ewq"]
 PROMPT = "The history of the city begins"
 
 
+def serve_args(cluster) -> list[str]:
+    """`ewq serve PLAN --model MODEL` for the module's cluster."""
+    return [*EWQ, "serve", str(cluster["plan"]), "--model", str(cluster["model"])]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -186,11 +191,7 @@ def test_each_worker_holds_the_plan_share_and_the_output_matches(cluster, tmp_pa
 def test_a_worker_that_dies_mid_run_is_named_not_a_hang(cluster):
     proc = subprocess.Popen(
         [
-            *EWQ,
-            "serve",
-            str(cluster["plan"]),
-            "--model",
-            str(cluster["model"]),
+            *serve_args(cluster),
             "--ctx",
             "512",
             "--threads",
@@ -240,11 +241,7 @@ def test_an_unreachable_worker_is_one_line(cluster):
     eps = [f"127.0.0.1:{p}" for p in cluster["ports"][:2]] + [f"127.0.0.1:{closed}"]
     done = subprocess.run(
         [
-            *EWQ,
-            "serve",
-            str(cluster["plan"]),
-            "--model",
-            str(cluster["model"]),
+            *serve_args(cluster),
             "--prompt",
             "x",
             "--rpc",
@@ -264,11 +261,7 @@ def test_an_unreachable_worker_is_one_line(cluster):
 def test_the_plan_and_the_endpoints_must_agree(cluster):
     done = subprocess.run(
         [
-            *EWQ,
-            "serve",
-            str(cluster["plan"]),
-            "--model",
-            str(cluster["model"]),
+            *serve_args(cluster),
             "--prompt",
             "x",
             "--rpc",
@@ -288,18 +281,9 @@ def test_serve_http_answers_as_the_prompt_mode(cluster):
     over the same placement; its greedy completion is the prompt mode's."""
     import urllib.request
 
-    common = [
-        str(cluster["plan"]),
-        "--model",
-        str(cluster["model"]),
-        "--threads",
-        "1",
-        "--no-repack",
-    ]
+    common = [*serve_args(cluster), "--threads", "1", "--no-repack"]
     once = subprocess.run(
         [
-            *EWQ,
-            "serve",
             *common,
             "--prompt",
             PROMPT,
@@ -316,7 +300,7 @@ def test_serve_http_answers_as_the_prompt_mode(cluster):
     expected = json.loads((cluster["tmp"] / "served.json").read_text())["completion"]
     port = free_port()
     proc = subprocess.Popen(
-        [*EWQ, "serve", *common, "--port", str(port)],
+        [*common, "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
