@@ -1,0 +1,162 @@
+"""`ewq worker` and `ewq serve`: a plan run across machines on llama.cpp's RPC
+backend (the commands of ewq.cli that run a cluster; ewq.serve does the work)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ewq import __version__
+from ewq.cli import _write_json, app, err, out
+from ewq.errors import EwqError
+
+
+@app.command(
+    epilog="Examples:\n\n  ewq worker --host 0.0.0.0 --port 50052"
+    "\n\n  (then, on the main machine: ewq serve plan.json --model model.gguf)"
+)
+def worker(
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on: 0.0.0.0 for every interface (trusted "
+            "networks only: the protocol has no authentication)."
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 50052,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads (default: all cores).")
+    ] = None,
+) -> None:
+    """Lend this machine's CPU and memory to a plan: llama.cpp's RPC server."""
+    from ewq.serve import rpc
+
+    thread = rpc.start_worker(host, port, threads)
+    if host not in ("127.0.0.1", "localhost"):
+        err.print(
+            "ewq: warning: anyone who can reach this port can run code on the "
+            "worker's memory; keep it on a trusted network",
+            markup=False,
+        )
+    err.print(f"worker listening on {host}:{port}; stop with Ctrl-C", markup=False)
+    try:
+        while thread.is_alive():  # wait here, where Ctrl-C and SIGTERM are handled
+            thread.join(0.5)
+    except KeyboardInterrupt:  # a server's normal end
+        err.print("worker stopped", markup=False)
+
+
+@app.command(
+    epilog="Examples:\n\n  ewq serve plan.json --model model.gguf --prompt 'Hello'"
+    "\n\n  ewq serve plan.json --model model.gguf --port 8080"
+)
+def serve(
+    plan: Annotated[Path, typer.Argument(help="Plan JSON from `ewq plan --cluster`.")],
+    model: Annotated[
+        Path, typer.Option(help="The GGUF `ewq quantize` wrote from the plan.")
+    ],
+    rpc_endpoints: Annotated[
+        str | None,
+        typer.Option(
+            "--rpc",
+            help="Workers' host:port in pipeline order (default: the hosts of the "
+            "plan's cluster file).",
+        ),
+    ] = None,
+    ctx: Annotated[
+        int | None,
+        typer.Option(
+            min=16, help="Context length (tokens; default: what the plan sized for)."
+        ),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(help="Complete this text greedily, print it and stop."),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
+    repack: Annotated[
+        bool,
+        typer.Option(
+            help="Repack weights for faster CPU kernels here (llama-server's default; "
+            "--no-repack runs the workers' kernels, for results equal to theirs)."
+        ),
+    ] = True,
+    host: Annotated[str, typer.Option(help="HTTP address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8080,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the placement and the completion as JSON."),
+    ] = None,
+) -> None:
+    """Run a plan across machines: the model here, its layers on the plan's workers.
+
+    Without --prompt, serves llama-cpp-python's OpenAI-compatible HTTP API.
+    """
+    from ewq.planfile import load_plan
+    from ewq.reports.serve import served_json, served_table
+    from ewq.serve import cluster
+
+    if not model.is_file():
+        raise EwqError(f"no such model file: {model}")
+    p = load_plan(plan)
+    planned_ctx = ((p.model_extra or {}).get("runtime") or {}).get("context")
+    if ctx is None:
+        ctx = planned_ctx if isinstance(planned_ctx, int) and planned_ctx > 0 else 2048
+    elif isinstance(planned_ctx, int) and ctx > planned_ctx:
+        err.print(
+            f"ewq: warning: the plan sized the KV cache for {planned_ctx} tokens, "
+            f"not {ctx}: a machine may run out of memory",
+            markup=False,
+        )
+    endpoints = rpc_endpoints.split(",") if rpc_endpoints else None
+    if prompt is not None:
+        cm = cluster.load(
+            model, p, endpoints=endpoints, n_ctx=ctx, threads=threads, repack=repack
+        )
+        out.print(served_table(cm))
+        done = cm.model.create_completion(prompt, max_tokens=max_tokens, temperature=0)
+        text = done["choices"][0]["text"]
+        out.print(text, markup=False, highlight=False)
+        if json_path is not None:
+            _write_json(json_path, served_json(cm, prompt, text, __version__))
+        return
+    try:
+        import uvicorn
+        from llama_cpp.server.app import create_app
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError:
+        raise EwqError(
+            "serving HTTP needs llama-cpp-python[server] (scripts/setup.sh installs "
+            "it); or give --prompt"
+        ) from None
+
+    def build(ngl: int, split: list[float]):
+        settings = ModelSettings(
+            model=str(model),
+            n_gpu_layers=ngl,
+            split_mode=1,  # LLAMA_SPLIT_MODE_LAYER
+            tensor_split=split or None,
+            n_ctx=ctx,
+            n_threads=threads or ModelSettings.model_fields["n_threads"].default,
+            verbose=False,
+        )
+        return create_app(
+            server_settings=ServerSettings(host=host, port=port),
+            model_settings=[settings],
+        )
+
+    cm = cluster.load(
+        model, p, endpoints=endpoints, n_ctx=ctx, repack=repack, build=build
+    )
+    out.print(served_table(cm))
+    if json_path is not None:
+        _write_json(json_path, served_json(cm, None, None, __version__))
+    err.print(f"serving on http://{host}:{port}/v1 (OpenAI API); stop with Ctrl-C")
+    uvicorn.run(cm.model, host=host, port=port, log_level="warning")
+    from llama_cpp.server import app as server_app
+
+    if server_app._llama_proxy is not None:  # free the model while its workers live
+        server_app._llama_proxy.free()
