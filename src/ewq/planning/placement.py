@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ewq.planning.budget import Link, Machine
+from ewq.planning.budget import BudgetError, Link, Machine
 
 __all__ = ["MAX_SEARCH", "Placement", "Route", "hop_seconds", "place", "token_seconds"]
 
@@ -131,7 +131,9 @@ def token_seconds(
 
 def _rate(m: Machine) -> float:
     if m.memory_bandwidth is None:
-        raise ValueError(f"machine {m.name} has no memory_bandwidth")
+        raise BudgetError(
+            f"machine {m.name} needs a memory_bandwidth: the cluster declares a network"
+        )
     return m.memory_bandwidth
 
 

@@ -114,7 +114,7 @@ class ClusterModel:
             names = ", ".join(f"{by_endpoint[ep]} ({ep})" for ep in lost)
             if lost:
                 return f"lost the worker(s) {names}: {message}"
-            return f"llama.cpp's RPC backend stopped: {message}"
+            return f"llama.cpp stopped: {message}"
 
         rpc.on_abort(describe)
         rpc.add_workers(endpoints)
