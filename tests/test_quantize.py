@@ -259,11 +259,17 @@ def test_bad_missing_block_and_json(monkeypatch, capsys, tmp_path, llama_f16_ggu
     )
 
 
-def test_bad_hf_source_for_gguf(monkeypatch, capsys, tmp_path, tiny_models):
+def test_hf_source_the_converter_refuses_is_one_line(
+    monkeypatch, capsys, tmp_path, tiny_models
+):
+    """A Hugging Face folder goes to GGUF through llama.cpp's converter; one it
+    cannot convert (this tiny model has no tokenizer) ends in one line, and the
+    temporary converted file is gone."""
     line = bad_quantize(
         monkeypatch, capsys, tmp_path, tiny_models["llama"], uniform_plan("8-bit", 2)
     )
-    assert "GGUF output needs a GGUF source" in line
+    assert "llama.cpp's converter cannot convert it" in line
+    assert not [p for p in tmp_path.rglob("*.converted.gguf")]
 
 
 def test_interrupted_write_leaves_nothing(monkeypatch, tmp_path, llama_f16_gguf):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -231,13 +233,66 @@ def quantize(
         )
     if format == "hf":
         return _quantize_hf(source, index, layout, plan, out, progress, record)
+    if index.format != "gguf":
+        with _converted(source, index, layout, out) as (index, layout):
+            check_plan(plan, layout, str(source))
+            shown = f"{Path(str(source)).name}-converted.gguf"
+            return _quantize_gguf(
+                source, index, layout, plan, out, threads, progress, record, shown
+            )
+    return _quantize_gguf(source, index, layout, plan, out, threads, progress, record)
+
+
+@contextlib.contextmanager
+def _converted(source, index, layout, out: Path):
+    """A Hugging Face checkpoint converted to GGUF by llama.cpp's converter, in a
+    temporary file beside ``out`` (removed afterwards), with its index and layout;
+    its blocks checked against the checkpoint's (same exec_index, same parameters)."""
+    from ewq.quant.convert import convert, outtype_for
+    from ewq.sources.gguf import GGUFSource
+
+    folder = Path(index.files[0]).parent
+    if not (folder / "config.json").is_file():
+        raise EwqError(
+            f"{source}: GGUF output from safetensors needs config.json beside"
+        )
+    matrices = {t.dtype for t in index.tensors if len(t.shape) >= 2}
+    tmp = out.parent / f".{out.name}.{os.getpid()}.converted.gguf"
+    try:
+        convert(folder, tmp, outtype_for(matrices))
+        with GGUFSource(tmp, source=str(source)) as src:
+            conv_index = src.index
+            conv_layout = resolve(conv_index)
+        _same_blocks(source, layout, conv_layout)
+        yield conv_index, conv_layout
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _same_blocks(source, hf: ModelLayout, gguf: ModelLayout) -> None:
+    """The converted file's transformer blocks are the checkpoint's: same count, and
+    block by block the same exec_index and parameter count."""
+    a, b = hf.transformer_blocks, gguf.transformer_blocks
+    if len(a) != len(b):
+        raise EwqError(
+            f"{source}: the converted GGUF has {len(b)} transformer blocks, the "
+            f"checkpoint {len(a)}"
+        )
+    for x, y in zip(a, b, strict=True):
+        if (x.exec_index, x.num_parameters) != (y.exec_index, y.num_parameters):
+            raise EwqError(
+                f"{source}: block {x.exec_index} has {x.num_parameters:,} parameters in "
+                f"the checkpoint and {y.num_parameters:,} in the converted GGUF"
+            )
+
+
+def _quantize_gguf(
+    source, index, layout, plan, out, threads, progress, record, shown=None
+):
+    """GGUF -> per-block quantized GGUF by llama.cpp's quantizer; ``shown`` names the
+    input in the llama-quantize command recorded (a converted file is temporary)."""
     from ewq.quant.gguf import quantize_gguf
 
-    if index.format != "gguf":
-        raise EwqError(
-            f"{source}: GGUF output needs a GGUF source; no maintained converter from "
-            "Hugging Face checkpoints to GGUF is installable here (use --format hf)"
-        )
     arch = index.config.get("general.architecture")
     declared = index.config.get(f"{arch}.block_count")
     if declared != layout.num_blocks:
@@ -253,11 +308,13 @@ def quantize(
         record,
         source=str(source),
         out=out,
-        format=format,
+        format="gguf",
         plan=plan,
         targets=tuple(targets),
         predicted_bytes=sum(t.nbytes for t in targets),
-        llama_quantize_args=tuple(llama_quantize_args(targets, path, str(out))),
+        llama_quantize_args=tuple(
+            llama_quantize_args(targets, shown or path, str(out))
+        ),
     )
     quantize_gguf(
         path, targets, out, threads=threads, progress=progress, before_commit=commit
@@ -741,13 +798,21 @@ def evaluate(
             out = Path(tmp) / ("model.gguf" if fmt == "gguf" else "model")
             quantized = quantize(source, plan, out, format=fmt).out
         if task == "embedding":
-            from ewq.evaluate.backends import TransformersEncoder
+            from ewq.evaluate.backends import LlamaCppEncoder, TransformersEncoder
 
             if not base.is_dir():
-                raise EwqError("the embedding task compares Hugging Face encoders")
+                raise EwqError(
+                    "the embedding task compares with a Hugging Face encoder folder"
+                )
+            other = Path(quantized)
+            # across runtimes both sides must see the same tokens: llama.cpp takes
+            # the whole sentence (up to the model's 512), so transformers does too
+            ref = TransformersEncoder(base, max_tokens=512 if other.is_file() else 128)
             metrics = tasks.embedding_fidelity(
-                TransformersEncoder(base),
-                TransformersEncoder(quantized),
+                ref,
+                LlamaCppEncoder(other)
+                if other.is_file()
+                else TransformersEncoder(other),
                 text,
                 limit=limit or 64,
             )

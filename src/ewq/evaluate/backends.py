@@ -16,6 +16,7 @@ from ewq.evaluate.metrics import log_softmax
 
 __all__ = [
     "LanguageModel",
+    "LlamaCppEncoder",
     "LlamaCppModel",
     "TransformersEncoder",
     "TransformersModel",
@@ -186,6 +187,37 @@ def open_model(path: str | Path, n_ctx: int = 512) -> LanguageModel:
     if p.is_dir() and (p / "config.json").is_file():
         return TransformersModel(p)
     raise EwqError(f"no model at {p} (a GGUF file or a Hugging Face folder)")
+
+
+class LlamaCppEncoder:
+    """A GGUF encoder (BERT) run by llama.cpp: mean-pooled sentence embeddings, as
+    sentence-transformers pools them."""
+
+    def __init__(self, path: str | Path, max_tokens: int = 128):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise EwqError("evaluating a GGUF encoder needs llama-cpp-python") from None
+        self.name = str(path)
+        try:
+            with _quiet_llama(llama_cpp):
+                self.llm = llama_cpp.Llama(
+                    str(path),
+                    embedding=True,
+                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                    n_ctx=max(512, max_tokens),
+                    n_batch=max(512, max_tokens),
+                    n_ubatch=max(512, max_tokens),
+                    verbose=False,
+                )
+        except (ValueError, RuntimeError) as exc:
+            raise EwqError(f"{path}: llama.cpp cannot load it ({exc})") from None
+        self.vocab_size = self.llm.n_vocab()
+
+    def embed(self, sentences: list[str]) -> np.ndarray:
+        return np.asarray(
+            [self.llm.embed(s, truncate=True) for s in sentences], dtype=np.float64
+        )
 
 
 class TransformersEncoder:
