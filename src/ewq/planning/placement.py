@@ -288,7 +288,8 @@ def _from(first, n, k, prefix, machines, route, dup):
                     close = hop_seconds(
                         machines, last, first, route.return_bytes, route, first
                     )
-                finals.append((f[n] + close, key))
+                if f[n] + close < inf:  # no way back to the first machine: no pipeline
+                    finals.append((f[n] + close, key))
             if search:
                 candidates = [m for m in range(k) if not mask >> m & 1]
             else:
