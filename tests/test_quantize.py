@@ -586,3 +586,43 @@ def test_the_record_is_in_place_before_the_model(monkeypatch, tmp_path, llama_f1
     )
     assert seen == [True]
     assert json.loads(record.read_text())["bytes"] == out.stat().st_size
+
+
+def test_gguf_output_carries_its_provenance_in_its_metadata(tmp_path):
+    """ewq.* keys in the GGUF's own metadata, as gguf-py reads them, and the file
+    still loads in llama.cpp."""
+    import hashlib
+
+    import gguf
+
+    from ewq import __version__
+    from ewq.evaluate.backends import LlamaCppModel
+    from ewq.planfile import plan_from_doc
+
+    doc = {
+        "schema_version": 1,
+        "num_blocks": 30,
+        "embedding": {"precision": "8-bit"},
+        "blocks": [
+            {"exec_index": i, "precision": "4-bit" if i < 12 else "raw"}
+            for i in range(2, 32)
+        ],
+    }
+    out = tmp_path / "q.gguf"
+    api.quantize("default", doc, out)
+    fields = gguf.GGUFReader(out).fields
+    got = {k: fields[k].contents() for k in fields if k.startswith("ewq.")}
+    plan = plan_from_doc(doc)
+    assert got == {
+        "ewq.version": __version__,
+        "ewq.source": "default",
+        "ewq.plan.method": "ewq",
+        "ewq.plan.blocks": "10 4-bit, 20 raw",
+        "ewq.plan.embedding": "8-bit",
+        "ewq.plan.head": "raw",
+        "ewq.plan.sha256": hashlib.sha256(
+            json.dumps(plan.to_doc(), sort_keys=True).encode()
+        ).hexdigest(),
+    }
+    assert fields["general.architecture"].contents() == "llama"
+    assert LlamaCppModel(out, 64).vocab_size == 49152

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -317,9 +318,36 @@ def _quantize_gguf(
         ),
     )
     quantize_gguf(
-        path, targets, out, threads=threads, progress=progress, before_commit=commit
+        path,
+        targets,
+        out,
+        threads=threads,
+        progress=progress,
+        before_commit=commit,
+        metadata=_gguf_provenance(source, plan),
     )
     return made[0]
+
+
+def _gguf_provenance(source, plan: Plan) -> dict[str, str]:
+    """``ewq.*`` keys for the GGUF's own metadata, beside llama.cpp's ``general.*``:
+    readable by anything that reads GGUF (the full record is PATH.ewq.json)."""
+    from ewq import __version__
+
+    counts: dict[str, int] = {}
+    for b in plan.blocks:
+        counts[b.precision.value] = counts.get(b.precision.value, 0) + 1
+    doc = json.dumps(plan.to_doc(), sort_keys=True).encode()
+    name = str(source)
+    return {
+        "ewq.version": __version__,
+        "ewq.source": name if len(name.encode()) <= 127 else Path(name).name,
+        "ewq.plan.method": plan.method,
+        "ewq.plan.blocks": ", ".join(f"{n} {p}" for p, n in counts.items()),
+        "ewq.plan.embedding": plan.embedding.precision.value,
+        "ewq.plan.head": plan.head.precision.value,
+        "ewq.plan.sha256": hashlib.sha256(doc).hexdigest(),
+    }
 
 
 def _recorder(record: Callable[[Quantized], None] | None, **fields):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ewq.errors import EwqError, FormatError
@@ -47,12 +47,15 @@ def quantize_gguf(
     threads: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     before_commit: Callable[[Path, dict[str, str]], None] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Write ``source`` quantized as ``targets`` say; return the types written.
 
     ``before_commit(tmp, written)`` runs after the check and before the rename (the
     caller writes the provenance record there, so a model never sits beside a
-    missing or stale record).
+    missing or stale record). ``metadata``: string keys llama.cpp writes into the
+    output's own GGUF metadata (its quantizer's ``kv_overrides``; values up to 127
+    bytes, longer ones are cut).
 
     Raises :class:`FormatError` (and writes nothing) if llama.cpp fails or writes a
     type other than predicted.
@@ -75,6 +78,17 @@ def quantize_gguf(
     params.tt_overrides = ctypes.cast(
         table, ctypes.POINTER(lc.llama_model_tensor_override)
     )
+    if metadata:
+        kv = (lc.llama_model_kv_override * (len(metadata) + 1))()
+        for i, (key, value) in enumerate(metadata.items()):
+            kv[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_STR
+            kv[i].key = _cut(key)
+            kv[i].value.val_str = _cut(value)
+        kv[len(metadata)].key = b""  # the end of the list
+        keep.append(kv)
+        params.kv_overrides = ctypes.cast(
+            kv, ctypes.POINTER(lc.llama_model_kv_override)
+        )
 
     with _lock, atomic_path_for_native(out) as tmp:
         _run(lc, source, tmp, params, progress)
@@ -82,6 +96,11 @@ def quantize_gguf(
         if before_commit is not None:
             before_commit(tmp, written)
     return written
+
+
+def _cut(text: str, limit: int = 127) -> bytes:
+    """UTF-8 of ``text`` cut to ``limit`` bytes without splitting a character."""
+    return text.encode()[:limit].decode("utf-8", "ignore").encode()
 
 
 def quantize_preset(
