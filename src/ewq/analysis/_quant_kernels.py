@@ -59,15 +59,6 @@ def _neg(bits):  # pragma: no cover - jitted
     return bits ^ 0x8000
 
 
-@numba.njit(**_JIT)
-def _powers(r, n, out):  # pragma: no cover - jitted
-    """out[k] = r**k for k < n."""
-    x = 1.0
-    for k in range(n):
-        out[k] = x
-        x *= r
-
-
 @numba.njit(inline="always", **_JIT)
 def _powers2(r, fine, coarse):  # pragma: no cover - jitted
     """fine[i] = r**i, coarse[i] = r**(len(fine) i): r**k = fine[k % f] * coarse[k // f]
@@ -113,12 +104,6 @@ def _pow(r, n):  # pragma: no cover - jitted
     return (1 - neg) * x + neg * (1.0 / x)
 
 
-@numba.njit(inline="always", **_JIT)
-def _w32(big_a, c, off, big_b):  # pragma: no cover - jitted
-    """gguf-py's float32 value of code c: (A * (c + off)) + B, rounded twice."""
-    return np.float64(_F32(_F32(big_a * _F32(c + off)) + big_b))
-
-
 #: below this largest |w| of a sub-block, the float32 rounding of w is left out: its
 #: effect on the entropy is at most 2^-24 * 2 TINY^2 = 1.9e-9 absolute (each term's
 #: relative error is at most 2^-24 |w|, weighted by |w - mean|), under 3e-10 of any
@@ -133,7 +118,7 @@ def _counted(
     """Add the sub-block's codes counted in counts[at:at + ncodes] to acc = [S, T] and
     zero them. a, b: the exact scale and offset of w = a c + b; e = exp(b),
     r = exp(a). Where |w| can exceed TINY, each term is corrected to gguf-py's
-    float32 value w32 = _w32(big_a, c, off, big_b): exp(w32) = exp(w)(1 + w32 - w)."""
+    float32 value w32 = float32(float32(A (c + off)) + B): exp(w32) = exp(w)(1 + w32 - w)."""
     s0 = s1 = t0 = t1 = 0.0
     r2 = r * r
     h = e

@@ -56,13 +56,19 @@ def _ggml():
                 f"ggml's quantizer comes with llama.cpp: pip install {LLAMA_CPP_PIN} "
                 "(scripts/setup.sh installs it)"
             ) from None
-        libdir = Path(llama_cpp.__file__).parent / "lib"
-        found = sorted(libdir.glob("libggml-base.*")) or sorted(
-            libdir.glob("libggml.*")
-        )
-        if not found:
-            raise EwqError(f"no ggml library beside llama_cpp in {libdir}")
-        lib = ctypes.CDLL(str(found[0]))
+        try:  # the copy libllama loaded, by soname: the wheel also holds
+            # libggml-base.so as a second file, which would be a second copy
+            lib = ctypes.CDLL("libggml-base.so.0")
+        except OSError:
+            libdir = Path(llama_cpp.__file__).parent / "lib"
+            found = sorted(libdir.glob("libggml-base.*")) or sorted(
+                libdir.glob("libggml.*")
+            )
+            if not found:
+                raise EwqError(
+                    f"no ggml library beside llama_cpp in {libdir}"
+                ) from None
+            lib = ctypes.CDLL(str(found[0]))
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t
         lib.ggml_quantize_chunk.argtypes = [
             ctypes.c_int,
