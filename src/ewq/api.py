@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -235,56 +234,15 @@ def quantize(
     if format == "hf":
         return _quantize_hf(source, index, layout, plan, out, progress, record)
     if index.format != "gguf":
-        with _converted(source, index, layout, out) as (index, layout):
+        from ewq.quant.convert import converted
+
+        with converted(source, index, layout, out.parent) as (index, layout):
             check_plan(plan, layout, str(source))
             shown = f"{Path(str(source)).name}-converted.gguf"
             return _quantize_gguf(
                 source, index, layout, plan, out, threads, progress, record, shown
             )
     return _quantize_gguf(source, index, layout, plan, out, threads, progress, record)
-
-
-@contextlib.contextmanager
-def _converted(source, index, layout, out: Path):
-    """A Hugging Face checkpoint converted to GGUF by llama.cpp's converter, in a
-    temporary file beside ``out`` (removed afterwards), with its index and layout;
-    its blocks checked against the checkpoint's (same exec_index, same parameters)."""
-    from ewq.quant.convert import convert, outtype_for
-    from ewq.sources.gguf import GGUFSource
-
-    folder = Path(index.files[0]).parent
-    if not (folder / "config.json").is_file():
-        raise EwqError(
-            f"{source}: GGUF output from safetensors needs config.json beside"
-        )
-    matrices = {t.dtype for t in index.tensors if len(t.shape) >= 2}
-    tmp = out.parent / f".{out.name}.{os.getpid()}.converted.gguf"
-    try:
-        convert(folder, tmp, outtype_for(matrices))
-        with GGUFSource(tmp, source=str(source)) as src:
-            conv_index = src.index
-            conv_layout = resolve(conv_index)
-        _same_blocks(source, layout, conv_layout)
-        yield conv_index, conv_layout
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _same_blocks(source, hf: ModelLayout, gguf: ModelLayout) -> None:
-    """The converted file's transformer blocks are the checkpoint's: same count, and
-    block by block the same exec_index and parameter count."""
-    a, b = hf.transformer_blocks, gguf.transformer_blocks
-    if len(a) != len(b):
-        raise EwqError(
-            f"{source}: the converted GGUF has {len(b)} transformer blocks, the "
-            f"checkpoint {len(a)}"
-        )
-    for x, y in zip(a, b, strict=True):
-        if (x.exec_index, x.num_parameters) != (y.exec_index, y.num_parameters):
-            raise EwqError(
-                f"{source}: block {x.exec_index} has {x.num_parameters:,} parameters in "
-                f"the checkpoint and {y.num_parameters:,} in the converted GGUF"
-            )
 
 
 def _quantize_gguf(
@@ -533,10 +491,17 @@ def plan(
     fmt = format or ("gguf" if index.format == "gguf" else "hf")
     if fmt not in FORMATS:
         raise EwqError(f"unknown format '{fmt}' (one of {', '.join(FORMATS)})")
+    # sizes, runtime and route are those of the file the plan is for: for GGUF from
+    # a Hugging Face checkpoint, the GGUF llama.cpp's converter will write
+    out_index, out_layout = index, layout
+    if fmt == "gguf" and index.format != "gguf":
+        from ewq.quant.convert import gguf_layout
+
+        out_index, out_layout = gguf_layout(source, index, layout)
     runtime = None
     if context:
         try:
-            runtime = runtime_memory(index, layout, context)
+            runtime = runtime_memory(out_index, out_layout, context)
         except ValueError as exc:
             raise EwqError(
                 f"{source}: cannot size the runtime's KV cache ({exc}); plan the "
@@ -545,7 +510,7 @@ def plan(
         machines = tuple(
             replace(m, reserve=m.reserve + runtime.stage_bytes) for m in machines
         )
-    specs = {s.exec_index: s for s in block_specs(fmt, layout)}
+    specs = {s.exec_index: s for s in block_specs(fmt, out_layout)}
     if runtime is not None:
         specs = {
             i: BlockSpec(
@@ -556,11 +521,11 @@ def plan(
             )
             for i, s in specs.items()
         }
-    emb = layout.blocks[0].exec_index
-    head = layout.blocks[-1].exec_index
-    transformer = [b.exec_index for b in layout.transformer_blocks]
+    emb = out_layout.blocks[0].exec_index
+    head = out_layout.blocks[-1].exec_index
+    transformer = [b.exec_index for b in out_layout.transformer_blocks]
     sens = None
-    route = route_for(index, layout, fmt, runtime)
+    route = route_for(out_index, out_layout, fmt, runtime)
     if allocator == "ladder":
         result = fit(
             [specs[i] for i in transformer],
@@ -651,12 +616,22 @@ def sensitivity(
             h = {b.exec_index: b.entropy for b in a.profile.transformer}
             return modelled("entropy", fmt, layout, h)
         if criterion == "error":
-            if index.format != "gguf" and fmt == "gguf":
-                raise EwqError(
-                    f"{source}: the error criterion for GGUF output needs a GGUF source"
-                )
             from ewq.sensitivity.error import error_sensitivity
 
+            if index.format != "gguf" and fmt == "gguf":
+
+                def measure() -> Sensitivity:
+                    # measured on the file quantize will start from: the converted
+                    # GGUF, in a scratch file that is removed afterwards
+                    with (
+                        _as_gguf(source, index, layout) as (conv, conv_layout),
+                        open_source(conv.files[0]) as gsrc,
+                    ):
+                        return error_sensitivity(
+                            gsrc, conv_layout, "gguf", progress=progress
+                        )
+
+                return cached(index, "error", fmt, {}, measure)
             return cached(
                 index,
                 "error",
@@ -671,6 +646,26 @@ def sensitivity(
         raise EwqError("the kl criterion needs a calibration text")
     text = load_text(calibration)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def measure_kl(index: ModelIndex, layout: ModelLayout) -> Sensitivity:
+        return kl_sensitivity(
+            index,
+            layout,
+            text,
+            windows=windows,
+            ctx=ctx,
+            probe=probe,
+            # measured (or read from the cache) only when kl itself is measured
+            error=sensitivity(source, "error", fmt="gguf") if probe else None,
+            progress=progress,
+        )
+
+    def measure() -> Sensitivity:
+        if index.format == "gguf" or fmt != "gguf":  # the second: a clear error
+            return measure_kl(index, layout)
+        with _as_gguf(source, index, layout) as (conv, conv_layout):
+            return measure_kl(conv, conv_layout)
+
     return cached(
         index,
         "kl",
@@ -681,18 +676,19 @@ def sensitivity(
             "ctx": ctx,
             "probe": probe.value if probe is not None else "all",
         },
-        lambda: kl_sensitivity(
-            index,
-            layout,
-            text,
-            windows=windows,
-            ctx=ctx,
-            probe=probe,
-            # measured (or read from the cache) only when kl itself is measured
-            error=sensitivity(source, "error", fmt="gguf") if probe else None,
-            progress=progress,
-        ),
+        measure,
     )
+
+
+@contextlib.contextmanager
+def _as_gguf(source, index: ModelIndex, layout: ModelLayout):
+    """A Hugging Face checkpoint converted to a scratch GGUF in ewq's cache folder,
+    for the criteria that measure the GGUF itself (removed afterwards)."""
+    from ewq.quant.convert import converted
+    from ewq.sensitivity.cache import cache_dir
+
+    with converted(source, index, layout, cache_dir() / "scratch") as found:
+        yield found
 
 
 def fast_decision(

