@@ -81,7 +81,7 @@ class FakeHub:
                     "type": "file",
                     "path": p.relative_to(folder).as_posix(),
                     "size": p.stat().st_size,
-                    "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
+                    "oid": hashlib.sha1(f"{p}:{p.stat().st_size}".encode()).hexdigest(),
                 }
                 for p in sorted(folder.rglob("*"))
                 if p.is_file()
@@ -111,21 +111,24 @@ class FakeHub:
         file = folder / m["path"]
         if not file.is_file():
             return self._error(h, 404, "EntryNotFound")
-        data = file.read_bytes()
-        etag = hashlib.sha256(data).hexdigest()
-        start, end = 0, len(data) - 1
+        st = file.stat()
+        size = st.st_size
+        etag = hashlib.sha256(f"{file}:{size}:{st.st_mtime_ns}".encode()).hexdigest()
+        start, end = 0, size - 1
         status = 200
         if rng := h.headers.get("Range"):
             lo, _, hi = rng.removeprefix("bytes=").partition("-")
-            start, end = int(lo), min(int(hi) if hi else len(data) - 1, len(data) - 1)
+            start, end = int(lo), min(int(hi) if hi else size - 1, size - 1)
             status = 206
-        chunk = data[start : end + 1]
+        with open(file, "rb") as fh:  # only the range asked for (GGUFs are large)
+            fh.seek(start)
+            chunk = fh.read(end + 1 - start)
         h.send_response(status)
         h.send_header("X-Repo-Commit", COMMIT)
         h.send_header("ETag", f'"{etag}"')
         h.send_header("Content-Length", str(len(chunk)))
         if status == 206:
-            h.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            h.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         h.end_headers()
         if not head:
             h.wfile.write(chunk)

@@ -273,3 +273,27 @@ def tiny_llama_config(**overrides) -> dict:
         "num_hidden_layers": 2,
         "vocab_size": 100,
     } | overrides
+
+
+def split_gguf(src: Path, dst: Path, max_tensors: int) -> Path:
+    """``src`` rewritten as llama.cpp's split files by gguf-py's own writer
+    (``split_max_tensors``: its PREFIX-0000i-of-0000N.gguf names and split.* keys);
+    returns the first file. Every key and tensor (bytes as they are) is kept."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    dst.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(dst / "model.gguf", arch, split_max_tensors=max_tensors)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture",):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:  # data as the reader shapes it: bytes for quant types
+        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    first = sorted(dst.glob("model-*.gguf"))[0]
+    return first

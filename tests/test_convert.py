@@ -276,3 +276,38 @@ def test_the_outtype_keeps_the_matrices_as_they_are():
     assert outtype_for({"F32", "I64"}) == "f32"
     assert outtype_for({"BF16", "F32"}) == "bf16"
     assert outtype_for({"F16", "I64"}) == "f16"
+
+
+def test_a_hub_checkpoint_to_a_per_block_quantized_gguf(tmp_path, monkeypatch, capsys):
+    """A hub id (MiniLM on the local stand-in hub): planned as the GGUF it becomes
+    (download, convert layout), then quantized: downloaded into the hub cache,
+    converted, quantized by llama.cpp; the format comes from the plan, and the file
+    holds the bytes the plan predicted and names the hub id as its source."""
+    from hubserver import FakeHub
+    from test_cli import run
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    plan, out = tmp_path / "plan.json", tmp_path / "minilm.gguf"
+    with FakeHub({"st/minilm": minilm()}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        code, _, err = run(
+            monkeypatch, capsys, "plan", "st/minilm", "--download", "--memory", "40MB",
+            "--format", "gguf", "--context", "0", "--criterion", "entropy",
+            "--json", str(plan),
+        )  # fmt: skip
+        assert code == 0, err
+        code, _, err = run(
+            monkeypatch, capsys, "quantize", "st/minilm", "--plan", str(plan),
+            "--out", str(out),
+        )  # fmt: skip
+        assert code == 0, err
+    doc = json.loads(plan.read_text())
+    assert doc["format"] == "gguf"
+    assert {b["precision"] for b in doc["blocks"]} - {"raw"}
+    assert planned_block_bytes(doc) == written_block_bytes(out)
+    from ewq.sources.gguf import GGUFSource
+
+    with GGUFSource(out) as q:
+        assert q.index.config["ewq.source"] == "st/minilm"
+        assert q.index.config["general.architecture"] == "bert"

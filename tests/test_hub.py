@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -195,3 +196,142 @@ def test_a_hub_config_of_the_wrong_type(
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         code, _, err = run(monkeypatch, capsys, "inspect", "bad/config")
     assert code == 1 and message in err and "Traceback" not in err
+
+
+# GGUF repositories: the default model as one file, beside a second model (to choose
+# with --file), and as llama.cpp's split files written by gguf-py.
+
+
+@pytest.fixture(scope="module")
+def gguf_repos(tmp_path_factory):
+    import shutil
+
+    from models import f16_gguf, split_gguf
+
+    from ewq.sources import default_model_path
+
+    root = tmp_path_factory.mktemp("gguf-repos")
+    single = root / "single"
+    single.mkdir()
+    os.symlink(default_model_path(), single / "SmolLM2-135M-Q4_1.gguf")
+    multi = root / "multi"
+    multi.mkdir()
+    os.symlink(default_model_path(), multi / "SmolLM2-135M-Q4_1.gguf")
+    f16_gguf(multi / "SmolLM2-135M-F16.gguf")
+    (multi / "README.md").write_text("two quantizations\n")
+    split = split_gguf(default_model_path(), root / "split", 100)
+    shutil.copy(single / "SmolLM2-135M-Q4_1.gguf", root / "plain.gguf")
+    return {"gguf/single": single, "gguf/multi": multi, "gguf/split": split.parent}
+
+
+@pytest.fixture
+def ghub(gguf_repos, monkeypatch, tmp_path):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    with FakeHub(gguf_repos) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+def rows(index):
+    return [(t.name, t.dtype, t.shape, t.nbytes) for t in index.tensors]
+
+
+@pytest.mark.parametrize("repo", ["gguf/single", "gguf/split"])
+def test_a_hub_gguf_is_indexed_from_its_header_alone(ghub, repo):
+    """Metadata-only: the same tensors and keys as the local file, from range reads
+    of the headers (counted by the server), not the 92 MB of weights."""
+    with open_source(repo) as remote, open_source("default") as here:
+        assert remote.index.metadata_only and remote.index.format == "gguf"
+        assert rows(remote.index) == rows(here.index)
+        keys = {
+            k: v for k, v in remote.index.config.items() if not k.startswith("split.")
+        }
+        assert keys == dict(here.index.config)
+    served = sum(ghub.sent.values())
+    weights = here.index.nbytes
+    files = 3 if repo == "gguf/split" else 1
+    # the header of the 49,152-token vocabulary is 2.3 MB: two or three reads
+    assert 0 < served <= 4 * 2**20 * files and served < 0.05 * weights, served
+
+
+def test_inspect_features_and_a_fast_plan_of_a_hub_gguf_read_headers_only(
+    ghub, monkeypatch, capsys
+):
+    from test_cli import run
+
+    for args in (
+        ("inspect", "gguf/split"),
+        ("features", "gguf/single"),
+        ("plan", "gguf/split", "--method", "fast", "--memory", "300MB"),
+    ):
+        code, stdout, err = run(monkeypatch, capsys, *args)
+        assert code == 0, (args, err)
+    assert "blk" not in err
+    assert sum(ghub.sent.values()) < 40 * 2**20  # 3 commands, headers only
+
+
+def test_a_repository_with_several_gguf_models_needs_a_choice(
+    ghub, monkeypatch, capsys
+):
+    from test_cli import run
+
+    code, _, err = run(monkeypatch, capsys, "inspect", "gguf/multi")
+    assert code != 0 and err.count("\n") == 1
+    assert "2 GGUF models" in err and "--file" in err
+    for choice in (("--file", "F16"), ("--file", "SmolLM2-135M-F16.gguf")):
+        code, stdout, err = run(monkeypatch, capsys, "inspect", "gguf/multi", *choice)
+        assert code == 0, err
+        assert "2 file" not in stdout
+    with open_source("gguf/multi:Q4_1") as src:
+        assert src.index.files == ("SmolLM2-135M-Q4_1.gguf",)
+    code, _, err = run(monkeypatch, capsys, "inspect", "gguf/multi", "--file", "Q8_0")
+    assert code != 0 and "no GGUF file matching 'Q8_0'" in err
+
+
+def test_a_split_hub_gguf_is_downloaded_and_quantized(
+    ghub, tmp_path, monkeypatch, capsys
+):
+    """Quantizing reads every weight: the splits are downloaded into the hub cache,
+    and llama.cpp (which opens the first split and finds the others) quantizes them."""
+    from models import plan_file
+    from test_cli import run
+
+    plan = plan_file(tmp_path / "plan.json", "8-bit", n_blocks=30)
+    out = tmp_path / "q.gguf"
+    code, _, err = run(
+        monkeypatch, capsys, "quantize", "gguf/split", "--plan", str(plan),
+        "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    split_bytes = sum(p.stat().st_size for p in ghub.repos["gguf/split"].iterdir())
+    assert sum(ghub.sent.values()) >= split_bytes
+    with open_source(out) as q:
+        assert q.index.config["ewq.source"] == "gguf/split"
+        types = {t.dtype for t in q.index.tensors if t.name.startswith("blk.")}
+        assert "Q8_0" in types
+
+
+def test_a_hub_checkpoint_quantized_to_hf_carries_a_model_card(hub, tmp_path):
+    """The HF output's README.md: hub front matter naming the hub id as its base
+    model (read back by huggingface_hub's own ModelCard parser), the revision the
+    hub served, ewq's version and the plan's precisions; the source's card is not
+    copied."""
+    from hubserver import COMMIT
+    from huggingface_hub import ModelCard
+    from test_quantize import uniform_plan
+
+    from ewq import __version__, api
+
+    doc = uniform_plan("8-bit", 2)
+    doc["blocks"][1]["precision"] = "4-bit"
+    out = tmp_path / "out"
+    api.quantize("tiny/llama", doc, out, format="hf")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "tiny/llama"
+    assert card.data.base_model_relation == "quantized"
+    assert card.data.library_name == "transformers"
+    assert "ewq" in card.data.tags
+    assert f"ewq {__version__}" in card.text and COMMIT in card.text
+    assert "1 8-bit" in card.text and "1 4-bit" in card.text
+    assert "out.ewq.json" in card.text

@@ -626,3 +626,48 @@ def test_gguf_output_carries_its_provenance_in_its_metadata(tmp_path):
     }
     assert fields["general.architecture"].contents() == "llama"
     assert LlamaCppModel(out, 64).vocab_size == 49152
+
+
+def test_quantize_writes_the_format_the_plan_was_sized_for(
+    tiny_models, tmp_path, monkeypatch, capsys
+):
+    """A plan of a Hugging Face folder sizes it as hf by default; quantize without
+    --format writes that format (a folder, at the planned bytes), not GGUF; asked for
+    another format, it says the sizes will differ."""
+    from test_cli import run
+
+    src = tiny_models["llama"]
+    plan = tmp_path / "plan.json"
+    code, _, err = run(
+        monkeypatch, capsys, "plan", str(src), "--memory", "1MB", "--context", "0",
+        "--criterion", "entropy", "--json", str(plan),
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(plan.read_text())
+    assert doc["format"] == "hf"
+    out = tmp_path / "out"
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(src),
+        "--plan",
+        str(plan),
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    assert out.is_dir() and (out / "config.json").is_file()
+    record = json.loads((tmp_path / "out.ewq.json").read_text())
+    assert record["format"] == "hf"
+    sides = [doc["embedding"]["bytes"], doc["head"]["bytes"]]
+    assert record["predicted_tensor_bytes"] == sum(
+        b["bytes"] for b in doc["blocks"]
+    ) + sum(sides)
+    records = []
+    monkeypatch.setattr(api.log, "warning", lambda msg, *a: records.append(msg % a))
+    with pytest.raises(api.EwqError):  # the tiny model has no tokenizer to convert
+        api.quantize(src, plan, tmp_path / "o.gguf", format="gguf")
+    assert records == [
+        "the plan sized its blocks as hf; writing gguf, the sizes will differ"
+    ]

@@ -332,3 +332,36 @@ def test_gguf_block_count_that_disagrees_is_refused_before_llama_cpp(
     )
     assert code == 1 and "block_count = 0" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "plan.json"]
+
+
+def test_llama_cpp_split_files_are_one_model(tmp_path):
+    """gguf-py's split writer (llama.cpp's PREFIX-0000i-of-0000N.gguf): any split,
+    or the folder, opens the whole model with every tensor readable as in the single
+    file, llama.cpp loads it from the first split, and a missing split is one line."""
+    import numpy as np
+    from models import split_gguf
+
+    from ewq.sources import default_model_path
+    from ewq.sources.gguf import GGUFSource
+
+    first = split_gguf(default_model_path(), tmp_path / "split", 100)
+    files = sorted(p.name for p in first.parent.iterdir())
+    assert files == [f"model-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    with open_source("default") as one:
+        for spec in (first, first.parent / files[1], first.parent):
+            with open_source(spec) as split:
+                assert split.index.files[0] == str(first)
+                assert [(t.name, t.shape, t.dtype) for t in split.index.tensors] == [
+                    (t.name, t.shape, t.dtype) for t in one.index.tensors
+                ]
+        with GGUFSource(first) as split:
+            by_name = {t.name: t for t in split.index.tensors}
+            for t in one.index.tensors[::40]:
+                assert np.array_equal(split.read(by_name[t.name]), one.read(t))
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(first), n_ctx=32, verbose=False)
+    assert llm.n_vocab() == 49152
+    (first.parent / files[2]).unlink()
+    with pytest.raises(SourceNotFoundError, match="missing model-00003-of-00003"):
+        open_source(first)

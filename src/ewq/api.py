@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +51,8 @@ from ewq.quant.targets import (
 from ewq.sensitivity import CRITERIA, Sensitivity, modelled
 from ewq.sources import open_source
 from ewq.types import ModelIndex, Precision
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Analysis",
@@ -188,13 +191,15 @@ def quantize(
     plan: Plan | dict | str | Path,
     out: str | Path,
     *,
-    format: str = "gguf",
+    format: str | None = None,
+    revision: str | None = None,
     threads: int | None = None,
     force: bool = False,
     record: Callable[[Quantized], None] | None = None,
     progress: Progress | None = None,
 ) -> Quantized:
-    """Write ``source`` quantized block by block as ``plan`` says.
+    """Write ``source`` quantized block by block as ``plan`` says, in ``format``
+    (default: the format the plan was sized for, else gguf).
 
     The plan is checked against the model before anything is written; the output
     appears atomically (temporary file, then rename) or not at all. An output that
@@ -203,15 +208,26 @@ def quantize(
     the output is checked and before it is renamed into place: the CLI writes the
     provenance record there, so a model never sits beside a missing or stale one.
     """
-    if format not in ("gguf", "hf"):
-        raise EwqError(f"unknown output format '{format}' (gguf or hf)")
     plan_path = plan if isinstance(plan, (str, Path)) else None
     if isinstance(plan, (str, Path)):
         plan = load_plan(plan)
     elif isinstance(plan, dict):
         plan = plan_from_doc(plan)
+    # the format the plan was sized for, unless told otherwise
+    format = format or plan.format or "gguf"
+    if format not in FORMATS:
+        raise EwqError(
+            f"unknown output format '{format}' (one of {', '.join(FORMATS)})"
+        )
+    if plan.format is not None and plan.format != format:
+        log.warning(
+            "the plan sized its blocks as %s; writing %s, the sizes will differ",
+            plan.format,
+            format,
+        )
     out = Path(out)
-    with open_source(source) as src:
+    # a hub id is downloaded into the hub cache: quantizing reads every weight
+    with open_source(source, download=True, revision=revision) as src:
         index = src.index
         layout = resolve(index)
     check_plan(plan, layout, str(source))
@@ -232,7 +248,9 @@ def quantize(
             f"{', '.join(p.value for p in offered(format))})"
         )
     if format == "hf":
-        return _quantize_hf(source, index, layout, plan, out, progress, record)
+        return _quantize_hf(
+            source, index, layout, plan, out, progress, record, revision
+        )
     if index.format != "gguf":
         from ewq.quant.convert import converted
 
@@ -331,7 +349,9 @@ def _recorder(record: Callable[[Quantized], None] | None, **fields):
     return commit, made
 
 
-def _quantize_hf(source, index, layout, plan, out, progress, record) -> Quantized:
+def _quantize_hf(
+    source, index, layout, plan, out, progress, record, revision=None
+) -> Quantized:
     from ewq.quant.hf import quantize_hf
 
     folder = Path(index.files[0]).parent
@@ -351,7 +371,26 @@ def _quantize_hf(source, index, layout, plan, out, progress, record) -> Quantize
         predicted_bytes=sum(t.nbytes for t in targets),
         llama_quantize_args=(),
     )
-    quantize_hf(folder, targets, out, progress=progress, before_commit=commit)
+    from ewq import __version__
+    from ewq.reports.card import hub_revision, model_card
+    from ewq.sources.hub import is_hub_id, split_spec
+
+    name = str(source)
+    card = model_card(
+        source=name,
+        revision=revision or hub_revision(str(folder)),
+        hub_id=split_spec(name)[0]
+        if is_hub_id(name) and not Path(name).exists()
+        else None,
+        plan=plan,
+        targets=targets,
+        predicted_bytes=sum(t.nbytes for t in targets),
+        ewq_version=__version__,
+        record=f"{out.name}.ewq.json",
+    )
+    quantize_hf(
+        folder, targets, out, progress=progress, before_commit=commit, card=card
+    )
     return made[0]
 
 
@@ -544,6 +583,7 @@ def plan(
             fmt=fmt,
             calibration=calibration,
             analysis=analysis,
+            revision=revision,
             progress=progress,
         )
         options = {
@@ -592,6 +632,7 @@ def sensitivity(
     probe: Precision | None = Precision.Q4,
     seed: int = 0,
     analysis: Analysis | None = None,
+    revision: str | None = None,
     progress: Progress | None = None,
 ) -> Sensitivity:
     """Estimated damage per block and precision by ``criterion`` (ewq.sensitivity).
@@ -605,7 +646,8 @@ def sensitivity(
         raise EwqError(
             f"unknown criterion '{criterion}' (one of {', '.join(CRITERIA)})"
         )
-    with open_source(source) as src:
+    measured = criterion in ("error", "kl")  # these read weights: a hub id downloads
+    with open_source(source, download=measured, revision=revision) as src:
         index = src.index
         layout = resolve(index)
         fmt = fmt or ("gguf" if index.format == "gguf" else "hf")
@@ -656,7 +698,11 @@ def sensitivity(
             ctx=ctx,
             probe=probe,
             # measured (or read from the cache) only when kl itself is measured
-            error=sensitivity(source, "error", fmt="gguf") if probe else None,
+            error=(
+                sensitivity(source, "error", fmt="gguf", revision=revision)
+                if probe
+                else None
+            ),
             progress=progress,
         )
 
@@ -813,7 +859,7 @@ def evaluate(
     text = load_text(data) if task in ("perplexity", "kld", "embedding") else None
     questions = load_mmlu(data, split) if task == "mmlu" else None
     dev = load_mmlu(data, "dev") if task == "mmlu" and shots else []
-    with open_source(source) as src:
+    with open_source(source, download=True) as src:
         base_path = Path(src.index.files[0])
         base = base_path if src.index.format == "gguf" else base_path.parent
     with tempfile.TemporaryDirectory(prefix="ewq-eval-") as tmp:

@@ -56,6 +56,19 @@ SourceArg = Annotated[
 
 
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")]
+FileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--file",
+        help="For hub repositories with several GGUF models: the file, or a tag in "
+        "its name such as Q4_K_M (the same as owner/name:FILE).",
+    ),
+]
+
+
+def _spec(source: str, file: str | None) -> str:
+    """The source with a hub file chosen (owner/name:FILE, as llama.cpp's -hf)."""
+    return source if file is None else f"{source}:{file}"
 
 
 @contextlib.contextmanager
@@ -107,6 +120,7 @@ def inspect(
         typer.Option(help="For hub ids: download the weights instead of headers only."),
     ] = False,
     revision: RevisionOpt = None,
+    file: FileOpt = None,
     verify: Annotated[
         bool,
         typer.Option(help="Also read every tensor once and check it for NaN and Inf."),
@@ -117,7 +131,7 @@ def inspect(
     bar = _progress("reading tensors") if verify else contextlib.nullcontext(None)
     with bar as progress:
         result = api.inspect(
-            source,
+            _spec(source, file),
             download=download,
             revision=revision,
             verify=verify,
@@ -171,6 +185,7 @@ def analyze(
         ),
     ] = False,
     revision: RevisionOpt = None,
+    file: FileOpt = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -188,7 +203,7 @@ def analyze(
     _outputs((source,), json_path=json_path, plot=plot)
     with _progress("analysing") as progress:
         result = api.analyze(
-            source,
+            _spec(source, file),
             alpha=alpha,
             eps=eps,
             variant=variant,
@@ -227,10 +242,11 @@ def features(
         ),
     ] = False,
     revision: RevisionOpt = None,
+    file: FileOpt = None,
 ) -> None:
     """FastEWQ's features per transformer block (num_blocks, exec_index, num_parameters)."""
     _outputs((source,), json_path=json_path)
-    result = api.features(source, analytic=analytic, revision=revision)
+    result = api.features(_spec(source, file), analytic=analytic, revision=revision)
     out.print(features_table(result))
     if json_path is not None:
         _write_json(json_path, features_json(result, __version__))
@@ -551,13 +567,17 @@ def quantize(
     ],
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the model.")],
     format: Annotated[
-        OutFormat,
+        OutFormat | None,
         typer.Option(
             "--format",
-            help="gguf: one file for llama.cpp (from a GGUF source). hf: a folder "
-            "transformers and vLLM load (compressed-tensors, from a Hugging Face folder).",
+            help="gguf: one file for llama.cpp (from a GGUF or a Hugging Face "
+            "source). hf: a folder transformers and vLLM load (compressed-tensors, "
+            "from a Hugging Face folder). Default: the format the plan was sized for, "
+            "else gguf.",
         ),
-    ] = OutFormat.gguf,
+    ] = None,
+    revision: RevisionOpt = None,
+    file: FileOpt = None,
     threads: Annotated[
         int | None, typer.Option(min=1, help="Quantizer threads (default: all cores).")
     ] = None,
@@ -578,10 +598,11 @@ def quantize(
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("quantizing", total=None)
         result = api.quantize(
-            source,
+            _spec(source, file),
             plan,
             out_path,
-            format=format.value,
+            format=format.value if format else None,
+            revision=revision,
             threads=threads,
             force=force,
             record=lambda q: _write_json(record, provenance_json(q, __version__)),
@@ -700,6 +721,7 @@ def plan_cmd(
         ),
     ] = False,
     revision: RevisionOpt = None,
+    file: FileOpt = None,
 ) -> None:
     """Fit a model into a machine or a cluster: per block precision and machine (Algorithm 1)."""
     from ewq.analysis.decision import check_alpha
@@ -718,7 +740,7 @@ def plan_cmd(
     bar = _progress("analysing") if method == "ewq" else contextlib.nullcontext(None)
     with bar as progress:
         planned = api.plan(
-            source,
+            _spec(source, file),
             machines,
             method=method,
             criterion=criterion,

@@ -42,7 +42,6 @@ is written as 2-bit (a recorded fallback).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from math import prod
 
@@ -126,12 +125,55 @@ def offered(fmt: str) -> tuple[Precision, ...]:
     raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
 
 
-# Names llama.cpp's quantizer copies unchanged (llama-quant.cpp, "quantize &= ..."):
-# kept as data so the size prediction matches what it writes.
-_NEVER_QUANTIZED = re.compile(
-    r"(_norm\.weight$|ffn_gate_inp\.weight$|ffn_gate_inp_shexp\.weight$|"
-    r"pos_embd|token_types|attn_rel_b|ssm_|time_mix_|cls\.|altup|laurel|per_layer_)"
+# The tensors llama.cpp's quantizer copies unchanged, as data: its rule is
+# ``tensor_allows_quantization`` in src/llama-quant.cpp (the bundled build): tensors
+# of 2 or more dimensions (ggml_n_dims) whose name ends in "weight", except names containing any of
+# _KEPT_PARTS or equal to one of _KEPT_NAMES. (Not restated: the GLM5-next tensors
+# it keeps for that architecture alone.)
+_KEPT_PARTS = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    *(
+        f"time_mix_{x}.weight"
+        for x in (
+            "first",
+            "w0",
+            "w1",
+            "w2",
+            "v0",
+            "v1",
+            "v2",
+            "a0",
+            "a1",
+            "a2",
+            "g1",
+            "g2",
+            "decay_w1",
+            "decay_w2",
+            "lerp_fused",
+        )
+    ),  # fmt: skip
+    "attn_rel_b.weight",
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
 )
+# LLM_TN(arch)(LLM_TENSOR_POS_EMBD / LLM_TENSOR_TOKEN_TYPES, "weight") (BERT)
+_KEPT_NAMES = frozenset({"position_embd.weight", "token_types.weight"})
 
 _FLOAT_TYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16, "F64": T.F64}
 
@@ -148,7 +190,15 @@ def source_type(dtype: str) -> T:
 
 def gguf_quantizable(name: str, shape: tuple[int, ...]) -> bool:
     """Would llama.cpp quantize this tensor if asked?"""
-    return len(shape) >= 2 and not _NEVER_QUANTIZED.search(name)
+    dims = list(shape)
+    while len(dims) > 1 and dims[0] == 1:  # ggml_n_dims: outer sizes of 1 do not count
+        dims.pop(0)
+    return (
+        len(dims) >= 2
+        and name.endswith("weight")
+        and name not in _KEPT_NAMES
+        and not any(part in name for part in _KEPT_PARTS)
+    )
 
 
 def gguf_target(

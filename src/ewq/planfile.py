@@ -57,6 +57,7 @@ class Plan(BaseModel):
     kind: str = "ewq-plan"
     source: str | None = None
     method: str = "ewq"
+    format: str | None = None  # the output format the plan's sizes are for
     num_blocks: int | None = Field(default=None, ge=1)
     embedding: SidePlan = SidePlan()
     head: SidePlan = SidePlan()

@@ -28,7 +28,13 @@ from ewq.sources.safetensors import read_header as read_st_header
 
 __all__ = ["quantize_hf"]
 
-_SKIP = {"model.safetensors", "model.safetensors.index.json", "config.json"}
+# README.md: the source's card describes the unquantized model; ours replaces it
+_SKIP = {
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "README.md",
+}
 _SUFFIXES = ("_packed", "_scale", "_shape", "_zero_point", "_g_idx")
 
 
@@ -52,11 +58,13 @@ def quantize_hf(
     *,
     progress: Callable[[int, int, str], None] | None = None,
     before_commit: Callable[[Path, dict[str, int]], None] | None = None,
+    card: str | None = None,
 ) -> dict[str, int]:
     """Write the checkpoint in ``folder`` quantized per ``targets`` into folder ``out``.
 
     Returns the bytes written per planned tensor, which must equal the prediction;
-    the folder appears complete (renamed into place) or not at all.
+    the folder appears complete (renamed into place) or not at all. ``card`` is
+    written as its README.md (the source's own card is not copied).
     """
     torch, transformers = _libraries()
     from compressed_tensors.compressors import ModelCompressor
@@ -154,6 +162,8 @@ def quantize_hf(
             ):
                 if not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         written = _check_written(tmp, targets)
         if before_commit is not None:
             before_commit(tmp, written)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ewq.errors import HubUnavailableError, SourceNotFoundError
 from ewq.sources.base import TensorSource, check_finite
-from ewq.sources.gguf import GGUFSource, is_gguf
+from ewq.sources.gguf import GGUFSource, gguf_models, is_gguf
 from ewq.sources.hub import is_hub_id, open_hub
 from ewq.sources.safetensors import SafetensorsSource
 
@@ -76,11 +76,14 @@ def open_source(
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs and not any(path.glob("*.safetensors*")):
-            if len(ggufs) > 1:
+            models = gguf_models([g.name for g in ggufs])
+            if len(models) > 1:
                 raise SourceNotFoundError(
-                    f"{path}: holds {len(ggufs)} GGUF files; name the one to open"
+                    f"{path}: holds {len(models)} GGUF models "
+                    f"({', '.join(list(models)[:4])}{', ...' if len(models) > 4 else ''});"
+                    " name the one to open"
                 )
-            return GGUFSource(ggufs[0], source=text)
+            return GGUFSource(path / next(iter(models.values()))[0], source=text)
         return SafetensorsSource(path, source=text)
     if path.is_file():
         if is_gguf(path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -28,7 +29,19 @@ from ewq.errors import FormatError, SourceNotFoundError
 from ewq.sources.base import TensorSource
 from ewq.types import ModelIndex, TensorInfo
 
-__all__ = ["GGUFHeader", "GGUFSource", "is_gguf", "read_header"]
+__all__ = [
+    "GGUFHeader",
+    "GGUFSource",
+    "HeaderTruncated",
+    "gguf_models",
+    "is_gguf",
+    "parse_header",
+    "read_header",
+    "split_files",
+    "split_name",
+    "split_prefix",
+    "tensor_infos",
+]
 
 MAX_CONFIG_ARRAY = 64  # leave vocabularies and merges out of the config mapping
 _Q = gguf.GGMLQuantizationType
@@ -68,6 +81,10 @@ def is_gguf(path: Path) -> bool:
 
 class _Truncated(Exception):
     pass
+
+
+class HeaderTruncated(FormatError):
+    """The bytes given end inside the header: read more of the file."""
 
 
 class _Cursor:
@@ -158,7 +175,14 @@ def read_header(path: Path) -> GGUFHeader:
         raise FormatError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
-def _parse(buf: memoryview, size: int, path: Path) -> GGUFHeader:
+def parse_header(buf: bytes | memoryview, path: Path | str) -> GGUFHeader:
+    """Parse a GGUF header from its first bytes (a range read of a remote file, say);
+    :class:`HeaderTruncated` when they end inside it."""
+    view = memoryview(buf)
+    return _parse(view, len(view), Path(path), partial=True)
+
+
+def _parse(buf: memoryview, size: int, path: Path, partial: bool = False) -> GGUFHeader:
     cur = _Cursor(buf)
     try:
         try:
@@ -191,9 +215,8 @@ def _parse(buf: memoryview, size: int, path: Path) -> GGUFHeader:
         finally:
             buf.release()
     except _Truncated:
-        raise FormatError(
-            f"{path}: not a readable GGUF file (truncated header)"
-        ) from None
+        kind = HeaderTruncated if partial else FormatError
+        raise kind(f"{path}: not a readable GGUF file (truncated header)") from None
     except (ValueError, struct.error) as exc:
         raise FormatError(f"{path}: not a readable GGUF file ({exc})") from exc
     align = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
@@ -218,67 +241,138 @@ def _nbytes(shape: tuple[int, ...], qtype: _Q) -> int:
     return n // block * type_size
 
 
+_SPLIT = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_name(prefix: str, no: int, count: int) -> str:
+    """llama.cpp's name for split ``no`` (1-based) of ``count`` (llama_split_path)."""
+    return f"{prefix}-{no:05d}-of-{count:05d}.gguf"
+
+
+def split_prefix(name: str) -> tuple[str, int] | None:
+    """(prefix, count) of a split file's name, or None for a single file."""
+    m = _SPLIT.match(name)
+    return (m["prefix"], int(m["count"])) if m else None
+
+
+def tensor_infos(header: GGUFHeader, file: str, size: int) -> list[TensorInfo]:
+    """The tensors a header declares in ``file`` of ``size`` bytes, in file order,
+    checked: whole blocks per row, inside the file, not overlapping."""
+    infos = []
+    for name, shape, qtype, offset in header.tensors:
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        if shape and shape[-1] % block:
+            raise FormatError(
+                f"{file}: tensor '{name}' has rows of {shape[-1]}, not a multiple "
+                f"of its {qtype.name} block of {block}"
+            )
+        info = TensorInfo(
+            name=name,
+            dtype=qtype.name,
+            shape=shape,
+            nbytes=_nbytes(shape, qtype),
+            file=file,
+            offset=offset,
+        )
+        if info.offset + info.nbytes > size:
+            raise FormatError(f"{file}: tensor '{name}' runs past the end of the file")
+        infos.append(info)
+    infos.sort(key=lambda i: i.offset)
+    for prev, cur in zip(infos, infos[1:], strict=False):
+        if cur.offset < prev.offset + prev.nbytes:
+            raise FormatError(f"{file}: tensors '{prev.name}' and '{cur.name}' overlap")
+    return infos
+
+
+def check_splits(headers: list[GGUFHeader], names: list[str]) -> None:
+    """The split files of one model agree with their split.* keys (llama.cpp's
+    loader checks the same: split.no in order, one split.count, every tensor)."""
+    count = len(headers)
+    for no, (h, name) in enumerate(zip(headers, names, strict=True)):
+        if h.metadata.get("split.count") != count or h.metadata.get("split.no") != no:
+            raise FormatError(
+                f"{name}: split.no {h.metadata.get('split.no')!r} of "
+                f"{h.metadata.get('split.count')!r}, expected {no} of {count}"
+            )
+    declared = headers[0].metadata.get("split.tensors.count")
+    found = sum(len(h.tensors) for h in headers)
+    if declared is not None and declared != found:
+        raise FormatError(
+            f"{names[0]}: split.tensors.count is {declared}, the splits hold {found}"
+        )
+
+
+def split_files(path: Path) -> list[Path]:
+    """Every file of the model ``path`` belongs to: itself, or all of llama.cpp's
+    split files ``PREFIX-0000i-of-0000N.gguf`` when it is one of them."""
+    found = split_prefix(path.name)
+    if found is None:
+        return [path]
+    prefix, count = found
+    files = [path.with_name(split_name(prefix, i, count)) for i in range(1, count + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise SourceNotFoundError(
+            f"{path}: split {len(files) - len(missing)} of {count} files present; "
+            f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
+        )
+    return files
+
+
+def gguf_models(names: list[str]) -> dict[str, list[str]]:
+    """GGUF file names grouped into models: llama.cpp's split files of one prefix
+    are one model (named by the prefix, files in split order), any other file is
+    one. Split groups with files missing are kept: opening them says which."""
+    models: dict[str, list[str]] = {}
+    for name in sorted(names):
+        found = split_prefix(name)
+        models.setdefault(found[0] if found else name, []).append(name)
+    return models
+
+
 class GGUFSource(TensorSource):
-    """One local GGUF file."""
+    """One local GGUF model: a file, or llama.cpp's split files (any one of them
+    names the model; ``index.files[0]`` is the first, which llama.cpp opens)."""
 
     def __init__(self, path: str | os.PathLike[str], *, source: str | None = None):
         path = Path(path)
         if not path.is_file():
             raise SourceNotFoundError(f"no such file: {path}")
-        header = read_header(path)
-        size = path.stat().st_size
-        infos = []
+        files = split_files(path)
+        headers = [read_header(f) for f in files]
+        if len(files) > 1:
+            check_splits(headers, [str(f) for f in files])
+        infos: list[TensorInfo] = []
         self._types: dict[str, _Q] = {}
-        for name, shape, qtype, offset in header.tensors:
-            block = gguf.GGML_QUANT_SIZES[qtype][0]
-            if shape and shape[-1] % block:
-                raise FormatError(
-                    f"{path}: tensor '{name}' has rows of {shape[-1]}, not a multiple "
-                    f"of its {qtype.name} block of {block}"
-                )
-            info = TensorInfo(
-                name=name,
-                dtype=qtype.name,
-                shape=shape,
-                nbytes=_nbytes(shape, qtype),
-                file=str(path),
-                offset=offset,
-            )
-            if info.offset + info.nbytes > size:
-                raise FormatError(
-                    f"{path}: tensor '{name}' runs past the end of the file"
-                )
-            infos.append(info)
-            self._types[name] = qtype
-        infos.sort(key=lambda i: i.offset)
-        for prev, cur in zip(infos, infos[1:], strict=False):
-            if cur.offset < prev.offset + prev.nbytes:
-                raise FormatError(
-                    f"{path}: tensors '{prev.name}' and '{cur.name}' overlap"
-                )
-        self.version = header.version
+        for f, header in zip(files, headers, strict=True):
+            infos.extend(tensor_infos(header, str(f), f.stat().st_size))
+            for name, _, qtype, _ in header.tensors:
+                self._types[name] = qtype
+        if len(self._types) != len(infos):
+            raise FormatError(f"{path}: a tensor name appears twice")
+        self.version = headers[0].version
         self.index = ModelIndex(
             source=source or str(path),
             format="gguf",
-            files=(str(path),),
+            files=tuple(str(f) for f in files),
             tensors=tuple(infos),
-            config=header.metadata,
+            config=headers[0].metadata,
         )
-        self._fd: int | None = None
+        self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _file(self) -> int:
+    def _file(self, file: str) -> int:
         with self._lock:
-            if self._fd is None:
-                self._fd = os.open(self.index.files[0], os.O_RDONLY)
-            return self._fd
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
 
     def _pread(
         self, info: TensorInfo, offset: int, nbytes: int, buffer: Any
     ) -> np.ndarray:
         if buffer is None or buffer.size < nbytes:
             buffer = np.empty(nbytes, dtype=np.uint8)
-        view, got, fd = memoryview(buffer)[:nbytes], 0, self._file()
+        view, got, fd = memoryview(buffer)[:nbytes], 0, self._file(info.file)
         while got < nbytes:  # positioned reads: thread-safe and GIL-free
             n = os.preadv(fd, [view[got:]], info.offset + offset + got)
             if n == 0:
@@ -340,6 +434,6 @@ class GGUFSource(TensorSource):
 
     def close(self) -> None:
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

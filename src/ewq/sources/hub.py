@@ -16,19 +16,35 @@ import json
 import logging
 import os
 import re
+from pathlib import Path
 from typing import Any
 
-from ewq.errors import FormatError, HubUnavailableError
+from ewq.errors import FormatError, HubUnavailableError, SourceNotFoundError
 from ewq.sources.base import TensorSource
 from ewq.sources.documents import check_config, load_json
+from ewq.sources.gguf import (
+    GGUFSource,
+    HeaderTruncated,
+    check_splits,
+    gguf_models,
+    parse_header,
+    tensor_infos,
+)
 from ewq.sources.safetensors import SafetensorsSource, tensor_infos_from_header
 from ewq.types import ModelIndex, TensorInfo
 
-__all__ = ["HubMetadataSource", "is_hub_id", "open_hub"]
+__all__ = [
+    "HubGGUFSource",
+    "HubMetadataSource",
+    "choose_gguf",
+    "is_hub_id",
+    "open_hub",
+    "split_spec",
+]
 
 log = logging.getLogger(__name__)
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.+-]+)?$")
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 
@@ -96,7 +112,7 @@ def _ensure_timeouts() -> None:
 
 
 def is_hub_id(spec: str) -> bool:
-    """True for ``owner/name`` (and ``hf://owner/name``) that is not a local path."""
+    """True for ``owner/name`` (also ``hf://owner/name`` and ``owner/name:FILE``)."""
     return bool(_REPO_ID.match(spec.removeprefix("hf://")))
 
 
@@ -225,6 +241,141 @@ class HubMetadataSource(TensorSource):
         raise AssertionError("unreachable: iter_tensors refuses metadata-only sources")
 
 
+_HEADER_CHUNK = 1 << 20  # first range read of a GGUF header; doubled until it fits
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``owner/name`` and the file asked for in ``owner/name:FILE`` (llama.cpp's
+    ``-hf owner/name:Q4_K_M`` form: a file name, or a tag such as a quant type)."""
+    spec = spec.removeprefix("hf://")
+    repo, sep, file = spec.partition(":")
+    return repo, (file or None) if sep else None
+
+
+def choose_gguf(repo_id: str, names: list[str], file: str | None) -> list[str] | None:
+    """The GGUF files of the one model to read from a repository's file list (split
+    files in order), or None for a repository to read as safetensors.
+
+    ``file`` is a file name (or any one split of it) or a tag matched, case
+    blind, inside the names (``Q4_K_M``); without it, a repository with
+    safetensors is read as safetensors, and one with a single GGUF model as that."""
+    ggufs = [n for n in names if n.endswith(".gguf")]
+    models = gguf_models(ggufs)
+    if file is None:
+        if any(n.endswith(".safetensors") for n in names) or not models:
+            return None
+        # projector files of vision models are not a language model to plan
+        models = {k: v for k, v in models.items() if "mmproj" not in k.lower()}
+        if len(models) == 1:
+            return next(iter(models.values()))
+        raise SourceNotFoundError(
+            f"hub repository '{repo_id}' holds {len(models)} GGUF models "
+            f"({_listed(models)}); choose one with --file NAME or {repo_id}:NAME"
+        )
+    exact = [m for m in models.values() if file in m or file.removesuffix(".gguf") in m]
+    if not exact:
+        tag = file.lower()
+        exact = [v for k, v in models.items() if tag in k.lower()]
+    if len(exact) == 1:
+        return exact[0]
+    if not exact:
+        raise SourceNotFoundError(
+            f"hub repository '{repo_id}' has no GGUF file matching '{file}'"
+            + (f" (it holds {_listed(models)})" if models else " (it holds no GGUF)")
+        )
+    raise SourceNotFoundError(
+        f"hub repository '{repo_id}': '{file}' matches {len(exact)} GGUF models "
+        f"({_listed({m[0]: m for m in exact})}); give the full file name"
+    )
+
+
+def _listed(models: dict[str, list[str]]) -> str:
+    names = [
+        m[0] if len(m) == 1 else f"{m[0]} (+{len(m) - 1} splits)"
+        for m in models.values()
+    ]
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+
+def _range(url: str, start: int, stop: int, headers: dict[str, str]) -> bytes:
+    """Bytes [start, stop) of a hub file, by one HTTP range request."""
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    r = get_session().get(
+        url, headers={**headers, "range": f"bytes={start}-{stop - 1}"}
+    )
+    hf_raise_for_status(r)
+    body = r.content
+    return body[: stop - start] if r.status_code == 200 else body
+
+
+class HubGGUFSource(TensorSource):
+    """A GGUF model on the hub (one file or llama.cpp's splits) seen through its
+    headers only: each read by range requests, 1 MiB first (64 KiB for later
+    splits) and doubled while the header (vocabulary included) runs on. No tensor data is downloaded."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        files: list[str],
+        sizes: dict[str, int],
+        *,
+        revision: str,
+        endpoint: str,
+    ):
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        headers = build_hf_headers()
+        parsed = []
+        for no, name in enumerate(files):
+            url = hf_hub_url(repo_id, name, revision=revision, endpoint=endpoint)
+            size = sizes.get(name) or 0
+            # the first file holds the vocabulary; later splits, tensor infos only
+            buf, want = b"", _HEADER_CHUNK if no == 0 else _HEADER_CHUNK // 16
+            while True:
+                start, stop = len(buf), min(want, size) if size else want
+                buf += _within_deadline(
+                    lambda a=start, b=stop, u=url: _range(u, a, b, headers), endpoint
+                )
+                try:
+                    parsed.append(parse_header(buf, f"{repo_id}/{name}"))
+                    break
+                except HeaderTruncated:
+                    if size and len(buf) >= size:
+                        raise
+                    want *= 2
+        if len(files) > 1:
+            check_splits(parsed, [f"{repo_id}/{n}" for n in files])
+        infos: list[TensorInfo] = []
+        for name, header in zip(files, parsed, strict=True):
+            infos.extend(tensor_infos(header, name, sizes.get(name) or 1 << 62))
+        self.index = ModelIndex(
+            source=repo_id,
+            format="gguf",
+            files=tuple(files),
+            tensors=tuple(infos),
+            config=parsed[0].metadata,
+            metadata_only=True,
+        )
+
+    def read(self, info: TensorInfo) -> Any:
+        raise AssertionError("unreachable: iter_tensors refuses metadata-only sources")
+
+
+def _repo_files(repo_id: str, revision: str | None, endpoint: str):
+    """The repository's commit and its files with their sizes."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint)
+    info = _within_deadline(
+        lambda: api.model_info(repo_id, revision=revision, files_metadata=True),
+        endpoint,
+    )
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or ()}
+    return info.sha or revision, sizes
+
+
 def open_hub(
     repo_id: str,
     *,
@@ -232,21 +383,33 @@ def open_hub(
     download: bool = False,
     endpoint: str | None = None,
 ) -> TensorSource:
-    """Open a hub repository, metadata-only unless ``download``."""
-    repo_id = repo_id.removeprefix("hf://")
+    """Open a hub repository (``owner/name`` or ``owner/name:FILE`` for one of its
+    GGUF models), metadata-only unless ``download``."""
+    repo_id, file = split_spec(repo_id)
+    _ensure_timeouts()
+    endpoint = _endpoint(endpoint)
+    try:
+        sha, sizes = _repo_files(repo_id, revision, endpoint)
+        ggufs = choose_gguf(repo_id, list(sizes), file)
+        if ggufs is not None and not download:
+            return HubGGUFSource(
+                repo_id, ggufs, sizes, revision=sha or "main", endpoint=endpoint
+            )
+    except _hub_exceptions() as exc:
+        raise _hub_error(repo_id, endpoint, exc) from exc
     if not download:
         return HubMetadataSource(repo_id, revision=revision, endpoint=endpoint)
     from huggingface_hub import snapshot_download
 
-    _ensure_timeouts()
-    endpoint = _endpoint(endpoint)
     try:
         folder = snapshot_download(
             repo_id,
-            revision=revision,
+            revision=sha or revision,
             endpoint=endpoint,
-            allow_patterns=_DOWNLOAD_PATTERNS,
+            allow_patterns=_DOWNLOAD_PATTERNS if ggufs is None else ggufs,
         )
     except _hub_exceptions() as exc:
         raise _hub_error(repo_id, endpoint, exc) from exc
+    if ggufs is not None:
+        return GGUFSource(Path(folder) / ggufs[0], source=f"{repo_id}:{ggufs[0]}")
     return SafetensorsSource(folder, source=repo_id)
