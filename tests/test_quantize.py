@@ -664,10 +664,17 @@ def test_quantize_writes_the_format_the_plan_was_sized_for(
     assert record["predicted_tensor_bytes"] == sum(
         b["bytes"] for b in doc["blocks"]
     ) + sum(sides)
-    records = []
-    monkeypatch.setattr(api.log, "warning", lambda msg, *a: records.append(msg % a))
-    with pytest.raises(api.EwqError):  # the tiny model has no tokenizer to convert
-        api.quantize(src, plan, tmp_path / "o.gguf", format="gguf")
-    assert records == [
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("ewq.api").addHandler(handler)
+    try:
+        with pytest.raises(api.EwqError):  # the tiny model has no tokenizer
+            api.quantize(src, plan, tmp_path / "o.gguf", format="gguf")
+    finally:
+        logging.getLogger("ewq.api").removeHandler(handler)
+    assert seen == [
         "the plan sized its blocks as hf; writing gguf, the sizes will differ"
     ]

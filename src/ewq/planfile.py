@@ -10,7 +10,8 @@ Schema (version 1)::
 
 ``num_blocks`` and each block's optional ``num_parameters`` identify the model the
 plan was made for; a plan whose blocks do not match the model is refused. The planner
-adds fields of its own (bytes, machines); unknown fields are kept, not rejected.
+adds fields of its own (bytes, machines, exports, the resolved config), each declared
+here; an unknown field (a misspelled "embeding") is refused, not ignored.
 Until the planner existed, `ewq analyze --json` output was the plan: it is still
 accepted (its per-block ``decision`` is the precision; embedding and head stay raw).
 """
@@ -24,10 +25,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ewq.config import Format
 from ewq.errors import EwqError, SourceNotFoundError
 from ewq.types import Precision
 
-__all__ = ["BlockPlan", "Plan", "PlanError", "load_plan", "plan_from_doc"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "BlockPlan",
+    "Exports",
+    "MachinePlan",
+    "Plan",
+    "PlanError",
+    "SidePlan",
+    "load_plan",
+    "plan_from_doc",
+]
 
 SCHEMA_VERSION = 1
 
@@ -36,32 +48,112 @@ class PlanError(EwqError):
     """A plan file is unreadable, malformed, or made for another model."""
 
 
-class BlockPlan(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+class _Strict(BaseModel):
+    # a misspelled key ("embeding") is an error, not a silently ignored extra
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class BlockPlan(_Strict):
     exec_index: int = Field(ge=2)
     precision: Precision
     num_parameters: int | None = Field(default=None, ge=0)
+    # what the planner adds: for the reader, information only
+    entropy: float | None = None
+    decision: Precision | None = None
+    bytes: int | None = Field(default=None, ge=0)
+    machine: str | None = None
 
 
-class SidePlan(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
-
+class SidePlan(_Strict):
     precision: Precision = Precision.RAW
+    exec_index: int | None = Field(default=None, ge=1)
+    num_parameters: int | None = Field(default=None, ge=0)
+    bytes: int | None = Field(default=None, ge=0)
+    machine: str | None = None
 
 
-class Plan(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+class MachinePlan(_Strict):
+    """One machine's share, as the planner wrote it."""
 
+    name: str
+    capacity_bytes: int
+    bytes: int
+    weights_bytes: int
+    kv_bytes: int
+    buffers_bytes: int
+    exec_indices: list[int]
+    copy_bytes: int = 0
+    host: str | None = None
+
+
+class WorkerExport(_Strict):
+    machine: str
+    endpoint: str
+    command: str
+    ewq: str
+
+
+class LlamaCppExport(_Strict):
+    """llama.cpp's command for the placement (ewq.planning.exports)."""
+
+    command: str | None
+    refused: str | None = None
+    main: str | None = None
+    rpc: list[str] = []
+    n_gpu_layers: int | None = None
+    tensor_split: list[int] = []
+    workers: list[WorkerExport] = []
+
+
+class VllmRank(_Strict):
+    rank: int
+    machine: str
+    layers: int
+
+
+class VllmExport(_Strict):
+    command: str | None
+    refused: str | None = None
+    pipeline_parallel_size: int | None = None
+    VLLM_PP_LAYER_PARTITION: str | None = None
+    ranks: list[VllmRank] = []
+    note: str | None = None
+
+
+class Exports(_Strict):
+    llama_cpp: LlamaCppExport | None = None
+    vllm: VllmExport | None = None
+
+
+class Plan(_Strict):
     schema_version: int = SCHEMA_VERSION
     kind: str = "ewq-plan"
+    ewq_version: str | None = None
     source: str | None = None
     method: str = "ewq"
-    format: str | None = None  # the output format the plan's sizes are for
+    format: Format | None = None  # the output format the plan's sizes are for
     num_blocks: int | None = Field(default=None, ge=1)
     embedding: SidePlan = SidePlan()
     head: SidePlan = SidePlan()
     blocks: list[BlockPlan]
+    # how it was made (ewq plan): the options as resolved, and what they gave
+    config: dict[str, Any] | None = None
+    criterion: str | None = None
+    allocator: str | None = None
+    mode: str | None = None
+    variant: str | None = None
+    alpha: float | None = None
+    eps: float | None = None
+    estimated_damage: float | None = None
+    sensitivity: dict[str, Any] | None = None
+    runtime: dict[str, Any] | None = None
+    fits: bool | None = None
+    total_bytes: int | None = None
+    capacity_bytes: int | None = None
+    smallest_bytes: int | None = None
+    machines: list[MachinePlan] = []
+    seconds_per_token: float | None = None
+    exports: Exports = Exports()
 
     def precision_of(self, exec_index: int, num_blocks: int) -> Precision:
         if exec_index == 1:

@@ -5,7 +5,7 @@ This module is a leaf: it imports nothing from ``ewq``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from math import prod
@@ -21,6 +21,7 @@ __all__ = [
     "ModelIndex",
     "ParamKind",
     "Precision",
+    "Progress",
     "Role",
     "TensorInfo",
     "TensorKey",
@@ -115,6 +116,10 @@ class BlockKind(StrEnum):
     EMBEDDING = "embedding"
     TRANSFORMER = "transformer"
     HEAD = "head"
+
+
+#: progress callback: (bytes or items done, in all, name of what was just done)
+Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True, slots=True)

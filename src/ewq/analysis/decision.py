@@ -29,8 +29,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
+from ewq.config import DEFAULT_ALPHA, Variant
 from ewq.errors import InvalidParameterError
 from ewq.types import Precision
 
@@ -41,15 +41,6 @@ __all__ = [
     "block_entropy",
     "decide",
 ]
-
-DEFAULT_ALPHA = 1.25
-
-
-class Variant(StrEnum):
-    """The paper's two EWQ variants."""
-
-    MIXED_4_8 = "4bit/8bit"  # both rules: below T to 4-bit, below mu to 8-bit
-    MIXED_8 = "8bit"  # the 8-bit rule only: every block below mu to 8-bit
 
 
 def block_entropy(matrices: Iterable[tuple[int, float]]) -> float | None:

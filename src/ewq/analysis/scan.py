@@ -23,7 +23,7 @@ import collections
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
@@ -41,7 +41,7 @@ from ewq.analysis.entropy import (
 from ewq.analysis.quantized import quant_stats, supported
 from ewq.errors import NonFiniteTensorError
 from ewq.sources import TensorSource
-from ewq.types import ParamKind, TensorInfo, TensorKey
+from ewq.types import ParamKind, Progress, TensorInfo, TensorKey
 
 __all__ = ["FLOAT_DTYPES", "counts_as_matrix", "matrices_of", "scan"]
 
@@ -52,7 +52,6 @@ _INT_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "
 _BUFFER_BYTES = 16 << 20  # one read; several per segment
 _SEGMENT_BYTES = 64 << 20  # one task for the pool
 
-Progress = Callable[[int, int, str], None]
 
 #: take entropy sums straight from GGML quant blocks (EWQ_QUANT_KERNELS=0: dequantize
 #: every block to float first, the reference path the benchmark compares against)

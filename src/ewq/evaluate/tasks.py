@@ -4,7 +4,7 @@ model, and MMLU with the paper's scoring and cloze scoring."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,10 +20,10 @@ from ewq.evaluate.metrics import (
     paper_question_nll,
     summarize_kl,
 )
+from ewq.types import Progress
 
 __all__ = ["embedding_fidelity", "kld", "mmlu", "perplexity", "sentences", "windows"]
 
-Progress = Callable[[int, int, str], None]
 TOP_K = 100  # the paper's top-100 next tokens
 
 

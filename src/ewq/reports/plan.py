@@ -6,15 +6,21 @@ from typing import Any
 
 from rich.table import Table
 
+from ewq.planfile import SCHEMA_VERSION
+from ewq.records import PlanResult
 from ewq.reports.inspect import human_bytes
 from ewq.types import BlockKind
 
-__all__ = ["SCHEMA_VERSION", "placement_table", "plan_json", "plan_table"]
+__all__ = [
+    "export_lines",
+    "placement_table",
+    "plan_json",
+    "plan_table",
+    "unfit_message",
+]
 
-SCHEMA_VERSION = 1
 
-
-def plan_json(planned: Any, ewq_version: str) -> dict[str, Any]:
+def plan_json(planned: PlanResult, ewq_version: str) -> dict[str, Any]:
     """Deterministic: the same inputs give byte-identical files (no clock, no paths
     other than the source as given)."""
     a, r, layout = planned.analysis, planned.result, planned.layout
@@ -39,6 +45,8 @@ def plan_json(planned: Any, ewq_version: str) -> dict[str, Any]:
         "criterion": planned.criterion,
         "allocator": planned.allocator,
         "mode": r.mode,
+        # every option as resolved: what `ewq quantize` and a re-run read back
+        "config": planned.config.model_dump(mode="json"),
     }
     if a is not None:
         doc |= {
@@ -110,7 +118,7 @@ def _machine(m: Any, r: Any, rt: Any, machines: Any = ()) -> dict[str, Any]:
     }
 
 
-def plan_table(planned: Any) -> Table:
+def plan_table(planned: PlanResult) -> Table:
     a, r, layout = planned.analysis, planned.result, planned.layout
     counts: dict[str, int] = {}
     for b in layout.transformer_blocks:
@@ -179,7 +187,7 @@ def plan_table(planned: Any) -> Table:
     return table
 
 
-def placement_table(planned: Any) -> Table | None:
+def placement_table(planned: PlanResult) -> Table | None:
     """One row per machine of the pipeline: its blocks, its bytes against its
     capacity, and the command it runs (None for a single machine)."""
     r = planned.result
@@ -219,3 +227,40 @@ def placement_table(planned: Any) -> Table | None:
             runs.get(m.name, "-"),
         )
     return table
+
+
+def export_lines(planned: PlanResult) -> list[str]:
+    """The runtime commands of a plan, one line each (workers first)."""
+    lines = []
+    for name, export in planned.exports.items():
+        if not export.get("command"):
+            lines.append(f"{name}: not exported: {export['refused']}")
+            continue
+        for w in export.get("workers", ()):
+            lines.append(f"{name}: on {w['machine']}: {w['command']}")
+        lines.append(f"{name}: {export['command']}")
+    return lines
+
+
+def unfit_message(planned: PlanResult, source: str) -> str:
+    """Why a plan does not fit, in one line: the smallest the weights can be, and
+    what the runtime adds for its context."""
+    r, rt, machines = planned.result, planned.runtime, planned.machines
+    memory = sum(
+        m.memory if m.disk is None else min(m.memory, m.disk) for m in machines
+    )
+    runtime = ""
+    if rt is not None:
+        extra = (
+            sum(rt.kv_bytes.values()) + rt.stage_bytes * len(machines) + rt.head_bytes
+        )
+        runtime = (
+            f" and the runtime {human_bytes(extra)} for {rt.context} tokens of "
+            "context (KV cache and buffers; --context)"
+        )
+    split = ", before splitting them across machines" if len(machines) > 1 else ""
+    return (
+        f"cannot fit {source} into {human_bytes(memory)} on {len(machines)} "
+        f"machine(s): the weights need at least {human_bytes(r.smallest_bytes)} "
+        f"({r.smallest_bytes:,} bytes{split}){runtime}"
+    )

@@ -52,15 +52,16 @@ class Layout:
 def stages_of(plan: Plan, endpoints: Sequence[str] | None = None) -> list[Stage]:
     """The plan's pipeline with the endpoint of each worker (from the plan's export,
     or ``endpoints`` given in the same order)."""
-    extra = plan.model_extra or {}
-    machines = [m for m in extra.get("machines") or [] if m.get("exec_indices")]
-    llama = (extra.get("exports") or {}).get("llama_cpp") or {}
-    if not machines or not llama.get("command"):
+    machines = [m for m in plan.machines if m.exec_indices]
+    llama = plan.exports.llama_cpp
+    if not machines or llama is None or not llama.command:
         why = (
-            llama.get("refused") or "it has no llama.cpp placement (plan with ewq plan)"
+            llama.refused
+            if llama is not None and llama.refused
+            else "it has no llama.cpp placement (plan with ewq plan)"
         )
         raise EwqError(f"the plan cannot run on llama.cpp: {why}")
-    rpc_eps = list(endpoints) if endpoints else list(llama.get("rpc") or [])
+    rpc_eps = list(endpoints) if endpoints else list(llama.rpc)
     if len(rpc_eps) != len(machines) - 1:
         raise EwqError(
             f"the plan places blocks on {len(machines)} machines: give the "
@@ -70,12 +71,7 @@ def stages_of(plan: Plan, endpoints: Sequence[str] | None = None) -> list[Stage]
     for ep in rpc_eps:
         rpc.split_endpoint(ep)
     return [
-        Stage(
-            str(m.get("name")),
-            ep,
-            tuple(int(i) for i in m["exec_indices"]),
-            int(m.get("weights_bytes") or 0),
-        )
+        Stage(m.name, ep, tuple(m.exec_indices), m.weights_bytes)
         for m, ep in zip(machines, [None, *rpc_eps], strict=True)
     ]
 

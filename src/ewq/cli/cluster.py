@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ewq import __version__
-from ewq.cli import _write_json, app, err, out
+from ewq.cli.common import app, err, out, write_json
 from ewq.errors import EwqError
 
 
@@ -102,7 +102,7 @@ def serve(
     if not model.is_file():
         raise EwqError(f"no such model file: {model}")
     p = load_plan(plan)
-    planned_ctx = ((p.model_extra or {}).get("runtime") or {}).get("context")
+    planned_ctx = (p.runtime or {}).get("context")
     if ctx is None:
         ctx = planned_ctx if isinstance(planned_ctx, int) and planned_ctx > 0 else 2048
     elif isinstance(planned_ctx, int) and ctx > planned_ctx:
@@ -121,7 +121,7 @@ def serve(
         text = done["choices"][0]["text"]
         out.print(text, markup=False, highlight=False)
         if json_path is not None:
-            _write_json(json_path, served_json(cm, prompt, text, __version__))
+            write_json(json_path, served_json(cm, prompt, text, __version__))
         return
     try:
         import uvicorn
@@ -153,7 +153,7 @@ def serve(
     )
     out.print(served_table(cm))
     if json_path is not None:
-        _write_json(json_path, served_json(cm, None, None, __version__))
+        write_json(json_path, served_json(cm, None, None, __version__))
     err.print(f"serving on http://{host}:{port}/v1 (OpenAI API); stop with Ctrl-C")
     uvicorn.run(cm.model, host=host, port=port, log_level="warning")
     from llama_cpp.server import app as server_app

@@ -1,0 +1,236 @@
+"""Writing a model quantized block by block as a plan says (GGUF or Hugging Face)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ewq.arch import resolve
+from ewq.config import Format, QuantizeConfig, configure
+from ewq.errors import EwqError
+from ewq.formats import offered
+from ewq.outputs import check_output
+from ewq.planfile import Plan, load_plan, plan_from_doc
+from ewq.quant.targets import (
+    check_plan,
+    gguf_targets,
+    hf_targets,
+    llama_quantize_args,
+)
+from ewq.records import Quantized
+from ewq.sources import open_source
+from ewq.types import Progress
+
+log = logging.getLogger("ewq.api")
+
+__all__ = ["quantize"]
+
+
+def quantize(
+    source: str | Path,
+    plan: Plan | dict | str | Path,
+    out: str | Path,
+    config: QuantizeConfig | None = None,
+    *,
+    record: Callable[[Quantized], None] | None = None,
+    progress: Progress | None = None,
+    **options,
+) -> Quantized:
+    """Write ``source`` quantized block by block as ``plan`` says, in ``format``
+    (default: the format the plan was sized for, else gguf). Options are
+    :class:`ewq.config.QuantizeConfig`'s (format, threads, force, and the hub's
+    revision and file), as a record or as keywords.
+
+    The plan is checked against the model before anything is written; the output
+    appears atomically (temporary file, then rename) or not at all. An output that
+    would overwrite an input, or an existing folder, is refused (ewq.outputs);
+    ``force`` replaces an earlier ewq output folder. ``record(result)`` runs after
+    the output is checked and before it is renamed into place: the CLI writes the
+    provenance record there, so a model never sits beside a missing or stale one.
+    """
+    cfg = configure(QuantizeConfig, config, options)
+    revision, threads, force = cfg.revision, cfg.threads, cfg.force
+    source = cfg.spec(source)
+    plan_path = plan if isinstance(plan, (str, Path)) else None
+    if isinstance(plan, (str, Path)):
+        plan = load_plan(plan)
+    elif isinstance(plan, dict):
+        plan = plan_from_doc(plan)
+    # the format the plan was sized for, unless told otherwise
+    format = (cfg.format or plan.format or Format.GGUF).value
+    if plan.format is not None and plan.format != format:
+        log.warning(
+            "the plan sized its blocks as %s; writing %s, the sizes will differ",
+            plan.format,
+            format,
+        )
+    out = Path(out)
+    # a hub id is downloaded into the hub cache: quantizing reads every weight
+    with open_source(source, download=True, revision=revision) as src:
+        index = src.index
+        layout = resolve(index)
+    check_plan(plan, layout, str(source))
+    check_output(
+        out,
+        (*index.files, plan_path, str(source)),
+        folder=format == "hf",
+        force=force,
+    )
+    wanted = {b.precision for b in plan.blocks} | {
+        plan.embedding.precision,
+        plan.head.precision,
+    }
+    missing = sorted(p.value for p in wanted - set(offered(format)))
+    if missing:
+        raise EwqError(
+            f"the {format} format does not offer {', '.join(missing)} (it offers "
+            f"{', '.join(p.value for p in offered(format))})"
+        )
+    if format == "hf":
+        return _quantize_hf(
+            source, index, layout, plan, out, progress, record, revision
+        )
+    if index.format != "gguf":
+        from ewq.quant.convert import converted
+
+        with converted(source, index, layout, out.parent) as (index, layout):
+            check_plan(plan, layout, str(source))
+            shown = f"{Path(str(source)).name}-converted.gguf"
+            return _quantize_gguf(
+                source, index, layout, plan, out, threads, progress, record, shown
+            )
+    return _quantize_gguf(source, index, layout, plan, out, threads, progress, record)
+
+
+def _quantize_gguf(
+    source, index, layout, plan, out, threads, progress, record, shown=None
+):
+    """GGUF -> per-block quantized GGUF by llama.cpp's quantizer; ``shown`` names the
+    input in the llama-quantize command recorded (a converted file is temporary)."""
+    from ewq.quant.gguf import quantize_gguf
+
+    arch = index.config.get("general.architecture")
+    declared = index.config.get(f"{arch}.block_count")
+    if declared != layout.num_blocks:
+        # llama.cpp asserts on a block count that disagrees with the tensors
+        # (SIGABRT): refuse it here, in one line
+        raise EwqError(
+            f"{source}: its metadata declares {arch}.block_count = {declared!r}, but "
+            f"its tensors hold {layout.num_blocks} blocks; llama.cpp cannot load it"
+        )
+    targets = gguf_targets(index, layout, plan)
+    path = index.files[0]
+    commit, made = _recorder(
+        record,
+        source=str(source),
+        out=out,
+        format="gguf",
+        plan=plan,
+        targets=tuple(targets),
+        predicted_bytes=sum(t.nbytes for t in targets),
+        llama_quantize_args=tuple(
+            llama_quantize_args(targets, shown or path, str(out))
+        ),
+    )
+    quantize_gguf(
+        path,
+        targets,
+        out,
+        threads=threads,
+        progress=progress,
+        before_commit=commit,
+        metadata=_gguf_provenance(source, plan),
+    )
+    return made[0]
+
+
+def _gguf_provenance(source, plan: Plan) -> dict[str, str]:
+    """``ewq.*`` keys for the GGUF's own metadata, beside llama.cpp's ``general.*``:
+    readable by anything that reads GGUF (the full record is PATH.ewq.json)."""
+    from ewq import __version__
+
+    counts: dict[str, int] = {}
+    for b in plan.blocks:
+        counts[b.precision.value] = counts.get(b.precision.value, 0) + 1
+    doc = json.dumps(plan.to_doc(), sort_keys=True).encode()
+    name = str(source)
+    return {
+        "ewq.version": __version__,
+        "ewq.source": name if len(name.encode()) <= 127 else Path(name).name,
+        "ewq.plan.method": plan.method,
+        "ewq.plan.blocks": ", ".join(f"{n} {p}" for p, n in counts.items()),
+        "ewq.plan.embedding": plan.embedding.precision.value,
+        "ewq.plan.head": plan.head.precision.value,
+        "ewq.plan.sha256": hashlib.sha256(doc).hexdigest(),
+    }
+
+
+def _recorder(record: Callable[[Quantized], None] | None, **fields):
+    """The hook a quantizer calls between its check and its rename: the result
+    record (types written, file bytes of the temporary output), handed to
+    ``record`` before the output appears."""
+    made: list[Quantized] = []
+
+    def commit(tmp: Path, written: Mapping[str, object]) -> None:
+        files = [tmp] if tmp.is_file() else [f for f in tmp.iterdir() if f.is_file()]
+        if fields["format"] == "hf":
+            written = {t.name: t.type for t in fields["targets"] if t.name in written}
+        made.append(
+            Quantized(
+                written=dict(written),
+                file_bytes=sum(f.stat().st_size for f in files),
+                **fields,
+            )
+        )
+        if record is not None:
+            record(made[0])
+
+    return commit, made
+
+
+def _quantize_hf(
+    source, index, layout, plan, out, progress, record, revision=None
+) -> Quantized:
+    from ewq.quant.hf import quantize_hf
+
+    folder = Path(index.files[0]).parent
+    if index.format != "safetensors" or not (folder / "config.json").is_file():
+        raise EwqError(
+            f"{source}: Hugging Face output needs a Hugging Face model folder "
+            "(config.json and safetensors weights)"
+        )
+    targets = hf_targets(index, layout, plan)
+    commit, made = _recorder(
+        record,
+        source=str(source),
+        out=out,
+        format="hf",
+        plan=plan,
+        targets=tuple(targets),
+        predicted_bytes=sum(t.nbytes for t in targets),
+        llama_quantize_args=(),
+    )
+    from ewq import __version__
+    from ewq.reports.card import hub_revision, model_card
+    from ewq.sources.hub import is_hub_id, split_spec
+
+    name = str(source)
+    card = model_card(
+        source=name,
+        revision=revision or hub_revision(str(folder)),
+        hub_id=split_spec(name)[0]
+        if is_hub_id(name) and not Path(name).exists()
+        else None,
+        plan=plan,
+        targets=targets,
+        predicted_bytes=sum(t.nbytes for t in targets),
+        ewq_version=__version__,
+        record=f"{out.name}.ewq.json",
+    )
+    quantize_hf(
+        folder, targets, out, progress=progress, before_commit=commit, card=card
+    )
+    return made[0]

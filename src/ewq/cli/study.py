@@ -1,0 +1,281 @@
+"""The commands that measure and study: eval, bench, compare, and FastEWQ's dataset
+and classifiers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ewq import __version__, api
+from ewq.cli.common import (
+    SourceArg,
+    app,
+    configured,
+    count_bar,
+    err,
+    out,
+    outputs,
+    write_json,
+)
+from ewq.config import DEFAULT_ALPHA, EvalConfig
+from ewq.errors import EwqError
+
+dataset_app = typer.Typer(help="The FastEWQ dataset.", no_args_is_help=True)
+fast_app = typer.Typer(help="FastEWQ classifiers.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+app.add_typer(fast_app, name="fast")
+
+
+@dataset_app.command("build")
+def dataset_build(
+    sources: Annotated[
+        list[str] | None, typer.Argument(help="Models to analyse (any SOURCE).")
+    ] = None,
+    out_path: Annotated[
+        Path, typer.Option("--out", help="The dataset CSV to write.")
+    ] = Path("dataset.csv"),
+    paper: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the paper's tables (table2, table8 CSVs): add their labels."
+        ),
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="EWQ threshold factor.")] = DEFAULT_ALPHA,
+) -> None:
+    """Analyse each model and write one labelled row per block (the paper's six columns)."""
+    outputs(tuple(sources), out=out_path)
+    from ewq.analysis.decision import check_alpha
+    from ewq.fast.dataset import write_dataset
+
+    check_alpha(alpha)
+    rows = api.build_dataset(
+        sources or [],
+        paper_tables=paper,
+        alpha=alpha,
+        progress=lambda s: err.print(f"analysing {s}"),
+    )
+    n = write_dataset(rows, out_path)
+    models = len({r["model_name"] for r in rows})
+    err.print(f"wrote {out_path}: {n} rows from {models} models")
+
+
+@fast_app.command("train")
+def fast_train(
+    dataset: Annotated[Path, typer.Argument(help="A dataset CSV (ewq dataset build).")],
+    out_path: Annotated[
+        Path, typer.Option("--out", help="Where to store the classifier (.skops).")
+    ],
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for report.md and its plots (default: beside --out)."
+        ),
+    ] = None,
+    paper: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the paper's tables, to set its figures beside ours."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the 70/30 split and the models.")
+    ] = 42,
+) -> None:
+    """Train the six classifiers, write the report, store the random forest."""
+    outputs((dataset,), out=out_path)
+    report_dir = report or out_path.with_suffix("").with_name(out_path.stem + "-report")
+    if report_dir.exists() and not report_dir.is_dir():
+        raise EwqError(f"--report {report_dir} is a file; the report is a folder")
+    st, path = api.train_fastewq(
+        dataset, out_path, report_dir=report_dir, paper_tables=paper, seed=seed
+    )
+    table = Table(
+        title=f"FastEWQ classifiers on {dataset.name}: {st.n_rows} rows, {st.n_models} models"
+    )
+    for col in ("classifier", "test accuracy", "AUC", "leave-one-model-out"):
+        table.add_column(col, justify="left" if col == "classifier" else "right")
+    for name, r in st.results.items():
+        table.add_row(
+            name, f"{r.report['accuracy']:.1%}", f"{r.auc:.3f}", f"{r.lomo:.1%}"
+        )
+    out.print(table)
+    err.print(f"wrote {out_path} and {path}")
+
+
+@app.command(
+    "eval",
+    epilog="Examples:\n\n  ewq eval default --task perplexity --data wiki.txt --limit 20"
+    "\n\n  ewq eval default --plan plan.json --task kld --data wiki.txt --limit 20"
+    "\n\n  ewq eval default --task mmlu --limit 200   (the MMLU setup installs)",
+)
+@configured(EvalConfig)
+def eval_cmd(
+    source: SourceArg,
+    quantized: Annotated[
+        Path | None,
+        typer.Option(help="A quantized model to evaluate (or compare, kld)."),
+    ] = None,
+    plan: Annotated[
+        Path | None, typer.Option(help="Quantize the source by this plan first.")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the result as JSON.")
+    ] = None,
+    *,
+    config: EvalConfig,
+) -> None:
+    """Measure MMLU accuracy, text perplexity, KL divergence to the unquantized model,
+    or (encoders) the cosine similarity of sentence embeddings to the unquantized ones."""
+    data = Path(config.data) if config.data else None
+    outputs((source, data, quantized, plan), json_path=json_path)
+    task = config.task.value
+    with count_bar(task) as progress:
+        result = api.evaluate(
+            source, None, config, quantized=quantized, plan=plan, progress=progress
+        )
+    table = Table(
+        title=f"{source}: {task}"
+        + (f" (quantized: {quantized or plan})" if (quantized or plan) else ""),
+        caption=f"data: {result['data']}"
+        + (f", {result['split']} split" if result.get("split") else ""),
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in result["metrics"].items():
+        if not isinstance(v, dict | list):
+            table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    out.print(table)
+    if json_path is not None:
+        write_json(
+            json_path,
+            {"schema_version": 1, "kind": "ewq-eval", "ewq_version": __version__}
+            | result,
+        )
+
+
+@app.command(
+    epilog="Example:\n\n  ewq bench default --mmlu mmlu.jsonl --text wiki.txt --out results/smollm2"
+)
+def bench(
+    source: SourceArg,
+    text: Annotated[
+        Path, typer.Option(help="Text for perplexity and KL (encoders: sentences).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")],
+    mmlu: Annotated[
+        Path | None,
+        typer.Option(help="MMLU data (any layout `ewq eval` reads); for decoders."),
+    ] = None,
+    questions: Annotated[
+        int, typer.Option(min=1, help="MMLU questions per variant.")
+    ] = 40,
+    windows: Annotated[int, typer.Option(min=1, help="Text windows per variant.")] = 8,
+    ctx: Annotated[int, typer.Option(min=16, help="Tokens per text window.")] = 256,
+    seeds: Annotated[int, typer.Option(min=1, help="Random orders at equal size.")] = 3,
+    budgets: Annotated[int, typer.Option(min=1, help="Budgets at equal size.")] = 6,
+) -> None:
+    """The paper's Tables 6, 7 and 14 on one model, and EWQ against random and
+    position-only block choices at equal size."""
+    from ewq.bench import BenchConfig, bench_encoder, is_encoder
+    from ewq.bench import bench as run_bench
+
+    if is_encoder(source):
+        enc = bench_encoder(source, text, out_dir, log=lambda m: err.print(m))
+        for r in enc["variants"]:
+            out.print(
+                f"{r['variant']:18s} {r['blocks']:22s} cosine {r['cosine_mean']:.5f}"
+            )
+        err.print(f"wrote {out_dir}/README.md, bench.json")
+        return
+    if mmlu is None:
+        raise typer.BadParameter("--mmlu is required for decoders")
+    cfg = BenchConfig(mmlu, text, questions, windows, ctx, seeds, budgets)
+    result = run_bench(source, cfg, out_dir, log=lambda m: err.print(m))
+    table = Table(title=f"{result['model_name']}")
+    for col in ("variant", "MMLU", "cloze", "text ppl", "KL mean", "MB", "raw/8/4"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for v in result["variants"]:
+        table.add_row(
+            v["variant"],
+            f"{v['mmlu_accuracy']:.3f}",
+            f"{v['mmlu_cloze_accuracy']:.3f}",
+            f"{v['text_perplexity']:.2f}",
+            f"{v['text_kl_mean']:.4f}",
+            f"{v['total_bytes'] / 1e6:.1f}",
+            v["raw_8bit_4bit_blocks"],
+        )
+    out.print(table)
+    err.print(f"wrote {out_dir}/README.md, bench.json, table6/7/14.csv, size_vs_kl.png")
+
+
+@app.command(
+    epilog="Example:\n\n  ewq compare default --text wiki.valid.txt --calibration "
+    "enwiki.xml.bz2 --out results/smollm2-135m/compare"
+)
+def compare(
+    source: SourceArg,
+    text: Annotated[Path, typer.Option(help="Evaluation text (KL, perplexity).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")],
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibration text for the kl criterion (another text; decoders)."
+        ),
+    ] = None,
+    windows: Annotated[int, typer.Option(min=1, help="Evaluation windows.")] = 8,
+    ctx: Annotated[int, typer.Option(min=16, help="Tokens per window.")] = 512,
+    seeds: Annotated[int, typer.Option(min=1, help="Random criteria (seeds).")] = 3,
+    extra: Annotated[
+        int,
+        typer.Option(min=0, help="Budgets below the smallest preset (criteria only)."),
+    ] = 3,
+    criteria: Annotated[
+        str, typer.Option(help="Criteria compared, comma-separated.")
+    ] = "entropy,error,kl,random,position",
+    presets: Annotated[
+        str, typer.Option(help="llama.cpp presets, comma-separated.")
+    ] = ",".join(
+        ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q2_K")
+    ),
+) -> None:
+    """ewq's plans against llama.cpp's presets at equal bytes (KL, perplexity); for
+    a Hugging Face encoder, against uniform precisions (embedding cosine)."""
+    from ewq.bench import is_encoder
+    from ewq.compare import compare as run_compare
+    from ewq.compare import compare_encoder, summary
+
+    log = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
+    if is_encoder(source):
+        compare_encoder(source, text, out_dir, seeds=seeds, log=log)
+        err.print(f"wrote {out_dir}/README.md, compare.json")
+        return
+    if calibration is None:
+        raise typer.BadParameter("--calibration is required for decoders")
+    result = run_compare(
+        source,
+        text,
+        calibration,
+        out_dir,
+        windows=windows,
+        ctx=ctx,
+        seeds=seeds,
+        extra=extra,
+        criteria=[c.strip() for c in criteria.split(",") if c.strip()],
+        presets=[p.strip() for p in presets.split(",") if p.strip()],
+        log=log,
+    )
+    rows = summary(result)
+    cols = sorted({k for r in rows for k in r if k != "size_of"})
+    table = Table(title=f"{result['model_name']}: mean KL at each preset's size")
+    table.add_column("size of")
+    for c in cols:
+        table.add_column(c.replace("ewq ", ""), justify="right")
+    for r in rows:
+        table.add_row(
+            r["size_of"], *(f"{max(r[c], 0.0):.4f}" if c in r else "-" for c in cols)
+        )
+    out.print(table)
+    err.print(f"wrote {out_dir}/README.md, compare.json, size_vs_kl.png")

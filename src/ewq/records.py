@@ -1,0 +1,91 @@
+"""What each stage of the API returns: frozen records, defined below the reports
+that render them (so a report takes a real type) and above the stages that fill
+them in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ewq.analysis import Decision, EntropyProfile
+from ewq.arch import ModelLayout
+from ewq.config import PlanConfig
+from ewq.planfile import Plan
+from ewq.planning import FitResult, Machine, Runtime
+from ewq.quant.targets import TensorTarget
+from ewq.sensitivity import Sensitivity
+from ewq.types import ModelIndex, Precision
+
+__all__ = ["Analysis", "Inspection", "PlanResult", "Quantized"]
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """A model's tensor index and its block structure; no weight has been read."""
+
+    index: ModelIndex
+    layout: ModelLayout
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A model's block entropies and the EWQ decision drawn from them."""
+
+    index: ModelIndex
+    layout: ModelLayout
+    profile: EntropyProfile
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A written quantized model and what went into it."""
+
+    source: str
+    out: Path
+    format: str
+    plan: Plan
+    targets: tuple[TensorTarget, ...]  # per tensor: planned type and exact bytes
+    written: dict[str, str]  # per tensor: the type (gguf) or form (hf) read back
+    predicted_bytes: int  # tensor data, from the size function
+    file_bytes: int  # the file, or every file of the output folder
+    llama_quantize_args: tuple[str, ...]  # gguf only
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A plan for a budget: what it rests on, the fit, and the exports.
+
+    ``analysis`` is the EWQ analysis (method ewq); for the FastEWQ methods it is None
+    and ``predicted`` holds the classifier's choice per block. ``sensitivity`` is
+    the criterion's damage table (optimal allocator); ``runtime`` the memory the
+    runtime adds per machine (KV cache and buffers), when a context was given.
+    ``config`` is every option as resolved (criterion and allocator filled in).
+    """
+
+    index: ModelIndex
+    layout: ModelLayout
+    config: PlanConfig
+    format: str
+    machines: tuple[Machine, ...]
+    decision: Mapping[int, Precision]
+    priority: tuple[int, ...]
+    result: FitResult
+    exports: dict
+    analysis: Analysis | None = None
+    predicted: Mapping[int, bool] | None = None
+    sensitivity: Sensitivity | None = None
+    runtime: Runtime | None = None
+
+    @property
+    def method(self) -> str:
+        return self.config.method.value
+
+    @property
+    def criterion(self) -> str:
+        return self.config.criterion.value if self.config.criterion else "entropy"
+
+    @property
+    def allocator(self) -> str:
+        return self.config.allocator.value if self.config.allocator else "ladder"
