@@ -10,7 +10,8 @@ import pytest
 from models import shared_data
 from test_cli import run
 
-from ewq.bench import _paired, _verdict
+from ewq.bench import paired as _paired
+from ewq.reports.bench import verdict as _verdict
 
 MMLU = shared_data() / "mmlu" / "mmlu_val_zero_shot.jsonl"
 WIKI = shared_data() / "wikitext-2" / "valid.txt"

@@ -19,7 +19,6 @@ to one already measured (criteria often agree) is measured once.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,16 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from ewq import api
-from ewq.bench import BenchConfig, _fresh, _plan_doc, _Reference, _text_metrics
 from ewq.errors import EwqError
 from ewq.evaluate.data import load_text
-from ewq.fileio import atomic_path, atomic_write_text
+from ewq.evaluate.reference import Reference, text_metrics
+from ewq.fileio import fresh_dir
 from ewq.formats import tensor_bytes
+from ewq.planfile import plan_doc
 from ewq.planning import Machine, Option, block_specs, fit, fit_optimal
+from ewq.reports.compare import write_compare, write_compare_encoder
 from ewq.sensitivity import CRITERIA, Sensitivity
 from ewq.types import Precision
 
-__all__ = ["PRESETS", "compare", "compare_encoder", "summary"]
+__all__ = ["PRESETS", "compare", "compare_encoder"]
 
 PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q2_K")
 Log = Callable[[str], None]
@@ -44,7 +45,7 @@ Log = Callable[[str], None]
 
 def _doc(layout, precision: dict[int, Precision]) -> dict[str, Any]:
     n = layout.num_blocks
-    doc = _plan_doc(n, {i: precision[i] for i in range(2, n + 2)})
+    doc = plan_doc(n, {i: precision[i] for i in range(2, n + 2)})
     doc["embedding"] = {"precision": precision[1].value}
     doc["head"] = {"precision": precision[n + 2].value}
     return doc
@@ -97,7 +98,7 @@ def compare(
     calib_ctx: int = 256,
     extra: int = 3,
     criteria: Sequence[str] = CRITERIA,
-    log: Log = print,
+    log: Log = lambda message: None,
 ) -> dict[str, Any]:
     """Run the head-to-head and write ``out_dir`` (compare.json, README.md, plot);
     ``extra`` more budgets, evenly between the smallest size ewq can reach and the
@@ -131,9 +132,8 @@ def compare(
         sens["kl"] = api.sensitivity(
             source, "kl", calibration=calibration, windows=calib_windows, ctx=calib_ctx
         )
-    cfg = BenchConfig(mmlu=Path(), text=Path(text), windows=windows, ctx=ctx)
-    ref = _Reference(path, eval_text, cfg)
-    raw_metrics = _text_metrics(ref.model, ref)
+    ref = Reference(path, eval_text, ctx=ctx, windows=windows)
+    raw_metrics = text_metrics(ref.model, ref)
     del ref.model
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ewq-compare-") as tmp:
@@ -147,7 +147,7 @@ def compare(
             )
             sizes.append((preset, nbytes))
             model = LlamaCppModel(out, ctx)
-            m = _text_metrics(model, ref)
+            m = text_metrics(model, ref)
             del model
             mix = {}
             for t in types.values():
@@ -203,7 +203,7 @@ def compare(
                 else:
                     api.quantize(source, _doc(layout, precision), out)
                     model = LlamaCppModel(out, ctx)
-                    m = seen[key] = _text_metrics(model, ref)
+                    m = seen[key] = text_metrics(model, ref)
                     del model
                 rows.append(
                     {
@@ -235,119 +235,8 @@ def compare(
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
-    _write(result, Path(out_dir))
+    write_compare(result, Path(out_dir))
     return result
-
-
-def _curve(name: str) -> str:
-    if name.startswith("ewq random"):
-        return "ewq random (mean of seeds)"
-    if name.startswith("llama.cpp"):
-        return "llama.cpp preset"
-    return name
-
-
-def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per preset size: the preset's KL and each plan's (random: mean of seeds)."""
-    out = []
-    by: dict[str, dict[str, list[float]]] = {}
-    for r in result["rows"]:
-        if r.get("bytes") is None:
-            continue
-        by.setdefault(r["size_of"], {}).setdefault(_curve(r["plan"]), []).append(
-            r["kl_mean"]
-        )
-    for preset, plans in by.items():
-        row = {"size_of": preset}
-        row.update({k: sum(v) / len(v) for k, v in plans.items()})
-        out.append(row)
-    return out
-
-
-def _write(result: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
-    src_mb = result["source_tensor_bytes"] / 1e6
-    md = [
-        f"# {result['model_name']}: ewq plans against llama.cpp's presets at equal bytes",
-        "",
-        f"Source: the GGUF file as shipped ({src_mb:.2f} MB of tensor data). Each "
-        "llama.cpp preset is made from it by llama.cpp's quantizer (its own per-tensor "
-        "mixture, `--allow-requantize`, no importance matrix); each ewq plan gets the "
-        "preset's exact tensor bytes as its budget (optimal allocator, one precision "
-        "per block from the whole GGUF ladder). Measured on "
-        f"{result['eval']['windows']} windows of {result['eval']['ctx']} tokens of "
-        f"`{result['eval']['text']}`; the kl criterion was calibrated on "
-        f"{result['calibration']['windows']} windows of {result['calibration']['ctx']} "
-        f"tokens of `{result['calibration']['text']}` (another text). KL is from the "
-        "source model, in nats per token. MB = 10^6 bytes.",
-        "",
-        "![size against KL](size_vs_kl.png)",
-        "",
-        "| size of | plan | MB | blocks | KL mean | KL p99 | top-1 | perplexity |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        if r.get("bytes") is None:
-            md.append(f"| {r['size_of']} | {r['plan']} | does not fit | | | | | |")
-            continue
-        md.append(
-            f"| {r['size_of']} | {r['plan']} | {r['bytes'] / 1e6:.2f} | {r['blocks']} | "
-            f"{max(r['kl_mean'], 0.0):.4f} | {max(r['kl_p99'], 0.0):.3f} | "
-            f"{r['top1_agreement']:.4f} | "
-            f"{r['perplexity']:.3f} |"
-        )
-    md += ["", "## Summary: mean KL at each preset's size", ""]
-    summ = summary(result)
-    cols = sorted({k for row in summ for k in row if k != "size_of"})
-    md.append("| size of | " + " | ".join(cols) + " |")
-    md.append("|---|" + "---|" * len(cols))
-    for row in summ:
-        md.append(
-            f"| {row['size_of']} | "
-            + " | ".join(f"{max(row[c], 0.0):.4f}" if c in row else "-" for c in cols)
-            + " |"
-        )
-    md += [
-        "",
-        "Criterion time (s): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in result["criterion_seconds"].items())
-        + f"; whole run {result['seconds'] / 60:.1f} min.",
-    ]
-    _plot(result, out / "size_vs_kl.png")
-    atomic_write_text(out / "README.md", "\n".join(md) + "\n")
-
-
-def _plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for r in result["rows"]:
-        if r.get("bytes") is None:
-            continue
-        name = "llama.cpp presets" if r["plan"].startswith("llama.cpp") else r["plan"]
-        curves.setdefault(name, []).append((r["bytes"] / 1e6, max(r["kl_mean"], 1e-5)))
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for name, pts in sorted(curves.items()):
-        xs, ys = zip(*sorted(pts), strict=True)
-        style = dict(lw=2.2, color="black", marker="s") if "llama.cpp" in name else {}
-        if name.startswith("ewq random"):
-            style = dict(lw=0.8, color="#999999", marker="x")
-        ax.plot(xs, ys, marker=style.pop("marker", "o"), ms=4, label=name, **style)
-    ax.axvline(result["source_tensor_bytes"] / 1e6, color="#bbbbbb", ls="--", lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("tensor bytes written (MB)")
-    ax.set_ylabel("mean KL from the source (nats/token, log)")
-    ax.set_title(f"{result['model_name']}: size against KL")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def compare_encoder(
@@ -357,7 +246,7 @@ def compare_encoder(
     *,
     sentences: int = 128,
     seeds: int = 3,
-    log: Log = print,
+    log: Log = lambda message: None,
 ) -> dict[str, Any]:
     """Hugging Face encoders: uniform 8-, 4- and 3-bit checkpoints against each
     criterion's plan at the same bytes, by embedding cosine to the source."""
@@ -384,7 +273,7 @@ def compare_encoder(
 
         def measure(name: str, size_of: str, precision: dict[int, Precision]) -> None:
             nbytes = sum(specs[i].bytes[precision[i]] for i in specs)
-            out = _fresh(Path(tmp) / "m")
+            out = fresh_dir(Path(tmp) / "m")
             api.quantize(source, _doc(layout, precision), out, format="hf")
             m = tasks.embedding_fidelity(
                 reference, TransformersEncoder(out), sentences_text, limit=sentences
@@ -420,28 +309,5 @@ def compare_encoder(
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
-    md = [
-        f"# {result['model_name']}: uniform precisions against ewq's criteria at equal bytes",
-        "",
-        "Each uniform checkpoint puts every transformer block at one precision "
-        "(embeddings raw); each ewq plan gets its exact tensor bytes as the budget "
-        "(optimal allocator over raw, 8, 4, 3 and 2 bits per block, embeddings "
-        f"included). Fidelity: cosine of mean-pooled embeddings of {sentences} "
-        f"sentences of `{Path(text).name}` to the source model's. Hugging Face output "
-        "(compressed-tensors, round to nearest); the kl criterion needs llama.cpp and "
-        "is not run here.",
-        "",
-        "| size of | plan | MB | blocks | cosine mean | cosine p01 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        md.append(
-            f"| {r['size_of']} | {r['plan']} | {r['bytes'] / 1e6:.3f} | {r['blocks']} | "
-            f"{r['cosine_mean']:.5f} | {r['cosine_p01']:.5f} |"
-        )
-    md += ["", f"Whole run {result['seconds'] / 60:.1f} min."]
-    atomic_write_text(out / "README.md", "\n".join(md) + "\n")
+    write_compare_encoder(result, Path(out_dir), Path(text).name)
     return result

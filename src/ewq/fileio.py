@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_path", "atomic_path_for_native", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_path_for_native", "atomic_write_text", "fresh_dir"]
 
 
 def _publish(tmp_path: Path, target: Path) -> None:
@@ -80,3 +80,13 @@ def _write_and_sync(fh: IO[str], text: str) -> None:
     fh.write(text)
     fh.flush()
     os.fsync(fh.fileno())
+
+
+def fresh_dir(path: Path) -> Path:
+    """A scratch output path of this run (a file or a folder inside ewq's own
+    temporary folder), cleared for its next use."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    return path

@@ -38,6 +38,7 @@ __all__ = [
     "PlanError",
     "SidePlan",
     "load_plan",
+    "plan_doc",
     "plan_from_doc",
 ]
 
@@ -230,3 +231,26 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         first = str(exc).splitlines()[0][:200]
         raise PlanError(f"{path}: not valid JSON ({first})") from None
     return plan_from_doc(doc, str(path))
+
+
+def plan_doc(
+    num_blocks: int,
+    precision: dict[int, Precision],
+    embedding: Precision | None = None,
+    head: Precision | None = None,
+) -> dict[str, Any]:
+    """A minimal plan document: each transformer block's precision (and, if given,
+    the embedding's and the head's)."""
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "num_blocks": num_blocks,
+        "blocks": [
+            {"exec_index": i, "precision": p.value}
+            for i, p in sorted(precision.items())
+        ],
+    }
+    if embedding is not None:
+        doc["embedding"] = {"precision": embedding.value}
+    if head is not None:
+        doc["head"] = {"precision": head.value}
+    return doc

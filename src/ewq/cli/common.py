@@ -37,6 +37,7 @@ __all__ = [
     "outputs",
     "progress_bar",
     "count_bar",
+    "step_bar",
     "write_json",
 ]
 
@@ -141,6 +142,25 @@ def count_bar(description: str, unit: str = "") -> Iterator[ProgressCallback]:
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(description, total=None)
         yield lambda done, total, name: bar.update(task, completed=done, total=total)
+
+
+@contextlib.contextmanager
+def step_bar(description: str) -> Iterator[ProgressCallback]:
+    """A progress bar over the steps of a long run, naming the step just done."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name[:60])
+            err.print(name, markup=False, highlight=False)
+
+        yield update
 
 
 def outputs(inputs: tuple, **paths: Path | None) -> None:

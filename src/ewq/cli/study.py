@@ -18,6 +18,7 @@ from ewq.cli.common import (
     err,
     out,
     outputs,
+    step_bar,
     write_json,
 )
 from ewq.config import DEFAULT_ALPHA, EvalConfig
@@ -179,36 +180,15 @@ def bench(
 ) -> None:
     """The paper's Tables 6, 7 and 14 on one model, and EWQ against random and
     position-only block choices at equal size."""
-    from ewq.bench import BenchConfig, bench_encoder, is_encoder
+    from ewq.bench import BenchConfig
     from ewq.bench import bench as run_bench
+    from ewq.reports.bench import bench_table
 
-    if is_encoder(source):
-        enc = bench_encoder(source, text, out_dir, log=lambda m: err.print(m))
-        for r in enc["variants"]:
-            out.print(
-                f"{r['variant']:18s} {r['blocks']:22s} cosine {r['cosine_mean']:.5f}"
-            )
-        err.print(f"wrote {out_dir}/README.md, bench.json")
-        return
-    if mmlu is None:
-        raise typer.BadParameter("--mmlu is required for decoders")
-    cfg = BenchConfig(mmlu, text, questions, windows, ctx, seeds, budgets)
-    result = run_bench(source, cfg, out_dir, log=lambda m: err.print(m))
-    table = Table(title=f"{result['model_name']}")
-    for col in ("variant", "MMLU", "cloze", "text ppl", "KL mean", "MB", "raw/8/4"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for v in result["variants"]:
-        table.add_row(
-            v["variant"],
-            f"{v['mmlu_accuracy']:.3f}",
-            f"{v['mmlu_cloze_accuracy']:.3f}",
-            f"{v['text_perplexity']:.2f}",
-            f"{v['text_kl_mean']:.4f}",
-            f"{v['total_bytes'] / 1e6:.1f}",
-            v["raw_8bit_4bit_blocks"],
-        )
-    out.print(table)
-    err.print(f"wrote {out_dir}/README.md, bench.json, table6/7/14.csv, size_vs_kl.png")
+    cfg = BenchConfig(text, mmlu, questions, windows, ctx, seeds, budgets)
+    with step_bar("bench") as progress:
+        result = run_bench(source, cfg, out_dir, progress=progress)
+    out.print(bench_table(result))
+    err.print(f"wrote {out_dir}: README.md, bench.json and the tables it shows")
 
 
 @app.command(
@@ -245,7 +225,8 @@ def compare(
     a Hugging Face encoder, against uniform precisions (embedding cosine)."""
     from ewq.bench import is_encoder
     from ewq.compare import compare as run_compare
-    from ewq.compare import compare_encoder, summary
+    from ewq.compare import compare_encoder
+    from ewq.reports.compare import compare_table
 
     log = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
     if is_encoder(source):
@@ -267,15 +248,6 @@ def compare(
         presets=[p.strip() for p in presets.split(",") if p.strip()],
         log=log,
     )
-    rows = summary(result)
-    cols = sorted({k for r in rows for k in r if k != "size_of"})
-    table = Table(title=f"{result['model_name']}: mean KL at each preset's size")
-    table.add_column("size of")
-    for c in cols:
-        table.add_column(c.replace("ewq ", ""), justify="right")
-    for r in rows:
-        table.add_row(
-            r["size_of"], *(f"{max(r[c], 0.0):.4f}" if c in r else "-" for c in cols)
-        )
+    table = compare_table(result)
     out.print(table)
     err.print(f"wrote {out_dir}/README.md, compare.json, size_vs_kl.png")

@@ -1,0 +1,51 @@
+"""A source model's next-token distributions on fixed text windows, computed once
+and compared with any number of quantized versions (KL, top-1 agreement,
+perplexity): what `ewq bench` and `ewq compare` measure each variant by."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ewq.evaluate import tasks
+from ewq.evaluate.backends import LlamaCppModel
+from ewq.evaluate.metrics import kl_logits, logsumexp_rows, summarize_kl
+
+__all__ = ["Reference", "text_metrics"]
+
+
+class Reference:
+    """The reference model's float32 logits (as llama.cpp gives them) and their
+    log-sum-exps on ``windows`` windows of ``ctx`` tokens of ``text``."""
+
+    def __init__(self, path: Path, text: str, *, ctx: int, windows: int):
+        self.model = LlamaCppModel(path, ctx)
+        tokens = self.model.tokenize(text)
+        bos = self.model.bos
+        size = ctx - (bos is not None)
+        self.seqs = [
+            ([bos] if bos is not None else []) + tokens[a:b]
+            for a, b, _ in tasks.windows(len(tokens), size, size, windows)
+        ]
+        self.logits = [self.model.logits(s) for s in self.seqs]
+        self.lse = [logsumexp_rows(x) for x in self.logits]
+
+
+def text_metrics(model: LlamaCppModel, ref: Reference) -> dict[str, float]:
+    """KL from the reference (mean, percentiles), top-1 agreement and perplexity of
+    ``model`` on the reference's windows (the same token ids)."""
+    kls, t_ref, t_q, nll, count = [], [], [], 0.0, 0
+    for seq, p, lp in zip(ref.seqs, ref.logits, ref.lse, strict=True):
+        q = model.logits(seq)
+        lq = logsumexp_rows(q)
+        kls.append(kl_logits(p, lp, q, lq))
+        t_ref.append(p.argmax(axis=1))
+        t_q.append(q.argmax(axis=1))
+        for t in range(1, len(seq)):
+            nll -= float(q[t - 1, seq[t]]) - lq[t - 1]
+            count += 1
+    out = summarize_kl(np.concatenate(kls), np.concatenate(t_ref), np.concatenate(t_q))
+    out["perplexity"] = float(math.exp(nll / count))
+    return out
