@@ -131,7 +131,6 @@ class AnalysisConfig(SourceConfig):
     )
     eps: float = Field(
         0.0,
-        ge=0.0,
         description="H = -sum p log(p + eps). 0 (default) is the exact entropy; the "
         "paper used a small eps such as 0.01.",
     )

@@ -39,6 +39,7 @@ def quant_stats(qtype: str, raw: np.ndarray) -> EntropyStats | None:
     """(S, T) of the values in ``raw`` (whole blocks of ``qtype``) as EntropyStats
     with shift 0; None when a sum is not finite (a scale is NaN or Inf, or a value
     too large for exp without a shift): the caller then takes the float path."""
+    from ewq.analysis import _kquant_kernels as kk
     from ewq.analysis import _quant_kernels as k
 
     global _TABLES
@@ -51,7 +52,8 @@ def quant_stats(qtype: str, raw: np.ndarray) -> EntropyStats | None:
     if qtype == "IQ4_NL":
         k.stats_iq4_nl(raw, nblocks, out, f16, exp16, k.IQ4_NL_VALUES)
     else:
-        getattr(k, f"stats_{qtype.lower()}")(raw, nblocks, out, f16, exp16)
+        kernels = kk if qtype.endswith("_K") else k
+        getattr(kernels, f"stats_{qtype.lower()}")(raw, nblocks, out, f16, exp16)
     s, t, ok = out
     if not (ok and math.isfinite(s) and math.isfinite(t) and s > 0):
         return None
