@@ -137,7 +137,18 @@ def test_default_model_blocks_are_distinct():
     # every block entropy sits just below ln(n) of its matrices (H ~ ln n - Var/2)
     assert all(13.3 < h < 13.4 for h in hs)
     emb, head = (result.profile.block(k) for k in (BlockKind.EMBEDDING, BlockKind.HEAD))
-    assert emb.entropy == pytest.approx(17.14977519740866, rel=1e-12)
+    # against gguf-py's own reader and dequantizer and the textbook formula in
+    # float64 (H = logsumexp(w) - sum softmax(w) w), not a number ewq once printed
+    import gguf
+    from scipy.special import logsumexp, softmax
+
+    from ewq.sources import default_model_path
+
+    reader = gguf.GGUFReader(default_model_path())
+    t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).ravel()
+    want = float(logsumexp(w) - softmax(w) @ w)
+    assert emb.entropy == pytest.approx(want, rel=1e-9)
     assert head.entropy is None and head.num_parameters == 576  # tied: norm only
     d = result.decision
     counts = {p: list(d.precision.values()).count(p) for p in Precision}

@@ -249,8 +249,7 @@ def test_a_transformers_copy_of_the_default_model_converts(
     precisions = {b["precision"] for b in doc["blocks"]}
     assert precisions - {"raw"}, "the budget should quantize some blocks"
     out = tmp_path / "q.gguf"
-    q = api.quantize(folder, plan, out, format="gguf")
-    assert q.predicted_bytes == sum(planned_block_bytes(doc).values())
+    api.quantize(folder, plan, out, format="gguf")
     assert planned_block_bytes(doc) == written_block_bytes(out)
     from ewq.sources.gguf import GGUFSource
 
