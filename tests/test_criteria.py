@@ -107,7 +107,7 @@ def test_error_criterion_grows_as_bits_shrink(llama_f16_gguf, monkeypatch, tmp_p
     assert again.details["cached"] is True and again.damage == s.damage
 
 
-def _llama_cpp_buffers(path, n_ctx: int) -> dict[str, float]:
+def _llama_cpp_buffers(path, n_ctx: int, **params) -> dict[str, float]:
     """The buffer sizes llama.cpp logs while creating a context (MiB)."""
     lines: list[str] = []
 
@@ -117,7 +117,7 @@ def _llama_cpp_buffers(path, n_ctx: int) -> dict[str, float]:
 
     llama_cpp.llama_log_set(cb, None)
     try:
-        m = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, verbose=True)
+        m = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, verbose=True, **params)
         del m
     finally:
         from llama_cpp import _logger
@@ -145,6 +145,32 @@ def test_runtime_memory_matches_what_llama_cpp_allocates(n_ctx):
     assert sum(rt.kv_bytes.values()) / mib == pytest.approx(got["kv"], rel=0.10)
     assert rt.compute_bytes / mib == pytest.approx(got["compute"], rel=0.10)
     assert rt.output_bytes / mib == pytest.approx(got["output"], rel=0.10)
+
+
+@pytest.mark.parametrize("kv_cache", ["q8_0", "q4_0"])
+def test_a_quantized_kv_cache_is_what_llama_cpp_allocates(kv_cache):
+    """--kv-cache q8_0 / q4_0: the KV bytes llama.cpp reports for the same cache
+    types (with the flash attention they need) are the prediction, to its 0.01
+    MiB; and the plan's llama.cpp command asks for them."""
+    from ewq.planning import runtime_memory, single_machine
+    from ewq.serve.cluster import cache_params
+
+    r = api.inspect("default")
+    rt = runtime_memory(r.index, r.layout, 2048, cache_type=kv_cache)
+    got = _llama_cpp_buffers(r.index.files[0], 2048, **cache_params(kv_cache))
+    assert sum(rt.kv_bytes.values()) / 2**20 == pytest.approx(got["kv"], abs=0.01)
+    f16 = runtime_memory(r.index, r.layout, 2048)
+    ratio = sum(rt.kv_bytes.values()) / sum(f16.kv_bytes.values())
+    assert ratio == pytest.approx({"q8_0": 34 / 64, "q4_0": 18 / 64}[kv_cache])
+    p = api.plan(
+        "default",
+        [single_machine("400MB")],
+        criterion="entropy",
+        kv_cache=kv_cache,
+    )
+    command = p.exports["llama_cpp"]["command"]
+    assert f"--cache-type-k {kv_cache} --cache-type-v {kv_cache} -fa on" in command
+    assert p.runtime.kv_cache == kv_cache
 
 
 def test_plan_with_context_leaves_room_for_the_runtime(monkeypatch, tmp_path):

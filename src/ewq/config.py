@@ -30,6 +30,7 @@ __all__ = [
     "Criterion",
     "EvalConfig",
     "Format",
+    "KvCache",
     "Method",
     "Mode",
     "PlanConfig",
@@ -74,6 +75,14 @@ class Mode(StrEnum):
     M84 = "8/4"
     M43 = "4/3"
     M42 = "4/2"
+
+
+class KvCache(StrEnum):
+    """The runtime's KV cache type (llama.cpp's --cache-type-k and -v)."""
+
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
 
 
 class Format(StrEnum):
@@ -175,6 +184,12 @@ class PlanConfig(AnalysisConfig):
         ge=0,
         description="Tokens of context the runtime must hold: adds its KV cache and "
         "compute buffers (llama.cpp's rules) to every machine; 0: weights only.",
+    )
+    kv_cache: KvCache = Field(
+        KvCache.F16,
+        description="The runtime's KV cache type (llama.cpp's --cache-type-k/-v): "
+        "q8_0 and q4_0 hold the context in about 1/2 and 1/4 of f16's memory "
+        "(llama.cpp runs them with flash attention).",
     )
     mode: Mode = Field(
         Mode.M84,

@@ -143,7 +143,9 @@ def plan(
     runtime = None
     if context:
         try:
-            runtime = runtime_memory(out_index, out_layout, context)
+            runtime = runtime_memory(
+                out_index, out_layout, context, cache_type=cfg.kv_cache.value
+            )
         except ValueError as exc:
             raise EwqError(
                 f"{source}: cannot size the runtime's KV cache ({exc}); plan the "
@@ -214,7 +216,7 @@ def plan(
         decision,
         tuple(priority),
         result,
-        exports(result, machines, transformer, fmt),
+        exports(result, machines, transformer, fmt, cfg.kv_cache.value),
         analysis,
         predicted,
         sens,

@@ -77,6 +77,7 @@ def exports(
     machines: Sequence[Machine],
     transformer: Sequence[int],
     fmt: str = "gguf",
+    kv_cache: str = "f16",
 ) -> dict[str, Any]:
     """The commands that run the plan on llama.cpp (GGUF) and vLLM (Hugging Face),
     or the reason a runtime cannot serve it."""
@@ -84,7 +85,7 @@ def exports(
         return {}
     by_name: Mapping[str, Machine] = {m.name: m for m in machines}
     out = {
-        "llama_cpp": _llama_cpp(result, by_name, transformer),
+        "llama_cpp": _llama_cpp(result, by_name, transformer, kv_cache),
         "vllm": _vllm(result, transformer),
     }
     unserved = sorted(
@@ -110,12 +111,17 @@ def exports(
 
 
 def _llama_cpp(
-    result: FitResult, by_name: Mapping[str, Machine], transformer: Sequence[int]
+    result: FitResult,
+    by_name: Mapping[str, Machine],
+    transformer: Sequence[int],
+    kv_cache: str = "f16",
 ) -> dict[str, Any]:
     stages = _stages(result, transformer)
     ngl, split = llama_cpp_split([n for _, n in stages])
     rpc = [endpoint(by_name[name]) for name, _ in stages[1:]]
     args = ["llama-server", "-m", "MODEL.gguf", "-ngl", str(ngl)]
+    if kv_cache != "f16":  # a quantized V cache needs flash attention
+        args += ["--cache-type-k", kv_cache, "--cache-type-v", kv_cache, "-fa", "on"]
     if rpc:
         args += ["--split-mode", "layer", "--rpc", ",".join(rpc)]
         args += ["--tensor-split", ",".join(map(str, split))]

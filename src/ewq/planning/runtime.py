@@ -5,7 +5,8 @@ weight read. The rules are llama.cpp's (the bundled build; file names are its
 sources), checked against the sizes it reports for the default model:
 
 * KV cache (``src/llama-kv-cache.cpp``): per transformer layer, K and V rows of
-  n_head_kv * head_dim elements for every cell, in the cache type (f16: 2 bytes).
+  n_head_kv * head_dim elements for every cell, in the cache type (f16: 2 bytes;
+  q8_0 and q4_0: 34 and 18 bytes per 32 values).
   The cells are the context rounded up to a multiple of 256
   (``src/llama-context.cpp``: ``GGML_PAD(n_ctx, 256)``). Sliding-window layers
   (Gemma-2/3) keep min(cells, pad256(window + n_ubatch)) cells, as llama-server does
@@ -56,6 +57,7 @@ class Runtime:
     compute_bytes: int  # the compute buffer of the machine that holds the head
     output_bytes: int  # logits of one sequence
     attention_bytes: int = 0  # the compute buffer of every other machine
+    kv_cache: str = "f16"  # the cache type (llama.cpp's --cache-type-k/-v)
 
     @property
     def buffers_bytes(self) -> int:
@@ -157,12 +159,15 @@ def runtime_memory(
     context: int,
     *,
     ubatch: int = UBATCH,
-    cache_bytes: int = 2,
+    cache_type: str = "f16",
 ) -> Runtime:
-    """KV cache per block and buffers for ``context`` tokens (llama.cpp's rules)."""
+    """KV cache per block and buffers for ``context`` tokens (llama.cpp's rules), the
+    cache in ``cache_type`` (f16, q8_0 or q4_0: rows of head_dim values in that
+    type's blocks, as ``llama_kv_cache`` allocates them)."""
     if context <= 0:
         raise ValueError("context must be > 0")
     d = model_dims(index, layout)
+    row_bytes = _row_bytes(d["kv_row"], cache_type)
     cells = _pad(context)
     ub = min(ubatch, cells)
     kv = {}
@@ -170,7 +175,7 @@ def runtime_memory(
         n = cells
         if il in d["swa"] and d["window"]:
             n = min(cells, _pad(d["window"] + ub))
-        kv[block.exec_index] = d["kv_row"] * n * cache_bytes
+        kv[block.exec_index] = row_bytes * n
     output_phase = 4 * ub * (d["n_vocab"] + 3 * d["n_embd"])
     attention = 4 * ub * (d["n_head"] * cells + cells + d["n_ff"] + 3 * d["n_embd"])
     return Runtime(
@@ -180,7 +185,24 @@ def runtime_memory(
         compute_bytes=max(output_phase, attention),
         output_bytes=4 * d["n_vocab"],
         attention_bytes=attention,
+        kv_cache=cache_type,
     )
+
+
+def _row_bytes(elements: int, cache_type: str) -> int:
+    """Bytes of one KV cell's K and V rows (``elements`` values) in ``cache_type``."""
+    import gguf
+
+    try:
+        qtype = gguf.GGMLQuantizationType[cache_type.upper()]
+    except KeyError:
+        raise ValueError(f"unknown KV cache type {cache_type!r}") from None
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if elements % block:
+        raise ValueError(
+            f"a KV row of {elements} values does not fit {cache_type} blocks of {block}"
+        )
+    return elements // block * size
 
 
 def route_for(

@@ -67,7 +67,9 @@ def plan_json(planned: PlanResult, ewq_version: str) -> dict[str, Any]:
             "kv_cells": rt.cells,
             "compute_buffer_bytes": rt.compute_bytes,
             "output_buffer_bytes": rt.output_bytes,
-            "rules": "llama.cpp: f16 KV cache, n_ubatch 512 (ewq.planning.runtime)",
+            "kv_cache": rt.kv_cache,
+            "rules": f"llama.cpp: {rt.kv_cache} KV cache, n_ubatch 512 "
+            "(ewq.planning.runtime)",
         }
     return doc | {
         "format": planned.format,

@@ -95,6 +95,7 @@ class ClusterModel:
         threads: int | None = None,
         logits_all: bool = False,
         repack: bool = True,
+        kv_cache: str = "f16",
         build: Callable[[int, list[float]], Any] | None = None,
     ):
         import llama_cpp
@@ -129,6 +130,7 @@ class ClusterModel:
                 n_ctx=n_ctx,
                 n_threads=threads,
                 logits_all=logits_all,
+                **cache_params(kv_cache),
                 verbose=False,
             )
 
@@ -224,6 +226,18 @@ def _read_layout(log: str) -> Layout:
     return out
 
 
+def cache_params(kv_cache: str) -> dict[str, Any]:
+    """llama-cpp-python's parameters for a KV cache type: the ggml type of K and V,
+    and flash attention, which a quantized V cache needs (llama-server's
+    ``--cache-type-k/-v X -fa on``)."""
+    if kv_cache == "f16":
+        return {}
+    import gguf
+
+    qtype = int(gguf.GGMLQuantizationType[kv_cache.upper()])
+    return {"type_k": qtype, "type_v": qtype, "flash_attn": True}
+
+
 def load(
     model: str | Path,
     plan: Plan,
@@ -238,6 +252,7 @@ def load(
     """Load ``model`` (the GGUF ``ewq quantize`` wrote from ``plan``) over the plan's
     workers; the workers must be running (``ewq worker``)."""
     stages = stages_of(plan, endpoints)
+    kv_cache = (plan.runtime or {}).get("kv_cache") or "f16"
     if plan.num_blocks is None:
         raise EwqError("the plan does not say how many blocks the model has")
     return ClusterModel(
@@ -248,5 +263,6 @@ def load(
         threads=threads,
         logits_all=logits_all,
         repack=repack,
+        kv_cache=kv_cache,
         build=build,
     )
