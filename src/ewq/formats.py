@@ -47,7 +47,7 @@ from math import prod
 
 import gguf
 
-from ewq.types import ParamKind, Precision, Role, TensorInfo, TensorKey
+from ewq.types import INT_DTYPES, ParamKind, Precision, Role, TensorInfo, TensorKey
 
 __all__ = [
     "FORMATS",
@@ -56,8 +56,8 @@ __all__ = [
     "PRECISIONS",
     "PrecisionSpec",
     "offered",
-    "Target",
-    "target",
+    "Encoding",
+    "encoding",
     "HF_BITS",
     "gguf_quantizable",
     "gguf_target",
@@ -293,11 +293,10 @@ def hf_tensor_bytes(shape: tuple[int, ...], precision: Precision, itemsize: int)
 
 
 FORMATS = ("gguf", "hf")
-_INT_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"})
 
 
 @dataclass(frozen=True)
-class Target:
+class Encoding:
     """What one tensor becomes in one format at one precision."""
 
     type: str  # GGML type name (gguf); int4/g128-style form or own dtype (hf)
@@ -306,9 +305,9 @@ class Target:
     quantizable: bool  # the format's quantizer would quantize it if asked
 
 
-def target(
+def encoding(
     fmt: str, info: TensorInfo, key: TensorKey | None, precision: Precision
-) -> Target | None:
+) -> Encoding | None:
     """The one rule both the quantizers and the planner use; None: not written.
 
     (Only the hf format drops tensors: integer buffers of old checkpoints, such as
@@ -316,7 +315,7 @@ def target(
     """
     if fmt == "gguf":
         qtype, fallback = gguf_target(info.name, info.shape, info.dtype, precision)
-        return Target(
+        return Encoding(
             qtype.name,
             fallback,
             tensor_bytes(info.shape, qtype),
@@ -324,20 +323,20 @@ def target(
         )
     if fmt != "hf":
         raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
-    if info.dtype in _INT_DTYPES:
+    if info.dtype in INT_DTYPES:
         return None
     is_weight = key is not None and key.kind is ParamKind.WEIGHT
     linear = key is not None and hf_quantizable(key.role, info.shape, is_weight)
     if precision is Precision.RAW or not linear:
         matrix = is_weight and len(info.shape) >= 2
         fallback = precision is not Precision.RAW and matrix
-        return Target(info.dtype, fallback, info.nbytes, linear)
+        return Encoding(info.dtype, fallback, info.nbytes, linear)
     if precision not in HF_BITS:
         raise ValueError(f"{precision.value} is not offered for the hf format")
     group = hf_group_size(info.shape[-1])
     form = f"int{HF_BITS[precision]}/" + (f"g{group}" if group else "row")
     itemsize = info.nbytes // max(1, info.num_elements)
-    return Target(
+    return Encoding(
         form,
         precision is Precision.TERNARY,
         hf_tensor_bytes(info.shape, precision, itemsize),

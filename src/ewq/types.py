@@ -15,7 +15,11 @@ from typing import Any
 #: have a few hundred); a header or config.json beyond it is refused, not allocated
 MAX_BLOCKS = 10_000
 
+#: storage dtypes that hold integers (buffers such as position ids), never weights
+INT_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"})
+
 __all__ = [
+    "INT_DTYPES",
     "MAX_BLOCKS",
     "BlockKind",
     "ModelIndex",

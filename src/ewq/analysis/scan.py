@@ -41,13 +41,12 @@ from ewq.analysis.entropy import (
 from ewq.analysis.quantized import quant_stats, supported
 from ewq.errors import NonFiniteTensorError
 from ewq.sources import TensorSource
-from ewq.types import ParamKind, Progress, TensorInfo, TensorKey
+from ewq.types import INT_DTYPES, ParamKind, Progress, TensorInfo, TensorKey
 
 __all__ = ["FLOAT_DTYPES", "counts_as_matrix", "matrices_of", "scan"]
 
 #: storage dtypes whose values are weights (safetensors names and GGML types)
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-_INT_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"})
 
 _BUFFER_BYTES = 16 << 20  # one read; several per segment
 _SEGMENT_BYTES = 64 << 20  # one task for the pool
@@ -62,7 +61,7 @@ def counts_as_matrix(info: TensorInfo, key: TensorKey | None) -> bool:
     """The rule of the module docstring: float weights with two or more dimensions."""
     if key is None or key.kind is not ParamKind.WEIGHT or len(info.shape) < 2:
         return False
-    return info.dtype not in _INT_DTYPES  # GGML block types (Q4_K, ...) are weights
+    return info.dtype not in INT_DTYPES  # GGML block types (Q4_K, ...) are weights
 
 
 def matrices_of(info: TensorInfo) -> int:

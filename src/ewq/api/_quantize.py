@@ -123,18 +123,8 @@ def _quantize_gguf(
         )
     targets = gguf_targets(index, layout, plan)
     path = index.files[0]
-    commit, made = _recorder(
-        record,
-        source=str(source),
-        out=out,
-        format="gguf",
-        plan=plan,
-        targets=tuple(targets),
-        predicted_bytes=sum(t.nbytes for t in targets),
-        llama_quantize_args=tuple(
-            llama_quantize_args(targets, shown or path, str(out))
-        ),
-    )
+    args = tuple(llama_quantize_args(targets, shown or path, str(out)))
+    commit, made = _recorder(record, source, out, "gguf", plan, targets, args)
     quantize_gguf(
         path,
         targets,
@@ -168,11 +158,28 @@ def _gguf_provenance(source, plan: Plan) -> dict[str, str]:
     }
 
 
-def _recorder(record: Callable[[Quantized], None] | None, **fields):
+def _recorder(
+    record: Callable[[Quantized], None] | None,
+    source,
+    out: Path,
+    fmt: str,
+    plan: Plan,
+    targets,
+    llama_quantize_args: tuple[str, ...] = (),
+):
     """The hook a quantizer calls between its check and its rename: the result
     record (types written, file bytes of the temporary output), handed to
     ``record`` before the output appears."""
     made: list[Quantized] = []
+    fields = {
+        "source": str(source),
+        "out": out,
+        "format": fmt,
+        "plan": plan,
+        "targets": tuple(targets),
+        "predicted_bytes": sum(t.nbytes for t in targets),
+        "llama_quantize_args": llama_quantize_args,
+    }
 
     def commit(tmp: Path, written: Mapping[str, object]) -> None:
         files = [tmp] if tmp.is_file() else [f for f in tmp.iterdir() if f.is_file()]
@@ -203,16 +210,7 @@ def _quantize_hf(
             "(config.json and safetensors weights)"
         )
     targets = hf_targets(index, layout, plan)
-    commit, made = _recorder(
-        record,
-        source=str(source),
-        out=out,
-        format="hf",
-        plan=plan,
-        targets=tuple(targets),
-        predicted_bytes=sum(t.nbytes for t in targets),
-        llama_quantize_args=(),
-    )
+    commit, made = _recorder(record, source, out, "hf", plan, targets)
     from ewq import __version__
     from ewq.reports.card import hub_revision, model_card
     from ewq.sources.hub import is_hub_id, split_spec

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ewq.arch import ModelLayout
-from ewq.formats import offered, target
+from ewq.formats import encoding, offered
 from ewq.planning.ladder import BlockSpec
 
 __all__ = ["block_specs"]
@@ -12,7 +12,7 @@ __all__ = ["block_specs"]
 def block_specs(fmt: str, layout: ModelLayout) -> list[BlockSpec]:
     """One :class:`BlockSpec` per block (embedding, transformer blocks, head).
 
-    Sizes are what the quantizer of ``fmt`` writes (``formats.target``), so a plan's
+    Sizes are what the quantizer of ``fmt`` writes (``formats.encoding``), so a plan's
     totals are the output's tensor bytes.
     """
     specs = []
@@ -21,7 +21,7 @@ def block_specs(fmt: str, layout: ModelLayout) -> list[BlockSpec]:
         for p in offered(fmt):
             total = 0
             for info, key in zip(block.tensors, block.keys, strict=True):
-                t = target(fmt, info, key, p)
+                t = encoding(fmt, info, key, p)
                 total += t.nbytes if t is not None else 0
             sizes[p] = total
         specs.append(BlockSpec(block.exec_index, block.num_parameters, sizes))

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ewq.arch import ModelLayout
-from ewq.formats import target
+from ewq.formats import encoding
 from ewq.planfile import Plan, PlanError
 from ewq.types import ModelIndex, Precision
 
@@ -81,7 +81,7 @@ def plan_targets(
             if exec_index is not None
             else Precision.RAW
         )
-        t = target(fmt, info, key, precision)
+        t = encoding(fmt, info, key, precision)
         if t is not None:
             out.append(
                 TensorTarget(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ewq.arch import ModelLayout
-from ewq.formats import offered, target
+from ewq.formats import encoding, offered
 from ewq.types import Precision
 
 __all__ = ["CRITERIA", "Sensitivity", "modelled"]
@@ -52,7 +52,7 @@ def _bits(fmt: str, layout: ModelLayout, exec_index: int, p: Precision) -> list[
     for info, key in zip(block.tensors, block.keys, strict=True):
         if len(info.shape) < 2 or info.num_elements == 0:
             continue
-        t = target(fmt, info, key, p)
+        t = encoding(fmt, info, key, p)
         if t is None or not t.quantizable or t.type == info.dtype:
             continue
         out.append(8.0 * t.nbytes / info.num_elements)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ewq.arch import ModelLayout
-from ewq.formats import HF_BITS, hf_group_size, offered, target
+from ewq.formats import HF_BITS, encoding, hf_group_size, offered
 from ewq.sensitivity import Sensitivity
 from ewq.sources.base import TensorSource
 from ewq.types import Precision, TensorInfo
@@ -98,7 +98,7 @@ def error_sensitivity(
                 continue
             kinds: dict[str, list[Precision]] = {}
             for p in precisions:
-                t = target(fmt, info, key, p)
+                t = encoding(fmt, info, key, p)
                 if t is None or not t.quantizable or p is Precision.RAW:
                     continue
                 if t.type == info.dtype:  # llama.cpp copies its own type unchanged

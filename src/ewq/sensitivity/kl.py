@@ -32,7 +32,7 @@ from ewq.errors import EwqError
 from ewq.evaluate import tasks
 from ewq.evaluate.backends import LlamaCppModel
 from ewq.evaluate.metrics import kl_logits, logsumexp_rows
-from ewq.formats import offered, target
+from ewq.formats import encoding, offered
 from ewq.planfile import plan_from_doc
 from ewq.quant.gguf import quantize_gguf
 from ewq.quant.targets import gguf_targets
@@ -106,7 +106,7 @@ def kl_sensitivity(
             sig = tuple(
                 t.type if t is not None else ""
                 for t in (
-                    target("gguf", info, key, p)
+                    encoding("gguf", info, key, p)
                     for info, key in zip(block.tensors, block.keys, strict=True)
                 )
             )
