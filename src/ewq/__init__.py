@@ -1,14 +1,23 @@
-"""ewq: Entropy-Weighted Quantization (EWQ) and FastEWQ for large language models."""
+"""ewq: Entropy-Weighted Quantization (EWQ) and FastEWQ for large language models.
+
+``import ewq`` is light (the CLI starts in a fraction of a second); the API's
+functions load with their first use: ``ewq.analyze``, ``ewq.inspect``, ...
+"""
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-try:
-    __version__ = version("ewq")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0.0.0+unknown"
-
-from ewq.api import Analysis, Inspection, analyze, features, inspect  # noqa: E402
+from ewq._version import __version__
 
 __all__ = ["Analysis", "Inspection", "__version__", "analyze", "features", "inspect"]
+
+_LAZY = {"Analysis", "Inspection", "analyze", "features", "inspect"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from ewq import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'ewq' has no attribute {name!r}")

@@ -19,8 +19,9 @@ from ewq.errors import EwqError
 __all__ = ["app", "main", "one_line"]
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log details.")
     ] = False,
@@ -38,6 +39,9 @@ def _root(
     if version:
         out.print(f"ewq {__version__}")
         raise typer.Exit()
+    if ctx.invoked_subcommand is None:  # `ewq -v` alone: the help, as `ewq` gives
+        out.print(ctx.get_help())
+        raise typer.Exit(2)
 
 
 def one_line(text: str) -> str:

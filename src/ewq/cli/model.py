@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ewq import __version__, api
+from ewq import __version__
 from ewq.cli.common import (
     SourceArg,
     app,
@@ -22,17 +22,6 @@ from ewq.cli.common import (
 )
 from ewq.config import AnalysisConfig, PlanConfig, QuantizeConfig, SourceConfig
 from ewq.errors import EwqError
-from ewq.reports.analysis import analysis_json, analysis_table, write_plot
-from ewq.reports.features import features_json, features_table
-from ewq.reports.inspect import inspection_json, inspection_table
-from ewq.reports.plan import (
-    export_lines,
-    placement_table,
-    plan_json,
-    plan_table,
-    unfit_message,
-)
-from ewq.reports.quantize import provenance_json, provenance_path, quantize_table
 
 JsonOpt = Annotated[
     Path | None, typer.Option("--json", help="Write the result as JSON to this path.")
@@ -55,6 +44,9 @@ def inspect(
     config: SourceConfig,
 ) -> None:
     """List a model's blocks (exec_index, tensors, parameters, bytes) without reading weights."""
+    from ewq import api
+    from ewq.reports.inspect import inspection_json, inspection_table
+
     outputs((source,), json_path=json_path)
     bar = progress_bar("reading tensors") if verify else contextlib.nullcontext(None)
     with bar as progress:
@@ -81,7 +73,9 @@ def analyze(
     config: AnalysisConfig,
 ) -> None:
     """Measure each block's weight entropy and decide raw / 8-bit / 4-bit per block (EWQ)."""
+    from ewq import api
     from ewq.analysis.decision import check_alpha
+    from ewq.reports.analysis import analysis_json, analysis_table, write_plot
 
     check_alpha(config.alpha)  # before reading a byte, so bad input costs nothing
     outputs((source,), json_path=json_path, plot=plot)
@@ -119,6 +113,9 @@ def features(
     config: SourceConfig,
 ) -> None:
     """FastEWQ's features per transformer block (num_blocks, exec_index, num_parameters)."""
+    from ewq import api
+    from ewq.reports.features import features_json, features_table
+
     outputs((source,), json_path=json_path)
     result = api.features(source, config, analytic=analytic)
     out.print(features_table(result))
@@ -143,6 +140,9 @@ def quantize(
     config: QuantizeConfig,
 ) -> None:
     """Write the model quantized block by block as the plan says, with a provenance record."""
+    from ewq import api
+    from ewq.reports.quantize import provenance_json, provenance_path, quantize_table
+
     record = provenance_path(out_path)  # written first, then the model renamed
     outputs((source, plan), out_path=record)
     with count_bar("quantizing", "tensors") as progress:
@@ -200,8 +200,16 @@ def plan_cmd(
     config: PlanConfig,
 ) -> None:
     """Fit a model into a machine or a cluster: per block precision and machine."""
+    from ewq import api
     from ewq.analysis.decision import check_alpha
     from ewq.planning import load_cluster, single_machine
+    from ewq.reports.plan import (
+        export_lines,
+        placement_table,
+        plan_json,
+        plan_table,
+        unfit_message,
+    )
 
     if (memory is None) == (cluster is None):
         raise typer.BadParameter("give either --memory (one machine) or --cluster FILE")

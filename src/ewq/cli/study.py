@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from ewq import __version__, api
+from ewq import __version__
 from ewq.cli.common import (
     SourceArg,
     app,
@@ -47,6 +46,8 @@ def dataset_build(
     alpha: Annotated[float, typer.Option(help="EWQ threshold factor.")] = DEFAULT_ALPHA,
 ) -> None:
     """Analyse each model and write one labelled row per block (the paper's six columns)."""
+    from ewq import api
+
     outputs(tuple(sources), out=out_path)
     from ewq.analysis.decision import check_alpha
     from ewq.fast.dataset import write_dataset
@@ -86,6 +87,10 @@ def fast_train(
     ] = 42,
 ) -> None:
     """Train the six classifiers, write the report, store the random forest."""
+    from rich.table import Table
+
+    from ewq import api
+
     outputs((dataset,), out=out_path)
     report_dir = report or out_path.with_suffix("").with_name(out_path.stem + "-report")
     if report_dir.exists() and not report_dir.is_dir():
@@ -130,6 +135,10 @@ def eval_cmd(
 ) -> None:
     """Measure MMLU accuracy, text perplexity, KL divergence to the unquantized model,
     or (encoders) the cosine similarity of sentence embeddings to the unquantized ones."""
+    from rich.table import Table
+
+    from ewq import api
+
     data = Path(config.data) if config.data else None
     outputs((source, data, quantized, plan), json_path=json_path)
     task = config.task.value

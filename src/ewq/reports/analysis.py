@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ewq.analysis import MATRIX_RULE, BlockEntropy
 from ewq.fileio import atomic_path
+from ewq.records import Analysis
 from ewq.types import BlockKind, Precision
 
 __all__ = ["SCHEMA_VERSION", "analysis_json", "analysis_table", "write_plot"]
@@ -30,7 +31,7 @@ def _side_block(b: BlockEntropy) -> dict[str, Any]:
     }
 
 
-def analysis_json(analysis: Any, ewq_version: str) -> dict[str, Any]:
+def analysis_json(analysis: Analysis, ewq_version: str) -> dict[str, Any]:
     """The analysis as a JSON-ready dict; also accepted by `ewq quantize` as a plan."""
     prof, d = analysis.profile, analysis.decision
     return {
@@ -63,7 +64,7 @@ def analysis_json(analysis: Any, ewq_version: str) -> dict[str, Any]:
     }
 
 
-def analysis_table(analysis: Any) -> Table:
+def analysis_table(analysis: Analysis) -> Table:
     prof, d = analysis.profile, analysis.decision
     counts = {p: sum(1 for v in d.precision.values() if v is p) for p in Precision}
     summary = ", ".join(f"{n} {p.value}" for p, n in counts.items() if n)
@@ -101,7 +102,7 @@ def analysis_table(analysis: Any) -> Table:
     return table
 
 
-def write_plot(analysis: Any, path: str | os.PathLike[str]) -> None:
+def write_plot(analysis: Analysis, path: str | os.PathLike[str]) -> None:
     """Entropy by block with the mean and threshold lines (the paper's Figure 1), PNG."""
     import matplotlib
 

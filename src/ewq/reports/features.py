@@ -6,12 +6,14 @@ from typing import Any
 
 from rich.table import Table
 
+from ewq.fast.features import Features
+
 __all__ = ["SCHEMA_VERSION", "features_json", "features_table"]
 
 SCHEMA_VERSION = 1
 
 
-def features_json(f: Any, ewq_version: str) -> dict[str, Any]:
+def features_json(f: Features, ewq_version: str) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "ewq-features",
@@ -27,7 +29,7 @@ def features_json(f: Any, ewq_version: str) -> dict[str, Any]:
     }
 
 
-def features_table(f: Any) -> Table:
+def features_table(f: Features) -> Table:
     how = "config.json" if f.method == "config" else "tensor headers"
     table = Table(
         title=f"{f.model_name}: FastEWQ features (from {how}, no weights read)"

@@ -7,6 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from ewq.arch import Block
+from ewq.records import Inspection
 from ewq.types import TensorInfo, TensorKey
 
 __all__ = ["SCHEMA_VERSION", "inspection_json", "inspection_table"]
@@ -36,7 +37,7 @@ def _block(b: Block) -> dict[str, Any]:
     }
 
 
-def inspection_json(inspection: Any, ewq_version: str) -> dict[str, Any]:
+def inspection_json(inspection: Inspection, ewq_version: str) -> dict[str, Any]:
     index, layout = inspection.index, inspection.layout
     return {
         "schema_version": SCHEMA_VERSION,
@@ -64,7 +65,7 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def inspection_table(inspection: Any) -> Table:
+def inspection_table(inspection: Inspection) -> Table:
     index, layout = inspection.index, inspection.layout
     table = Table(
         title=f"{index.source}: {layout.architecture} ({layout.table} table), "

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shlex
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from ewq.records import Quantized
 from ewq.reports.inspect import human_bytes
 
 __all__ = ["SCHEMA_VERSION", "provenance_json", "provenance_path", "quantize_table"]
@@ -15,12 +17,12 @@ __all__ = ["SCHEMA_VERSION", "provenance_json", "provenance_path", "quantize_tab
 SCHEMA_VERSION = 1
 
 
-def provenance_path(out: Any) -> Any:
+def provenance_path(out: Path) -> Path:
     """The provenance record sits beside the output: ``model.gguf.ewq.json``."""
     return out.with_name(out.name + ".ewq.json")
 
 
-def provenance_json(q: Any, ewq_version: str) -> dict[str, Any]:
+def provenance_json(q: Quantized, ewq_version: str) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "ewq-quantized",
@@ -55,7 +57,7 @@ def provenance_json(q: Any, ewq_version: str) -> dict[str, Any]:
     }
 
 
-def quantize_table(q: Any) -> Table:
+def quantize_table(q: Quantized) -> Table:
     table = Table(
         title=f"{q.source} -> {q.out} ({q.format})",
         caption=f"tensor data {human_bytes(q.predicted_bytes)} predicted and written; "
