@@ -61,11 +61,17 @@ SourceArg = Annotated[
 ]
 
 
-def configured(kind: type[Config], *, only: tuple[str, ...] | None = None):
+def configured(
+    kind: type[Config],
+    *,
+    only: tuple[str, ...] | None = None,
+    without: tuple[str, ...] = (),
+):
     """Decorate a command taking ``config: kind``: its CLI options become the
     record's fields (name, type, default, help and bounds from the record; the flag
     from the field name, or the record's ``cli.flag``), and the command receives the
-    validated record. ``only`` keeps some fields."""
+    validated record. ``only`` keeps some fields, ``without`` leaves some out (they
+    keep their defaults)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(fn, include_extras=True)
@@ -75,7 +81,9 @@ def configured(kind: type[Config], *, only: tuple[str, ...] | None = None):
             if p.name != "config"
         ]
         fields = {
-            n: f for n, f in kind.model_fields.items() if only is None or n in only
+            n: f
+            for n, f in kind.model_fields.items()
+            if (only is None or n in only) and n not in without
         }
         params = [*own]
         for name, f in fields.items():

@@ -128,7 +128,7 @@ def features(
     "\n\n  ewq quantize default --plan plan.json --out smollm2-ewq.gguf"
     "\n\n  ewq quantize ./Llama-3.2-1B --plan plan.json --out llama-ewq.gguf"
 )
-@configured(QuantizeConfig)
+@configured(QuantizeConfig, without=("download",))  # it always downloads
 def quantize(
     source: SourceArg,
     plan: Annotated[
