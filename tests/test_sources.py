@@ -365,3 +365,57 @@ def test_llama_cpp_split_files_are_one_model(tmp_path):
     (first.parent / files[2]).unlink()
     with pytest.raises(SourceNotFoundError, match="missing model-00003-of-00003"):
         open_source(first)
+
+
+def test_mapped_ranges_are_the_bytes_read_and_a_truncated_file_is_one_error(tmp_path):
+    """map_range (the page cache read in place, what the analysis uses) gives the
+    same values as read_range for bf16, f16 and f32 safetensors and a GGUF's F32
+    tensors; a file cut short after opening is a FormatError, not a SIGBUS."""
+    import ml_dtypes
+
+    from ewq.sources.gguf import GGUFSource
+
+    rng = np.random.default_rng(3)
+    tensors = {
+        "a": rng.standard_normal((64, 96)).astype(ml_dtypes.bfloat16),
+        "b": rng.standard_normal((3, 4097)).astype(np.float16),
+        "c": rng.standard_normal(5000).astype(np.float32),
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    with open_source(path) as src:
+        for info in src.index.tensors:
+            for a, b in (
+                (0, info.num_elements),
+                (7, info.num_elements - 3),
+                (100, 101),
+            ):
+                mapped = src.map_range(info, a, b)
+                assert not mapped.flags.writeable
+                assert mapped.dtype == src.read_range(info, a, b).dtype
+                assert np.array_equal(
+                    mapped.view(np.uint8), src.read_range(info, a, b).view(np.uint8)
+                )
+        last = max(src.index.tensors, key=lambda t: t.offset)
+        with open(path, "r+b") as fh:
+            fh.truncate(last.offset + 8)
+        with pytest.raises(FormatError, match="truncated"):
+            src.map_range(last, 0, last.num_elements)
+    with GGUFSource(default_model_path()) as g:
+        norm = next(t for t in g.index.tensors if t.dtype == "F32")
+        assert np.array_equal(
+            g.map_range(norm, 0, norm.num_elements),
+            g.read_range(norm, 0, norm.num_elements),
+        )
+        quant = next(t for t in g.index.tensors if t.dtype == "Q4_1")
+        assert g.map_range(quant, 0, quant.shape[-1]) is None
+
+
+def test_the_analysis_is_the_same_mapped_or_copied(monkeypatch, tiny_models):
+    from ewq import api
+    from ewq.analysis import scan
+
+    mapped = api.analyze(tiny_models["llama"]).profile
+    monkeypatch.setattr(scan, "MAP", False)
+    copied = api.analyze(tiny_models["llama"]).profile
+    assert [b.entropy for b in mapped.blocks] == [b.entropy for b in copied.blocks]

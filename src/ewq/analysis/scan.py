@@ -49,6 +49,7 @@ __all__ = ["FLOAT_DTYPES", "counts_as_matrix", "matrices_of", "scan"]
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 _BUFFER_BYTES = 16 << 20  # one read; several per segment
+MAP = os.environ.get("EWQ_MMAP", "1") != "0"  # EWQ_MMAP=0: copy every read
 _SEGMENT_BYTES = 64 << 20  # one task for the pool
 
 
@@ -124,7 +125,11 @@ class _Worker:
         g = self.src.granule(info)
         step = max(g, (_BUFFER_BYTES // _out_itemsize(info)) // g * g)
         for s in range(start, stop, step):
-            yield self.src.read_range(info, s, min(stop, s + step), buf)
+            e = min(stop, s + step)
+            # stored values are read in place from the page cache where the source
+            # can map them (a copy costs as much as the 16-bit histogram itself)
+            values = self.src.map_range(info, s, e) if MAP else None
+            yield values if values is not None else self.src.read_range(info, s, e, buf)
 
     def _blocks(
         self, info: TensorInfo, qtype: str, piece: _Piece

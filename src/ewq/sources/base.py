@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Iterator
 
 import numpy as np
 
-from ewq.errors import EwqError, NonFiniteTensorError
+from ewq.errors import EwqError, FormatError, NonFiniteTensorError
 from ewq.types import ModelIndex, TensorInfo
 
 __all__ = ["TensorSource", "check_finite"]
@@ -80,6 +81,13 @@ class TensorSource(abc.ABC):
         blocks :meth:`read_blocks` gives; None for everything else."""
         return None
 
+    def map_range(self, info: TensorInfo, start: int, stop: int) -> np.ndarray | None:
+        """Elements ``[start, stop)`` as a read-only view of a memory mapping of the
+        file (no copy: the page cache is read in place), or None where the source
+        cannot map them (the caller then uses :meth:`read_range`). The mapping
+        lives as long as the array."""
+        return None
+
     def read_blocks(
         self, info: TensorInfo, start: int, stop: int, buffer: np.ndarray | None = None
     ) -> np.ndarray:
@@ -121,3 +129,21 @@ class TensorSource(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def mapped(
+    fd: int, offset: int, nbytes: int, dtype: np.dtype, where: str
+) -> np.ndarray:
+    """``nbytes`` at ``offset`` of the open file ``fd`` as a read-only array of
+    ``dtype`` over a mapping of just that range (pages aligned by the kernel's
+    granularity); the mapping is released with the array. A file shorter than the
+    range is a :class:`FormatError`, never a SIGBUS on touching a missing page."""
+    import mmap
+
+    if os.fstat(fd).st_size < offset + nbytes:
+        raise FormatError(f"{where} is truncated")
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(fd, offset + nbytes - start, offset=start, access=mmap.ACCESS_READ)
+    return np.frombuffer(
+        mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start
+    )

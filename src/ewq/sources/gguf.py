@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from ewq.errors import FormatError, SourceNotFoundError
-from ewq.sources.base import TensorSource
+from ewq.sources.base import TensorSource, mapped
 from ewq.sources.gguf_header import (
     MAX_CONFIG_ARRAY,
     GGUFHeader,
@@ -232,6 +232,19 @@ class GGUFSource(TensorSource):
         row_bytes = _nbytes((row,), self._types[info.name])
         return self._pread(
             info, start // row * row_bytes, (stop - start) // row * row_bytes, buffer
+        )
+
+    def map_range(self, info: TensorInfo, start: int, stop: int) -> np.ndarray | None:
+        qtype = self._types[info.name]
+        if qtype not in _PLAIN:
+            return None  # quantized blocks are decoded (read_range) or read raw
+        dtype = np.dtype(_PLAIN[qtype])
+        return mapped(
+            self._file(info.file),
+            info.offset + start * dtype.itemsize,
+            (stop - start) * dtype.itemsize,
+            dtype,
+            f"{info.file}: tensor '{info.name}'",
         )
 
     def read_range(

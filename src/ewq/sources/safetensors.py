@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from ewq.errors import FormatError, SourceNotFoundError
-from ewq.sources.base import TensorSource
+from ewq.sources.base import TensorSource, mapped
 from ewq.sources.documents import check_config, load_json
 from ewq.types import ModelIndex, TensorInfo
 
@@ -291,6 +291,16 @@ class SafetensorsSource(TensorSource):
             if fd is None:
                 fd = self._fds[file] = os.open(file, os.O_RDONLY)
             return fd
+
+    def map_range(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        dtype = np.dtype(DTYPES[info.dtype])
+        return mapped(
+            self._fd(info.file),
+            info.offset + start * dtype.itemsize,
+            (stop - start) * dtype.itemsize,
+            dtype,
+            f"{info.file}: tensor '{info.name}'",
+        )
 
     def read_range(
         self, info: TensorInfo, start: int, stop: int, buffer: np.ndarray | None = None
