@@ -17,27 +17,25 @@ One runner for every model; what differs is the judge, which writes and measures
 Embedding and head stay as they are in every variant, so variants differ only in
 their transformer blocks. Equal size: the same blocks at 8-bit, k of them at 4-bit,
 the k chosen by entropy (EWQ), at random (several seeds), or by position alone
-(highest exec_index first, FastEWQ's order without a classifier). Decoders take the
-k that the paper's ladder reaches at ``budgets`` budgets evenly spaced between
-all-4-bit and all-8-bit; encoders every k.
+(highest exec_index first). Decoders take the k the paper's ladder reaches at
+``budgets`` budgets between all-4-bit and all-8-bit; encoders every k. A plan met
+twice is measured once.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ewq import api
 from ewq.analysis import decide
 from ewq.errors import EwqError
 from ewq.evaluate import tasks
 from ewq.evaluate.data import load_mmlu, load_text
+from ewq.evaluate.stats import paired
 from ewq.fileio import fresh_dir
 from ewq.planfile import plan_doc
 from ewq.planning import BlockSpec, Machine, block_specs, fit
@@ -45,7 +43,7 @@ from ewq.records import Analysis
 from ewq.reports.bench import write_bench, write_bench_encoder
 from ewq.types import Precision, Progress
 
-__all__ = ["BenchConfig", "BenchVariant", "bench", "is_encoder"]
+__all__ = ["BenchConfig", "BenchVariant", "bench", "is_encoder", "paired"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,10 @@ class BenchVariant:
     table: str  # "table6" (EWQ and uniform) or "table7" (FastEWQ)
     precision: dict[int, Precision]
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _key(precision: dict[int, Precision]) -> tuple:
+    return tuple(sorted((i, p.value) for i, p in precision.items()))
 
 
 def _counts(precision: dict[int, Precision]) -> str:
@@ -165,6 +167,10 @@ class _Decoder:
             "file_bytes": q.file_bytes,
             "raw_8bit_4bit_blocks": _counts(v.precision),
         } | {f"text_{k}": val for k, val in text_metrics(model, self.ref).items()}
+
+    def reuse(self, v: BenchVariant, same: BenchVariant) -> dict[str, Any]:
+        self.per_question[v.name] = self.per_question[same.name]
+        return dict(same.metrics)
 
     def sizes(
         self, analysis: Analysis, orders: dict[str, list[int]]
@@ -277,6 +283,11 @@ class _Encoder:
         blocks = ", ".join(f"{c} {p}" for p, c in counts.items() if c)
         return {"blocks": blocks, "total_bytes": q.predicted_bytes} | self._fidelity(q)
 
+    def reuse(self, v: BenchVariant, same: BenchVariant) -> dict[str, Any]:
+        counts = {p.value: list(v.precision.values()).count(p) for p in Precision}
+        blocks = ", ".join(f"{c} {p}" for p, c in counts.items() if c)
+        return dict(same.metrics) | {"blocks": blocks}
+
     def sizes(
         self, analysis: Analysis, orders: dict[str, list[int]]
     ) -> list[tuple[dict[str, Any], str, dict[int, Precision]]]:
@@ -342,22 +353,38 @@ def bench(
             progress(done, total, what)
 
     comparison = []
+    # a plan met twice (FastEWQ's forests often agree) is measured once
+    measured: dict[tuple, BenchVariant] = {}
+    points: dict[tuple, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="ewq-bench-") as tmp:
         for v in variants:
-            out = fresh_dir(Path(tmp) / ("v.gguf" if judge.format == "gguf" else "v"))
-            q = api.quantize(source, plan_doc(n, v.precision), out, format=judge.format)
-            v.metrics = judge.measure(v, q)
+            same = measured.get(_key(v.precision))
+            if same is not None:
+                v.metrics = judge.reuse(v, same)
+            else:
+                out = fresh_dir(
+                    Path(tmp) / ("v.gguf" if judge.format == "gguf" else "v")
+                )
+                doc = plan_doc(n, v.precision)
+                q = api.quantize(source, doc, out, format=judge.format)
+                v.metrics = judge.measure(v, q)
+                measured[_key(v.precision)] = v
             step(f"variant {v.name}")
         for key, order, precision in sizes:
-            out = fresh_dir(Path(tmp) / ("eq.gguf" if judge.format == "gguf" else "eq"))
-            doc = plan_doc(n, precision, Precision.RAW, Precision.RAW)
-            q = api.quantize(source, doc, out, format=judge.format)
-            point = key | {
-                "order": order,
-                "bytes": q.predicted_bytes,
-                "blocks_4bit": sum(1 for p in precision.values() if p is Precision.Q4),
-            }
-            comparison.append(point | judge.measure_size(q))
+            if _key(precision) not in points:
+                out = fresh_dir(
+                    Path(tmp) / ("eq.gguf" if judge.format == "gguf" else "eq")
+                )
+                doc = plan_doc(n, precision, Precision.RAW, Precision.RAW)
+                q = api.quantize(source, doc, out, format=judge.format)
+                points[_key(precision)] = {
+                    "bytes": q.predicted_bytes,
+                    "blocks_4bit": sum(
+                        1 for p in precision.values() if p is Precision.Q4
+                    ),
+                } | judge.measure_size(q)
+            point = key | {"order": order} | points[_key(precision)]
+            comparison.append(point)
             step(f"equal size, {point['blocks_4bit']} blocks at 4-bit, {order}")
     result = {
         "schema_version": 1,
@@ -371,30 +398,3 @@ def bench(
     }
     judge.write(result, Path(out_dir))
     return result
-
-
-def paired(per_question: dict[str, list[float]]) -> dict[str, Any]:
-    """Composite score (accuracy - ln perplexity) of fast against fast train: paired
-    t-test over questions and Cohen's d with the pooled standard deviation."""
-    from scipy import stats
-
-    out = {}
-    for mix in ("8bit mixed", "4bit/8bit mixed"):
-        a = np.array(per_question[f"fast {mix}"])
-        b = np.array(per_question[f"fast train {mix}"])
-        diff = a - b
-        pooled = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if len(a) > 1 else 0.0
-        if np.allclose(diff, 0):
-            t, p = 0.0, 1.0
-        else:
-            res = stats.ttest_rel(a, b)
-            t, p = float(res.statistic), float(res.pvalue)
-        out[mix] = {
-            "composite_fast": float(a.mean()),
-            "composite_fast_train": float(b.mean()),
-            "t": t,
-            "p": p,
-            "cohens_d": float(diff.mean() / pooled) if pooled > 0 else 0.0,
-            "questions": int(len(a)),
-        }
-    return out
