@@ -133,17 +133,23 @@ class TensorSource(abc.ABC):
 
 def mapped(
     fd: int, offset: int, nbytes: int, dtype: np.dtype, where: str
-) -> np.ndarray:
+) -> np.ndarray | None:
     """``nbytes`` at ``offset`` of the open file ``fd`` as a read-only array of
     ``dtype`` over a mapping of just that range (pages aligned by the kernel's
     granularity); the mapping is released with the array. A file shorter than the
-    range is a :class:`FormatError`, never a SIGBUS on touching a missing page."""
+    range is a :class:`FormatError`, never a SIGBUS on touching a missing page; a
+    file that cannot be mapped gives None (the caller reads it instead)."""
     import mmap
 
     if os.fstat(fd).st_size < offset + nbytes:
         raise FormatError(f"{where} is truncated")
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mm = mmap.mmap(fd, offset + nbytes - start, offset=start, access=mmap.ACCESS_READ)
+    try:
+        mm = mmap.mmap(
+            fd, offset + nbytes - start, offset=start, access=mmap.ACCESS_READ
+        )
+    except (OSError, ValueError):  # a file system without mmap: read it instead
+        return None
     return np.frombuffer(
         mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start
     )

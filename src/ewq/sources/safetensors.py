@@ -292,7 +292,7 @@ class SafetensorsSource(TensorSource):
                 fd = self._fds[file] = os.open(file, os.O_RDONLY)
             return fd
 
-    def map_range(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    def map_range(self, info: TensorInfo, start: int, stop: int) -> np.ndarray | None:
         dtype = np.dtype(DTYPES[info.dtype])
         return mapped(
             self._fd(info.file),
