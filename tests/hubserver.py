@@ -28,6 +28,7 @@ class FakeHub:
     def __init__(self, repos: dict[str, Path]):
         self.repos = repos
         self.sent: Counter[str] = Counter()
+        self.ranges = True  # False: answer every request with the whole file (200)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -116,7 +117,7 @@ class FakeHub:
         etag = hashlib.sha256(f"{file}:{size}:{st.st_mtime_ns}".encode()).hexdigest()
         start, end = 0, size - 1
         status = 200
-        if rng := h.headers.get("Range"):
+        if (rng := h.headers.get("Range")) and self.ranges:
             lo, _, hi = rng.removeprefix("bytes=").partition("-")
             start, end = int(lo), min(int(hi) if hi else size - 1, size - 1)
             status = 206
@@ -131,6 +132,9 @@ class FakeHub:
             h.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         h.end_headers()
         if not head:
-            h.wfile.write(chunk)
+            try:
+                h.wfile.write(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                return None  # the client had what it wanted and hung up
             self.sent[m["path"]] += len(chunk)
         return None

@@ -336,3 +336,14 @@ def test_a_hub_checkpoint_quantized_to_hf_carries_a_model_card(hub, tmp_path):
     assert f"ewq {__version__}" in card.text and COMMIT in card.text
     assert "1 8-bit" in card.text and "1 4-bit" in card.text
     assert "out.ewq.json" in card.text
+
+
+def test_a_server_that_ignores_ranges_still_gives_the_right_header(ghub):
+    """A mirror that answers a range request with the whole file (200): the header
+    is read from the body's start, not mistaken for the range asked for."""
+    ghub.ranges = False
+    try:
+        with open_source("gguf/split") as remote, open_source("default") as here:
+            assert rows(remote.index) == rows(here.index)
+    finally:
+        ghub.ranges = True

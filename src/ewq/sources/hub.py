@@ -185,15 +185,24 @@ def _listed(models: dict[str, list[str]]) -> str:
 
 
 def _range(url: str, start: int, stop: int, headers: dict[str, str]) -> bytes:
-    """Bytes [start, stop) of a hub file, by one HTTP range request."""
+    """Bytes [start, stop) of a hub file, by one HTTP range request. A server that
+    ignores the range (200, the whole file) is read only up to ``stop``: the
+    download stops there, it is never held whole."""
     from huggingface_hub.utils import get_session, hf_raise_for_status
 
-    r = get_session().get(
-        url, headers={**headers, "range": f"bytes={start}-{stop - 1}"}
-    )
-    hf_raise_for_status(r)
-    body = r.content
-    return body[: stop - start] if r.status_code == 200 else body
+    rng = {**headers, "range": f"bytes={start}-{stop - 1}"}
+    with get_session().stream("GET", url, headers=rng) as r:
+        if r.status_code >= 400:
+            r.read()
+            hf_raise_for_status(r)
+        whole = r.status_code == 200  # the range was ignored: the body starts at 0
+        want = stop if whole else stop - start
+        body = bytearray()
+        for chunk in r.iter_bytes():
+            body += chunk
+            if len(body) >= want:
+                break
+    return bytes(body[start:stop] if whole else body[:want])
 
 
 class HubGGUFSource(TensorSource):
