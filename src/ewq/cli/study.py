@@ -68,7 +68,7 @@ def dataset_build(
 def fast_train(
     dataset: Annotated[Path, typer.Argument(help="A dataset CSV (ewq dataset build).")],
     out_path: Annotated[
-        Path, typer.Option("--out", help="Where to store the classifier (.skops).")
+        Path, typer.Option("--out", help="Where to store the classifier (.npz).")
     ],
     report: Annotated[
         Path | None,

@@ -1,13 +1,16 @@
 """FastEWQ's classifiers: the study (six models, metrics, ablations), and the stored
 classifier that plans from metadata.
 
-Storage is skops, never pickle: loading lists the file's types first and refuses any
-outside :data:`TRUSTED`, so a file from an untrusted source cannot run code.
+Storage is numpy arrays (ewq.fast.forest), never pickle: a .npz is read with
+allow_pickle=False, so a file from an untrusted source cannot run code. A .skops file
+of an older ewq still loads: its types are listed first and any outside
+:data:`TRUSTED` refused.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import platform
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -215,23 +218,26 @@ def study(
 
 def versions() -> dict[str, str]:
     import sklearn
-    import skops
 
     return {
         "python": platform.python_version(),
         "numpy": np.__version__,
         "scikit-learn": sklearn.__version__,
-        "skops": skops.__version__,
     }
 
 
 def save_model(st: Study, path: str | Path, dataset: str) -> None:
-    """Both variants, the feature schema and the library versions, in one skops file."""
-    import skops.io as sio
-
+    """Both variants as arrays (ewq.fast.forest), with the feature schema and the
+    library versions that trained them, in one .npz."""
+    from ewq.fast.forest import Forest
     from ewq.fileio import atomic_path
 
-    doc = {
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise EwqError(
+            f"{path}: a FastEWQ classifier is stored as .npz (numpy arrays, no pickle)"
+        )
+    meta = {
         "schema_version": MODEL_SCHEMA,
         "kind": "ewq-fastewq-classifier",
         "classifier": "random forest",
@@ -241,22 +247,24 @@ def save_model(st: Study, path: str | Path, dataset: str) -> None:
         "n_rows": st.n_rows,
         "seed": st.seed,
         "versions": versions(),
-        "fast": st.variants["fast"],
-        "fast-train": st.variants["fast-train"],
     }
-    with atomic_path(path) as tmp:
-        sio.dump(doc, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
+    arrays = {"meta": np.array(json.dumps(meta))}
+    for v in VARIANTS:
+        arrays |= Forest.from_pipeline(st.variants[v]).arrays(v)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def default_model_path() -> Path:
-    return Path(str(files("ewq.fast") / "data" / "fastewq.skops"))
+    return Path(str(files("ewq.fast") / "data" / "fastewq.npz"))
 
 
 MAX_INFLATED = 256 * 2**20
 
 
 def load_model(path: str | Path | None = None) -> dict[str, Any]:
-    """Load a stored classifier, refusing any type outside :data:`TRUSTED`."""
+    """Load a stored classifier: the .npz ewq writes, or a .skops file of an older
+    ewq (only the types in :data:`TRUSTED`)."""
 
     path = Path(path) if path is not None else default_model_path()
     if not path.is_file():
@@ -267,20 +275,56 @@ def load_model(path: str | Path | None = None) -> dict[str, Any]:
 
 @functools.cache
 def _load(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
-    import skops.io as sio
-
-    # a zip bomb (a few MB that inflate to gigabytes) is refused before skops
-    # inflates anything: the shipped classifier holds under 2 MB uncompressed
+    # a zip bomb (a few MB that inflate to gigabytes) is refused before anything
+    # is inflated: the shipped classifier holds under 2 MB uncompressed
     try:
         with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
             inflated = sum(i.file_size for i in zf.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise EwqError(f"{path}: not a readable skops file ({exc})") from None
+        raise EwqError(f"{path}: not a readable classifier file ({exc})") from None
     if inflated > MAX_INFLATED:
         raise EwqError(
             f"{path}: refusing to load: it inflates to {inflated:,} bytes (at most "
             f"{MAX_INFLATED:,})"
         )
+    doc = _load_skops(path) if "schema.json" in names else _load_npz(path)
+    if not isinstance(doc, dict) or doc.get("kind") != "ewq-fastewq-classifier":
+        raise EwqError(f"{path}: not an ewq FastEWQ classifier")
+    if list(doc.get("features", [])) != list(FEATURES):
+        raise EwqError(
+            f"{path}: made for features {doc.get('features')}, not {list(FEATURES)}"
+        )
+    return doc
+
+
+def _load_npz(path: str) -> dict[str, Any]:
+    from ewq.fast.forest import Forest
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(str(arrays["meta"][()]))
+    except Exception as exc:  # noqa: BLE001 - a damaged zip fails in many ways
+        raise EwqError(f"{path}: not a readable classifier file ({exc})") from None
+    if not isinstance(meta, dict):
+        raise EwqError(f"{path}: not an ewq FastEWQ classifier")
+    try:
+        forests = {v: Forest.from_arrays(arrays, v) for v in VARIANTS}
+    except EwqError as exc:
+        raise EwqError(f"{path}: {exc}") from None
+    if any(f.n_features != len(FEATURES) for f in forests.values()):
+        raise EwqError(f"{path}: made for {len(FEATURES)} features, not these")
+    return meta | forests
+
+
+def _load_skops(path: str) -> dict[str, Any]:
+    """An older ewq's skops file: its types listed first, any outside TRUSTED
+    refused, then its pipelines turned into arrays."""
+    import skops.io as sio
+
+    from ewq.fast.forest import Forest
+
     try:
         untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in TRUSTED]
     except Exception as exc:  # noqa: BLE001 - any failure to parse is a bad file
@@ -294,12 +338,11 @@ def _load(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
         doc = sio.load(path, trusted=TRUSTED)
     except Exception as exc:  # noqa: BLE001
         raise EwqError(f"{path}: cannot load the classifier ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("kind") != "ewq-fastewq-classifier":
-        raise EwqError(f"{path}: not an ewq FastEWQ classifier")
-    if list(doc.get("features", [])) != list(FEATURES):
-        raise EwqError(
-            f"{path}: made for features {doc.get('features')}, not {list(FEATURES)}"
-        )
+    if isinstance(doc, dict) and doc.get("kind") == "ewq-fastewq-classifier":
+        try:
+            doc |= {v: Forest.from_pipeline(doc[v]) for v in VARIANTS}
+        except (KeyError, AttributeError, IndexError, TypeError) as exc:
+            raise EwqError(f"{path}: not an ewq FastEWQ classifier ({exc})") from None
     return doc
 
 
@@ -309,5 +352,7 @@ def predict(
     """Quantize (True) or not, per feature row, with the ``fast`` or ``fast-train`` model."""
     if variant not in VARIANTS:
         raise EwqError(f"unknown FastEWQ variant '{variant}' (fast or fast-train)")
+    if not rows:
+        return []
     x, _ = _xy([{**r, "quantized": 0} for r in rows])
     return [bool(v) for v in doc[variant].predict(x)]

@@ -206,8 +206,8 @@ def write_report(
         "",
         "## The stored classifier",
         "",
-        f"`{model_path}` holds two random forests (skops format, loaded only with an "
-        "explicit list of trusted types): `fast`, trained on every row, and "
+        f"`{model_path}` holds two random forests (numpy arrays in a .npz, "
+        "read without pickle): `fast`, trained on every row, and "
         "`fast-train`, trained on the 70% split. `ewq plan --method fast|fast-train` "
         "uses them.",
         "",
