@@ -111,7 +111,7 @@ class Uniform:
     def logprobs(self, tokens):
         return np.full((len(tokens), self.vocab_size), -math.log(self.vocab_size))
 
-    def logits(self, tokens):
+    def logits(self, tokens, copy=True):
         return np.zeros((len(tokens), self.vocab_size), dtype=np.float32)
 
 
@@ -474,6 +474,23 @@ def test_kl_from_logits_equals_the_log_softmax_route(rows, vocab, scale, seed):
     assert lx == pytest.approx(logsumexp(x.astype(np.float64), axis=1), rel=1e-12)
     want = kl_per_position(log_softmax(x), log_softmax(y))
     assert kl_logits(x, lx, y, ly) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_row_reductions_on_threads_equal_one_thread(monkeypatch):
+    """Rows split over the cores give the same arrays bit for bit as one call of
+    the kernel (each row is summed by one thread, in the same order)."""
+    from ewq.evaluate import metrics
+    from ewq.evaluate._kernels import kl_rows, row_logsumexp
+
+    monkeypatch.setattr(metrics, "_SPLIT", 1000)
+    monkeypatch.setattr(metrics.os, "cpu_count", lambda: 3)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((37, 4001)) * 4).astype(np.float32)
+    y = (x + rng.standard_normal(x.shape)).astype(np.float32)
+    lx, ly = metrics.logsumexp_rows(x), metrics.logsumexp_rows(y)
+    assert np.array_equal(lx, row_logsumexp(x))
+    assert np.array_equal(metrics.kl_logits(x, lx, y, ly), kl_rows(x, lx, y, ly))
+    assert metrics._POOL is not None  # the split really ran
 
 
 def test_continuations_reuse_the_stem_and_change_nothing():

@@ -36,10 +36,12 @@ class LanguageModel(Protocol):
         (only the positions in ``rows``, when given)."""
         ...
 
-    def logits(self, tokens: list[int]) -> np.ndarray:
-        """(len(tokens), vocab) raw float32 logits, a copy the caller owns: with
+    def logits(self, tokens: list[int], copy: bool = True) -> np.ndarray:
+        """(len(tokens), vocab) raw float32 logits: with
         ewq.evaluate.metrics.logsumexp_rows, log-probabilities without a float64
-        matrix."""
+        matrix. A copy the caller owns; with ``copy=False`` possibly the runtime's
+        own buffer, valid until the model's next evaluation (no 50 MB copy per
+        256-token window)."""
         ...
 
 
@@ -114,8 +116,9 @@ class LlamaCppModel:
         scores = self._scores(tokens)
         return log_softmax(scores if rows is None else scores[rows])
 
-    def logits(self, tokens: list[int]) -> np.ndarray:
-        return np.array(self._scores(tokens), dtype=np.float32)
+    def logits(self, tokens: list[int], copy: bool = True) -> np.ndarray:
+        scores = self._scores(tokens)
+        return np.array(scores, dtype=np.float32) if copy else scores
 
     def continuations(
         self, base: list[int], conts: list[list[int]]
@@ -165,7 +168,7 @@ class TransformersModel:
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def logits(self, tokens: list[int]) -> np.ndarray:
+    def logits(self, tokens: list[int], copy: bool = True) -> np.ndarray:
         with self.torch.no_grad():
             ids = self.torch.tensor([tokens])
             logits = self.model(ids).logits[0].float().numpy()

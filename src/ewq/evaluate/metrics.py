@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,11 +32,35 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+_POOL: Any = None
+_SPLIT = 1 << 22  # values: below this, one thread (a thread's start costs more)
+
+
+def _by_rows(kernel: Any, *arrays: np.ndarray) -> np.ndarray:
+    """``kernel`` (a row-wise numba kernel that releases the GIL) over row ranges on
+    every core: the rows are independent, so the result is the same array."""
+    global _POOL
+    rows = len(arrays[0])
+    parts = min(os.cpu_count() or 1, max(1, arrays[0].size // _SPLIT))
+    if parts == 1:
+        return kernel(*arrays)
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="ewq-rows")
+    cuts = [rows * k // parts for k in range(parts + 1)]
+    jobs = [
+        _POOL.submit(kernel, *(a[lo:hi] for a in arrays))
+        for lo, hi in zip(cuts, cuts[1:], strict=False)
+    ]
+    return np.concatenate([j.result() for j in jobs])
+
+
 def logsumexp_rows(logits: np.ndarray) -> np.ndarray:
     """Each row's log-sum-exp (float64) of float32 logits: log p = logits - this."""
     from ewq.evaluate._kernels import row_logsumexp
 
-    return row_logsumexp(np.ascontiguousarray(logits, dtype=np.float32))
+    return _by_rows(row_logsumexp, np.ascontiguousarray(logits, dtype=np.float32))
 
 
 def kl_logits(
@@ -43,11 +69,12 @@ def kl_logits(
     """KL(P_ref || P_q) at each position from raw logits and their log-sum-exps."""
     from ewq.evaluate._kernels import kl_rows
 
-    return kl_rows(
+    return _by_rows(
+        kl_rows,
         np.ascontiguousarray(ref, dtype=np.float32),
-        ref_lse,
+        np.asarray(ref_lse, dtype=np.float64),
         np.ascontiguousarray(q, dtype=np.float32),
-        q_lse,
+        np.asarray(q_lse, dtype=np.float64),
     )
 
 

@@ -38,7 +38,7 @@ def text_metrics(model: LlamaCppModel, ref: Reference) -> dict[str, float]:
     ``model`` on the reference's windows (the same token ids)."""
     kls, t_ref, t_q, nll, count = [], [], [], 0.0, 0
     for seq, p, lp in zip(ref.seqs, ref.logits, ref.lse, strict=True):
-        q = model.logits(seq)
+        q = model.logits(seq, copy=False)  # used up before the next window
         lq = logsumexp_rows(q)
         kls.append(kl_logits(p, lp, q, lq))
         t_ref.append(p.argmax(axis=1))

@@ -72,7 +72,7 @@ def perplexity(
     for k, (a, b, score_from) in enumerate(wins):
         seq = _with_bos(model, tokens[a:b])
         offset = len(seq) - (b - a)  # 1 with a BOS
-        x = model.logits(seq)
+        x = model.logits(seq, copy=False)  # used up before the next window
         lse = logsumexp_rows(x)
         # position t - 1 predicts seq[t], which is text token a + t - offset
         for t in range(max(1, score_from - a + offset), len(seq)):
@@ -117,7 +117,7 @@ def kld(
     kls, top_ref, top_q = [], [], []
     for k, (a, b, _) in enumerate(wins):
         seq = _with_bos(reference, tokens[a:b])
-        p, q = reference.logits(seq), quantized.logits(seq)
+        p, q = reference.logits(seq, copy=False), quantized.logits(seq, copy=False)
         kls.append(kl_logits(p, logsumexp_rows(p), q, logsumexp_rows(q)))
         top_ref.append(p.argmax(axis=1))
         top_q.append(q.argmax(axis=1))

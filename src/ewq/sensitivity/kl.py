@@ -123,7 +123,7 @@ def kl_sensitivity(
             model = LlamaCppModel(out, ctx)
             kls = []
             for p, lp, s in zip(reference, ref_lse, seqs, strict=True):
-                q = model.logits(s)
+                q = model.logits(s, copy=False)
                 kls.append(kl_logits(p, lp, q, logsumexp_rows(q)))
             del model
             value = float(np.concatenate(kls).mean())
