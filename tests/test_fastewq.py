@@ -161,6 +161,9 @@ def test_stored_model_round_trip(trained):
         bool(v) for v in st.variants["fast"].predict(x)
     ]
     assert predict(doc, "fast", []) == []
+    with pytest.raises(EwqError, match="stored as .npz"):  # before any training
+        api.train_fastewq(COMMITTED, out / "m.skops")
+    assert not (out / "m.skops").exists()
 
 
 @settings(max_examples=30, deadline=None)
@@ -253,6 +256,9 @@ def _crafted(doc, variant, **change):
         ("left", lambda a: a.astype(np.float64), "integers expected"),
         ("value", lambda a: -a, "not a consistent random forest"),
         ("value", lambda a: np.array([object()]), "not a readable classifier"),
+        ("mean", lambda a: a[:2], "not a consistent random forest"),
+        # sound forests, but the metadata names no features
+        ("threshold", lambda a: a, "made for features None"),
     ],
 )
 def test_crafted_forest_arrays_are_refused(trained, tmp_path, field, fn, message):
@@ -264,8 +270,6 @@ def test_crafted_forest_arrays_are_refused(trained, tmp_path, field, fn, message
         np.savez(fh, **arrays)
     with pytest.raises(EwqError, match=message):
         load_model(path)
-    with pytest.raises(EwqError, match="stored as .npz"):
-        api.train_fastewq(COMMITTED, tmp_path / "m.skops")
 
 
 def test_fast_plan_from_a_bare_config(monkeypatch, capsys, tmp_path):

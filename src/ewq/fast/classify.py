@@ -291,7 +291,7 @@ def _load(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     doc = _load_skops(path) if "schema.json" in names else _load_npz(path)
     if not isinstance(doc, dict) or doc.get("kind") != "ewq-fastewq-classifier":
         raise EwqError(f"{path}: not an ewq FastEWQ classifier")
-    if list(doc.get("features", [])) != list(FEATURES):
+    if doc.get("features") != list(FEATURES):
         raise EwqError(
             f"{path}: made for features {doc.get('features')}, not {list(FEATURES)}"
         )
@@ -314,7 +314,9 @@ def _load_npz(path: str) -> dict[str, Any]:
     except EwqError as exc:
         raise EwqError(f"{path}: {exc}") from None
     if any(f.n_features != len(FEATURES) for f in forests.values()):
-        raise EwqError(f"{path}: made for {len(FEATURES)} features, not these")
+        raise EwqError(
+            f"{path}: its forests take other than FastEWQ's {len(FEATURES)} features"
+        )
     return meta | forests
 
 
