@@ -13,6 +13,13 @@ from models import HF_FAMILIES, build_hf, gguf_tensors, shard_folder, write_gguf
 GGUF_ARCHS = {"llama": 2, "gemma2": 2, "deepseek2": 3, "bert": 2}
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory, monkeypatch):
+    """Every test its own ewq cache folder: none reads or fills the user's
+    ~/.cache/ewq, and none sees what another measured."""
+    monkeypatch.setenv("EWQ_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny random safetensors model folder per family of the architecture map."""

@@ -297,3 +297,68 @@ def split_gguf(src: Path, dst: Path, max_tensors: int) -> Path:
     writer.close()
     first = sorted(dst.glob("model-*.gguf"))[0]
     return first
+
+
+def byte_vocab_llama(
+    path: Path, n_blocks: int = 2, hidden: int = 256, seed: int = 7
+) -> Path:
+    """A float Llama that llama.cpp tokenizes text for: a SentencePiece ('llama')
+    vocabulary of the 256 byte tokens plus <unk>, <s> and </s> (every text is its
+    UTF-8 bytes), random F32 weights of rows of 256 (every K-quant fits). The same
+    seed gives the same file byte for byte, so a file llama.cpp's own tools computed
+    for it (tests/data) stays valid."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256  # unknown, control, byte
+    vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+    h, f = hidden, 2 * hidden
+
+    def w(*shape: int) -> tuple[np.ndarray, Q]:
+        return (rng.standard_normal(shape).astype(np.float32) * 0.05, Q.F32)
+
+    def norm() -> tuple[np.ndarray, Q]:
+        return (np.ones(h, np.float32), Q.F32)
+
+    t = {"token_embd.weight": w(vocab, h)}
+    for b in range(n_blocks):
+        p = f"blk.{b}."
+        t |= {
+            p + "attn_norm.weight": norm(),
+            p + "attn_q.weight": w(h, h),
+            p + "attn_k.weight": w(h // 2, h),
+            p + "attn_v.weight": w(h // 2, h),
+            p + "attn_output.weight": w(h, h),
+            p + "ffn_norm.weight": norm(),
+            p + "ffn_gate.weight": w(f, h),
+            p + "ffn_up.weight": w(f, h),
+            p + "ffn_down.weight": w(h, f),
+        }
+    t["output_norm.weight"] = norm()
+    t["output.weight"] = w(vocab, h)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny byte llama")
+    writer.add_block_count(n_blocks)
+    writer.add_context_length(256)
+    writer.add_embedding_length(h)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_feed_forward_length(f)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(h // 4)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    for name, (data, _) in t.items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

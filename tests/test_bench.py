@@ -223,9 +223,9 @@ def test_embedding_fidelity_by_hand():
 
 @pytest.mark.slow
 def test_compare_against_a_preset(monkeypatch, capsys, tmp_path):
-    """ewq compare on the default model, reduced: one llama.cpp preset, two criteria,
-    one budget below it; every ewq plan within the preset's bytes."""
-    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
+    """ewq compare on the default model, reduced: one llama.cpp preset with and
+    without the importance matrix of the calibration text, two criteria; every ewq
+    plan within the preset's bytes."""
     text = shared_data() / "wikitext-2" / "valid.txt"
     out = tmp_path / "cmp"
     code, stdout, err = run(
@@ -245,8 +245,6 @@ def test_compare_against_a_preset(monkeypatch, capsys, tmp_path):
         "1",
         "--ctx",
         "64",
-        "--extra",
-        "1",
         "--seeds",
         "1",
         "--criteria",
@@ -254,16 +252,20 @@ def test_compare_against_a_preset(monkeypatch, capsys, tmp_path):
     )
     assert code == 0, err
     doc = json.loads((out / "compare.json").read_text())
-    preset = next(r for r in doc["rows"] if r["plan"] == "llama.cpp Q3_K_M")
+    presets = [r for r in doc["rows"] if r["plan"].startswith("llama.cpp Q3_K_M")]
+    assert [r["plan"] for r in presets] == [
+        "llama.cpp Q3_K_M",
+        "llama.cpp Q3_K_M + imatrix",
+    ]
+    preset = presets[0]
     assert 80e6 < preset["bytes"] < doc["source_tensor_bytes"]
-    plans = [r for r in doc["rows"] if r["size_of"] == "Q3_K_M" and r is not preset]
+    assert doc["imatrix"]["chunks"] > 0
+    plans = [r for r in doc["rows"] if r["size_of"] == "Q3_K_M" and r not in presets]
     assert {r["plan"] for r in plans} == {
         "ewq error",
         "ewq position",
         "paper ladder (entropy)",
     }
     assert all(r["bytes"] <= preset["bytes"] for r in plans)
-    below = [r for r in doc["rows"] if r["size_of"].endswith(" MB")]
-    assert below and all(r["bytes"] < preset["bytes"] for r in below if r["bytes"])
     assert (out / "size_vs_kl.png").stat().st_size > 0
-    assert "Q3_K_M" in (out / "README.md").read_text()
+    assert "Head to head" in (out / "README.md").read_text()

@@ -10,20 +10,21 @@ import pytest
 from models import Q, gguf_tensors, write_gguf
 
 from ewq import api
-from ewq.formats import GGUF_FALLBACK, PRECISIONS, offered
-from ewq.types import Precision
+from ewq.formats import GGML_TYPES
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-# llama.cpp's ftype whose plain type is each K/ternary type (llama-quant.cpp maps
+# llama.cpp's ftype whose plain type is each 256-block type (llama-quant.cpp maps
 # the ftype to its default type; with `pure` no per-tensor mixture is applied)
 _FTYPE = {
-    Q.Q6_K: "Q6_K",
-    Q.Q5_K: "Q5_K_S",
-    Q.Q4_K: "Q4_K_S",
-    Q.Q3_K: "Q3_K_S",
-    Q.Q2_K: "Q2_K",
-    Q.TQ1_0: "TQ1_0",
+    "Q6_K": "Q6_K",
+    "Q5_K": "Q5_K_S",
+    "Q4_K": "Q4_K_S",
+    "IQ4_XS": "IQ4_XS",
+    "Q3_K": "Q3_K_S",
+    "IQ3_S": "IQ3_S",
+    "Q2_K": "Q2_K",
+    "TQ1_0": "TQ1_0",
 }
 
 
@@ -35,73 +36,101 @@ def rows_96_gguf(tmp_path_factory):
     return write_gguf(tmp_path_factory.mktemp("r96") / "m.gguf", "llama", 1, t, 96)
 
 
-@pytest.mark.parametrize("qtype", list(_FTYPE), ids=lambda q: q.name)
-def test_fallback_table_is_what_llama_cpp_writes(rows_96_gguf, tmp_path, qtype):
+@pytest.mark.parametrize("type_name", list(_FTYPE))
+def test_fallback_table_is_what_llama_cpp_writes(rows_96_gguf, tmp_path, type_name):
     """Ask llama.cpp (pure, no overrides) for a 256-block type on rows of 96 and read
     back what it wrote: ewq's table must name the same fallback."""
     from ewq.quant.gguf import quantize_preset
 
     out = tmp_path / "q.gguf"
-    written = quantize_preset(rows_96_gguf, _FTYPE[qtype], out, pure=True)
+    written = quantize_preset(rows_96_gguf, _FTYPE[type_name], out, pure=True)
     fell_back = {t for n, t in written.items() if n.endswith("attn_q.weight")}
-    assert fell_back == {GGUF_FALLBACK[qtype].name}
+    assert fell_back == {GGML_TYPES[type_name].fallback}
 
 
-def test_every_gguf_precision_has_a_fallback_that_fits_32():
-    for spec in PRECISIONS.values():
-        if gguf.GGML_QUANT_SIZES[spec.gguf][0] > 32:
-            assert gguf.GGML_QUANT_SIZES[GGUF_FALLBACK[spec.gguf]][0] == 32
+def test_every_type_with_a_fallback_falls_back_to_a_32_block():
+    for spec in GGML_TYPES.values():
+        if spec.block > 32:
+            assert spec.fallback is not None
+            assert GGML_TYPES[spec.fallback].block == 32
 
 
-@pytest.mark.parametrize(
-    "precision", [p for p in offered("gguf") if p is not Precision.RAW]
-)
-def test_roundtrip_equals_the_values_llama_cpp_writes(
-    llama_f16_gguf, tmp_path, precision
-):
-    """The error criterion's round trip (ggml's quantize + dequantize) gives exactly
-    the values of the tensor llama.cpp's quantizer writes, read back by gguf-py."""
+def test_types_that_need_an_importance_matrix_are_llama_cpps():
+    """ewq's list is llama.cpp's tensor_requires_imatrix list (IQ3_XXS, IQ2_S,
+    IQ2_XS, IQ2_XXS, IQ1_M of the types offered), and includes every type ggml
+    itself refuses to quantize without one."""
     from ewq.quant import ggml
 
-    out = tmp_path / "q.gguf"
-    n = 2
-    plan = {
-        "schema_version": 1,
-        "num_blocks": n,
-        "blocks": [
-            {"exec_index": i, "precision": precision.value} for i in range(2, n + 2)
-        ],
-    }
-    api.quantize(llama_f16_gguf, plan, out)
-    src = {t.name: t for t in gguf.GGUFReader(llama_f16_gguf).tensors}
-    got = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    need = {n for n, t in GGML_TYPES.items() if t.needs_imatrix}
+    assert need == {"IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M"}
+    for name, t in GGML_TYPES.items():
+        if ggml.requires_imatrix(int(t.qtype)):
+            assert name in need
+
+
+def _synthetic_imatrix(path, tmp_path):
+    """An importance matrix for a GGUF's blk.* matrices: random positive column
+    weights (what llama.cpp's quantizer does with them does not depend on how they
+    were measured)."""
+    from ewq.imatrix import Entry, Imatrix, write_imatrix
+
+    rng = np.random.default_rng(1)
+    entries = {}
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2 and "norm" not in t.name:
+            cols = int(t.shape[0])
+            sums = rng.lognormal(0, 1, (1, cols)).astype(np.float32) * 100
+            entries[t.name] = Entry(sums, np.array([100]))
+    m = Imatrix(entries, ("synthetic",), 1, 100)
+    return m, write_imatrix(m, tmp_path / "imatrix.gguf")
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+def test_roundtrip_equals_the_values_llama_cpp_writes(
+    llama_f16_gguf, tmp_path, with_imatrix
+):
+    """The error criterion's round trip (ggml's quantize + dequantize, with the
+    importance matrix when given) gives exactly the values of the tensor
+    llama.cpp's quantizer writes, read back by gguf-py, for every type offered."""
+    from ewq.quant import ggml
+
+    m, m_path = _synthetic_imatrix(llama_f16_gguf, tmp_path)
     name = "blk.0.ffn_up.weight"
-    t = got[name]
-    assert t.tensor_type == PRECISIONS[precision].gguf  # rows of 256: no fallback
-    written = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1, 256)
+    src = {t.name: t for t in gguf.GGUFReader(llama_f16_gguf).tensors}
     values = np.asarray(src[name].data, dtype=np.float32).reshape(-1, 256)
-    back = ggml.roundtrip(values, int(t.tensor_type), threads=2)
-    np.testing.assert_array_equal(back, written)
+    out = tmp_path / "q.gguf"
+    for type_name, spec in GGML_TYPES.items():
+        if spec.needs_imatrix and not with_imatrix:
+            continue
+        plan = {
+            "schema_version": 2,
+            "num_blocks": 2,
+            "blocks": [{"exec_index": i, "precision": "raw"} for i in (2, 3)],
+            "tensors": [{"name": name, "type": type_name}],
+        }
+        api.quantize(
+            llama_f16_gguf, plan, out, imatrix=m_path if with_imatrix else None
+        )
+        t = {x.name: x for x in gguf.GGUFReader(out).tensors}[name]
+        assert t.tensor_type.name == type_name
+        written = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(
+            -1, 256
+        )
+        w = m.entries[name].weights() if with_imatrix else None
+        back = ggml.roundtrip(values, int(t.tensor_type), threads=2, imatrix=w)
+        np.testing.assert_array_equal(back, written, err_msg=type_name)
 
 
-def test_error_criterion_grows_as_bits_shrink(llama_f16_gguf, monkeypatch, tmp_path):
-    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
+def test_error_criterion_grows_as_bits_shrink(llama_f16_gguf):
     s = api.sensitivity(llama_f16_gguf, "error")
-    order = [
-        Precision.Q8,
-        Precision.Q6,
-        Precision.Q5,
-        Precision.Q4,
-        Precision.Q3,
-        Precision.Q2,
-    ]
-    for i in (2, 3):
-        row = s.damage[i]
-        assert row[Precision.RAW] == 0
-        values = [row[p] for p in order]
+    order = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
+    for name in ("blk.0.ffn_up.weight", "blk.1.attn_q.weight"):
+        row = s.damage[name]
+        assert "F16" not in row  # its own type does no damage
+        values = [row[t] for t in order]
         assert values == sorted(values) and values[0] > 0
-        # relative error of Q8_0 on Gaussian weights: about 1e-5 per matrix
-        assert 1e-6 < row[Precision.Q8] / 7 < 1e-4
+        # relative error of Q8_0 on Gaussian weights: about 1e-5
+        assert 1e-6 < row["Q8_0"] / s.details["kappa"] < 1e-4
     assert s.details["cached"] is False
     again = api.sensitivity(llama_f16_gguf, "error")
     assert again.details["cached"] is True and again.damage == s.damage
@@ -173,10 +202,9 @@ def test_a_quantized_kv_cache_is_what_llama_cpp_allocates(kv_cache):
     assert p.runtime.kv_cache == kv_cache
 
 
-def test_plan_with_context_leaves_room_for_the_runtime(monkeypatch, tmp_path):
+def test_plan_with_context_leaves_room_for_the_runtime():
     from ewq.planning import single_machine
 
-    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
     weights_only = api.plan(
         "default", [single_machine("230MB")], criterion="error", context=0
     )
@@ -192,15 +220,12 @@ def test_plan_with_context_leaves_room_for_the_runtime(monkeypatch, tmp_path):
     assert with_ctx.result.total_bytes < weights_only.result.total_bytes
 
 
-def test_every_family_plans_with_its_runtime(
-    tiny_models, tiny_ggufs, monkeypatch, tmp_path
-):
+def test_every_family_plans_with_its_runtime(tiny_models, tiny_ggufs):
     """Every architecture of the map sizes its KV cache from its own metadata (or
     says why not in one line): no family falls through to a traceback."""
     from ewq.errors import EwqError
     from ewq.planning import single_machine
 
-    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
     for name, path in {**tiny_models, **tiny_ggufs}.items():
         try:
             planned = api.plan(path, [single_machine("1GB")], context=4096)
@@ -214,32 +239,33 @@ def test_every_family_plans_with_its_runtime(
 
 
 @pytest.mark.slow
-def test_kl_criterion_is_the_kl_ewq_eval_measures(monkeypatch, tmp_path):
+def test_kl_probe_is_the_kl_ewq_eval_measures(tmp_path):
     """A probe's damage is the KL divergence `ewq eval --task kld` measures for the
-    model with that one block at 4-bit (same windows); other precisions follow the
-    error criterion's ratios."""
-    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
+    model with that one tensor at the probe type (same windows, same importance
+    matrix); unprobed types follow its slope times the imatrix-weighted error."""
     from models import shared_data
 
     text = shared_data() / "wikitext-2" / "valid.txt"
-    s = api.sensitivity("default", "kl", calibration=text, windows=1, ctx=64)
-    assert s.details["probes"] == 31 and s.details["probe"] == "4-bit"
-    err = api.sensitivity("default", "error")
-    for i in (2, 16):
-        row = s.damage[i]
-        assert row[Precision.RAW] == 0 and row[Precision.Q4] > 0
-        ratio = row[Precision.Q4] / err.damage[i][Precision.Q4]
-        assert row[Precision.Q3] == pytest.approx(ratio * err.damage[i][Precision.Q3])
-    n = 30
+    m = api.imatrix("default", text, ctx=64, chunks=4)
+    s = api.sensitivity(
+        "default", "kl", calibration=text, imatrix=m, tokens=64, ctx=64, type_probes=1
+    )
+    name = "blk.14.ffn_down.weight"
+    row = s.damage[name]
+    probe = "IQ4_XS"  # rows of 1536: the candidate nearest 4.25 bits
+    assert row[probe] > 0
+    from ewq.imatrix import write_imatrix
+
+    path = write_imatrix(m, tmp_path / "m.gguf")
     plan = {
-        "schema_version": 1,
-        "num_blocks": n,
-        "blocks": [
-            {"exec_index": i, "precision": "4-bit" if i == 16 else "raw"}
-            for i in range(2, n + 2)
-        ],
+        "schema_version": 2,
+        "num_blocks": 30,
+        "blocks": [{"exec_index": i, "precision": "raw"} for i in range(2, 32)],
+        "tensors": [{"name": name, "type": probe}],
     }
-    measured = api.evaluate("default", "kld", data=text, plan=plan, limit=1, ctx=64)
-    assert s.damage[16][Precision.Q4] == pytest.approx(
+    out = tmp_path / "q.gguf"
+    api.quantize("default", plan, out, imatrix=path)
+    measured = api.evaluate("default", "kld", data=text, quantized=out, limit=1, ctx=64)
+    assert row[probe] == pytest.approx(
         measured["metrics"]["kl_mean"], rel=1e-3, abs=1e-6
     )

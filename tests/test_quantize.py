@@ -12,7 +12,7 @@ from test_cli import run
 
 from ewq import api
 from ewq.formats import gguf_target, tensor_bytes
-from ewq.planfile import PlanError, plan_from_doc
+from ewq.planfile import PlanError, plan_doc, plan_from_doc
 from ewq.sources import default_model_path, open_source
 from ewq.types import Precision
 
@@ -74,13 +74,12 @@ def test_default_model_mixed_plan_runs_in_llama_cpp(tmp_path):
     import llama_cpp
 
     analysis = api.analyze("default")
-    from ewq.reports.analysis import analysis_json
-
-    plan = analysis_json(analysis, "test")
+    d = analysis.decision.precision
+    plan = plan_doc(analysis.layout.num_blocks, dict(d))
     q = api.quantize("default", plan, tmp_path / "mixed.gguf")
-    # the plan's 4-bit block: ffn_down rows (1536) fit Q4_K, rows of 576 fall back
-    # to Q5_0, as llama.cpp's own tensor_type_fallback does
-    four = [b["exec_index"] for b in plan["blocks"] if b["decision"] == "4-bit"]
+    # the decision's 4-bit block: ffn_down rows (1536) fit Q4_K, rows of 576 fall
+    # back to Q5_0, as llama.cpp's own tensor_type_fallback does
+    four = [i for i, p in d.items() if p is Precision.Q4]
     assert four == [29]
     block = {t.name: t for t in q.targets if t.exec_index == 29}
     assert block["blk.27.ffn_down.weight"].type == "Q4_K"
@@ -179,21 +178,16 @@ def test_cli_writes_model_and_provenance(monkeypatch, capsys, tmp_path, llama_f1
     assert "blk.1" not in stdout or "4-bit" in stdout
 
 
-def test_analysis_json_is_a_plan(tmp_path):
+def test_an_analysis_json_is_not_a_plan():
     doc = {
         "schema_version": 1,
         "kind": "ewq-analysis",
         "source": "x",
         "num_blocks": 2,
-        "variant": "4bit/8bit",
-        "blocks": [
-            {"exec_index": 2, "decision": "4-bit", "num_parameters": 10},
-            {"exec_index": 3, "decision": "raw", "num_parameters": 10},
-        ],
+        "blocks": [{"exec_index": 2, "decision": "4-bit", "num_parameters": 10}],
     }
-    plan = plan_from_doc(doc)
-    assert [b.precision for b in plan.blocks] == [Precision.Q4, Precision.RAW]
-    assert plan.embedding.precision is Precision.RAW and plan.num_blocks == 2
+    with pytest.raises(PlanError, match="'ewq-analysis' document, not a plan"):
+        plan_from_doc(doc)
 
 
 def bad_quantize(monkeypatch, capsys, tmp_path, source, plan_doc, *extra) -> str:

@@ -106,14 +106,14 @@ def test_bad_gguf_alignment(monkeypatch, capsys, tmp_path, value):
     assert "general.alignment" in one_error(monkeypatch, capsys, "inspect", str(f))
 
 
-def test_analysis_json_with_blocks_a_number_as_plan(monkeypatch, capsys, tmp_path):
+def test_an_analysis_json_given_as_a_plan(monkeypatch, capsys, tmp_path):
     src = f16_gguf(tmp_path / "m.gguf")
     plan = tmp_path / "a.json"
     plan.write_text(
         json.dumps({"schema_version": 1, "kind": "ewq-analysis", "blocks": 7})
     )
     line = quantize_error(monkeypatch, capsys, src, plan, tmp_path / "o.gguf")
-    assert "no precision for block" in line
+    assert "'ewq-analysis' document, not a plan" in line
     deep = tmp_path / "deep.json"
     deep.write_text('{"schema_version": 1, "blocks": ' + "[" * 5000 + "]" * 5000 + "}")
     line = quantize_error(monkeypatch, capsys, src, deep, tmp_path / "o.gguf")

@@ -14,9 +14,16 @@ from ewq.serve.rpc import RpcError, split_endpoint
 def test_serve_refuses_a_plan_without_a_llama_cpp_placement(
     tmp_path, monkeypatch, capsys
 ):
-    plan = tmp_path / "plan.json"
-    code, _, err = run(monkeypatch, capsys, "analyze", "default", "--json", str(plan))
-    assert code == 0, err
+    plan = tmp_path / "plan.json"  # hand-written: blocks, no placement of the planner
+    plan.write_text(
+        json.dumps(
+            {
+                "schema_version": 2,
+                "num_blocks": 30,
+                "blocks": [{"exec_index": i, "precision": "raw"} for i in range(2, 32)],
+            }
+        )
+    )
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     code, _, err = run(

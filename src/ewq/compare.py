@@ -1,20 +1,20 @@
 """`ewq compare`: ewq's plans against what a user would do otherwise, at equal bytes.
 
-GGUF decoders: llama.cpp's own presets (Q8_0 ... Q2_K), made from the same source
-by llama.cpp's quantizer as shipped (its per-tensor mixtures, no importance matrix),
-against ewq plans whose budget is each preset's exact tensor bytes, one per
-criterion (entropy, error, kl, random with several seeds, position; all through the
-optimal allocator) and the paper's ladder. Every model is measured on the same
-windows of an evaluation text (the calibration text of the kl criterion is another
-text): KL divergence from the source model (mean and 99th percentile), top-1
-agreement and perplexity.
+GGUF decoders: llama.cpp's own presets (Q6_K ... IQ2_M), made from the same source
+by llama.cpp's quantizer as shipped (its per-tensor mixtures), without an importance
+matrix and, when one is given or computed, with the same importance matrix (presets
+that need one only with it); against ewq plans whose budget is each preset's exact
+tensor bytes, one per criterion (all through the per-tensor optimal allocator) and
+the paper's ladder. Every model is measured on the same windows of an evaluation
+text that neither the importance matrix nor the criterion saw: KL divergence from
+the source model (mean and 99th percentile), top-1 agreement and perplexity.
 
 Hugging Face encoders (MiniLM): uniform 8-, 4- and 3-bit checkpoints against the
 criteria's plans at the same bytes, by the cosine of mean-pooled embeddings.
 
-A plan that keeps every block raw is the source itself, byte for byte: it is not
-written and measured again; it gets the source's own figures (KL 0). A plan equal
-to one already measured (criteria often agree) is measured once.
+A plan that keeps every tensor as it is is the source itself, byte for byte: it is
+not written and measured again; it gets the source's own figures (KL 0). A plan
+equal to one already measured (criteria often agree) is measured once.
 """
 
 from __future__ import annotations
@@ -26,86 +26,126 @@ from pathlib import Path
 from typing import Any
 
 from ewq import api
+from ewq.config import IMATRIX_PRESETS, PRESETS
 from ewq.errors import EwqError
 from ewq.evaluate.data import load_text
-from ewq.evaluate.reference import Reference, text_metrics
 from ewq.fileio import fresh_dir
 from ewq.formats import tensor_bytes
+from ewq.imatrix import Imatrix, write_imatrix
 from ewq.planfile import plan_doc
-from ewq.planning import Machine, Option, block_specs, fit, fit_optimal
+from ewq.planning import Machine, fit
 from ewq.reports.compare import write_compare, write_compare_encoder
-from ewq.sensitivity import CRITERIA, Sensitivity
+from ewq.sensitivity import Sensitivity
 from ewq.types import Precision
 
-__all__ = ["PRESETS", "compare", "compare_encoder"]
+__all__ = ["IMATRIX_PRESETS", "PRESETS", "compare", "compare_encoder"]
 
-PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q2_K")
+CRITERIA = ("kl", "error", "entropy", "position", "random")
 Log = Callable[[str], None]
 
 
 def _doc(layout, precision: dict[int, Precision]) -> dict[str, Any]:
     n = layout.num_blocks
-    doc = plan_doc(n, {i: precision[i] for i in range(2, n + 2)})
-    doc["embedding"] = {"precision": precision[1].value}
-    doc["head"] = {"precision": precision[n + 2].value}
-    return doc
+    return plan_doc(
+        n, {i: precision[i] for i in range(2, n + 2)}, precision[1], precision[n + 2]
+    )
 
 
-def _sensitivities(
-    source: str, analysis: Any, criteria: Sequence[str], seeds: int
-) -> dict[str, Sensitivity]:
-    """The data-free criteria by name, random once per seed (kl is the caller's)."""
-    sens = {
-        c: api.sensitivity(source, c, analysis=analysis)
-        for c in ("entropy", "error", "position")
-        if c in criteria
-    }
-    for k in range(seeds if "random" in criteria else 0):
-        sens[f"random seed {k}"] = api.sensitivity(source, "random", seed=k)
-    return sens
-
-
-def _optimal(
-    sens: Sensitivity, specs: dict, params: dict[int, int], budget: int
-) -> dict[int, Precision] | None:
-    """The optimal allocator's plan for one machine of ``budget`` bytes."""
-    options = {
-        i: [Option(p, b, sens.damage[i][p]) for p, b in specs[i].bytes.items()]
-        for i in specs
-    }
-    r = fit_optimal(options, params, [Machine("m", budget)])
-    return dict(r.precision) if r.fits else None
-
-
-def _counts(precision: dict[int, Precision], blocks: Sequence[int]) -> str:
+def _counts(types: dict[str, str]) -> str:
     n: dict[str, int] = {}
-    for i in blocks:
-        n[precision[i].value] = n.get(precision[i].value, 0) + 1
-    return ", ".join(f"{c} {p}" for p, c in n.items())
+    for t in types.values():
+        n[t] = n.get(t, 0) + 1
+    return ", ".join(f"{c} {t}" for t, c in sorted(n.items(), key=lambda x: -x[1]))
+
+
+class _Judge:
+    """Writes and measures plans on the reference's windows; a plan met before is
+    measured once; the source itself is not measured again."""
+
+    def __init__(self, source, layout, ref, raw_metrics, tmp: Path, imatrix_path):
+        self.source, self.layout, self.ref = source, layout, ref
+        self.raw = raw_metrics
+        self.out = tmp / "m.gguf"
+        self.imatrix_path = imatrix_path
+        self.seen: dict[tuple, dict[str, float]] = {}
+
+    def tensors(self, types: dict[str, str], with_imatrix: bool) -> dict[str, float]:
+        from ewq.evaluate.backends import LlamaCppModel
+        from ewq.evaluate.reference import text_metrics
+
+        key = (tuple(sorted(types.items())), with_imatrix)
+        if key in self.seen:
+            return self.seen[key]
+        doc = _doc(
+            self.layout, {b.exec_index: Precision.RAW for b in self.layout.blocks}
+        )
+        doc["tensors"] = [{"name": n, "type": t} for n, t in types.items()]
+        api.quantize(
+            self.source,
+            doc,
+            self.out,
+            imatrix=self.imatrix_path if with_imatrix else None,
+        )
+        model = LlamaCppModel(self.out, self.ref.ctx)
+        m = self.seen[key] = text_metrics(model, self.ref)
+        del model
+        return m
+
+
+def _presets(path, presets, imatrix: Imatrix | None, judge, ref, log) -> list[dict]:
+    from ewq.evaluate.backends import LlamaCppModel
+    from ewq.evaluate.reference import text_metrics
+    from ewq.quant.gguf import quantize_preset
+    from ewq.sources.gguf import read_header
+
+    rows = []
+    variants = [None] + ([imatrix] if imatrix is not None else [])
+    for preset in presets:
+        for m_ in variants:
+            if m_ is None and preset in IMATRIX_PRESETS:
+                continue  # llama.cpp refuses it without an importance matrix
+            types = quantize_preset(path, preset, judge.out, imatrix=m_)
+            nbytes = sum(
+                tensor_bytes(shape, qtype)
+                for _, shape, qtype, _ in read_header(judge.out).tensors
+            )
+            model = LlamaCppModel(judge.out, ref.ctx)
+            m = text_metrics(model, ref)
+            del model
+            name = f"llama.cpp {preset}" + (" + imatrix" if m_ is not None else "")
+            rows.append(
+                {
+                    "size_of": preset,
+                    "plan": name,
+                    "bytes": nbytes,
+                    "types": _counts(types),
+                    **m,
+                }
+            )
+            log(f"{name}: {nbytes / 1e6:.3f} MB, KL {m['kl_mean']:.5f}")
+    return rows
 
 
 def compare(
     source: str,
     text: Path,
-    calibration: Path,
+    calibration: Path | None,
     out_dir: str | Path,
     *,
+    imatrix: Path | None = None,
     windows: int = 8,
     ctx: int = 512,
+    documents: str = "stream",
     seeds: int = 3,
     presets: Sequence[str] = PRESETS,
-    calib_windows: int = 4,
+    calib_tokens: int = 1024,
     calib_ctx: int = 256,
-    extra: int = 3,
     criteria: Sequence[str] = CRITERIA,
+    type_probes: int | None = 4,
     log: Log = lambda message: None,
 ) -> dict[str, Any]:
-    """Run the head-to-head and write ``out_dir`` (compare.json, README.md, plot);
-    ``extra`` more budgets, evenly between the smallest size ewq can reach and the
-    smallest preset, compare the criteria where no preset exists."""
-    from ewq.evaluate.backends import LlamaCppModel
-    from ewq.quant.gguf import quantize_preset
-    from ewq.sources.gguf import read_header
+    """Run the head-to-head and write ``out_dir`` (compare.json, README.md, plot)."""
+    from ewq.evaluate.reference import Reference, text_metrics
 
     started = time.perf_counter()
     unknown = sorted(set(criteria) - set(CRITERIA))
@@ -113,8 +153,9 @@ def compare(
         raise EwqError(
             f"unknown criterion {', '.join(unknown)} (one of {', '.join(CRITERIA)})"
         )
+    if "kl" in criteria and calibration is None:
+        raise EwqError("the kl criterion needs --calibration TEXT")
     eval_text = load_text(text)
-    load_text(calibration)  # fail early
     analysis = api.analyze(source)
     index, layout = analysis.index, analysis.layout
     if index.format != "gguf":
@@ -122,121 +163,217 @@ def compare(
             f"{source}: ewq compare runs GGUF decoders (use compare_encoder)"
         )
     path = Path(index.files[0])
-    specs = {s.exec_index: s for s in block_specs("gguf", layout)}
-    params = {i: s.num_parameters for i, s in specs.items()}
-    blocks = [b.exec_index for b in layout.transformer_blocks]
-    source_bytes = sum(s.bytes[Precision.RAW] for s in specs.values())
-    sens = _sensitivities(source, analysis, criteria, seeds)
-    if "kl" in criteria:
-        log("kl criterion (cached after the first run)")
-        sens["kl"] = api.sensitivity(
-            source, "kl", calibration=calibration, windows=calib_windows, ctx=calib_ctx
-        )
-    ref = Reference(path, eval_text, ctx=ctx, windows=windows)
+    im = None
+    if imatrix is not None:
+        im = api.load_imatrix(imatrix, index, layout, source)
+    elif calibration is not None:
+        log("importance matrix of the calibration text (cached after the first run)")
+        im = api.imatrix(source, calibration, documents=documents)
+    sens, seconds = _sensitivities(
+        source,
+        analysis,
+        criteria,
+        seeds,
+        calibration,
+        im,
+        calib_tokens,
+        calib_ctx,
+        documents,
+        type_probes,
+        log,
+    )
+    ref = Reference(path, eval_text, ctx=ctx, windows=windows, documents=documents)
     raw_metrics = text_metrics(ref.model, ref)
     del ref.model
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ewq-compare-") as tmp:
-        out = Path(tmp) / "m.gguf"
-        sizes = []
-        for preset in presets:
-            types = quantize_preset(path, preset, out)
-            nbytes = sum(
-                tensor_bytes(shape, qtype)
-                for _, shape, qtype, _ in read_header(out).tensors
-            )
-            sizes.append((preset, nbytes))
-            model = LlamaCppModel(out, ctx)
-            m = text_metrics(model, ref)
-            del model
-            mix = {}
-            for t in types.values():
-                mix[t] = mix.get(t, 0) + 1
-            rows.append(
-                {
-                    "size_of": preset,
-                    "plan": f"llama.cpp {preset}",
-                    "bytes": nbytes,
-                    "blocks": ", ".join(f"{c} {t}" for t, c in sorted(mix.items())),
-                    **m,
-                }
-            )
-            log(f"{preset}: {nbytes / 1e6:.2f} MB, KL {m['kl_mean']:.4f}")
-        # below the smallest preset, budgets no preset offers: where the criteria
-        # must choose among blocks, not only the embedding
-        floor = sum(min(s.bytes.values()) for s in specs.values())
-        low = min((b for _, b in sizes), default=source_bytes)
-        for k in range(extra, 0, -1):
-            budget = floor + (low - floor) * k // (extra + 1)
-            sizes.append((f"{budget / 1e6:.1f} MB", budget))
-        measured: dict[int, list[dict[str, Any]]] = {}  # budget -> rows
-        seen: dict[tuple, dict[str, float]] = {}  # plan -> its metrics
-        for preset, budget in sizes:
-            if budget in measured:  # two presets of one size (fallbacks): same plans
-                rows += [{**r, "size_of": preset} for r in measured[budget]]
-                continue
-            first = len(rows)
-            plans: dict[str, dict[int, Precision] | None] = {}
-            for name, s in sens.items():
-                plans[f"ewq {name}"] = _optimal(s, specs, params, budget)
-            d = analysis.decision
-            emb, head = layout.blocks[0].exec_index, layout.blocks[-1].exec_index
-            r = fit(
-                [specs[i] for i in blocks],
-                specs[emb],
-                specs[head],
-                d.precision,
-                d.priority,
-                [Machine("m", budget)],
-            )
-            plans["paper ladder (entropy)"] = dict(r.precision) if r.fits else None
-            for name, precision in plans.items():
-                if precision is None:
-                    rows.append({"size_of": preset, "plan": name, "bytes": None})
-                    continue
-                nbytes = sum(specs[i].bytes[precision[i]] for i in specs)
-                key = tuple(sorted((i, p.value) for i, p in precision.items()))
-                if all(p is Precision.RAW for p in precision.values()):
-                    m = dict(raw_metrics)
-                elif key in seen:  # the same plan at another budget: same file
-                    m = dict(seen[key])
-                else:
-                    api.quantize(source, _doc(layout, precision), out)
-                    model = LlamaCppModel(out, ctx)
-                    m = seen[key] = text_metrics(model, ref)
-                    del model
-                rows.append(
-                    {
-                        "size_of": preset,
-                        "plan": name,
-                        "bytes": nbytes,
-                        "blocks": _counts(precision, [1, *blocks]),
-                        **m,
-                    }
-                )
-                log(
-                    f"  at {preset} {name}: {nbytes / 1e6:.2f} MB, KL {m['kl_mean']:.4f}"
-                )
-            measured[budget] = rows[first:]
+        imatrix_path = None
+        if im is not None:
+            imatrix_path = write_imatrix(im, Path(tmp) / "imatrix.gguf")
+        judge = _Judge(source, layout, ref, raw_metrics, Path(tmp), imatrix_path)
+        rows = _presets(path, presets, im, judge, ref, log)
+        plan_options = {"ewq error": {"criterion": "error", "context": 0}}
+        if "ewq kl" in sens:
+            plan_options["ewq kl"] = {
+                "criterion": "kl",
+                "context": 0,
+                "calibration": calibration,
+                "imatrix": imatrix,
+                "calibration_tokens": calib_tokens,
+                "calibration_ctx": calib_ctx,
+                "documents": documents,
+                "type_probes": type_probes,
+            }
+        rows += _plans(source, analysis, sens, im, rows, judge, log, plan_options)
+    source_bytes = sum(t.nbytes for t in index.tensors)
     result = {
-        "schema_version": 1,
+        "schema_version": 2,
         "kind": "ewq-compare",
         "source": source,
         "model_name": api.features(source).model_name,
         "source_tensor_bytes": source_bytes,
-        "eval": {"text": Path(text).name, "windows": windows, "ctx": ctx},
+        "source_types": _counts({t.name: t.dtype for t in index.tensors}),
+        "eval": {
+            "text": Path(text).name,
+            "windows": len(ref.seqs),
+            "ctx": ctx,
+            "documents": documents,
+            "tokens": int(sum(len(s) for s in ref.seqs)),
+        },
         "calibration": {
-            "text": Path(calibration).name,
-            "windows": calib_windows,
+            "text": Path(calibration).name if calibration else None,
+            "tokens": calib_tokens,
             "ctx": calib_ctx,
         },
-        "criterion_seconds": {k: v.seconds for k, v in sens.items()},
+        "imatrix": None
+        if im is None
+        else {
+            "file": str(imatrix) if imatrix else None,
+            "sha256": im.digest(),
+            "chunks": im.chunk_count,
+            "chunk_size": im.chunk_size,
+        },
+        "criterion_seconds": seconds,
         "source_metrics": raw_metrics,
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
     write_compare(result, Path(out_dir))
     return result
+
+
+def _sensitivities(
+    source,
+    analysis,
+    criteria,
+    seeds,
+    calibration,
+    im,
+    tokens,
+    ctx,
+    documents,
+    type_probes,
+    log,
+) -> tuple[dict[str, Sensitivity], dict]:
+    """The criteria by plan name (random once per seed) and their seconds. error
+    is data-free (the user without calibration); kl is calibrated, with the
+    importance matrix."""
+    sens: dict[str, Sensitivity] = {}
+    for c in criteria:
+        if c == "random":
+            for k in range(seeds):
+                sens[f"ewq random seed {k}"] = api.sensitivity(source, "random", seed=k)
+            continue
+        if c == "kl":
+            log("kl criterion (cached after the first run)")
+            sens["ewq kl"] = api.sensitivity(
+                source,
+                "kl",
+                calibration=calibration,
+                imatrix=im,
+                tokens=tokens,
+                ctx=ctx,
+                documents=documents,
+                type_probes=type_probes,
+            )
+            continue
+        sens[f"ewq {c}"] = api.sensitivity(source, c, analysis=analysis)
+    return sens, {k: v.seconds for k, v in sens.items()}
+
+
+def _plans(
+    source, analysis, sens, im, preset_rows, judge, log, plan_options
+) -> list[dict]:
+    """ewq's plans at each preset's exact bytes: for the kl and error criteria,
+    `ewq plan`'s own (``plan_options``), the others through the allocator."""
+    layout = analysis.layout
+    rows = []
+    budgets: dict[int, list[str]] = {}
+    for r in preset_rows:
+        budgets.setdefault(r["bytes"], []).append(r["size_of"])
+    ladder = _ladder_plans(analysis, budgets)
+    for budget, names in sorted(budgets.items(), reverse=True):
+        size_of = names[0]
+        for name, s in sens.items():
+            uses = im if name == "ewq kl" else None
+            machines = [Machine("m", budget)]
+            if name in plan_options:  # what `ewq plan` gives, measured selection too
+                r = api.plan(source, machines, **plan_options[name]).result
+            else:
+                r = api.fit_tensors("gguf", layout, s, uses, None, machines, None, None)
+            if not r.fits:
+                rows.append({"size_of": size_of, "plan": name, "bytes": None})
+                continue
+            types = {n: str(o.precision) for n, o in r.tensors.items()}
+            changed = {n: t for n, t in types.items() if t != _own(layout, n)}
+            m = judge.raw if not changed else judge.tensors(types, uses is not None)
+            rows.append(
+                {
+                    "size_of": size_of,
+                    "plan": name,
+                    "bytes": r.total_bytes,
+                    "types": _counts(types),
+                    "predicted_kl": r.damage,
+                    **m,
+                }
+            )
+            log(
+                f"  at {size_of} {name}: {r.total_bytes / 1e6:.3f} MB, "
+                f"KL {m['kl_mean']:.5f} (predicted {r.damage:.5f})"
+            )
+        lad = ladder.get(budget)
+        if lad is not None:
+            m = judge.tensors(lad[1], False)
+            rows.append(
+                {
+                    "size_of": size_of,
+                    "plan": "paper ladder (entropy)",
+                    "bytes": lad[0],
+                    "types": _counts(lad[1]),
+                    **m,
+                }
+            )
+    return rows
+
+
+def _own(layout, name: str) -> str:
+    for b in layout.blocks:
+        for t in b.tensors:
+            if t.name == name:
+                return t.dtype
+    return ""
+
+
+def _ladder_plans(analysis, budgets) -> dict[int, tuple[int, dict[str, str]]]:
+    """The paper's Algorithm 1 at each budget: (bytes, per-tensor types)."""
+    from ewq.formats import output_format
+    from ewq.planning import block_specs
+
+    layout = analysis.layout
+    specs = {s.exec_index: s for s in block_specs("gguf", layout)}
+    blocks = [b.exec_index for b in layout.transformer_blocks]
+    emb, head = layout.blocks[0].exec_index, layout.blocks[-1].exec_index
+    form = output_format("gguf")
+    out = {}
+    for budget in budgets:
+        d = analysis.decision
+        r = fit(
+            [specs[i] for i in blocks],
+            specs[emb],
+            specs[head],
+            d.precision,
+            d.priority,
+            [Machine("m", budget)],
+        )
+        if not r.fits:
+            continue
+        types = {}
+        for b in layout.blocks:
+            for info, key in zip(b.tensors, b.keys, strict=True):
+                e = form.encoding(info, key, r.precision[b.exec_index])
+                if e is not None and e.quantizable:
+                    types[info.name] = e.type
+        out[budget] = (r.total_bytes, types)
+    return out
 
 
 def compare_encoder(
@@ -249,10 +386,11 @@ def compare_encoder(
     log: Log = lambda message: None,
 ) -> dict[str, Any]:
     """Hugging Face encoders: uniform 8-, 4- and 3-bit checkpoints against each
-    criterion's plan at the same bytes, by embedding cosine to the source."""
+    criterion's per-tensor plan at the same bytes, by embedding cosine to the source."""
     from ewq.bench import is_encoder
     from ewq.evaluate import tasks
     from ewq.evaluate.backends import TransformersEncoder
+    from ewq.planning import block_specs
 
     started = time.perf_counter()
     if not is_encoder(source):
@@ -260,48 +398,50 @@ def compare_encoder(
     sentences_text = load_text(text)
     analysis = api.analyze(source)
     layout = analysis.layout
-    folder = Path(analysis.index.files[0]).parent
     specs = {s.exec_index: s for s in block_specs("hf", layout)}
-    params = {i: s.num_parameters for i, s in specs.items()}
     blocks = [b.exec_index for b in layout.transformer_blocks]
-    sens = _sensitivities(
-        source, analysis, ("entropy", "error", "position", "random"), seeds
-    )
-    reference = TransformersEncoder(folder)
+    sens: dict[str, Sensitivity] = {
+        f"ewq {c}": api.sensitivity(source, c, analysis=analysis)
+        for c in ("error", "entropy", "position")
+    }
+    for k in range(seeds):
+        sens[f"ewq random seed {k}"] = api.sensitivity(source, "random", seed=k)
+    reference = TransformersEncoder(Path(analysis.index.files[0]).parent)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ewq-compare-") as tmp:
 
-        def measure(name: str, size_of: str, precision: dict[int, Precision]) -> None:
-            nbytes = sum(specs[i].bytes[precision[i]] for i in specs)
+        def measure(
+            name: str, size_of: str, doc: dict, nbytes: int, types: str
+        ) -> None:
             out = fresh_dir(Path(tmp) / "m")
-            api.quantize(source, _doc(layout, precision), out, format="hf")
+            api.quantize(source, doc, out, format="hf")
             m = tasks.embedding_fidelity(
                 reference, TransformersEncoder(out), sentences_text, limit=sentences
             )
             rows.append(
-                {
-                    "size_of": size_of,
-                    "plan": name,
-                    "bytes": nbytes,
-                    "blocks": _counts(precision, [1, *blocks]),
-                    **m,
-                }
+                {"size_of": size_of, "plan": name, "bytes": nbytes, "types": types, **m}
             )
             log(
-                f"  at {size_of} {name}: {nbytes / 1e6:.2f} MB, cosine {m['cosine_mean']:.5f}"
+                f"  at {size_of} {name}: {nbytes / 1e6:.2f} MB, "
+                f"cosine {m['cosine_mean']:.5f}"
             )
 
         for p in (Precision.Q8, Precision.Q4, Precision.Q3):
             uniform = {i: (p if i in blocks else Precision.RAW) for i in specs}
             budget = sum(specs[i].bytes[uniform[i]] for i in specs)
             label = f"uniform {p.value}"
-            measure(label, label, uniform)
+            measure(label, label, _doc(layout, uniform), budget, label)
             for name, sv in sens.items():
-                precision = _optimal(sv, specs, params, budget)
-                if precision is not None:
-                    measure(f"ewq {name}", label, precision)
+                r = api.fit_tensors(
+                    "hf", layout, sv, None, None, [Machine("m", budget)], None, None
+                )
+                if r.fits:
+                    types = {n: str(o.precision) for n, o in r.tensors.items()}
+                    doc = _doc(layout, {i: Precision.RAW for i in specs})
+                    doc["tensors"] = [{"name": n, "type": t} for n, t in types.items()]
+                    measure(name, label, doc, r.total_bytes, _counts(types))
     result = {
-        "schema_version": 1,
+        "schema_version": 2,
         "kind": "ewq-compare-encoder",
         "source": source,
         "model_name": api.features(source).model_name,

@@ -24,10 +24,13 @@ from ewq.errors import EwqError
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_CONTEXT",
+    "IMATRIX_PRESETS",
+    "PRESETS",
     "AnalysisConfig",
     "Allocator",
     "Config",
     "Criterion",
+    "Documents",
     "EvalConfig",
     "Format",
     "KvCache",
@@ -43,6 +46,25 @@ __all__ = [
 
 DEFAULT_ALPHA = 1.25  # reproduces the paper's share of 4-bit blocks (about 11%)
 DEFAULT_CONTEXT = 2048  # tokens the runtime holds, unless told otherwise
+
+#: llama.cpp's presets `ewq compare` measures ewq against, largest first
+PRESETS = (
+    "Q6_K",
+    "Q5_K_M",
+    "Q5_K_S",
+    "Q4_K_M",
+    "Q4_K_S",
+    "IQ4_XS",
+    "Q3_K_L",
+    "Q3_K_M",
+    "Q3_K_S",
+    "IQ3_XXS",
+    "Q2_K",
+    "IQ2_M",
+)
+#: the presets llama.cpp refuses to make without an importance matrix
+#: (src/llama-quant.cpp, tensor_requires_imatrix)
+IMATRIX_PRESETS = frozenset({"IQ3_XXS", "IQ2_M"})
 
 
 class Variant(StrEnum):
@@ -88,6 +110,13 @@ class KvCache(StrEnum):
 class Format(StrEnum):
     GGUF = "gguf"
     HF = "hf"
+
+
+class Documents(StrEnum):
+    """How a text is cut into windows (ewq.evaluate.windows)."""
+
+    STREAM = "stream"
+    LINES = "lines"
 
 
 class Task(StrEnum):
@@ -177,7 +206,50 @@ class PlanConfig(AnalysisConfig):
     )
     calibration: Path | None = Field(
         None,
-        description="Text for --criterion kl (UTF-8 text, or a Wikipedia .xml.bz2 dump).",
+        description="Calibration text (UTF-8 text, or a Wikipedia .xml.bz2 dump): an "
+        "importance matrix is computed on it and each tensor's sensitivity measured "
+        "(--criterion kl, the default with it).",
+    )
+    imatrix: Path | None = Field(
+        None,
+        description="An importance matrix (llama.cpp's GGUF or legacy .dat, from `ewq "
+        "imatrix` or llama-imatrix): weighs each tensor's error and is handed to "
+        "llama.cpp's quantizer.",
+    )
+    documents: Documents = Field(
+        Documents.STREAM,
+        description="How the calibration text is cut into windows: stream (one token "
+        "stream) or lines (every line a document of its own, for models trained on "
+        "short sequences).",
+    )
+    calibration_tokens: int = Field(
+        1024,
+        ge=16,
+        description="Tokens of the calibration text each tensor's sensitivity is "
+        "measured on (--criterion kl): more is steadier and slower.",
+    )
+    calibration_ctx: int = Field(
+        256, ge=16, description="Tokens per calibration window (--criterion kl)."
+    )
+    type_probes: int | None = Field(
+        4,
+        ge=0,
+        description="Tensors measured at every type by --criterion kl (the others "
+        "once, and scaled); more than the model has: every (tensor, type) pair.",
+    )
+    select: bool = Field(
+        True,
+        description="With --calibration: measure the damage model's plan and a few "
+        "variants of it on the calibration text and keep the best.",
+    )
+    select_candidates: int = Field(
+        12, ge=1, description="At most this many plans measured by --select."
+    )
+    bpw: float | None = Field(
+        None,
+        gt=0,
+        description="At most this many bits per weight on average (all tensors' bytes "
+        "x 8 / parameters, as llama.cpp counts them); alone, or with --memory/--cluster.",
     )
     context: int = Field(
         DEFAULT_CONTEXT,
@@ -220,6 +292,11 @@ class QuantizeConfig(SourceConfig):
     )
     threads: int | None = Field(
         None, ge=1, description="Quantizer threads (default: all cores)."
+    )
+    imatrix: Path | None = Field(
+        None,
+        description="The importance matrix for llama.cpp's quantizer (default: the one "
+        "the plan was made with, found beside the plan).",
     )
     force: bool = Field(
         False, description="Replace an earlier ewq output folder at --out (hf)."

@@ -1,19 +1,28 @@
-"""The plan file: per block a precision, versioned JSON, what `ewq quantize` takes.
+"""The plan file: what `ewq quantize` takes, versioned JSON.
 
-Schema (version 1)::
+Schema (version 2)::
 
-    {"schema_version": 1, "kind": "ewq-plan", "source": "...", "method": "ewq",
+    {"schema_version": 2, "kind": "ewq-plan", "source": "...", "format": "gguf",
      "num_blocks": 30,
+     "tensors": [{"name": "blk.0.attn_q.weight", "type": "IQ4_XS", "bytes": 124416},
+                 ...],
      "embedding": {"precision": "8-bit"}, "head": {"precision": "raw"},
      "blocks": [{"exec_index": 2, "precision": "4-bit", "num_parameters": 3540096},
-                ...]}
+                ...],
+     "imatrix": {"sha256": "...", "entries": 210, ...}}
+
+The decision is per tensor: ``tensors`` gives each tensor's type (a GGML type name
+for gguf, an ``int4/g128``-style form for hf). A tensor not listed there is written
+at its block's ``precision`` (the per-block form: hand-written plans, the paper's
+decision and its ladder, FastEWQ); a plan made by `ewq plan` lists every tensor,
+and its blocks' precisions are then the view derived from them (the bit class of
+most of the block's bytes). Version 1 files (blocks only) are read as version 2.
 
 ``num_blocks`` and each block's optional ``num_parameters`` identify the model the
-plan was made for; a plan whose blocks do not match the model is refused. The planner
-adds fields of its own (bytes, machines, exports, the resolved config), each declared
-here; an unknown field (a misspelled "embeding") is refused, not ignored.
-Until the planner existed, `ewq analyze --json` output was the plan: it is still
-accepted (its per-block ``decision`` is the precision; embedding and head stay raw).
+plan was made for; a plan whose blocks or tensors do not match the model is refused.
+The planner adds fields of its own (bytes, machines, exports, the resolved config,
+the importance matrix it used, the predicted KL), each declared here; an unknown
+field (a misspelled "embeding") is refused, not ignored.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from ewq.types import Precision
 __all__ = [
     "SCHEMA_VERSION",
     "BlockPlan",
+    "ImatrixRecord",
+    "TensorPlan",
     "Exports",
     "MachinePlan",
     "Plan",
@@ -42,7 +53,8 @@ __all__ = [
     "plan_from_doc",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READS = (1, 2)  # version 1: the per-block form, read as it is
 
 
 class PlanError(EwqError):
@@ -63,6 +75,27 @@ class BlockPlan(_Strict):
     decision: Precision | None = None
     bytes: int | None = Field(default=None, ge=0)
     machine: str | None = None
+
+
+class TensorPlan(_Strict):
+    """One tensor's decision: the type it is written as."""
+
+    name: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    # what the planner adds: for the reader, information only
+    bytes: int | None = Field(default=None, ge=0)
+    damage: float | None = None  # its share of the predicted KL
+
+
+class ImatrixRecord(_Strict):
+    """The importance matrix a plan was made with (and `ewq quantize` needs)."""
+
+    sha256: str
+    file: str | None = None
+    entries: int = Field(ge=0)
+    chunk_count: int = Field(default=0, ge=0)
+    chunk_size: int = Field(default=0, ge=0)
+    datasets: list[str] = []
 
 
 class SidePlan(_Strict):
@@ -137,6 +170,11 @@ class Plan(_Strict):
     embedding: SidePlan = SidePlan()
     head: SidePlan = SidePlan()
     blocks: list[BlockPlan]
+    tensors: list[TensorPlan] = []
+    imatrix: ImatrixRecord | None = None
+    predicted_kl: float | None = None
+    selection: dict[str, Any] | None = None
+    bits_per_weight: float | None = None
     # how it was made (ewq plan): the options as resolved, and what they gave
     config: dict[str, Any] | None = None
     criterion: str | None = None
@@ -166,43 +204,31 @@ class Plan(_Strict):
     def by_index(self) -> dict[int, BlockPlan]:
         return {b.exec_index: b for b in self.blocks}
 
+    def types(self) -> dict[str, str]:
+        """The per-tensor decisions, by tensor name."""
+        return {t.name: t.type for t in self.tensors}
+
     def to_doc(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
 def plan_from_doc(doc: Any, origin: str = "plan") -> Plan:
-    """Validate a decoded JSON plan (or an `ewq analyze` document)."""
+    """Validate a decoded JSON plan."""
     if not isinstance(doc, dict):
         raise PlanError(f"{origin}: not a JSON object")
     version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in _READS:
         raise PlanError(
             f"{origin}: schema_version {version!r} is not supported (this ewq reads "
-            f"{SCHEMA_VERSION})"
+            f"{', '.join(map(str, _READS))})"
         )
-    if doc.get("kind") == "ewq-analysis":
-        doc = {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "ewq-plan",
-            "source": doc.get("source"),
-            "method": f"ewq-analysis {doc.get('variant', '')}".strip(),
-            "num_blocks": doc.get("num_blocks"),
-            "blocks": [
-                {
-                    "exec_index": b.get("exec_index"),
-                    "precision": b.get("decision"),
-                    "num_parameters": b.get("num_parameters"),
-                }
-                for b in (
-                    doc.get("blocks") if isinstance(doc.get("blocks"), list) else []
-                )
-                if isinstance(b, dict)
-            ],
-            "alpha": doc.get("alpha"),
-            "eps": doc.get("eps"),
-        }
+    if doc.get("kind", "ewq-plan") != "ewq-plan":
+        raise PlanError(
+            f"{origin}: a {doc.get('kind')!r} document, not a plan (make one with "
+            "ewq plan)"
+        )
     try:
-        plan = Plan.model_validate(doc)
+        plan = Plan.model_validate({**doc, "schema_version": SCHEMA_VERSION})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -212,6 +238,11 @@ def plan_from_doc(doc: Any, origin: str = "plan") -> Plan:
         if b.exec_index in seen:
             raise PlanError(f"{origin}: block {b.exec_index} is planned twice")
         seen.add(b.exec_index)
+    names: set[str] = set()
+    for t in plan.tensors:
+        if t.name in names:
+            raise PlanError(f"{origin}: tensor '{t.name}' is planned twice")
+        names.add(t.name)
     return plan
 
 
@@ -238,9 +269,10 @@ def plan_doc(
     precision: dict[int, Precision],
     embedding: Precision | None = None,
     head: Precision | None = None,
+    tensors: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A minimal plan document: each transformer block's precision (and, if given,
-    the embedding's and the head's)."""
+    the embedding's and the head's, and per-tensor types that override them)."""
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "num_blocks": num_blocks,
@@ -253,4 +285,6 @@ def plan_doc(
         doc["embedding"] = {"precision": embedding.value}
     if head is not None:
         doc["head"] = {"precision": head.value}
+    if tensors:
+        doc["tensors"] = [{"name": n, "type": t} for n, t in tensors.items()]
     return doc

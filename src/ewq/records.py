@@ -11,6 +11,7 @@ from pathlib import Path
 from ewq.analysis import Decision, EntropyProfile
 from ewq.arch import ModelLayout
 from ewq.config import PlanConfig
+from ewq.imatrix import Imatrix
 from ewq.planfile import Plan
 from ewq.planning import FitResult, Machine, Runtime
 from ewq.quant.targets import TensorTarget
@@ -77,10 +78,17 @@ class PlanResult:
     predicted: Mapping[int, bool] | None = None
     sensitivity: Sensitivity | None = None
     runtime: Runtime | None = None
+    imatrix: Imatrix | None = None  # the importance matrix it rests on
+    selection: Mapping | None = None  # the plans measured on calibration text
 
     @property
     def method(self) -> str:
         return self.config.method.value
+
+    @property
+    def layout_parameters(self) -> int:
+        """Every parameter of the model's blocks (bits per weight count them)."""
+        return sum(b.num_parameters for b in self.layout.blocks)
 
     @property
     def criterion(self) -> str:

@@ -18,9 +18,9 @@ from __future__ import annotations
 from ewq.api._evaluate import evaluate
 from ewq.api._fast import build_dataset, fast_decision, train_fastewq
 from ewq.api._model import analyze, features, inspect
-from ewq.api._plan import plan, resolved
+from ewq.api._plan import fit_tensors, plan, resolved
 from ewq.api._quantize import quantize
-from ewq.api._sensitivity import sensitivity
+from ewq.api._sensitivity import imatrix, load_imatrix, sensitivity
 from ewq.config import DEFAULT_CONTEXT
 from ewq.errors import EwqError
 from ewq.records import Analysis, Inspection, PlanResult, Quantized
@@ -39,7 +39,10 @@ __all__ = [
     "evaluate",
     "fast_decision",
     "features",
+    "fit_tensors",
+    "imatrix",
     "inspect",
+    "load_imatrix",
     "plan",
     "quantize",
     "resolved",

@@ -11,7 +11,7 @@ from ewq.analysis import decide
 from ewq.analysis.decision import check_alpha
 from ewq.api._fast import fast_decision
 from ewq.api._model import analyze
-from ewq.api._sensitivity import sensitivity
+from ewq.api._sensitivity import imatrix, load_imatrix, sensitivity
 from ewq.config import (
     Allocator,
     AnalysisConfig,
@@ -35,9 +35,9 @@ from ewq.planning import (
     runtime_memory,
 )
 from ewq.records import Analysis, PlanResult
-from ewq.types import Progress
+from ewq.types import Precision, Progress
 
-__all__ = ["plan", "resolved"]
+__all__ = ["fit_tensors", "plan", "resolved"]
 
 
 def resolved(config: PlanConfig) -> PlanConfig:
@@ -55,7 +55,7 @@ def resolved(config: PlanConfig) -> PlanConfig:
                 "--method ewq for other criteria or the optimal allocator"
             )
     if criterion is None:
-        criterion = Criterion.ERROR
+        criterion = Criterion.ERROR  # weighted by --imatrix when one is given
         if allocator is Allocator.LADDER:
             criterion = Criterion.ENTROPY
         elif config.calibration is not None:
@@ -71,6 +71,11 @@ def resolved(config: PlanConfig) -> PlanConfig:
         )
     if criterion is Criterion.KL and config.calibration is None:
         raise EwqError("the kl criterion needs a calibration text (--calibration FILE)")
+    if config.bpw is not None and allocator is Allocator.LADDER:
+        raise EwqError(
+            "--bpw budgets the optimal allocator (per tensor); the ladder "
+            "plans for --memory or --cluster"
+        )
     check_alpha(config.alpha)
     return config.model_copy(update={"criterion": criterion, "allocator": allocator})
 
@@ -168,7 +173,7 @@ def plan(
     emb = out_layout.blocks[0].exec_index
     head = out_layout.blocks[-1].exec_index
     transformer = [b.exec_index for b in out_layout.transformer_blocks]
-    sens = None
+    sens = im = selection = None
     route = route_for(out_index, out_layout, fmt, runtime)
     if allocator is Allocator.LADDER:
         result = fit(
@@ -181,25 +186,41 @@ def plan(
             mode=mode,
             route=route,
         )
+        result = replace(result, tensors=_block_types(fmt, out_layout, result))
     else:
+        im = _imatrix(cfg, source, index, layout, fmt, progress)
         sens = sensitivity(
             source,
             criterion,
             fmt=fmt,
             calibration=calibration,
+            imatrix=im,
+            tokens=cfg.calibration_tokens,
+            ctx=cfg.calibration_ctx,
+            type_probes=cfg.type_probes,
+            documents=cfg.documents.value,
             analysis=analysis,
             revision=revision,
             progress=progress,
         )
-        choices = {
-            i: [
-                Option(p, nbytes, sens.damage[i][p])
-                for p, nbytes in specs[i].bytes.items()
-            ]
-            for i in specs
-        }
-        params = {i: specs[i].num_parameters for i in specs}
-        result = fit_optimal(choices, params, machines, mode="optimal", route=route)
+        result = fit_tensors(
+            fmt, out_layout, sens, im, runtime, machines, route, cfg.bpw
+        )
+        if criterion == "kl" and cfg.select and result.fits:
+            result, selection = _select(
+                cfg,
+                source,
+                index,
+                layout,
+                out_layout,
+                sens,
+                im,
+                runtime,
+                machines,
+                route,
+                result,
+                progress,
+            )
     if runtime is not None:  # sizes in the result are weights + KV: report weights
         result = replace(
             result,
@@ -221,4 +242,209 @@ def plan(
         predicted,
         sens,
         runtime,
+        im,
+        selection,
     )
+
+
+def _imatrix(cfg: PlanConfig, source, index, layout, fmt: str, progress):
+    """The importance matrix the plan rests on: --imatrix FILE, else one computed on
+    --calibration (cached), else none."""
+    if cfg.imatrix is None and cfg.calibration is None:
+        return None
+    if fmt != "gguf":
+        raise EwqError(
+            "an importance matrix weighs GGUF output; for --format hf plan without "
+            "--imatrix and --calibration"
+        )
+    if cfg.imatrix is not None:
+        return load_imatrix(cfg.imatrix, index, layout, source)
+    return imatrix(
+        source,
+        cfg.calibration,
+        documents=cfg.documents.value,
+        revision=cfg.revision,
+        progress=progress,
+    )
+
+
+def fit_tensors(fmt, layout, sens, imatrix_, runtime, machines, route, bpw, allow=None):
+    """The optimal per-tensor allocation: every tensor the format can write in more
+    than one way chooses its type; the others, and the KV cache, are fixed bytes.
+    ``allow(info, encoding)``: the options a tensor may take (its own type and at
+    least one other are always kept)."""
+    from ewq.formats import output_format
+    from ewq.sensitivity import tensor_candidates
+
+    cands = tensor_candidates(fmt, layout, imatrix_)
+    form = output_format(fmt)
+    options, block_of = {}, {}
+    fixed = {b.exec_index: 0 for b in layout.blocks}
+    params = {b.exec_index: b.num_parameters for b in layout.blocks}
+    views: dict[str, Precision] = {}
+    for block in layout.blocks:
+        for info, key in zip(block.tensors, block.keys, strict=True):
+            if info.name not in cands:
+                e = form.encoding(info, key, Precision.RAW)
+                fixed[block.exec_index] += e.nbytes if e is not None else 0
+                continue
+            _, _, encs = cands[info.name]
+            if allow is not None:
+                kept = [e for e in encs if allow(info, e)]
+                encs = kept if kept else encs
+            options[info.name] = [
+                Option(e.type, e.nbytes, sens.of(info.name, e.type)) for e in encs
+            ]
+            views.update({f"{info.name}\0{e.type}": e.precision for e in encs})
+            block_of[info.name] = block.exec_index
+    if runtime is not None:
+        for i, kv in runtime.kv_bytes.items():
+            fixed[i] = fixed.get(i, 0) + kv
+    cap = None
+    if bpw is not None:  # the weights' budget, plus the KV cache counted in fixed
+        kv = sum(runtime.kv_bytes.values()) if runtime is not None else 0
+        cap = int(bpw * sum(params.values()) / 8) + kv
+    view = {
+        id(o): views[f"{n}\0{o.precision}"] for n, opts in options.items() for o in opts
+    }
+    return fit_optimal(
+        options,
+        params,
+        machines,
+        mode="optimal",
+        route=route,
+        block_of=block_of,
+        fixed=fixed,
+        view=lambda o: view[id(o)],
+        cap=cap,
+    )
+
+
+def _block_types(fmt: str, layout, result) -> dict[str, Option]:
+    """A block-level result's per-tensor types (the plan file is per tensor): each
+    tensor the format can write in more than one way, at its block's precision."""
+    from ewq.formats import output_format
+    from ewq.sensitivity import tensor_candidates
+
+    form = output_format(fmt)
+    cands = tensor_candidates(fmt, layout)
+    out = {}
+    for block in layout.blocks:
+        p = result.precision[block.exec_index]
+        for info, key in zip(block.tensors, block.keys, strict=True):
+            if info.name in cands:
+                e = form.encoding(info, key, p)
+                out[info.name] = Option(e.type, e.nbytes, 0.0)
+    return out
+
+
+_FLOAT = frozenset({"F32", "F16", "BF16", "F64"})
+
+
+def _variants(layout, fmt: str, imatrix_) -> list[tuple[str, object]]:
+    """The restrictions the measured selection tries beside the model's own plan:
+    no type below a floor of bits per weight, and every float tensor quantized
+    (llama.cpp's presets quantize every tensor they may; measured on IgLM, a Q8_0
+    token embedding beat an F32 one under Q6_K blocks by 35%, which no sum of
+    per-tensor damages can see)."""
+    from ewq.sensitivity import tensor_candidates
+
+    cands = tensor_candidates(fmt, layout, imatrix_)
+    levels = sorted(
+        {
+            round(8 * e.nbytes / i.num_elements, 4)
+            for i, _, encs in cands.values()
+            for e in encs[1:]
+        }
+    )
+
+    def bits(info, e) -> float:
+        return 8 * e.nbytes / info.num_elements
+
+    def make(floor, quantize_all):
+        def allow(info, e) -> bool:
+            own = e.type == info.dtype
+            if own:
+                return not (quantize_all and info.dtype in _FLOAT)
+            return floor is None or bits(info, e) >= floor - 1e-9
+
+        return allow
+
+    out = []
+    for quantize_all in (False, True):
+        for floor in (None, *levels):
+            if floor is None and not quantize_all:
+                continue  # the model's own plan
+            label = ("every float tensor quantized" if quantize_all else "") + (
+                f"{', ' if quantize_all else ''}no type below {floor:g} bits"
+                if floor is not None
+                else ""
+            )
+            out.append((label, make(floor, quantize_all)))
+    return out
+
+
+def _select(
+    cfg,
+    source,
+    index,
+    layout,
+    out_layout,
+    sens,
+    imatrix_,
+    runtime,
+    machines,
+    route,
+    result,
+    progress,
+):
+    """Measure the model's plan and its variants (``_variants``) on the calibration
+    text with llama.cpp, and keep the one of least measured KL: a sum of per-tensor
+    damages ranks plans well but misses how tensors interact."""
+    from ewq.api._sensitivity import _as_gguf
+    from ewq.evaluate.data import load_text
+    from ewq.sensitivity.kl import Calibration
+
+    found = [("the damage model's plan", result)]
+    seen = {tuple(sorted((n, str(o.precision)) for n, o in result.tensors.items()))}
+    for label, allow in _variants(out_layout, "gguf", imatrix_):
+        r = fit_tensors(
+            "gguf", out_layout, sens, imatrix_, runtime, machines, route, cfg.bpw, allow
+        )
+        key = tuple(sorted((n, str(o.precision)) for n, o in r.tensors.items()))
+        if r.fits and key not in seen:
+            seen.add(key)
+            found.append((label, r))
+    found = found[: cfg.select_candidates]
+    measured = []
+    with (
+        _as_gguf(source, index, layout) as (g_index, g_layout),
+        Calibration(
+            g_index,
+            g_layout,
+            load_text(cfg.calibration),
+            tokens=cfg.calibration_tokens,
+            ctx=cfg.calibration_ctx,
+            documents=cfg.documents.value,
+        ) as bench,
+    ):
+        for k, (label, r) in enumerate(found):
+            types = {n: str(o.precision) for n, o in r.tensors.items()}
+            measured.append(bench.kl(types, imatrix_))
+            if progress is not None:
+                progress(k + 1, len(found), f"measured {label}")
+    best = min(range(len(found)), key=lambda k: (measured[k], k))
+    selection = {
+        "measured_on": f"{bench.tokens} calibration tokens",
+        "candidates": [
+            {
+                "plan": label,
+                "predicted_kl": r.damage,
+                "measured_kl": m,
+                "bytes": r.total_bytes,
+            }
+            for (label, r), m in zip(found, measured, strict=True)
+        ],
+        "chosen": found[best][0],
+    }
+    return found[best][1], selection

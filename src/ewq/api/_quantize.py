@@ -12,6 +12,7 @@ from ewq.arch import resolve
 from ewq.config import Format, QuantizeConfig, configure
 from ewq.errors import EwqError
 from ewq.formats import offered
+from ewq.imatrix import Imatrix, read_imatrix
 from ewq.outputs import check_output
 from ewq.planfile import Plan, load_plan, plan_from_doc
 from ewq.quant.targets import (
@@ -73,6 +74,9 @@ def quantize(
         index = src.index
         layout = resolve(index)
     check_plan(plan, layout, str(source))
+    imatrix = _plan_imatrix(plan, cfg.imatrix, plan_path)
+    if imatrix is not None and format != "gguf":
+        raise EwqError("an importance matrix is for GGUF output (--format gguf)")
     check_output(
         out,
         (*index.files, plan_path, str(source)),
@@ -100,13 +104,66 @@ def quantize(
             check_plan(plan, layout, str(source))
             shown = f"{Path(str(source)).name}-converted.gguf"
             return _quantize_gguf(
-                source, index, layout, plan, out, threads, progress, record, shown
+                source,
+                index,
+                layout,
+                plan,
+                out,
+                threads,
+                progress,
+                record,
+                shown,
+                imatrix,
             )
-    return _quantize_gguf(source, index, layout, plan, out, threads, progress, record)
+    return _quantize_gguf(
+        source, index, layout, plan, out, threads, progress, record, None, imatrix
+    )
+
+
+def _plan_imatrix(plan: Plan, given: Path | None, plan_path) -> Imatrix | None:
+    """The importance matrix to quantize with: ``given`` (--imatrix), else the one
+    the plan records, found where it says (beside the plan file); one error line when
+    the plan needs one that cannot be found, or a given one is not the plan's."""
+    rec = plan.imatrix
+    if given is not None:
+        m = read_imatrix(given)
+        if rec is not None and m.digest() != rec.sha256:
+            raise EwqError(
+                f"{given} is not the importance matrix the plan was made with "
+                f"(sha256 {rec.sha256[:12]}...); quantize with that one"
+            )
+        return m
+    if rec is None:
+        return None
+    where: list[Path] = []
+    if rec.file:
+        f = Path(rec.file)
+        if plan_path is not None and not f.is_absolute():
+            where.append(Path(plan_path).parent / f)  # beside the plan first
+        where.append(f)
+    for f in where:
+        if f.is_file():
+            m = read_imatrix(f)
+            if m.digest() == rec.sha256:
+                return m
+    raise EwqError(
+        "the plan was made with an importance matrix "
+        f"({rec.file or 'sha256 ' + rec.sha256[:12] + '...'}), which is not found: "
+        "give it with --imatrix FILE"
+    )
 
 
 def _quantize_gguf(
-    source, index, layout, plan, out, threads, progress, record, shown=None
+    source,
+    index,
+    layout,
+    plan,
+    out,
+    threads,
+    progress,
+    record,
+    shown=None,
+    imatrix=None,
 ):
     """GGUF -> per-block quantized GGUF by llama.cpp's quantizer; ``shown`` names the
     input in the llama-quantize command recorded (a converted file is temporary)."""
@@ -123,7 +180,11 @@ def _quantize_gguf(
         )
     targets = gguf_targets(index, layout, plan)
     path = index.files[0]
-    args = tuple(llama_quantize_args(targets, shown or path, str(out)))
+    args = tuple(
+        llama_quantize_args(
+            targets, shown or path, str(out), imatrix.file if imatrix else None
+        )
+    )
     commit, made = _recorder(record, source, out, "gguf", plan, targets, args)
     quantize_gguf(
         path,
@@ -133,6 +194,7 @@ def _quantize_gguf(
         progress=progress,
         before_commit=commit,
         metadata=_gguf_provenance(source, plan),
+        imatrix=imatrix,
     )
     return made[0]
 

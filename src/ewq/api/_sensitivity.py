@@ -1,20 +1,25 @@
-"""How much damage each precision does to each block, by a criterion."""
+"""How much damage each type does to each tensor, by a criterion, and the
+importance matrices the calibrated criteria rest on."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from pathlib import Path
 
 from ewq.api._model import analyze
 from ewq.arch import ModelLayout, resolve
+from ewq.cache import code_digest, key, load_entry, runtime_id, store_entry
 from ewq.errors import EwqError
+from ewq.imatrix import Imatrix, read_imatrix
 from ewq.records import Analysis
-from ewq.sensitivity import CRITERIA, Sensitivity, modelled
+from ewq.sensitivity import KAPPA, Sensitivity, modelled
+from ewq.sensitivity import criterion as criterion_spec
 from ewq.sources import open_source
-from ewq.types import ModelIndex, Precision, Progress
+from ewq.types import ModelIndex, Progress
 
-__all__ = ["sensitivity"]
+__all__ = ["imatrix", "load_imatrix", "sensitivity"]
 
 
 def sensitivity(
@@ -23,27 +28,25 @@ def sensitivity(
     *,
     fmt: str | None = None,
     calibration: str | Path | None = None,
-    windows: int = 4,
+    imatrix: Imatrix | None = None,
+    tokens: int = 1024,
     ctx: int = 256,
-    probe: Precision | None = Precision.Q4,
+    documents: str = "stream",
+    type_probes: int | None = 4,
     seed: int = 0,
     analysis: Analysis | None = None,
     revision: str | None = None,
     progress: Progress | None = None,
 ) -> Sensitivity:
-    """Estimated damage per block and precision by ``criterion`` (ewq.sensitivity).
+    """Estimated damage per tensor and type by ``criterion`` (ewq.sensitivity).
 
-    error and kl are measured once per model file and setting, then cached
-    (sensitivity/cache.py); kl reads ``calibration`` (any text `ewq eval` reads).
+    error and kl are measured once per model content and setting, then cached (the
+    key: ewq.cache). error is weighted by ``imatrix`` when one is given; kl needs
+    ``calibration`` (any text `ewq eval` reads) and computes an importance matrix
+    from it unless ``imatrix`` is given.
     """
-    from ewq.sensitivity.cache import cached
-
-    if criterion not in CRITERIA:
-        raise EwqError(
-            f"unknown criterion '{criterion}' (one of {', '.join(CRITERIA)})"
-        )
-    measured = criterion in ("error", "kl")  # these read weights: a hub id downloads
-    with open_source(source, download=measured, revision=revision) as src:
+    spec = criterion_spec(criterion)
+    with open_source(source, download=spec.reads_weights, revision=revision) as src:
         index = src.index
         layout = resolve(index)
         fmt = fmt or ("gguf" if index.format == "gguf" else "hf")
@@ -53,81 +56,244 @@ def sensitivity(
             a = analysis or analyze(source, progress=progress)
             h = {b.exec_index: b.entropy for b in a.profile.transformer}
             return modelled("entropy", fmt, layout, h)
-        if criterion == "error":
-            from ewq.sensitivity.error import error_sensitivity
-
-            if index.format != "gguf" and fmt == "gguf":
-
-                def measure() -> Sensitivity:
-                    # measured on the file quantize will start from: the converted
-                    # GGUF, in a scratch file that is removed afterwards
-                    with (
-                        _as_gguf(source, index, layout) as (conv, conv_layout),
-                        open_source(conv.files[0]) as gsrc,
-                    ):
-                        return error_sensitivity(
-                            gsrc, conv_layout, "gguf", progress=progress
-                        )
-
-                return cached(index, "error", fmt, {}, measure)
-            return cached(
-                index,
-                "error",
-                fmt,
-                {},
-                lambda: error_sensitivity(src, layout, fmt, progress=progress),
-            )
-    from ewq.evaluate.data import load_text
-    from ewq.sensitivity.kl import kl_sensitivity
-
+    if criterion == "error":
+        if imatrix is not None and fmt != "gguf":
+            raise EwqError("an importance matrix weighs GGUF output (--format gguf)")
+        errors, seconds, cached = _errors(
+            source, index, layout, fmt, imatrix, revision, progress
+        )
+        damage = {
+            n: {t: KAPPA * v for t, v in row.items()} for n, row in errors.items()
+        }
+        return Sensitivity(
+            "error",
+            damage,
+            seconds,
+            {
+                "measure": "KAPPA x relative squared error"
+                + (", weighted by the importance matrix" if imatrix else ""),
+                "kappa": KAPPA,
+                "cached": cached,
+            },
+        )
     if calibration is None:
-        raise EwqError("the kl criterion needs a calibration text")
-    text = load_text(calibration)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        raise EwqError("the kl criterion needs a calibration text (--calibration FILE)")
+    if fmt != "gguf":
+        raise EwqError(
+            "the kl criterion measures GGUF output through llama.cpp; for --format hf "
+            "use --criterion error"
+        )
+    from ewq.evaluate.data import load_text
 
-    def measure_kl(index: ModelIndex, layout: ModelLayout) -> Sensitivity:
+    text = load_text(calibration)
+    if imatrix is None:
+        imatrix = _imatrix_for(
+            source, index, layout, text, calibration, documents, revision, progress
+        )
+    errors, _, _ = _errors(source, index, layout, "gguf", imatrix, revision, progress)
+    params = {
+        "text": hashlib.sha256(text.encode()).hexdigest(),
+        "imatrix": imatrix.digest(),
+        "tokens": tokens,
+        "ctx": ctx,
+        "documents": str(documents),
+        "type_probes": type_probes,
+    }
+    k = _key(index, "kl", params)
+    doc = load_entry("kl", k)
+    if doc is not None:
+        try:
+            return Sensitivity(
+                "kl",
+                _damage(doc["damage"]),
+                float(doc["seconds"]),
+                {**doc["details"], "cached": True},
+            )
+        except (KeyError, TypeError, ValueError):
+            pass
+
+    def measure(conv_index: ModelIndex, conv_layout: ModelLayout) -> Sensitivity:
+        from ewq.sensitivity.kl import kl_sensitivity
+
         return kl_sensitivity(
-            index,
-            layout,
+            conv_index,
+            conv_layout,
             text,
-            windows=windows,
+            errors,
+            imatrix=imatrix,
+            tokens=tokens,
             ctx=ctx,
-            probe=probe,
-            # measured (or read from the cache) only when kl itself is measured
-            error=(
-                sensitivity(source, "error", fmt="gguf", revision=revision)
-                if probe
-                else None
-            ),
+            documents=documents,
+            type_probes=type_probes,
             progress=progress,
         )
 
-    def measure() -> Sensitivity:
-        if index.format == "gguf" or fmt != "gguf":  # the second: a clear error
-            return measure_kl(index, layout)
-        with _as_gguf(source, index, layout) as (conv, conv_layout):
-            return measure_kl(conv, conv_layout)
-
-    return cached(
-        index,
+    with _as_gguf(source, index, layout) as (g_index, g_layout):
+        result = measure(g_index, g_layout)
+    store_entry(
         "kl",
-        "gguf",
+        k,
         {
-            "text": digest,
-            "windows": windows,
-            "ctx": ctx,
-            "probe": probe.value if probe is not None else "all",
+            "damage": result.damage,
+            "seconds": result.seconds,
+            "details": dict(result.details),
         },
-        measure,
     )
+    return Sensitivity(
+        "kl", result.damage, result.seconds, {**result.details, "cached": False}
+    )
+
+
+def _damage(doc) -> dict[str, dict[str, float]]:
+    return {
+        str(n): {str(t): float(v) for t, v in row.items()} for n, row in doc.items()
+    }
+
+
+def _key(index: ModelIndex, kind: str, params: dict) -> str:
+    spec = criterion_spec(kind) if kind in ("error", "kl") else None
+    code = code_digest(
+        *(spec.code if spec else ("ewq.evaluate.activations", "ewq.imatrix"))
+    )
+    return key(
+        {"kind": kind, "params": params, "code": code, "runtime": runtime_id()},
+        [] if index.metadata_only else index.files,
+    )
+
+
+def _errors(source, index, layout, fmt, imatrix, revision, progress):
+    """The relative errors per tensor and type (cached): (errors, seconds, cached)."""
+    from ewq.sensitivity.error import relative_errors
+
+    params = {"format": fmt, "imatrix": imatrix.digest() if imatrix else None}
+    k = _key(index, "error", params)
+    doc = load_entry("error", k)
+    if doc is not None:
+        try:
+            return _damage(doc["errors"]), float(doc["seconds"]), True
+        except (KeyError, TypeError, ValueError):
+            pass
+    import time
+
+    started = time.perf_counter()
+    if fmt == "gguf":
+        with (
+            _as_gguf(source, index, layout) as (g_index, g_layout),
+            open_source(g_index.files[0]) as gsrc,
+        ):
+            errors = relative_errors(
+                gsrc, g_layout, "gguf", imatrix=imatrix, progress=progress
+            )
+    else:
+        with open_source(source, download=True, revision=revision) as src:
+            errors = relative_errors(src, layout, fmt, progress=progress)
+    seconds = time.perf_counter() - started
+    store_entry("error", k, {"errors": errors, "seconds": seconds})
+    return errors, seconds, False
 
 
 @contextlib.contextmanager
 def _as_gguf(source, index: ModelIndex, layout: ModelLayout):
-    """A Hugging Face checkpoint converted to a scratch GGUF in ewq's cache folder,
-    for the criteria that measure the GGUF itself (removed afterwards)."""
+    """The GGUF the criteria measure: the source itself, or a Hugging Face checkpoint
+    converted to a scratch GGUF in ewq's cache folder (removed afterwards)."""
+    if index.format == "gguf":
+        yield index, layout
+        return
+    from ewq.cache import cache_dir
     from ewq.quant.convert import converted
-    from ewq.sensitivity.cache import cache_dir
 
     with converted(source, index, layout, cache_dir() / "scratch") as found:
         yield found
+
+
+def load_imatrix(
+    path: str | Path, index: ModelIndex, layout: ModelLayout, source
+) -> Imatrix:
+    """An importance matrix file, checked against the GGUF ``source`` is (or, for a
+    Hugging Face checkpoint, the GGUF llama.cpp's converter will write)."""
+    m = read_imatrix(path)
+    if index.format != "gguf":
+        from ewq.quant.convert import gguf_layout
+
+        index, _ = gguf_layout(source, index, layout)
+    m.check({t.name: t.shape for t in index.tensors}, str(path))
+    return m
+
+
+def _imatrix_for(
+    source,
+    index,
+    layout,
+    text,
+    calibration,
+    documents,
+    revision,
+    progress,
+    ctx: int = 512,
+    chunks: int | None = None,
+) -> Imatrix:
+    """The importance matrix of ``source`` on ``text``, cached (as a GGUF imatrix
+    file) by the content of model and text."""
+    from ewq.cache import cache_dir
+    from ewq.imatrix import ImatrixError, write_imatrix
+
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    params = {"text": digest, "ctx": ctx, "documents": str(documents), "chunks": chunks}
+    stored = cache_dir() / "imatrix" / f"{_key(index, 'imatrix', params)}.gguf"
+    if stored.is_file():
+        try:
+            # computed, not a user's file: no file name in the plan's record
+            return dataclasses.replace(read_imatrix(stored), file=None)
+        except (ImatrixError, OSError):
+            pass
+    from ewq.evaluate.activations import compute_imatrix
+
+    with _as_gguf(source, index, layout) as (g_index, _):
+        m = compute_imatrix(
+            g_index.files[0],
+            text,
+            ctx=ctx,
+            documents=documents,
+            chunks=chunks,
+            dataset=Path(str(calibration)).name,
+            progress=progress,
+        )
+    try:
+        write_imatrix(m, stored)
+    except OSError:
+        pass  # a read-only cache only costs a new computation next time
+    return m
+
+
+def imatrix(
+    source: str | Path,
+    calibration: str | Path,
+    *,
+    ctx: int = 512,
+    documents: str = "stream",
+    chunks: int | None = None,
+    revision: str | None = None,
+    progress: Progress | None = None,
+) -> Imatrix:
+    """The importance matrix of ``source`` (a GGUF file, or a Hugging Face checkpoint
+    through llama.cpp's converter) on the text ``calibration``, computed in-process
+    by llama.cpp as its llama-imatrix tool computes one (ewq.evaluate.activations),
+    cached by the content of model and text."""
+    from ewq.evaluate.data import load_text
+
+    text = load_text(calibration)
+    with open_source(source, download=True, revision=revision) as src:
+        index = src.index
+        layout = resolve(index)
+    return _imatrix_for(
+        source,
+        index,
+        layout,
+        text,
+        calibration,
+        documents,
+        revision,
+        progress,
+        ctx=ctx,
+        chunks=chunks,
+    )

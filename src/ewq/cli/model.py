@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -199,11 +200,13 @@ def plan_cmd(
     *,
     config: PlanConfig,
 ) -> None:
-    """Fit a model into a machine or a cluster: per block precision and machine."""
+    """Fit a model into a machine or a cluster: per tensor the type of least
+    predicted damage (per block: its precision and machine)."""
     from ewq import api
     from ewq.analysis.decision import check_alpha
-    from ewq.planning import load_cluster, single_machine
+    from ewq.planning import Machine, load_cluster, single_machine
     from ewq.reports.plan import (
+        broken_warning,
         export_lines,
         placement_table,
         plan_json,
@@ -211,24 +214,49 @@ def plan_cmd(
         unfit_message,
     )
 
-    if (memory is None) == (cluster is None):
+    if memory is not None and cluster is not None:
         raise typer.BadParameter("give either --memory (one machine) or --cluster FILE")
-    inputs = (source, cluster, config.calibration, config.classifier)
+    if memory is None and cluster is None and config.bpw is None:
+        raise typer.BadParameter(
+            "give --memory (one machine), --cluster FILE or --bpw BITS"
+        )
+    inputs = (source, cluster, config.calibration, config.classifier, config.imatrix)
     outputs(inputs, json_path=json_path)
     if disk is not None and memory is None:
         raise typer.BadParameter("--disk goes with --memory")
     check_alpha(config.alpha)
     if cluster is not None:
         machines = load_cluster(cluster, reserve)
-    else:
+    elif memory is not None:
         machines = (single_machine(memory, disk, reserve),)
+    else:  # --bpw alone: the bits per weight are the budget
+        machines = (Machine("local", 1 << 62),)
     reads = config.method.value == "ewq"
     bar = progress_bar("analysing") if reads else contextlib.nullcontext(None)
     with bar as progress:
         planned = api.plan(source, machines, config, progress=progress)
     if not planned.result.fits:
         raise EwqError(unfit_message(planned, source))
+    if (
+        json_path is not None
+        and planned.imatrix is not None
+        and not planned.imatrix.file
+    ):
+        # computed from --calibration: written beside the plan, which names it, so
+        # that `ewq quantize` (and llama-quantize) can use it
+        from ewq.imatrix import write_imatrix
+
+        path = json_path.with_name(json_path.stem + ".imatrix.gguf")
+        outputs(inputs, json_path=path)
+        write_imatrix(planned.imatrix, path)
+        planned = dataclasses.replace(
+            planned, imatrix=dataclasses.replace(planned.imatrix, file=path.name)
+        )
+        err.print(f"wrote the importance matrix {path}")
     out.print(plan_table(planned))
+    warning = broken_warning(planned)
+    if warning is not None:
+        err.print(warning, markup=False, highlight=False)
     placement = placement_table(planned)
     if placement is not None:
         out.print(placement)
@@ -236,3 +264,49 @@ def plan_cmd(
         out.print(line)
     if json_path is not None:
         write_json(json_path, plan_json(planned, __version__))
+
+
+@app.command(
+    "imatrix",
+    epilog="Examples:\n\n  ewq imatrix default --calibration wiki.train.txt --out "
+    "smollm2.imatrix.gguf"
+    "\n\n  ewq imatrix IgLM-F32.gguf --calibration seqs.txt --documents lines "
+    "--ctx 64 --out iglm.imatrix.gguf"
+    "\n\n  llama-quantize --imatrix smollm2.imatrix.gguf ... (llama.cpp reads it)",
+)
+def imatrix_cmd(
+    source: SourceArg,
+    calibration: Annotated[Path, typer.Option(help="Calibration text.")],
+    out_path: Annotated[
+        Path, typer.Option("--out", help="Where to write it (.gguf; .dat: legacy).")
+    ],
+    ctx: Annotated[int, typer.Option(min=16, help="Tokens per chunk.")] = 512,
+    documents: Annotated[
+        str, typer.Option(help="stream (llama-imatrix's chunks) or lines.")
+    ] = "stream",
+    chunks: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many chunks.")
+    ] = None,
+) -> None:
+    """The importance matrix of a model on a text, computed in-process by llama.cpp
+    as its llama-imatrix tool computes one, in the file format llama.cpp reads."""
+    from ewq import api
+    from ewq.imatrix import write_imatrix
+
+    if documents not in ("stream", "lines"):
+        raise typer.BadParameter("--documents is stream or lines")
+    outputs((source, calibration), out_path=out_path)
+    with count_bar("imatrix", "chunks") as progress:
+        m = api.imatrix(
+            source,
+            calibration,
+            ctx=ctx,
+            documents=documents,
+            chunks=chunks,
+            progress=progress,
+        )
+    write_imatrix(m, out_path, legacy=out_path.suffix == ".dat")
+    err.print(
+        f"wrote {out_path}: {len(m.entries)} entries from {m.chunk_count} chunks of "
+        f"{m.chunk_size} tokens"
+    )

@@ -20,7 +20,7 @@ from ewq.cli.common import (
     step_bar,
     write_json,
 )
-from ewq.config import DEFAULT_ALPHA, EvalConfig
+from ewq.config import DEFAULT_ALPHA, PRESETS, EvalConfig
 from ewq.errors import EwqError
 
 dataset_app = typer.Typer(help="The FastEWQ dataset.", no_args_is_help=True)
@@ -203,6 +203,8 @@ def bench(
 @app.command(
     epilog="Example:\n\n  ewq compare default --text wiki.valid.txt --calibration "
     "enwiki.xml.bz2 --out results/smollm2-135m/compare"
+    "\n\n  ewq compare IgLM-F32.gguf --text eval.txt --calibration calibration.txt "
+    "--documents lines --ctx 64 --windows 512 --out results/iglm/compare"
 )
 def compare(
     source: SourceArg,
@@ -211,27 +213,39 @@ def compare(
     calibration: Annotated[
         Path | None,
         typer.Option(
-            help="Calibration text for the kl criterion (another text; decoders)."
+            help="Calibration text (another text than --text): the importance matrix "
+            "and the kl criterion (decoders)."
+        ),
+    ] = None,
+    imatrix: Annotated[
+        Path | None,
+        typer.Option(
+            help="An importance matrix instead of one computed on --calibration."
         ),
     ] = None,
     windows: Annotated[int, typer.Option(min=1, help="Evaluation windows.")] = 8,
     ctx: Annotated[int, typer.Option(min=16, help="Tokens per window.")] = 512,
+    documents: Annotated[
+        str,
+        typer.Option(help="stream, or lines (every line a document: IgLM)."),
+    ] = "stream",
+    calib_tokens: Annotated[
+        int, typer.Option(min=16, help="Calibration tokens per probe (kl criterion).")
+    ] = 1024,
+    calib_ctx: Annotated[
+        int, typer.Option(min=16, help="Tokens per calibration window.")
+    ] = 256,
     seeds: Annotated[int, typer.Option(min=1, help="Random criteria (seeds).")] = 3,
-    extra: Annotated[
-        int,
-        typer.Option(min=0, help="Budgets below the smallest preset (criteria only)."),
-    ] = 3,
     criteria: Annotated[
         str, typer.Option(help="Criteria compared, comma-separated.")
-    ] = "entropy,error,kl,random,position",
+    ] = "kl,error,entropy,position,random",
     presets: Annotated[
         str, typer.Option(help="llama.cpp presets, comma-separated.")
-    ] = ",".join(
-        ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q2_K")
-    ),
+    ] = ",".join(PRESETS),
 ) -> None:
-    """ewq's plans against llama.cpp's presets at equal bytes (KL, perplexity); for
-    a Hugging Face encoder, against uniform precisions (embedding cosine)."""
+    """ewq's plans against llama.cpp's presets (with the same importance matrix and
+    without) at equal bytes (KL, perplexity); for a Hugging Face encoder, against
+    uniform precisions (embedding cosine)."""
     from ewq.bench import is_encoder
     from ewq.compare import compare as run_compare
     from ewq.compare import compare_encoder
@@ -242,18 +256,24 @@ def compare(
         compare_encoder(source, text, out_dir, seeds=seeds, log=log)
         err.print(f"wrote {out_dir}/README.md, compare.json")
         return
-    if calibration is None:
-        raise typer.BadParameter("--calibration is required for decoders")
+    if documents not in ("stream", "lines"):
+        raise typer.BadParameter("--documents is stream or lines")
+    chosen = [c.strip() for c in criteria.split(",") if c.strip()]
+    if calibration is None and "kl" in chosen:
+        raise typer.BadParameter("the kl criterion needs --calibration TEXT")
     result = run_compare(
         source,
         text,
         calibration,
         out_dir,
+        imatrix=imatrix,
         windows=windows,
         ctx=ctx,
+        documents=documents,
         seeds=seeds,
-        extra=extra,
-        criteria=[c.strip() for c in criteria.split(",") if c.strip()],
+        calib_tokens=calib_tokens,
+        calib_ctx=calib_ctx,
+        criteria=chosen,
         presets=[p.strip() for p in presets.split(",") if p.strip()],
         log=log,
     )

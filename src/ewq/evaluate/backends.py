@@ -93,12 +93,19 @@ class LlamaCppModel:
         except (ValueError, RuntimeError) as exc:
             raise EwqError(f"{path}: llama.cpp cannot load it ({exc})") from None
         self.vocab_size = self.llm.n_vocab()
+        # llama.cpp's rule (llama-perplexity, llama-imatrix): a window starts with
+        # BOS only where the vocabulary says it adds one
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         bos = self.llm.token_bos()
-        self.bos = bos if bos >= 0 else None
+        adds = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.bos = bos if bos >= 0 and adds else None
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_special``: with the special tokens the
+        vocabulary adds to a prompt (BOS; WordPiece: CLS and SEP), as llama.cpp's
+        tools tokenize a whole input file."""
         return list(
-            self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+            self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=False)
         )
 
     def _scores(self, tokens: list[int]) -> np.ndarray:

@@ -9,26 +9,35 @@ from pathlib import Path
 
 import numpy as np
 
-from ewq.evaluate import tasks
+from ewq.errors import EwqError
 from ewq.evaluate.backends import LlamaCppModel
 from ewq.evaluate.metrics import kl_logits, logsumexp_rows, summarize_kl
+from ewq.evaluate.windows import text_windows
 
 __all__ = ["Reference", "text_metrics"]
 
 
 class Reference:
     """The reference model's float32 logits (as llama.cpp gives them) and their
-    log-sum-exps on ``windows`` windows of ``ctx`` tokens of ``text``."""
+    log-sum-exps on ``windows`` windows of ``ctx`` tokens of ``text``
+    (ewq.evaluate.windows: a token stream, or one document per line)."""
 
-    def __init__(self, path: Path, text: str, *, ctx: int, windows: int):
+    def __init__(
+        self,
+        path: Path,
+        text: str,
+        *,
+        ctx: int,
+        windows: int,
+        documents: str = "stream",
+    ):
+        self.ctx = ctx
         self.model = LlamaCppModel(path, ctx)
-        tokens = self.model.tokenize(text)
-        bos = self.model.bos
-        size = ctx - (bos is not None)
-        self.seqs = [
-            ([bos] if bos is not None else []) + tokens[a:b]
-            for a, b, _ in tasks.windows(len(tokens), size, size, windows)
-        ]
+        self.seqs = text_windows(
+            self.model.tokenize, self.model.bos, text, ctx, documents, windows
+        )
+        if not self.seqs:
+            raise EwqError("the evaluation text is too short for one window")
         self.logits = [self.model.logits(s) for s in self.seqs]
         self.lse = [logsumexp_rows(x) for x in self.logits]
 

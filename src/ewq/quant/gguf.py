@@ -17,12 +17,13 @@ from pathlib import Path
 
 from ewq.errors import EwqError, FormatError
 from ewq.fileio import atomic_path_for_native
+from ewq.imatrix import Imatrix
+from ewq.native import LLAMA_CPP_PIN
 from ewq.quant.targets import TensorTarget, overrides
 from ewq.sources.gguf import read_header
 
-__all__ = ["LLAMA_CPP_PIN", "quantize_gguf", "quantize_preset"]
+__all__ = ["LLAMA_CPP_PIN", "imatrix_metadata", "quantize_gguf", "quantize_preset"]
 
-LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 _lock = threading.Lock()  # llama.cpp's logger is process-wide
 _ABANDONED: list = []  # callbacks of runs interrupted while llama.cpp still logs
@@ -47,30 +48,39 @@ def quantize_gguf(
     threads: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     before_commit: Callable[[Path, dict[str, str]], None] | None = None,
-    metadata: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str | int] | None = None,
+    imatrix: Imatrix | None = None,
 ) -> dict[str, str]:
     """Write ``source`` quantized as ``targets`` say; return the types written.
 
     ``before_commit(tmp, written)`` runs after the check and before the rename (the
     caller writes the provenance record there, so a model never sits beside a
-    missing or stale record). ``metadata``: string keys llama.cpp writes into the
-    output's own GGUF metadata (its quantizer's ``kv_overrides``; values up to 127
-    bytes, longer ones are cut).
+    missing or stale record). ``metadata``: keys llama.cpp writes into the output's
+    own GGUF metadata (its quantizer's ``kv_overrides``: strings up to 127 bytes,
+    longer ones are cut, and integers). ``imatrix``: handed to llama.cpp's quantizer
+    (its ``imatrix`` entries, as ``llama-quantize --imatrix`` hands them), and its
+    ``quantize.imatrix.*`` keys written as llama-quantize writes them.
 
     Raises :class:`FormatError` (and writes nothing) if llama.cpp fails or writes a
     type other than predicted.
     """
     lc = _llama_cpp()
+    metadata = dict(metadata or {})
+    keep: list = []  # the C data must outlive the call: ctypes keeps only pointers
+    params = lc.llama_model_quantize_default_params()
+    if imatrix is not None:
+        params.imatrix = _imatrix_entries(lc, imatrix, targets, keep)
+        metadata |= imatrix_metadata(imatrix)
+    else:
+        _refuse_without_imatrix(targets)
     pairs = overrides(targets)
     table = (lc.llama_model_tensor_override * (len(pairs) + 1))()
-    keep = []  # the C strings must outlive the call: ctypes keeps only pointers
     for i, (pattern, qtype) in enumerate(pairs):
         raw = pattern.encode()
         keep.append(raw)
         table[i].pattern = raw
         table[i].type = _ggml_type(qtype)
     table[len(pairs)].pattern = None
-    params = lc.llama_model_quantize_default_params()
     params.ftype = lc.LLAMA_FTYPE_MOSTLY_Q8_0  # unused: every tensor is overridden
     params.allow_requantize = True
     params.pure = True
@@ -81,9 +91,13 @@ def quantize_gguf(
     if metadata:
         kv = (lc.llama_model_kv_override * (len(metadata) + 1))()
         for i, (key, value) in enumerate(metadata.items()):
-            kv[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_STR
             kv[i].key = _cut(key)
-            kv[i].value.val_str = _cut(value)
+            if isinstance(value, int):
+                kv[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_INT
+                kv[i].value.val_i64 = value
+            else:
+                kv[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_STR
+                kv[i].value.val_str = _cut(value)
         kv[len(metadata)].key = b""  # the end of the list
         keep.append(kv)
         params.kv_overrides = ctypes.cast(
@@ -98,6 +112,54 @@ def quantize_gguf(
     return written
 
 
+def imatrix_metadata(imatrix: Imatrix) -> dict[str, str | int]:
+    """The keys llama-quantize writes for an importance matrix
+    (tools/quantize/quantize.cpp: LLM_KV_QUANTIZE_IMATRIX_*)."""
+    meta: dict[str, str | int] = {
+        "quantize.imatrix.file": imatrix.file or f"sha256:{imatrix.digest()}",
+        "quantize.imatrix.entries_count": len(imatrix.entries),
+    }
+    if imatrix.datasets:
+        meta["quantize.imatrix.dataset"] = imatrix.datasets[0]
+    if imatrix.chunk_count > 0:
+        meta["quantize.imatrix.chunks_count"] = imatrix.chunk_count
+    return meta
+
+
+def _refuse_without_imatrix(targets: list[TensorTarget]) -> None:
+    needing = [t for t in targets if t.needs_imatrix]
+    if needing:
+        t = needing[0]
+        raise FormatError(
+            f"tensor '{t.name}' is planned as {t.type}, which llama.cpp writes only "
+            "with an importance matrix: give --imatrix FILE (or plan with "
+            "--calibration TEXT)"
+        )
+
+
+def _imatrix_entries(lc, imatrix: Imatrix, targets: list[TensorTarget], keep: list):
+    """llama.cpp's ``llama_model_imatrix_data`` array (name, data, size; a null name
+    ends it): what llama-quantize gives its quantizer."""
+    missing = [t for t in targets if t.needs_imatrix and t.name not in imatrix.entries]
+    if missing:
+        t = missing[0]
+        raise FormatError(
+            f"tensor '{t.name}' is planned as {t.type}, which llama.cpp writes only "
+            "with an importance matrix, and the importance matrix has no entry for it"
+        )
+    weights = imatrix.weights()
+    arr = (lc.llama_model_imatrix_data * (len(weights) + 1))()
+    for i, (name, values) in enumerate(weights.items()):
+        raw = name.encode()
+        keep += [raw, values]
+        arr[i].name = raw
+        arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = values.size
+    arr[len(weights)].name = None
+    keep.append(arr)
+    return ctypes.cast(arr, ctypes.POINTER(lc.llama_model_imatrix_data))
+
+
 def _cut(text: str, limit: int = 127) -> bytes:
     """UTF-8 of ``text`` cut to ``limit`` bytes without splitting a character."""
     return text.encode()[:limit].decode("utf-8", "ignore").encode()
@@ -110,11 +172,13 @@ def quantize_preset(
     *,
     pure: bool = False,
     threads: int | None = None,
+    imatrix: Imatrix | None = None,
 ) -> dict[str, str]:
     """Write ``source`` as llama.cpp's own preset ``preset`` (Q4_K_M, Q3_K_S, ...):
     its per-tensor type mixture, exactly as `llama-quantize SRC OUT PRESET` makes it
-    (``--allow-requantize``, no importance matrix); with ``pure``, the preset's
-    plain type for every tensor (`--pure`). Returns the types written."""
+    (``--allow-requantize``; with ``imatrix``, as ``--imatrix FILE`` does); with
+    ``pure``, the preset's plain type for every tensor (`--pure`). Returns the types
+    written."""
     lc = _llama_cpp()
     ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{preset.upper()}", None)
     if ftype is None:
@@ -124,6 +188,9 @@ def quantize_preset(
     params.allow_requantize = True
     params.pure = pure
     params.nthread = threads or 0
+    keep: list = []
+    if imatrix is not None:
+        params.imatrix = _imatrix_entries(lc, imatrix, [], keep)
     with _lock, atomic_path_for_native(out) as tmp:
         _run(lc, source, tmp, params, None)
         header = read_header(tmp)

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ewq.arch import ModelLayout
-from ewq.formats import encoding
+from ewq.formats import output_format
 from ewq.planfile import Plan, PlanError
 from ewq.types import ModelIndex, Precision
 
@@ -62,16 +62,29 @@ class TensorTarget:
     fallback: bool
     nbytes: int
     quantizable: bool  # llama.cpp would quantize it if asked
+    needs_imatrix: bool = False  # llama.cpp writes its type only with an imatrix
 
 
 def plan_targets(
     fmt: str, index: ModelIndex, layout: ModelLayout, plan: Plan
 ) -> list[TensorTarget]:
-    """Every written tensor's type and exact size under ``plan``, in file order.
+    """Every written tensor's type and exact size under ``plan``, in file order: the
+    plan's own type for a tensor it lists, else its block's precision.
 
     For hf, ``type`` reads ``int4/g128`` (4-bit integers, scales per 128 columns),
-    ``int8/row`` (one scale per row), or the tensor's own dtype when kept.
+    ``int8/row`` (one scale per row), or the tensor's own dtype when kept. A listed
+    type the format cannot write for that tensor (a K-quant on rows of 576, a type
+    of the other format) is refused, naming the tensor.
     """
+    form = output_format(fmt)
+    chosen = plan.types()
+    known = {info.name for info in index.tensors}
+    stray = [n for n in chosen if n not in known]
+    if stray:
+        raise PlanError(
+            f"the plan names tensor '{stray[0]}', which the model does not have"
+            + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else "")
+        )
     out = []
     for info in index.tensors:
         key = layout.keys.get(info.name)
@@ -81,7 +94,17 @@ def plan_targets(
             if exec_index is not None
             else Precision.RAW
         )
-        t = encoding(fmt, info, key, precision)
+        if info.name in chosen:
+            t = form.of_type(info, key, chosen[info.name])
+            if t is None:
+                raise PlanError(
+                    f"the {fmt} format cannot write tensor '{info.name}' "
+                    f"({'x'.join(map(str, info.shape))}, {info.dtype}) as "
+                    f"{chosen[info.name]}"
+                )
+            precision = t.precision
+        else:
+            t = form.encoding(info, key, precision)
         if t is not None:
             out.append(
                 TensorTarget(
@@ -93,6 +116,7 @@ def plan_targets(
                     t.fallback,
                     t.nbytes,
                     t.quantizable,
+                    t.needs_imatrix,
                 )
             )
     return out
@@ -133,9 +157,13 @@ def overrides(targets: list[TensorTarget]) -> list[tuple[str, str]]:
     return pairs
 
 
-def llama_quantize_args(targets: list[TensorTarget], src: str, out: str) -> list[str]:
+def llama_quantize_args(
+    targets: list[TensorTarget], src: str, out: str, imatrix: str | None = None
+) -> list[str]:
     """The same job for llama.cpp's command-line `llama-quantize`."""
     args = ["llama-quantize", "--allow-requantize", "--pure"]
+    if imatrix is not None:
+        args += ["--imatrix", imatrix]
     for pattern, qtype in overrides(targets):
         args += ["--tensor-type", f"{pattern}={qtype.lower()}"]
     return [*args, src, out, "q8_0"]

@@ -11,19 +11,23 @@ from rich.table import Table
 
 from ewq.fileio import atomic_path, atomic_write_text
 
-__all__ = ["compare_table", "summary", "write_compare", "write_compare_encoder"]
+__all__ = [
+    "compare_table",
+    "head_to_head",
+    "summary",
+    "write_compare",
+    "write_compare_encoder",
+]
 
 
 def _curve(name: str) -> str:
     if name.startswith("ewq random"):
         return "ewq random (mean of seeds)"
-    if name.startswith("llama.cpp"):
-        return "llama.cpp preset"
     return name
 
 
 def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per preset size: the preset's KL and each plan's (random: mean of seeds)."""
+    """Per preset size: each plan's mean KL (random: the mean of its seeds)."""
     out = []
     by: dict[str, dict[str, list[float]]] = {}
     for r in result["rows"]:
@@ -39,50 +43,92 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def head_to_head(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per preset size: llama.cpp's preset without and with the importance matrix,
+    ewq's calibrated (kl) and data-free (error) plans, and their ratios to the
+    better preset (kl) and to the preset without an importance matrix (error)."""
+    rows = []
+    for row in summary(result):
+        size = row["size_of"]
+        plain = row.get(f"llama.cpp {size}")
+        imat = row.get(f"llama.cpp {size} + imatrix")
+        best = min(v for v in (plain, imat) if v is not None)
+        kl, err = row.get("ewq kl"), row.get("ewq error")
+        rows.append(
+            {
+                "size_of": size,
+                "preset": plain,
+                "preset_imatrix": imat,
+                "ewq_kl": kl,
+                "ewq_error": err,
+                "kl_ratio": kl / best if kl is not None and best > 0 else None,
+                "error_ratio": err / plain if err is not None and plain else None,
+            }
+        )
+    return rows
+
+
+def _f(v: float | None, digits: int = 5) -> str:
+    return "-" if v is None else f"{max(v, 0.0):.{digits}f}"
+
+
 def write_compare(result: dict[str, Any], out: Path) -> None:
     """compare.json, README.md and size_vs_kl.png of a decoder's comparison."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
     src_mb = result["source_tensor_bytes"] / 1e6
+    ev, cal, im = result["eval"], result["calibration"], result["imatrix"]
+    docs = "one document per line" if ev["documents"] == "lines" else "a token stream"
     md = [
-        f"# {result['model_name']}: ewq plans against llama.cpp's presets at equal bytes",
+        f"# {result['model_name']}: ewq against llama.cpp's presets at equal bytes",
         "",
-        f"Source: the GGUF file as shipped ({src_mb:.2f} MB of tensor data). Each "
+        f"Source: {src_mb:.2f} MB of tensor data ({result['source_types']}). Each "
         "llama.cpp preset is made from it by llama.cpp's quantizer (its own per-tensor "
-        "mixture, `--allow-requantize`, no importance matrix); each ewq plan gets the "
-        "preset's exact tensor bytes as its budget (optimal allocator, one precision "
-        "per block from the whole GGUF ladder). Measured on "
-        f"{result['eval']['windows']} windows of {result['eval']['ctx']} tokens of "
-        f"`{result['eval']['text']}`; the kl criterion was calibrated on "
-        f"{result['calibration']['windows']} windows of {result['calibration']['ctx']} "
-        f"tokens of `{result['calibration']['text']}` (another text). KL is from the "
-        "source model, in nats per token. MB = 10^6 bytes.",
+        "mixture, `--allow-requantize`), without an importance matrix and with the "
+        "same importance matrix ewq uses; each ewq plan gets the preset's exact tensor "
+        "bytes as its budget (per-tensor optimal allocator over every GGML type "
+        f"llama.cpp writes). Measured on {ev['windows']} windows of up to {ev['ctx']} "
+        f"tokens ({ev['tokens']:,} tokens, {docs}) of `{ev['text']}`",
+    ]
+    if cal["text"]:
+        md[-1] += (
+            f"; the importance matrix ({im['chunks']} chunks) and the kl criterion "
+            f"(probes on {cal['tokens']:,} tokens) used `{cal['text']}`, another text."
+        )
+    md[-1] += " KL is from the source model, in nats per token. MB = 10^6 bytes."
+    md += [
         "",
         "![size against KL](size_vs_kl.png)",
         "",
-        "| size of | plan | MB | blocks | KL mean | KL p99 | top-1 | perplexity |",
-        "|---|---|---|---|---|---|---|---|",
+        "## Head to head",
+        "",
+        "| size of | preset | preset + imatrix | ewq kl | ewq kl / better preset "
+        "| ewq error (data-free) | ewq error / preset |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for h in head_to_head(result):
+        md.append(
+            f"| {h['size_of']} | {_f(h['preset'])} | {_f(h['preset_imatrix'])} | "
+            f"{_f(h['ewq_kl'])} | {_f(h['kl_ratio'], 2)} | {_f(h['ewq_error'])} | "
+            f"{_f(h['error_ratio'], 2)} |"
+        )
+    md += [
+        "",
+        "## Every plan",
+        "",
+        "| size of | plan | MB | types | KL mean | predicted KL | KL p99 | top-1 "
+        "| perplexity |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r.get("bytes") is None:
-            md.append(f"| {r['size_of']} | {r['plan']} | does not fit | | | | | |")
+            md.append(f"| {r['size_of']} | {r['plan']} | does not fit | | | | | | |")
             continue
         md.append(
-            f"| {r['size_of']} | {r['plan']} | {r['bytes'] / 1e6:.2f} | {r['blocks']} | "
-            f"{max(r['kl_mean'], 0.0):.4f} | {max(r['kl_p99'], 0.0):.3f} | "
-            f"{r['top1_agreement']:.4f} | "
+            f"| {r['size_of']} | {r['plan']} | {r['bytes'] / 1e6:.3f} | {r['types']} | "
+            f"{_f(r['kl_mean'])} | {_f(r.get('predicted_kl'))} | "
+            f"{max(r['kl_p99'], 0.0):.3f} | {r['top1_agreement']:.4f} | "
             f"{r['perplexity']:.3f} |"
-        )
-    md += ["", "## Summary: mean KL at each preset's size", ""]
-    summ = summary(result)
-    cols = sorted({k for row in summ for k in row if k != "size_of"})
-    md.append("| size of | " + " | ".join(cols) + " |")
-    md.append("|---|" + "---|" * len(cols))
-    for row in summ:
-        md.append(
-            f"| {row['size_of']} | "
-            + " | ".join(f"{max(row[c], 0.0):.4f}" if c in row else "-" for c in cols)
-            + " |"
         )
     md += [
         "",
@@ -104,12 +150,21 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     for r in result["rows"]:
         if r.get("bytes") is None:
             continue
-        name = "llama.cpp presets" if r["plan"].startswith("llama.cpp") else r["plan"]
+        name = r["plan"]
+        if name.startswith("llama.cpp"):
+            name = "llama.cpp + imatrix" if name.endswith("imatrix") else "llama.cpp"
         curves.setdefault(name, []).append((r["bytes"] / 1e6, max(r["kl_mean"], 1e-5)))
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for name, pts in sorted(curves.items()):
         xs, ys = zip(*sorted(pts), strict=True)
-        style = dict(lw=2.2, color="black", marker="s") if "llama.cpp" in name else {}
+        style = {}
+        if name.startswith("llama.cpp"):
+            style = dict(
+                lw=2.2,
+                color="black" if name == "llama.cpp" else "#555555",
+                marker="s",
+                ls="-" if name == "llama.cpp" else "--",
+            )
         if name.startswith("ewq random"):
             style = dict(lw=0.8, color="#999999", marker="x")
         ax.plot(xs, ys, marker=style.pop("marker", "o"), ms=4, label=name, **style)
@@ -136,18 +191,18 @@ def write_compare_encoder(result: dict[str, Any], out: Path, text_name: str) -> 
         "",
         "Each uniform checkpoint puts every transformer block at one precision "
         "(embeddings raw); each ewq plan gets its exact tensor bytes as the budget "
-        "(optimal allocator over raw, 8, 4, 3 and 2 bits per block, embeddings "
-        f"included). Fidelity: cosine of mean-pooled embeddings of {sentences} "
+        "(per-tensor optimal allocator over raw, 8, 4, 3 and 2 bits). "
+        f"Fidelity: cosine of mean-pooled embeddings of {sentences} "
         f"sentences of `{text_name}` to the source model's. Hugging Face output "
         "(compressed-tensors, round to nearest); the kl criterion needs llama.cpp and "
         "is not run here.",
         "",
-        "| size of | plan | MB | blocks | cosine mean | cosine p01 |",
+        "| size of | plan | MB | types | cosine mean | cosine p01 |",
         "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         md.append(
-            f"| {r['size_of']} | {r['plan']} | {r['bytes'] / 1e6:.3f} | {r['blocks']} | "
+            f"| {r['size_of']} | {r['plan']} | {r['bytes'] / 1e6:.3f} | {r['types']} | "
             f"{r['cosine_mean']:.5f} | {r['cosine_p01']:.5f} |"
         )
     md += ["", f"Whole run {result['seconds'] / 60:.1f} min."]

@@ -12,7 +12,9 @@ from ewq.reports.inspect import human_bytes
 from ewq.types import BlockKind
 
 __all__ = [
+    "broken_warning",
     "export_lines",
+    "predicted_kl",
     "placement_table",
     "plan_json",
     "plan_table",
@@ -92,9 +94,51 @@ def plan_json(planned: PlanResult, ewq_version: str) -> dict[str, Any]:
             }
             for b in layout.transformer_blocks
         ],
+        "tensors": [
+            {"name": n, "type": str(o.precision), "bytes": o.bytes, "damage": o.damage}
+            for n, o in r.tensors.items()
+        ],
+        "imatrix": _imatrix(planned.imatrix),
+        "predicted_kl": predicted_kl(planned),
+        "selection": planned.selection,
+        "bits_per_weight": 8 * r.total_bytes / max(1, planned.layout_parameters),
         "machines": [_machine(m, r, rt, planned.machines) for m in r.machines],
         "seconds_per_token": r.seconds_per_token,
         "exports": planned.exports,
+    }
+
+
+def predicted_kl(planned: PlanResult) -> float | None:
+    """The plan's predicted KL from the unquantized model (nats per token): the
+    measured criteria's summed damage (None for the others: not a KL)."""
+    if planned.criterion in ("error", "kl") and planned.result.damage is not None:
+        return planned.result.damage
+    return None
+
+
+def broken_warning(planned: PlanResult) -> str | None:
+    """One line when the predicted KL says the model will be broken."""
+    from ewq.sensitivity import BROKEN_KL
+
+    kl = predicted_kl(planned)
+    if kl is None or kl <= BROKEN_KL:
+        return None
+    return (
+        f"warning: the plan's predicted KL divergence is {kl:.2f} nats per token "
+        f"(above {BROKEN_KL:g}): expect a broken model; give it more memory or bits"
+    )
+
+
+def _imatrix(m: Any) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    return {
+        "sha256": m.digest(),
+        "file": m.file,
+        "entries": len(m.entries),
+        "chunk_count": m.chunk_count,
+        "chunk_size": m.chunk_size,
+        "datasets": list(m.datasets),
     }
 
 
@@ -150,15 +194,26 @@ def plan_table(planned: PlanResult) -> Table:
         f"{human_bytes(capacity)} on {sum(1 for m in r.machines if m.exec_indices)} "
         "machine(s); blocks: " + ", ".join(f"{n} {p}" for p, n in counts.items()),
     )
-    for col in (
-        "exec_index",
-        "kind",
-        "entropy",
-        "decision",
-        "precision",
-        "bytes",
-        "machine",
-    ):
+    per_tensor = bool(r.tensors)
+    kl = predicted_kl(planned)
+    if kl is not None or per_tensor:
+        bits = 8 * r.total_bytes / max(1, planned.layout_parameters)
+        extra = [f"{bits:.3f} bits per weight"]
+        if kl is not None:
+            extra.append(f"predicted KL {kl:.4g} nats/token")
+        if planned.imatrix is not None:
+            extra.append(
+                f"importance matrix of {planned.imatrix.chunk_count} chunks"
+                + (
+                    f" ({planned.imatrix.datasets[0]})"
+                    if planned.imatrix.datasets
+                    else ""
+                )
+            )
+        table.caption = f"{table.caption}; " + "; ".join(extra)
+    columns = ["exec_index", "kind", "entropy", "decision", "precision", "bytes"]
+    columns += ["types"] if per_tensor else []
+    for col in (*columns, "machine"):
         table.add_column(
             col,
             justify="right" if col in ("exec_index", "entropy", "bytes") else "left",
@@ -176,16 +231,22 @@ def plan_table(planned: PlanResult) -> Table:
         p = r.precision[i].value
         decision = planned.decision[i].value if b.kind is BlockKind.TRANSFORMER else "-"
         h = entropy.get(i)
-        table.add_row(
+        cells = [
             str(i),
             b.kind.value,
             "-" if h is None else f"{h:.6f}",
             decision,
             p,
             human_bytes(r.bytes[i]),
-            r.machine[i] or "-",
-            style=styles.get(p, "magenta"),
-        )
+        ]
+        if per_tensor:
+            counts: dict[str, int] = {}
+            for t in b.tensors:
+                o = r.tensors.get(t.name)
+                if o is not None:
+                    counts[str(o.precision)] = counts.get(str(o.precision), 0) + 1
+            cells.append(", ".join(f"{n} {t}" for t, n in counts.items()) or "-")
+        table.add_row(*cells, r.machine[i] or "-", style=styles.get(p, "magenta"))
     return table
 
 

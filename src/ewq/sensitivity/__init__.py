@@ -1,20 +1,26 @@
-"""Sensitivity criteria: per block and per candidate precision, an estimate of the
-damage that precision does. The optimal allocator (planning/allocate.py) minimises
-their sum within the budget.
+"""Sensitivity criteria: per tensor and per type it can be written as, an estimate
+of the damage that type does (predicted KL divergence from the unquantized model,
+in nats per token, for the measured criteria). The optimal allocator
+(planning/allocate.py) minimises their sum within the budget.
+
+One registry entry per criterion (:data:`CRITERIA`): its name, whether it needs
+calibration text, whether it reads the weights, the function that measures it and
+the modules whose source keys its cache.
 
 * ``error`` (data-free, measured): every tensor round-tripped through the real
-  target quantizer, damage = sum over the block's tensors of the relative squared
-  reconstruction error ||W - Q(W)||^2 / ||W||^2 (error.py).
-* ``kl`` (calibrated): the model quantized one block at a time to each candidate,
-  damage = mean KL divergence from the unquantized model on calibration text
-  (kl.py; GGUF through llama.cpp).
+  quantizer at every type it can be written as; damage = KAPPA x the relative
+  squared error ||W - Q(W)||^2 / ||W||^2 (error.py). With an importance matrix the
+  error is weighted per input column by it (what llama.cpp's quantizer itself
+  minimises) and the quantizer is given it, as `ewq quantize` will.
+* ``kl`` (calibrated): the imatrix-weighted error scaled per tensor by a sensitivity
+  measured on calibration text: the KL when that tensor alone is quantized (kl.py).
 * ``entropy`` (the paper's score), ``random`` and ``position`` (baselines): no
-  measurement of the quantizer; damage = s_b * sum over the block's tensors of
-  4^-bits, the noise power of an ideal quantizer at the bits the tensor is written
-  with, scaled by a per-block sensitivity s_b: exp of the block's entropy z-score
-  (higher entropy, more sensitive: the paper quantizes low entropy first), of a
-  seeded random normal, or of the negated exec_index z-score (FastEWQ's order: the
-  highest block is quantized first). The embedding and head take the largest s_b.
+  measurement of the quantizer; damage = s_b x 4^-bits, the noise power of an ideal
+  quantizer at the bits the tensor is written with, scaled by a per-block
+  sensitivity s_b: exp of the block's entropy z-score (higher entropy, more
+  sensitive: the paper quantizes low entropy first), of a seeded random normal, or
+  of the negated exec_index z-score (FastEWQ's order: the highest block is quantized
+  first). The embedding and head take the largest s_b.
 """
 
 from __future__ import annotations
@@ -26,36 +32,127 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ewq.arch import ModelLayout
-from ewq.formats import encoding, offered
-from ewq.types import Precision
+from ewq.formats import Encoding, output_format
+from ewq.types import Precision, TensorInfo, TensorKey
 
-__all__ = ["CRITERIA", "Sensitivity", "modelled"]
+__all__ = [
+    "CRITERIA",
+    "BROKEN_KL",
+    "KAPPA",
+    "CriterionSpec",
+    "Sensitivity",
+    "criterion",
+    "modelled",
+    "tensor_candidates",
+]
 
-CRITERIA = ("entropy", "error", "kl", "random", "position")
+#: KL (nats per token) per unit of summed relative squared error, for the data-free
+#: criterion's predicted KL: the median of the per-tensor sensitivities the kl
+#: criterion measured on IgLM and SmolLM2 (benchmarks/damage_model.py)
+KAPPA = 0.05
+#: a predicted KL above this many nats per token predicts a broken model (its
+#: next-token distributions barely agree with the unquantized model's)
+BROKEN_KL = 1.0
+
+
+@dataclass(frozen=True)
+class CriterionSpec:
+    """One criterion: how damage is estimated."""
+
+    name: str
+    calibrated: bool  # needs calibration text (or an importance matrix)
+    reads_weights: bool  # reads every weight (a hub id downloads them)
+    code: tuple[str, ...]  # modules whose source keys its cached values
+    help: str
+
+
+CRITERIA: dict[str, CriterionSpec] = {
+    c.name: c
+    for c in (
+        CriterionSpec(
+            "error",
+            False,
+            True,
+            ("ewq.sensitivity", "ewq.sensitivity.error", "ewq.quant.ggml"),
+            "round trip through the real quantizer, data-free",
+        ),
+        CriterionSpec(
+            "kl",
+            True,
+            True,
+            (
+                "ewq.sensitivity",
+                "ewq.sensitivity.error",
+                "ewq.sensitivity.kl",
+                "ewq.quant.ggml",
+                "ewq.quant.targets",
+            ),
+            "calibrated: KL per tensor measured on calibration text",
+        ),
+        CriterionSpec(
+            "entropy", False, True, ("ewq.sensitivity",), "the paper's score"
+        ),
+        CriterionSpec("random", False, False, ("ewq.sensitivity",), "a baseline"),
+        CriterionSpec("position", False, False, ("ewq.sensitivity",), "a baseline"),
+    )
+}
+
+
+def criterion(name: str) -> CriterionSpec:
+    from ewq.errors import EwqError
+
+    try:
+        return CRITERIA[name]
+    except KeyError:
+        raise EwqError(
+            f"unknown criterion '{name}' (one of {', '.join(CRITERIA)})"
+        ) from None
 
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """Estimated damage per block (exec_index) and precision, and how it was got."""
+    """Estimated damage per tensor (by name) and type, and how it was got. A
+    tensor or type not listed does no damage (its own type, a tensor never
+    quantized)."""
 
     criterion: str
-    damage: Mapping[int, Mapping[Precision, float]]
+    damage: Mapping[str, Mapping[str, float]]
     seconds: float = 0.0
     details: Mapping[str, Any] = field(default_factory=dict)
 
+    def of(self, name: str, type_name: str) -> float:
+        return self.damage.get(name, {}).get(type_name, 0.0)
 
-def _bits(fmt: str, layout: ModelLayout, exec_index: int, p: Precision) -> list[float]:
-    """Bits per weight each quantizable matrix of a block is written with at ``p``
-    (None-like 0 entries are skipped: raw keeps the source, noise 0)."""
-    block = layout.block(exec_index)
-    out = []
-    for info, key in zip(block.tensors, block.keys, strict=True):
-        if len(info.shape) < 2 or info.num_elements == 0:
-            continue
-        t = encoding(fmt, info, key, p)
-        if t is None or not t.quantizable or t.type == info.dtype:
-            continue
-        out.append(8.0 * t.nbytes / info.num_elements)
+    def block(
+        self, fmt: str, layout: ModelLayout, exec_index: int, precision: Precision
+    ) -> float:
+        """A block's damage at one precision for all its tensors (the block view)."""
+        form = output_format(fmt)
+        b = layout.block(exec_index)
+        total = 0.0
+        for info, key in zip(b.tensors, b.keys, strict=True):
+            e = form.encoding(info, key, precision)
+            if e is not None:
+                total += self.of(info.name, e.type)
+        return total
+
+
+def tensor_candidates(
+    fmt: str, layout: ModelLayout, imatrix: Any = None
+) -> dict[str, tuple[TensorInfo, TensorKey, list[Encoding]]]:
+    """Every tensor of the model's blocks that the format can write in more than one
+    way, with its candidates (its own type first). Types that need an importance
+    matrix are offered for a tensor only when ``imatrix`` has an entry for it."""
+    form = output_format(fmt)
+    covered = set(imatrix.entries) if imatrix is not None else set()
+    out = {}
+    for block in layout.blocks:
+        for info, key in zip(block.tensors, block.keys, strict=True):
+            if info.num_elements == 0:
+                continue
+            cands = form.candidates(info, key, imatrix=info.name in covered)
+            if len(cands) > 1:
+                out[info.name] = (info, key, cands)
     return out
 
 
@@ -81,12 +178,13 @@ def modelled(
         raise ValueError(f"{criterion} is a measured criterion, not a modelled one")
     scale = {i: math.exp(v) for i, v in zip(blocks, z, strict=True)}
     top = max(scale.values(), default=1.0)
-    damage: dict[int, dict[Precision, float]] = {}
-    for b in layout.blocks:
-        s = scale.get(b.exec_index, top)
-        damage[b.exec_index] = {
-            p: s * math.fsum(4.0**-bits for bits in _bits(fmt, layout, b.exec_index, p))
-            for p in offered(fmt)
+    damage: dict[str, dict[str, float]] = {}
+    for name, (info, key, cands) in tensor_candidates(fmt, layout).items():
+        s = scale.get(key.exec_index, top)
+        damage[name] = {
+            e.type: s * 4.0 ** -(8.0 * e.nbytes / info.num_elements)
+            for e in cands[1:]
+            if e.quantizable
         }
     details = {"seed": seed} if criterion == "random" else {}
     return Sensitivity(criterion, damage, 0.0, details)

@@ -1,17 +1,21 @@
-"""The data-free ``error`` criterion: every tensor round-tripped through the real
-target quantizer, in one streaming pass over the model.
+"""The data-free ``error`` criterion (and the errors the calibrated ``kl`` criterion
+scales): every tensor round-tripped through the real quantizer at every type it can
+be written as, in one streaming pass over the model.
 
-Per tensor and per distinct target type, the relative squared error
-||W - Q(W)||^2 / ||W||^2; a block's damage at a precision is the sum over its
-matrices. Rationale: for y = W x with inputs of no preferred direction, the output
-error energy relative to the output is the same ratio, so each matrix counts as one
-signal path whose noise-to-signal ratio adds up along the residual stream.
+Per tensor and type, the relative squared error
 
-GGUF: ggml's own quantize/dequantize (quant/ggml.py), so every type and fallback is
-what llama.cpp writes; the source values are the source tensor dequantized by ggml.
-Hugging Face: round to nearest with symmetric max-abs scales per group, the rule
-compressed-tensors' ``calculate_qparams`` applies when `ewq quantize --format hf`
-packs the weights (groups from ``formats.hf_group_size``).
+    E = sum_ij w_j (W_ij - Q(W)_ij)^2 / sum_ij w_j W_ij^2
+
+with w_j the importance matrix's weight of input column j (per expert for stacked
+experts), or 1 without one. With an importance matrix, Q is the quantizer given it,
+as llama.cpp's is: E is what the quantizer itself minimises, and, for y = W x,
+the error energy of the output relative to the output's own when inputs have the
+importance matrix's second moments. Without one, inputs of no preferred direction.
+
+GGUF: ggml's own quantize/dequantize (quant/ggml.py), so every type is what llama.cpp
+writes; the source values are the source tensor dequantized by ggml. Hugging Face:
+round to nearest with symmetric max-abs scales per group, the rule compressed-tensors'
+``calculate_qparams`` applies when `ewq quantize --format hf` packs the weights.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from collections.abc import Callable
 import numpy as np
 
 from ewq.arch import ModelLayout
-from ewq.formats import HF_BITS, encoding, hf_group_size, offered
-from ewq.sensitivity import Sensitivity
+from ewq.formats import Encoding, hf_group_size
+from ewq.imatrix import Imatrix
+from ewq.sensitivity import tensor_candidates
 from ewq.sources.base import TensorSource
-from ewq.types import Precision, TensorInfo
+from ewq.types import TensorInfo
 
-__all__ = ["error_sensitivity"]
+__all__ = ["relative_errors"]
 
 _FLOAT = {"F32": np.float32, "F16": np.float16}
 _CHUNK_ELEMENTS = 1 << 22  # rows per round trip: about 16 MB of float32 at a time
@@ -50,82 +55,101 @@ def _gguf_values(src: TensorSource, info: TensorInfo) -> np.ndarray:
     )
 
 
-def _rel_error_gguf(values: np.ndarray, qtype_name: str, threads: int) -> float:
+def _sse_gguf(
+    values: np.ndarray,
+    type_name: str,
+    weights: np.ndarray,
+    threads: int,
+    imatrix: np.ndarray | None,
+) -> float:
     import gguf
 
     from ewq.quant import ggml
 
-    qtype = int(gguf.GGMLQuantizationType[qtype_name])
+    qtype = int(gguf.GGMLQuantizationType[type_name])
     rows_per = max(1, _CHUNK_ELEMENTS // values.shape[1])
     sse = 0.0
     for a in range(0, values.shape[0], rows_per):
         part = values[a : a + rows_per]
-        back = ggml.roundtrip(part, qtype, threads=threads)
-        d = (back - part).ravel()
-        sse += float(np.dot(d.astype(np.float64), d.astype(np.float64)))
+        back = ggml.roundtrip(part, qtype, threads=threads, imatrix=imatrix)
+        d = (back - part).astype(np.float64)
+        sse += float(np.einsum("ij,ij,j->", d, d, weights))
     return sse
 
 
-def _rel_error_hf(values: np.ndarray, bits: int) -> float:
+def _sse_hf(values: np.ndarray, bits: int, weights: np.ndarray) -> float:
     cols = values.shape[1]
     group = hf_group_size(cols) or cols
     g = values.reshape(values.shape[0], cols // group, group).astype(np.float64)
     qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
     scale = np.abs(g).max(axis=2, keepdims=True) / ((qmax - qmin) / 2)
     scale[scale == 0] = 1.0
-    q = np.clip(np.round(g / scale), qmin, qmax) * scale
-    return float(((q - g) ** 2).sum())
+    d = (np.clip(np.round(g / scale), qmin, qmax) * scale - g).reshape(values.shape)
+    return float(np.einsum("ij,ij,j->", d, d, weights))
 
 
-def error_sensitivity(
+def _bits_of(e: Encoding) -> int:
+    return int(e.type[3 : e.type.index("/")])
+
+
+def relative_errors(
     src: TensorSource,
     layout: ModelLayout,
     fmt: str,
     *,
+    imatrix: Imatrix | None = None,
     threads: int = 2,
     progress: Callable[[int, int, str], None] | None = None,
-) -> Sensitivity:
-    """Measure the ``error`` criterion for every block of an open source."""
-    started = time.perf_counter()
-    precisions = offered(fmt)
-    damage = {b.exec_index: dict.fromkeys(precisions, 0.0) for b in layout.blocks}
-    total = sum(b.nbytes for b in layout.blocks)
+) -> dict[str, dict[str, float]]:
+    """E per tensor (by name) and type, for every tensor the format can write in more
+    than one way (its own type: 0, not listed)."""
+    cands = tensor_candidates(fmt, layout, imatrix)
+    total = sum(info.nbytes for info, _, _ in cands.values()) or 1
     done = 0
-    for block in layout.blocks:
-        for info, key in zip(block.tensors, block.keys, strict=True):
-            done += info.nbytes
-            if len(info.shape) < 2 or info.num_elements == 0:
-                continue
-            kinds: dict[str, list[Precision]] = {}
-            for p in precisions:
-                t = encoding(fmt, info, key, p)
-                if t is None or not t.quantizable or p is Precision.RAW:
-                    continue
-                if t.type == info.dtype:  # llama.cpp copies its own type unchanged
-                    continue
-                kinds.setdefault(t.type, []).append(p)
-            if not kinds:
-                continue
-            if fmt == "gguf":
-                values = _gguf_values(src, info)
-            else:
-                values = src.read(info).astype(np.float32)
-                values = values.reshape(-1, info.shape[-1])
-            energy = float(np.dot(values.ravel().astype(np.float64), values.ravel()))
-            if energy == 0 or not math.isfinite(energy):
-                continue
-            for kind, ps in kinds.items():
+    out: dict[str, dict[str, float]] = {}
+    weights_of = imatrix.weights() if imatrix is not None else {}
+    for name, (info, _key, encs) in cands.items():
+        done += info.nbytes
+        if fmt == "gguf":
+            values = _gguf_values(src, info)
+        else:
+            values = src.read(info).astype(np.float32).reshape(-1, info.shape[-1])
+        matrices = info.shape[0] if len(info.shape) == 3 else 1
+        cols = info.shape[-1]
+        per = values.shape[0] // matrices
+        w_all = weights_of.get(name)
+        errs = dict.fromkeys((e.type for e in encs[1:]), 0.0)
+        energy = 0.0
+        for m in range(matrices):  # experts one at a time: each its own imatrix slice
+            part = values[m * per : (m + 1) * per]
+            w = None
+            if w_all is not None:
+                w = w_all[
+                    (m % (w_all.size // cols)) * cols : (m % (w_all.size // cols) + 1)
+                    * cols
+                ]
+            weights = w.astype(np.float64) if w is not None else np.ones(cols)
+            p64 = part.astype(np.float64)
+            energy += float(np.einsum("ij,ij,j->", p64, p64, weights))
+            for e in encs[1:]:
                 if fmt == "gguf":
-                    sse = _rel_error_gguf(values, kind, threads)
+                    errs[e.type] += _sse_gguf(part, e.type, weights, threads, w)
                 else:
-                    sse = _rel_error_hf(values, HF_BITS[ps[0]])
-                for p in ps:
-                    damage[block.exec_index][p] += sse / energy
-            if progress is not None:
-                progress(done, total, info.name)
-    return Sensitivity(
-        "error",
-        damage,
-        time.perf_counter() - started,
-        {"measure": "sum over matrices of ||W - Q(W)||^2 / ||W||^2"},
-    )
+                    errs[e.type] += _sse_hf(part, _bits_of(e), weights)
+        if energy > 0 and math.isfinite(energy):
+            out[name] = {t: v / energy for t, v in errs.items()}
+        if progress is not None:
+            progress(done, total, name)
+    return out
+
+
+def error_damage(
+    errors: dict[str, dict[str, float]], kappa: float
+) -> dict[str, dict[str, float]]:
+    return {n: {t: kappa * v for t, v in row.items()} for n, row in errors.items()}
+
+
+def timed(fn: Callable[[], dict]) -> tuple[dict, float]:
+    started = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - started

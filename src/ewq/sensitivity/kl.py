@@ -1,168 +1,233 @@
-"""The calibrated ``kl`` criterion: quantize one block at a time to each candidate
-precision with llama.cpp's quantizer and measure the mean KL divergence of the
-next-token distributions from the unquantized model's, on windows of a calibration
-text (the way ExLlamaV2 measures layers, or llama.cpp's imatrix gathers statistics).
+"""The calibrated ``kl`` criterion: per tensor and type, the KL divergence of the
+next-token distributions from the unquantized model's, predicted as
 
-The reference log-probs are computed once. Candidates whose tensors would be written
-with the same types as another candidate of the same block (a fallback: 6-bit rows
-of 576 become Q8_0, as 8-bit does) are measured once. The damage of a plan is then
-taken as the sum of its blocks' damages (first order: small perturbations of
-different blocks add up in KL).
+    KL(t, type) = k_t * g(type) * E(t, type)
 
-Measuring every block at every precision costs one quantization and one evaluation
-per pair (SmolLM2-135M: 213 probes, about 28 minutes here). By default only one
-precision per block is measured (``probe``, 4-bit), and the other precisions are
-scaled from it by the ``error`` criterion's ratios: KL(b, p) = KL(b, probe) *
-err(b, p) / err(b, probe). KL's first-order term is the noise each block injects
-weighted by how much the output cares about that block; the probe measures the
-weight, the round trip the noise. ``probe=None`` measures every pair.
+* E: the tensor's imatrix-weighted relative squared error at that type (error.py),
+  what llama.cpp's quantizer minimises, known exactly for every type.
+* k_t: the tensor's sensitivity, measured: the model is quantized with that tensor
+  alone at a probe type (its candidate nearest 4.25 bits per weight) by llama.cpp's
+  quantizer with the importance matrix, run by llama.cpp on windows of the
+  calibration text, and its mean KL divided by E at the probe type. Every tensor is
+  probed once (the way ExLlamaV2/V3 measure layers, per tensor).
+* g: a factor per type, measured on a few tensors (``type_probes``) at every type:
+  the median of KL / (k_t E). KL does not fall as fast as E at high precision
+  (measured on IgLM: 2.4x at Q8_0, 1.5x at Q6_K, about 1 from Q5_K down), which
+  one probe per tensor cannot see. Where a (tensor, type) pair was probed, its
+  measured KL is used as it is.
+
+A plan's predicted KL is the sum over its tensors (first order: small perturbations
+of different tensors add up in KL; benchmarks/damage_model.py measures how well,
+against measured KL of random mixed plans).
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from ewq.arch import ModelLayout
 from ewq.errors import EwqError
-from ewq.evaluate import tasks
 from ewq.evaluate.backends import LlamaCppModel
 from ewq.evaluate.metrics import kl_logits, logsumexp_rows
-from ewq.formats import encoding, offered
+from ewq.evaluate.windows import text_windows
+from ewq.formats import Encoding
+from ewq.imatrix import Imatrix
 from ewq.planfile import plan_from_doc
 from ewq.quant.gguf import quantize_gguf
 from ewq.quant.targets import gguf_targets
-from ewq.sensitivity import Sensitivity
+from ewq.sensitivity import Sensitivity, tensor_candidates
 from ewq.types import ModelIndex, Precision
 
-__all__ = ["kl_sensitivity"]
+__all__ = ["PROBE_BITS", "Calibration", "kl_sensitivity", "probe_type"]
+
+PROBE_BITS = 4.25  # the probe type: each tensor's candidate nearest this
 
 
-def _plan(layout: ModelLayout, exec_index: int, p: Precision):
+def probe_type(info, encs: list[Encoding], errors: Mapping[str, float]) -> str | None:
+    """The candidate nearest PROBE_BITS bits per weight (ties: the smaller error)."""
+    best = None
+    for e in encs[1:]:
+        if not e.quantizable or errors.get(e.type, 0.0) <= 0:
+            continue
+        bits = 8.0 * e.nbytes / info.num_elements
+        k = (abs(bits - PROBE_BITS), errors[e.type])
+        if best is None or k < best[0]:
+            best = (k, e.type)
+    return None if best is None else best[1]
+
+
+def _plan(layout: ModelLayout, tensors: dict[str, str]):
     n = layout.num_blocks
-    side = {1: "embedding", n + 2: "head"}
-    doc = {
-        "schema_version": 1,
-        "num_blocks": n,
-        "blocks": [
-            {
-                "exec_index": b.exec_index,
-                "precision": (p if b.exec_index == exec_index else Precision.RAW).value,
-            }
-            for b in layout.transformer_blocks
-        ],
-    }
-    if exec_index in side:
-        doc[side[exec_index]] = {"precision": p.value}
-    return plan_from_doc(doc)
+    return plan_from_doc(
+        {
+            "schema_version": 2,
+            "num_blocks": n,
+            "blocks": [
+                {"exec_index": b.exec_index, "precision": Precision.RAW.value}
+                for b in layout.transformer_blocks
+            ],
+            "tensors": [{"name": k, "type": v} for k, v in tensors.items()],
+        }
+    )
+
+
+def _sampled(cands: dict, count: int | None) -> list[str]:
+    """The tensors probed at every type: ``count`` of them (all: None), the largest
+    of those with the most candidates, spread over the depth of the model."""
+    names = sorted(
+        cands, key=lambda n: (-len(cands[n][2]), -cands[n][0].num_elements, n)
+    )
+    if count is None or count >= len(names):
+        return names
+    widest = [n for n in names if len(cands[n][2]) == len(cands[names[0]][2])]
+    by_block: dict[int, str] = {}
+    for n in widest:
+        by_block.setdefault(cands[n][1].exec_index, n)
+    blocks = sorted(by_block)
+    if len(blocks) >= count:
+        step = len(blocks) / count
+        return [by_block[blocks[int(i * step + step / 2)]] for i in range(count)]
+    return widest[:count]
+
+
+class Calibration:
+    """The unquantized model's logits on the calibration windows (computed once), and
+    the mean KL of any per-tensor plan from them: the plan written by llama.cpp's
+    quantizer (with the importance matrix), run by llama.cpp. A context manager: the
+    written files live in a temporary folder until it closes."""
+
+    def __init__(
+        self,
+        index: ModelIndex,
+        layout: ModelLayout,
+        text: str,
+        *,
+        tokens: int,
+        ctx: int,
+        documents: str,
+    ):
+        if index.format != "gguf":
+            raise EwqError("plans are measured as GGUF files through llama.cpp")
+        self.index, self.layout, self.ctx = index, layout, ctx
+        self.path = Path(index.files[0])
+        ref = LlamaCppModel(self.path, ctx)
+        self.seqs = text_windows(
+            ref.tokenize, ref.bos, text, ctx, documents, max_tokens=tokens
+        )
+        if not self.seqs:
+            raise EwqError("the calibration text is too short for one window")
+        self.tokens = int(sum(len(s) for s in self.seqs))
+        self.reference = [ref.logits(s) for s in self.seqs]
+        self.lse = [logsumexp_rows(x) for x in self.reference]
+        del ref
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> Calibration:
+        self._tmp = tempfile.TemporaryDirectory(prefix="ewq-kl-")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def kl(self, types: Mapping[str, str], imatrix: Imatrix | None) -> float:
+        """Mean KL of the model with ``types`` (tensor -> type; the rest as it is)."""
+        assert self._tmp is not None, "use Calibration as a context manager"
+        out = Path(self._tmp.name) / "probe.gguf"
+        targets = gguf_targets(self.index, self.layout, _plan(self.layout, dict(types)))
+        quantize_gguf(self.path, targets, out, imatrix=imatrix)
+        model = LlamaCppModel(out, self.ctx)
+        kls = []
+        for p, lp, s in zip(self.reference, self.lse, self.seqs, strict=True):
+            q = model.logits(s, copy=False)
+            kls.append(kl_logits(p, lp, q, logsumexp_rows(q)))
+        del model
+        return max(0.0, float(np.concatenate(kls).mean()))
 
 
 def kl_sensitivity(
     index: ModelIndex,
     layout: ModelLayout,
     text: str,
+    errors: Mapping[str, Mapping[str, float]],
     *,
-    windows: int = 4,
+    imatrix: Imatrix | None,
+    tokens: int = 1024,
     ctx: int = 256,
-    probe: Precision | None = Precision.Q4,
-    error: Sensitivity | None = None,
+    documents: str = "stream",
+    type_probes: int | None = 4,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Sensitivity:
-    """Measure the ``kl`` criterion for every block of a GGUF model (with ``probe``,
-    at that precision only, scaled by ``error``, which is then required)."""
-    if probe is not None and error is None:
-        raise ValueError("a probed kl criterion scales by the error criterion")
-    if index.format != "gguf":
-        raise EwqError(
-            "the kl criterion runs GGUF models through llama.cpp; for Hugging Face "
-            "folders use --criterion error"
-        )
+    """Measure the ``kl`` criterion for every tensor of a GGUF model, on windows of
+    ``ctx`` tokens of ``text`` holding ``tokens`` tokens in all; ``errors`` are the
+    imatrix-weighted relative errors (error.relative_errors with ``imatrix``)."""
     started = time.perf_counter()
-    path = Path(index.files[0])
-    ref = LlamaCppModel(path, ctx)
-    tokens = ref.tokenize(text)
-    size = ctx - (ref.bos is not None)
-    spans = tasks.windows(len(tokens), size, size, windows)
-    if not spans or spans[0][1] - spans[0][0] < 2:
-        raise EwqError("the calibration text is too short for one window")
-    seqs = [
-        ([ref.bos] if ref.bos is not None else []) + tokens[a:b] for a, b, _ in spans
-    ]
-    # float32 logits as llama.cpp gives them (four windows of a 262k vocabulary:
-    # 1 GB), and their log-sum-exps
-    reference = [ref.logits(s) for s in seqs]
-    ref_lse = [logsumexp_rows(x) for x in reference]
-    del ref
-    jobs = []  # (exec_index, precisions sharing one set of written types)
-    for block in layout.blocks:
-        groups: dict[tuple[str, ...], list[Precision]] = {}
-        for p in offered("gguf"):
-            if p is Precision.RAW or (probe is not None and p is not probe):
-                continue
-            sig = tuple(
-                t.type if t is not None else ""
-                for t in (
-                    encoding("gguf", info, key, p)
-                    for info, key in zip(block.tensors, block.keys, strict=True)
-                )
-            )
-            if sig == tuple(i.dtype for i in block.tensors):
-                continue  # written as it is: no change, no damage
-            groups.setdefault(sig, []).append(p)
-        jobs += [(block.exec_index, ps) for ps in groups.values()]
-    damage = {b.exec_index: dict.fromkeys(offered("gguf"), 0.0) for b in layout.blocks}
-    with tempfile.TemporaryDirectory(prefix="ewq-kl-") as tmp:
-        out = Path(tmp) / "probe.gguf"
-        for k, (exec_index, ps) in enumerate(jobs):
-            targets = gguf_targets(index, layout, _plan(layout, exec_index, ps[0]))
-            quantize_gguf(path, targets, out)
-            model = LlamaCppModel(out, ctx)
-            kls = []
-            for p, lp, s in zip(reference, ref_lse, seqs, strict=True):
-                q = model.logits(s, copy=False)
-                kls.append(kl_logits(p, lp, q, logsumexp_rows(q)))
-            del model
-            value = float(np.concatenate(kls).mean())
-            for p in ps:
-                damage[exec_index][p] = max(0.0, value)
+    bench = Calibration(
+        index, layout, text, tokens=tokens, ctx=ctx, documents=documents
+    )
+    cands = tensor_candidates("gguf", layout, imatrix)
+    probes = {
+        n: probe_type(info, encs, errors.get(n, {}))
+        for n, (info, _, encs) in cands.items()
+    }
+    sampled = _sampled({n: c for n, c in cands.items() if probes[n]}, type_probes)
+    jobs = [(n, t) for n, t in probes.items() if t is not None]
+    for n in sampled:
+        jobs += [
+            (n, e.type)
+            for e in cands[n][2][1:]
+            if e.type != probes[n] and errors.get(n, {}).get(e.type, 0) > 0
+        ]
+    measured: dict[tuple[str, str], float] = {}
+    with bench:
+        for k, (name, type_name) in enumerate(jobs):
+            measured[name, type_name] = bench.kl({name: type_name}, imatrix)
             if progress is not None:
-                progress(k + 1, len(jobs), f"block {exec_index} at {ps[0].value}")
-    if probe is not None:
-        damage = _scaled(damage, error, probe)
+                progress(k + 1, len(jobs), f"{name} as {type_name}")
+    slope = {
+        n: measured[n, t] / errors[n][t] for n, t in probes.items() if t is not None
+    }
+    median_slope = statistics.median(slope.values()) if slope else 0.0
+    factor: dict[str, float] = {}
+    for type_name in {t for _, t in jobs}:
+        ratios = [
+            measured[n, type_name] / (slope[n] * errors[n][type_name])
+            for n in sampled
+            if (n, type_name) in measured and slope.get(n, 0) > 0
+        ]
+        if ratios:
+            factor[type_name] = statistics.median(ratios)
+    damage: dict[str, dict[str, float]] = {}
+    for name, (_info, _key, encs) in cands.items():
+        k = slope.get(name, median_slope)
+        row = {}
+        for e in encs[1:]:
+            if (name, e.type) in measured:
+                row[e.type] = measured[name, e.type]
+            else:
+                row[e.type] = (
+                    k * factor.get(e.type, 1.0) * errors.get(name, {}).get(e.type, 0.0)
+                )
+        damage[name] = row
     return Sensitivity(
         "kl",
         damage,
         time.perf_counter() - started,
         {
-            "windows": len(seqs),
+            "windows": len(bench.seqs),
             "ctx": ctx,
-            "tokens": int(sum(len(s) for s in seqs)),
+            "documents": str(documents),
+            "tokens": bench.tokens,
             "probes": len(jobs),
-            "probe": probe.value if probe is not None else "all",
+            "type_probes": sampled,
+            "type_factors": {t: round(v, 4) for t, v in sorted(factor.items())},
+            "median_sensitivity": median_slope,
         },
     )
-
-
-def _scaled(
-    measured: dict[int, dict[Precision, float]], error: Sensitivity, probe: Precision
-) -> dict[int, dict[Precision, float]]:
-    """Every precision's KL from the probe's, by the error criterion's ratios.
-
-    A block whose probe changed nothing (error 0 at the probe) but that other
-    precisions do change takes the median KL-per-error of the other blocks."""
-    ratios = [
-        measured[i][probe] / error.damage[i][probe]
-        for i in measured
-        if error.damage[i][probe] > 0
-    ]
-    median = sorted(ratios)[len(ratios) // 2] if ratios else 0.0
-    out = {}
-    for i, row in measured.items():
-        err = error.damage[i]
-        k = row[probe] / err[probe] if err[probe] > 0 else median
-        out[i] = {p: max(0.0, k * err[p]) for p in row}
-    return out

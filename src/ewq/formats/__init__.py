@@ -1,0 +1,290 @@
+"""Output formats: what each tensor can become in each, and its exact size in bytes.
+
+Pure: no I/O. The quantizers write what these rules say, and the planner counts what
+they say, so a plan's sizes are the written sizes. One registry entry per format
+(:data:`FORMATS`): code that needs a format looks it up, it never compares names.
+
+Two ways to ask:
+
+* per tensor and type (:meth:`OutputFormat.candidates`, :meth:`OutputFormat.of_type`):
+  every type the format can write for a tensor, with its exact bytes. Per-tensor
+  plans choose from these.
+* per precision (:meth:`OutputFormat.encoding`): the one type a whole precision is
+  written as (the per-block view: the paper's decision and ladder, FastEWQ).
+
+GGUF (llama.cpp), per precision, with llama.cpp's fallback for rows that are not a
+multiple of the type's block (``ewq.formats.ggml_types``):
+
+==========  ============  ==========
+precision   type          fallback
+==========  ============  ==========
+raw         its own type  -
+8-bit       Q8_0          -
+6-bit       Q6_K          Q8_0
+5-bit       Q5_K          Q5_1
+4-bit       Q4_K          Q5_0
+3-bit       Q3_K          Q4_0
+2-bit       Q2_K          Q4_0
+1.58-bit    TQ1_0         Q4_0
+==========  ============  ==========
+
+ewq passes the final type to llama.cpp as an explicit override, so what it writes is
+what is predicted. A row that fits no type (not a multiple of 32) keeps its own type
+(where llama.cpp would write F16). Tensors llama.cpp never quantizes keep their type
+whatever the plan says.
+
+Hugging Face: compressed-tensors' ``pack-quantized`` (``ewq.formats.hf_rules``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+from ewq.errors import EwqError
+from ewq.formats.ggml_types import (
+    GGML_TYPES,
+    PRECISION_TYPE,
+    GgmlType,
+    gguf_quantizable,
+    source_type,
+    tensor_bytes,
+    written_type,
+)
+from ewq.formats.hf_rules import (
+    HF_BITS,
+    hf_form,
+    hf_group_size,
+    hf_quantizable,
+    hf_tensor_bytes,
+)
+from ewq.types import INT_DTYPES, ParamKind, Precision, TensorInfo, TensorKey
+
+__all__ = [
+    "FORMATS",
+    "GGML_TYPES",
+    "GGUF_FALLBACK",
+    "HF_BITS",
+    "PRECISIONS",
+    "Encoding",
+    "GgmlType",
+    "OutputFormat",
+    "encoding",
+    "gguf_quantizable",
+    "gguf_target",
+    "hf_group_size",
+    "hf_quantizable",
+    "hf_tensor_bytes",
+    "offered",
+    "output_format",
+    "tensor_bytes",
+]
+
+T = gguf.GGMLQuantizationType
+
+#: every quantized precision, most precise first, and the GGML type it is written as
+PRECISIONS: dict[Precision, GgmlType] = {
+    p: GGML_TYPES[name] for p, name in PRECISION_TYPE.items()
+}
+#: llama.cpp's fallbacks (tensor_type_fallback), by GGML type
+GGUF_FALLBACK: dict[T, T] = {
+    t.qtype: T[t.fallback] for t in GGML_TYPES.values() if t.fallback is not None
+}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What one tensor becomes in one format: a type (GGML type name for gguf;
+    ``int4/g128``-style form or the tensor's own dtype for hf), whether that is a
+    fallback, its exact bytes, and whether the format's quantizer would quantize it."""
+
+    type: str
+    fallback: bool
+    nbytes: int
+    quantizable: bool
+    precision: Precision = Precision.RAW  # the bit class of ``type``
+    needs_imatrix: bool = False
+
+
+class OutputFormat:
+    """One output format (a registry entry)."""
+
+    name: str
+    folder: bool  # the output is a folder, not a file
+    suffix: str  # of an output file ("" for folders)
+    #: lazy "module:function" of the writer and of the runtime that loads an output
+    writer: str
+    loader: str
+
+    def offered(self) -> tuple[Precision, ...]:
+        """The precisions it writes, raw first, then most precise first."""
+        raise NotImplementedError
+
+    def encoding(
+        self, info: TensorInfo, key: TensorKey | None, precision: Precision
+    ) -> Encoding | None:
+        """What the tensor becomes at ``precision``; None: not written at all."""
+        raise NotImplementedError
+
+    def candidates(
+        self, info: TensorInfo, key: TensorKey | None, imatrix: bool = False
+    ) -> list[Encoding]:
+        """Every way the format can write the tensor (its own type first); types
+        that need an importance matrix only with ``imatrix``."""
+        raise NotImplementedError
+
+    def of_type(
+        self, info: TensorInfo, key: TensorKey | None, type_name: str
+    ) -> Encoding | None:
+        """The encoding of an explicit type (a per-tensor plan's), or None when the
+        format cannot write the tensor so."""
+        for e in self.candidates(info, key, imatrix=True):
+            if e.type == type_name:
+                return e
+        return None
+
+
+class _Gguf(OutputFormat):
+    name, folder, suffix = "gguf", False, ".gguf"
+    writer = "ewq.quant.gguf:write_planned"
+    loader = "ewq.evaluate.backends:LlamaCppModel"
+
+    def offered(self) -> tuple[Precision, ...]:
+        return (Precision.RAW, *PRECISIONS)
+
+    def _own(self, info: TensorInfo, quantizable: bool) -> Encoding:
+        own = source_type(info.dtype)
+        return Encoding(own.name, False, tensor_bytes(info.shape, own), quantizable)
+
+    def encoding(self, info, key, precision):
+        quantizable = gguf_quantizable(info.name, info.shape)
+        if precision is Precision.RAW or not quantizable:
+            return self._own(info, quantizable)  # norms, routers: not a fallback
+        name, fallback = written_type(info.shape[-1], PRECISIONS[precision].name)
+        if name is None:
+            own = self._own(info, True)
+            return Encoding(own.type, True, own.nbytes, True)
+        spec = GGML_TYPES[name]
+        return Encoding(
+            name,
+            fallback,
+            tensor_bytes(info.shape, spec.qtype),
+            True,
+            precision,
+            spec.needs_imatrix,
+        )
+
+    def candidates(self, info, key, imatrix=False):
+        quantizable = gguf_quantizable(info.name, info.shape)
+        out = [self._own(info, quantizable)]
+        if not quantizable:
+            return out
+        row = info.shape[-1]
+        for spec in GGML_TYPES.values():
+            if spec.name == out[0].type or row % spec.block:
+                continue
+            if spec.needs_imatrix and not imatrix:
+                continue
+            out.append(
+                Encoding(
+                    spec.name,
+                    False,
+                    tensor_bytes(info.shape, spec.qtype),
+                    True,
+                    spec.precision,
+                    spec.needs_imatrix,
+                )
+            )
+        return out
+
+
+class _Hf(OutputFormat):
+    name, folder, suffix = "hf", True, ""
+    writer = "ewq.quant.hf:write_planned"
+    loader = "ewq.evaluate.backends:TransformersModel"
+
+    def offered(self) -> tuple[Precision, ...]:
+        return (Precision.RAW, *HF_BITS)
+
+    @staticmethod
+    def _linear(info: TensorInfo, key: TensorKey | None) -> bool:
+        weight = key is not None and key.kind is ParamKind.WEIGHT
+        return key is not None and hf_quantizable(key.role, info.shape, weight)
+
+    def encoding(self, info, key, precision):
+        # integer buffers of old checkpoints (BERT's position_ids): transformers
+        # rebuilds them and does not save them
+        if info.dtype in INT_DTYPES:
+            return None
+        linear = self._linear(info, key)
+        if precision is Precision.RAW or not linear:
+            is_weight = key is not None and key.kind is ParamKind.WEIGHT
+            fallback = (
+                precision is not Precision.RAW and is_weight and len(info.shape) >= 2
+            )
+            return Encoding(info.dtype, fallback, info.nbytes, linear)
+        if precision not in HF_BITS:
+            raise ValueError(f"{precision.value} is not offered for the hf format")
+        return self._quantized(info, precision)
+
+    def _quantized(self, info: TensorInfo, precision: Precision) -> Encoding:
+        bits = HF_BITS[precision]
+        itemsize = info.nbytes // max(1, info.num_elements)
+        return Encoding(
+            hf_form(bits, info.shape[-1]),
+            precision is Precision.TERNARY,
+            hf_tensor_bytes(info.shape, bits, itemsize),
+            True,
+            precision,
+        )
+
+    def candidates(self, info, key, imatrix=False):
+        own = self.encoding(info, key, Precision.RAW)
+        if own is None:
+            return []
+        if not self._linear(info, key):
+            return [own]
+        # one candidate per integer width (ternary is written as 2-bit)
+        return [own] + [
+            self._quantized(info, p) for p in HF_BITS if p is not Precision.TERNARY
+        ]
+
+
+#: the registry: adding a format is one entry
+FORMATS: dict[str, OutputFormat] = {f.name: f for f in (_Gguf(), _Hf())}
+
+
+def output_format(name: str | OutputFormat) -> OutputFormat:
+    if isinstance(name, OutputFormat):
+        return name
+    try:
+        return FORMATS[str(getattr(name, "value", name))]
+    except KeyError:
+        raise EwqError(
+            f"unknown format {name!r} (one of {', '.join(FORMATS)})"
+        ) from None
+
+
+def offered(fmt: str) -> tuple[Precision, ...]:
+    """The precisions ``fmt`` can write, raw first, then most precise first."""
+    return output_format(fmt).offered()
+
+
+def encoding(
+    fmt: str, info: TensorInfo, key: TensorKey | None, precision: Precision
+) -> Encoding | None:
+    """The one rule both the quantizers and the planner use; None: not written."""
+    return output_format(fmt).encoding(info, key, precision)
+
+
+def gguf_target(
+    name: str, shape: tuple[int, ...], dtype: str, precision: Precision
+) -> tuple[T, bool]:
+    """The GGML type a tensor is written as at ``precision``, and whether that is a
+    fallback."""
+    e = FORMATS["gguf"].encoding(
+        TensorInfo(name, dtype, shape, 0, "", 0), None, precision
+    )
+    assert e is not None
+    return T[e.type], e.fallback
