@@ -13,11 +13,27 @@ from models import HF_FAMILIES, build_hf, gguf_tensors, shard_folder, write_gguf
 GGUF_ARCHS = {"llama": 2, "gemma2": 2, "deepseek2": 3, "bert": 2}
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def own_cache(tmp_path_factory, monkeypatch):
-    """Every test its own ewq cache folder: none reads or fills the user's
-    ~/.cache/ewq, and none sees what another measured."""
-    monkeypatch.setenv("EWQ_CACHE", str(tmp_path_factory.mktemp("cache")))
+def own_cache(session_cache, monkeypatch):
+    """The tests' own ewq cache folder: none reads or fills the user's ~/.cache/ewq.
+    Shared by the session (its keys are content hashes of model, setting, runtime
+    and code, so a value can never be another's; measuring the bundled model once per
+    test, not once per session, tripled CI time); a test about caching itself asks
+    for ``fresh_cache``."""
+    monkeypatch.setenv("EWQ_CACHE", str(session_cache))
+
+
+@pytest.fixture
+def fresh_cache(tmp_path_factory, monkeypatch) -> Path:
+    """An empty ewq cache folder of this test's own."""
+    path = tmp_path_factory.mktemp("fresh-cache")
+    monkeypatch.setenv("EWQ_CACHE", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -227,6 +227,8 @@ def test_compare_against_a_preset(monkeypatch, capsys, tmp_path):
     without the importance matrix of the calibration text, two criteria; every ewq
     plan within the preset's bytes."""
     text = shared_data() / "wikitext-2" / "valid.txt"
+    calibration = tmp_path / "calibration.txt"  # the imatrix reads all of it
+    calibration.write_text(text.read_text(encoding="utf-8")[-20_000:])
     out = tmp_path / "cmp"
     code, stdout, err = run(
         monkeypatch,
@@ -236,7 +238,7 @@ def test_compare_against_a_preset(monkeypatch, capsys, tmp_path):
         "--text",
         str(text),
         "--calibration",
-        str(text),
+        str(calibration),
         "--out",
         str(out),
         "--presets",

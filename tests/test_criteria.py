@@ -121,7 +121,7 @@ def test_roundtrip_equals_the_values_llama_cpp_writes(
         np.testing.assert_array_equal(back, written, err_msg=type_name)
 
 
-def test_error_criterion_grows_as_bits_shrink(llama_f16_gguf):
+def test_error_criterion_grows_as_bits_shrink(llama_f16_gguf, fresh_cache):
     s = api.sensitivity(llama_f16_gguf, "error")
     order = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
     for name in ("blk.0.ffn_up.weight", "blk.1.attn_q.weight"):
@@ -238,34 +238,34 @@ def test_every_family_plans_with_its_runtime(tiny_models, tiny_ggufs):
         assert all(v > 0 for v in rt.kv_bytes.values()), name
 
 
-@pytest.mark.slow
 def test_kl_probe_is_the_kl_ewq_eval_measures(tmp_path):
     """A probe's damage is the KL divergence `ewq eval --task kld` measures for the
     model with that one tensor at the probe type (same windows, same importance
     matrix); unprobed types follow its slope times the imatrix-weighted error."""
-    from models import shared_data
+    from models import byte_vocab_llama, shared_data
 
-    text = shared_data() / "wikitext-2" / "valid.txt"
-    m = api.imatrix("default", text, ctx=64, chunks=4)
+    src = byte_vocab_llama(tmp_path / "m.gguf")
+    text = tmp_path / "t.txt"
+    text.write_text((shared_data() / "wikitext-2" / "valid.txt").read_text()[:4000])
+    m = api.imatrix(src, text, ctx=64, chunks=4)
     s = api.sensitivity(
-        "default", "kl", calibration=text, imatrix=m, tokens=64, ctx=64, type_probes=1
+        src, "kl", calibration=text, imatrix=m, tokens=64, ctx=64, type_probes=1
     )
-    name = "blk.14.ffn_down.weight"
+    name = "blk.1.ffn_down.weight"
     row = s.damage[name]
-    probe = "IQ4_XS"  # rows of 1536: the candidate nearest 4.25 bits
+    probe = "IQ4_XS"  # rows of 512: the candidate nearest 4.25 bits
     assert row[probe] > 0
     from ewq.imatrix import write_imatrix
 
-    path = write_imatrix(m, tmp_path / "m.gguf")
+    path = write_imatrix(m, tmp_path / "m.imatrix.gguf")
     plan = {
         "schema_version": 2,
-        "num_blocks": 30,
-        "blocks": [{"exec_index": i, "precision": "raw"} for i in range(2, 32)],
+        "num_blocks": 2,
+        "blocks": [{"exec_index": i, "precision": "raw"} for i in range(2, 4)],
         "tensors": [{"name": name, "type": probe}],
     }
     out = tmp_path / "q.gguf"
-    api.quantize("default", plan, out, imatrix=path)
-    measured = api.evaluate("default", "kld", data=text, quantized=out, limit=1, ctx=64)
-    assert row[probe] == pytest.approx(
-        measured["metrics"]["kl_mean"], rel=1e-3, abs=1e-6
-    )
+    api.quantize(src, plan, out, imatrix=path)
+    measured = api.evaluate(src, "kld", data=text, quantized=out, limit=1, ctx=64)
+    assert measured["metrics"]["kl_mean"] > 1e-7
+    assert row[probe] == pytest.approx(measured["metrics"]["kl_mean"], rel=1e-3)

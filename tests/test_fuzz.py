@@ -212,6 +212,8 @@ def _kinds(seeds) -> dict[str, Callable]:
             text = yaml.safe_dump(mutated, allow_unicode=True)
         except (yaml.YAMLError, RecursionError, UnicodeEncodeError, ValueError):
             text = "machines: " + "[" * 3000
+        if rng.random() < 0.1:  # integers YAML reads but float() or int() cannot
+            text = text.replace("200KB", rng.choice(["1" + "0" * 30, "9" * 5000]), 1)
         if rng.random() < 0.2:
             text = _mutate_bytes(text.encode("utf-8", "surrogatepass"), rng).decode(
                 "utf-8", "replace"

@@ -261,3 +261,31 @@ def test_a_file_that_is_no_model_is_not_echoed(monkeypatch, capsys, tmp_path):
     line = one_error(monkeypatch, capsys, "inspect", str(f))
     assert "not a safetensors file" in line
     assert str(struct.unpack("<Q", b"root:x:0")[0]) not in line and "root:x" not in line
+
+
+@pytest.mark.parametrize(
+    ("memory", "message"),
+    [
+        ("1" + "0" * 30, "larger than any machine"),  # an int float() cannot hold
+        ("9" * 5000, "not a cluster file"),  # past Python's limit on int digits
+    ],
+)
+def test_a_cluster_memory_of_absurd_size_is_one_line(
+    monkeypatch, capsys, tmp_path, tiny_models, memory, message
+):
+    """Held-out fuzzing found both as tracebacks (OverflowError, ValueError)."""
+    c = tmp_path / "c.yaml"
+    c.write_text(f"machines:\n  - {{name: a, memory: {memory}}}\n")
+    line = one_error(
+        monkeypatch,
+        capsys,
+        "plan",
+        str(tiny_models["llama"]),
+        "--cluster",
+        str(c),
+        "--context",
+        "0",
+        "--criterion",
+        "position",
+    )
+    assert message in line

@@ -48,6 +48,8 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
     """
     if isinstance(text, bool):
         raise BudgetError(f"{what}: {text!r} is not a size")
+    if isinstance(text, int) and not text < _MAX_SIZE:  # float() would overflow
+        raise BudgetError(f"{what}: {text} is larger than any machine (max 1 EiB)")
     if isinstance(text, int | float):
         value, unit = float(text), ""
     else:
@@ -298,6 +300,10 @@ def load_cluster(path: str | Path, reserve: str | None = None) -> tuple[Machine,
         raise BudgetError(f"{path}: not valid YAML ({first})") from None
     except RecursionError:
         raise BudgetError(f"{path}: YAML nested too deeply") from None
+    except ValueError as exc:  # an integer past Python's digit limit, a bad date
+        raise BudgetError(
+            f"{path}: not a cluster file ({str(exc).split(';')[0]})"
+        ) from None
     machines = cluster_from_doc(doc, str(path))
     if reserve is None:
         return machines
