@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from scipy.stats import spearmanr
 
 
@@ -133,6 +135,23 @@ def main() -> None:
         "forward_seconds_eval": forward,
         "eval_tokens": sum(len(s) for s in ref.seqs),
     }
+    for crit in ("kl", "error"):
+        # measured ~ a x predicted^b (least squares in log-log): how KL compounds
+        # beyond a sum of per-tensor damages; ewq.sensitivity.compounded uses it
+        xs = [
+            math.log(r[f"{crit}_predicted"]) for r in rows if r[f"{crit}_predicted"] > 0
+        ]
+        ys = [math.log(r["measured_kl"]) for r in rows if r[f"{crit}_predicted"] > 0]
+        if len(xs) >= 2:
+            b, loga = np.polyfit(xs, ys, 1)
+            out[f"fit_{crit}"] = {"a": math.exp(loga), "b": b}
+        from ewq.sensitivity import compounded
+
+        out[f"ratio_{crit}_compounded"] = [
+            r["measured_kl"] / compounded(r[f"{crit}_predicted"], crit)
+            for r in rows
+            if r[f"{crit}_predicted"] > 0
+        ]
     per_token = forward / max(1, out["eval_tokens"])
     out["kl_forward_passes"] = kl.seconds / max(
         1e-9, per_token * (kl.details.get("tokens") or 1)

@@ -362,3 +362,31 @@ def byte_vocab_llama(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def wordpiece_gpt2(root: Path):
+    """A tiny GPT-2 with a WordPiece vocabulary of IgLM's kind (case kept; residues,
+    tags added whole), converted by llama.cpp's converter through ewq: the GGUF path
+    and the Hugging Face tokenizer."""
+    import json
+
+    import transformers
+
+    from ewq.quant.convert import convert
+
+    folder = build_hf("gpt2", root / "g", vocab_size=40)
+    config = json.loads((folder / "config.json").read_text())
+    config["n_ctx"] = config["n_positions"]  # GPT-2's own configs carry both
+    (folder / "config.json").write_text(json.dumps(config))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(
+        "ACDEFGHIKLMNPQRSTVWY"
+    )
+    vocab += ["[HEAVY]", "[LIGHT]", "[HUMAN]", "[MOUSE]"]
+    vocab += [f"[unused{i}]" for i in range(40 - len(vocab))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = transformers.BertTokenizer(str(folder / "vocab.txt"), do_lower_case=False)
+    tok.add_tokens(["[HEAVY]", "[LIGHT]", "[HUMAN]", "[MOUSE]"])
+    tok.save_pretrained(folder)
+    out = root / "g.gguf"
+    convert(folder, out, "f32")
+    return out, tok

@@ -35,6 +35,7 @@ from ewq.imatrix import Imatrix, write_imatrix
 from ewq.planfile import plan_doc
 from ewq.planning import Machine, fit
 from ewq.reports.compare import write_compare, write_compare_encoder
+from ewq.reports.plan import predicted_kl
 from ewq.sensitivity import Sensitivity
 from ewq.types import Precision
 
@@ -296,8 +297,10 @@ def _plans(
         for name, s in sens.items():
             uses = im if name == "ewq kl" else None
             machines = [Machine("m", budget)]
+            predicted = None
             if name in plan_options:  # what `ewq plan` gives, measured selection too
-                r = api.plan(source, machines, **plan_options[name]).result
+                planned = api.plan(source, machines, **plan_options[name])
+                r, predicted = planned.result, predicted_kl(planned)
             else:
                 r = api.fit_tensors("gguf", layout, s, uses, None, machines, None, None)
             if not r.fits:
@@ -312,7 +315,7 @@ def _plans(
                     "plan": name,
                     "bytes": r.total_bytes,
                     "types": _counts(types),
-                    "predicted_kl": r.damage,
+                    "predicted_kl": predicted,
                     **m,
                 }
             )

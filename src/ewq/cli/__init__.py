@@ -97,6 +97,18 @@ def main() -> None:
         signum: signal.signal(signum, on_signal)
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
+    import warnings
+
+    def one_line_warning(message, category, *_args, **_kw) -> None:
+        err.print(
+            f"warning: {one_line(str(message))}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    shown = warnings.showwarning
+    warnings.showwarning = one_line_warning
     try:
         app()
     except EwqError as exc:
@@ -113,6 +125,7 @@ def main() -> None:
         err.print("ewq: interrupted; no partial output was left", markup=False)
         sys.exit(128 + stopped[0])
     finally:  # in-process callers (tests, notebooks) get their handlers back
+        warnings.showwarning = shown
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

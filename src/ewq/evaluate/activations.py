@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ewq.errors import EwqError
-from ewq.evaluate.windows import Documents, text_windows
+from ewq.evaluate.windows import Documents, readable, text_windows
 from ewq.imatrix import Entry, Imatrix
 from ewq.native import ggml
 from ewq.types import Progress
@@ -221,6 +221,7 @@ def compute_imatrix(
     seqs = imatrix_windows(model, text, ctx, documents, chunks)
     if not seqs:
         raise EwqError("the calibration text holds no window of at least 2 tokens")
+    readable(seqs, model.unknown, "calibration text")
     collector = _Collector(lib, process_output)
     callback = lc.ggml_backend_sched_eval_callback(collector)
     params = lc.llama_context_default_params()

@@ -99,6 +99,27 @@ class LlamaCppModel:
         bos = self.llm.token_bos()
         adds = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self.bos = bos if bos >= 0 and adds else None
+        self._vocab = vocab
+
+    @property
+    def unknown(self) -> frozenset[int]:
+        """The token ids that stand for text the vocabulary cannot spell: the GGUF's
+        ``tokenizer.ggml.unknown_token_id`` (llama.cpp's converter marks WordPiece's
+        [UNK] a control token) and the tokens llama.cpp marks UNKNOWN."""
+        if not hasattr(self, "_unknown"):
+            import llama_cpp
+
+            flag = llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+            ids = {
+                t
+                for t in range(self.vocab_size)
+                if llama_cpp.llama_vocab_get_attr(self._vocab, t) & flag
+            }
+            unk = self.llm.metadata.get("tokenizer.ggml.unknown_token_id")
+            if unk is not None and str(unk).isdigit():
+                ids.add(int(unk))
+            self._unknown = frozenset(ids)
+        return self._unknown
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_special``: with the special tokens the

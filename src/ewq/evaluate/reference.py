@@ -12,7 +12,7 @@ import numpy as np
 from ewq.errors import EwqError
 from ewq.evaluate.backends import LlamaCppModel
 from ewq.evaluate.metrics import kl_logits, logsumexp_rows, summarize_kl
-from ewq.evaluate.windows import text_windows
+from ewq.evaluate.windows import readable, text_windows
 
 __all__ = ["Reference", "text_metrics"]
 
@@ -38,6 +38,7 @@ class Reference:
         )
         if not self.seqs:
             raise EwqError("the evaluation text is too short for one window")
+        self.unknown_share = readable(self.seqs, self.model.unknown, "evaluation text")
         self.logits = [self.model.logits(s) for s in self.seqs]
         self.lse = [logsumexp_rows(x) for x in self.logits]
 

@@ -20,6 +20,7 @@ from ewq.evaluate.metrics import (
     paper_question_nll,
     summarize_kl,
 )
+from ewq.evaluate.windows import readable
 from ewq.types import Progress
 
 __all__ = ["embedding_fidelity", "kld", "mmlu", "perplexity", "sentences", "windows"]
@@ -64,6 +65,7 @@ def perplexity(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     tokens = model.tokenize(text)
+    unknown = readable([tokens], getattr(model, "unknown", frozenset()), "text")
     size = ctx - (model.bos is not None)  # room for the BOS token
     # without a BOS a window cannot score its own first token: overlap by one
     longest = size if model.bos is not None else size - 1
@@ -88,6 +90,7 @@ def perplexity(
         "tokens_scored": count,
         "windows": len(wins),
         "tokens_in_text": len(tokens),
+        "unknown_token_share": unknown,
     }
 
 
@@ -112,6 +115,7 @@ def kld(
 ) -> dict[str, Any]:
     """KL(reference || quantized) of next-token distributions on the same tokens."""
     tokens = _same_tokens(reference, quantized, text)
+    unknown = readable([tokens], getattr(reference, "unknown", frozenset()), "text")
     size = ctx - (reference.bos is not None)
     wins = windows(len(tokens), size, size, limit)
     kls, top_ref, top_q = [], [], []
@@ -127,7 +131,7 @@ def kld(
         raise EwqError("the text is too short for a single window")
     return summarize_kl(
         np.concatenate(kls), np.concatenate(top_ref), np.concatenate(top_q)
-    ) | {"windows": len(wins)}
+    ) | {"windows": len(wins), "unknown_token_share": unknown}
 
 
 def _letter_ids(model: LanguageModel) -> dict[str, list[int]]:

@@ -21,7 +21,35 @@ from collections.abc import Callable
 from ewq.config import Documents
 from ewq.errors import EwqError
 
-__all__ = ["Documents", "text_windows", "windows"]
+__all__ = ["Documents", "readable", "text_windows", "windows"]
+
+#: above this share of unknown tokens a text is refused; above WARN_UNKNOWN warned
+REFUSE_UNKNOWN = 0.5
+WARN_UNKNOWN = 0.05
+
+
+def readable(seqs: list[list[int]], unknown: frozenset[int], what: str) -> float:
+    """The share of the windows' tokens the vocabulary does not know (its UNKNOWN
+    tokens: what a text in another script or for another tokenizer becomes). Above
+    half, one error line: a KL or an importance matrix on such text measures
+    nothing; above 5%, a warning (Python's warnings; the CLI prints it as one line)."""
+    import warnings
+
+    total = sum(len(s) for s in seqs)
+    share = sum(t in unknown for s in seqs for t in s) / total if total else 0.0
+    if share > REFUSE_UNKNOWN:
+        raise EwqError(
+            f"{share:.0%} of the {what}'s tokens are unknown to the model's vocabulary "
+            "(is it text in the model's language and script?)"
+        )
+    if share > WARN_UNKNOWN:
+        warnings.warn(
+            f"{share:.1%} of the {what}'s tokens are unknown to the model's "
+            "vocabulary: its figures measure the unknown token",
+            UserWarning,
+            stacklevel=2,
+        )
+    return share
 
 
 def windows(

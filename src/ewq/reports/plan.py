@@ -109,23 +109,44 @@ def plan_json(planned: PlanResult, ewq_version: str) -> dict[str, Any]:
 
 
 def predicted_kl(planned: PlanResult) -> float | None:
-    """The plan's predicted KL from the unquantized model (nats per token): the
-    measured criteria's summed damage (None for the others: not a KL)."""
+    """The plan's predicted KL from the unquantized model (nats per token): what the
+    measured selection measured on the calibration text for the chosen plan, else
+    the measured criteria's summed damage, compounded (None for the other criteria:
+    not a KL)."""
+    measured = _selected_kl(planned)
+    if measured is not None:
+        return measured
     if planned.criterion in ("error", "kl") and planned.result.damage is not None:
-        return planned.result.damage
+        from ewq.sensitivity import compounded
+
+        return compounded(planned.result.damage, planned.criterion)
+    return None
+
+
+def _selected_kl(planned: PlanResult) -> float | None:
+    chosen = (planned.selection or {}).get("chosen")
+    for c in (planned.selection or {}).get("candidates", []):
+        if c.get("plan") == chosen and c.get("measured_kl") is not None:
+            return float(c["measured_kl"])
     return None
 
 
 def broken_warning(planned: PlanResult) -> str | None:
-    """One line when the predicted KL says the model will be broken."""
-    from ewq.sensitivity import BROKEN_KL
+    """One line when the plan may be a broken model: its predicted KL, at the most
+    its criterion has been seen to underestimate, reaches BROKEN_KL."""
+    from ewq.sensitivity import BROKEN_KL, spread
 
     kl = predicted_kl(planned)
-    if kl is None or kl <= BROKEN_KL:
+    if kl is None:
         return None
+    worst = kl if _selected_kl(planned) is not None else kl * spread(planned.criterion)
+    if worst < BROKEN_KL:
+        return None
+    up_to = "" if worst == kl else f", up to {worst:.2f} as measured on other plans"
     return (
-        f"warning: the plan's predicted KL divergence is {kl:.2f} nats per token "
-        f"(above {BROKEN_KL:g}): expect a broken model; give it more memory or bits"
+        f"warning: the plan's predicted KL divergence is {kl:.2f} nats per token"
+        f"{up_to} (a broken model from {BROKEN_KL:g}): the model may be broken; "
+        "give it more memory or bits"
     )
 
 

@@ -35,7 +35,7 @@ from ewq.arch import ModelLayout
 from ewq.errors import EwqError
 from ewq.evaluate.backends import LlamaCppModel
 from ewq.evaluate.metrics import kl_logits, logsumexp_rows
-from ewq.evaluate.windows import text_windows
+from ewq.evaluate.windows import readable, text_windows
 from ewq.formats import Encoding
 from ewq.imatrix import Imatrix
 from ewq.planfile import plan_from_doc
@@ -122,6 +122,7 @@ class Calibration:
         )
         if not self.seqs:
             raise EwqError("the calibration text is too short for one window")
+        readable(self.seqs, ref.unknown, "calibration text")
         self.tokens = int(sum(len(s) for s in self.seqs))
         self.reference = [ref.logits(s) for s in self.seqs]
         self.lse = [logsumexp_rows(x) for x in self.reference]
