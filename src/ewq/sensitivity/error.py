@@ -30,6 +30,7 @@ from ewq.arch import ModelLayout
 from ewq.formats import Encoding, hf_group_size
 from ewq.imatrix import Imatrix
 from ewq.sensitivity import tensor_candidates
+from ewq.sensitivity.probe import expert_weights
 from ewq.sources.base import TensorSource
 from ewq.types import TensorInfo
 
@@ -122,12 +123,7 @@ def relative_errors(
         energy = 0.0
         for m in range(matrices):  # experts one at a time: each its own imatrix slice
             part = values[m * per : (m + 1) * per]
-            w = None
-            if w_all is not None:
-                w = w_all[
-                    (m % (w_all.size // cols)) * cols : (m % (w_all.size // cols) + 1)
-                    * cols
-                ]
+            w = expert_weights(w_all, m, cols)
             weights = w.astype(np.float64) if w is not None else np.ones(cols)
             p64 = part.astype(np.float64)
             energy += float(np.einsum("ij,ij,j->", p64, p64, weights))

@@ -5,16 +5,20 @@ next-token distributions from the unquantized model's, predicted as
 
 * E: the tensor's imatrix-weighted relative squared error at that type (error.py),
   what llama.cpp's quantizer minimises, known exactly for every type.
-* k_t: the tensor's sensitivity, measured: the model is quantized with that tensor
-  alone at a probe type (its candidate nearest 4.25 bits per weight) by llama.cpp's
-  quantizer with the importance matrix, run by llama.cpp on windows of the
-  calibration text, and its mean KL divided by E at the probe type. Every tensor is
-  probed once (the way ExLlamaV2/V3 measure layers, per tensor).
-* g: a factor per type, measured on a few tensors (``type_probes``) at every type:
-  the median of KL / (k_t E). KL does not fall as fast as E at high precision
-  (measured on IgLM: 2.4x at Q8_0, 1.5x at Q6_K, about 1 from Q5_K down), which
-  one probe per tensor cannot see. Where a (tensor, type) pair was probed, its
-  measured KL is used as it is.
+* k_t: the tensor's sensitivity, measured: that tensor alone is stored at a probe
+  type (its candidate nearest 4.25 bits per weight) by ggml's quantizer with the
+  importance matrix, the model run by llama.cpp on windows of the calibration text
+  (probe.py: one loaded working copy, the tensor's bytes swapped in place), and its
+  mean KL divided by E at the probe type. Every tensor is probed once (the way
+  ExLlamaV2/V3 measure layers, per tensor).
+* g: a factor per type, measured on a few tensors (``type_probes``) at every type,
+  each written by llama.cpp's quantizer and run as written: the median of
+  KL / (k_t E). KL does not fall as fast as E at high precision (measured on IgLM:
+  2.4x at Q8_0, 1.5x at Q6_K, about 1 from Q5_K down), which one probe per tensor
+  cannot see, and a swapped probe runs float weights while llama.cpp multiplies a
+  quantized tensor by activations rounded to 8 bits (on the byte Llama's ffn_down at
+  IQ4_XS: 4.5% more KL as written), which the factor at the probe type puts back.
+  Where a (tensor, type) pair was written and measured, its KL is used as it is.
 
 A plan's predicted KL is the sum over its tensors (first order: small perturbations
 of different tensors add up in KL; benchmarks/damage_model.py measures how well,
@@ -42,6 +46,7 @@ from ewq.planfile import plan_from_doc
 from ewq.quant.gguf import quantize_gguf
 from ewq.quant.targets import gguf_targets
 from ewq.sensitivity import Sensitivity, tensor_candidates
+from ewq.sensitivity.probe import Probes
 from ewq.types import ModelIndex, Precision
 
 __all__ = ["PROBE_BITS", "Calibration", "kl_sensitivity", "probe_type"]
@@ -170,38 +175,53 @@ def kl_sensitivity(
     ``ctx`` tokens of ``text`` holding ``tokens`` tokens in all; ``errors`` are the
     imatrix-weighted relative errors (error.relative_errors with ``imatrix``)."""
     started = time.perf_counter()
-    bench = Calibration(
-        index, layout, text, tokens=tokens, ctx=ctx, documents=documents
-    )
     cands = tensor_candidates("gguf", layout, imatrix)
     probes = {
         n: probe_type(info, encs, errors.get(n, {}))
         for n, (info, _, encs) in cands.items()
     }
     sampled = _sampled({n: c for n, c in cands.items() if probes[n]}, type_probes)
-    jobs = [(n, t) for n, t in probes.items() if t is not None]
-    for n in sampled:
-        jobs += [
-            (n, e.type)
-            for e in cands[n][2][1:]
-            if e.type != probes[n] and errors.get(n, {}).get(e.type, 0) > 0
-        ]
-    measured: dict[tuple[str, str], float] = {}
+    swaps = [(n, t) for n, t in probes.items() if t is not None]
+    files = [
+        (n, e.type)
+        for n in sampled
+        for e in cands[n][2][1:]
+        if errors.get(n, {}).get(e.type, 0) > 0
+    ]
+    total = len(swaps) + len(files)
+    swapped: dict[tuple[str, str], float] = {}
+    written: dict[tuple[str, str], float] = {}
+    bench = Probes(
+        index,
+        layout,
+        sorted({n for n, _ in swaps}),
+        text,
+        tokens=tokens,
+        ctx=ctx,
+        documents=documents,
+        imatrix=imatrix,
+    )
     with bench:
-        for k, (name, type_name) in enumerate(jobs):
-            measured[name, type_name] = bench.kl({name: type_name}, imatrix)
+        for k, (name, type_name) in enumerate(swaps):
+            swapped[name, type_name] = bench.kl({name: type_name})
             if progress is not None:
-                progress(k + 1, len(jobs), f"{name} as {type_name}")
-    slope = {
-        n: measured[n, t] / errors[n][t] for n, t in probes.items() if t is not None
-    }
+                progress(k + 1, total, f"{name} as {type_name}")
+    calib = Calibration(
+        index, layout, text, tokens=tokens, ctx=ctx, documents=documents
+    )
+    with calib:
+        for k, (name, type_name) in enumerate(files):
+            written[name, type_name] = calib.kl({name: type_name}, imatrix)
+            if progress is not None:
+                progress(len(swaps) + k + 1, total, f"{name} as {type_name}, written")
+    slope = {n: swapped[n, t] / errors[n][t] for n, t in swaps}
     median_slope = statistics.median(slope.values()) if slope else 0.0
-    factor: dict[str, float] = {}
-    for type_name in {t for _, t in jobs}:
+    factor: dict[str, float] = {}  # the written model's KL over the swapped slope's
+    for type_name in {t for _, t in files}:
         ratios = [
-            measured[n, type_name] / (slope[n] * errors[n][type_name])
+            written[n, type_name] / (slope[n] * errors[n][type_name])
             for n in sampled
-            if (n, type_name) in measured and slope.get(n, 0) > 0
+            if (n, type_name) in written and slope.get(n, 0) > 0
         ]
         if ratios:
             factor[type_name] = statistics.median(ratios)
@@ -210,8 +230,8 @@ def kl_sensitivity(
         k = slope.get(name, median_slope)
         row = {}
         for e in encs[1:]:
-            if (name, e.type) in measured:
-                row[e.type] = measured[name, e.type]
+            if (name, e.type) in written:
+                row[e.type] = written[name, e.type]
             else:
                 row[e.type] = (
                     k * factor.get(e.type, 1.0) * errors.get(name, {}).get(e.type, 0.0)
@@ -226,7 +246,8 @@ def kl_sensitivity(
             "ctx": ctx,
             "documents": str(documents),
             "tokens": bench.tokens,
-            "probes": len(jobs),
+            "probes": total,
+            "probes_swapped": len(swaps),
             "type_probes": sampled,
             "type_factors": {t: round(v, 4) for t, v in sorted(factor.items())},
             "median_sensitivity": median_slope,
