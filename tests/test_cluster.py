@@ -259,6 +259,83 @@ def test_an_unreachable_worker_is_one_line(cluster):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+class Impostor:
+    """Something on a loopback port that is not a worker: it accepts connections and
+    either never answers (``reply=None``) or answers ``reply`` and closes."""
+
+    def __init__(self, reply: bytes | None):
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.reply, self.held = reply, []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.reply is None:
+                self.held.append(conn)  # silent: hold it open
+            else:
+                conn.recv(64)
+                conn.sendall(self.reply)
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+def test_the_workers_answer_llama_cpps_hello(cluster):
+    """Each real worker answers the handshake with the protocol version of the
+    llama.cpp it was built from (7.0.0 in llama-cpp-python 0.3.36's ggml-rpc.h)."""
+    from ewq.serve import rpc
+
+    for p in cluster["ports"]:
+        assert rpc.hello(f"127.0.0.1:{p}") == (7, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "reply,says",
+    [
+        (None, "accepts connections but does not answer llama.cpp's RPC hello"),
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "is not an ewq/llama.cpp RPC worker"),
+        (
+            (28).to_bytes(8, "little") + bytes([6, 1, 0, 0]) + bytes(24),
+            "speaks llama.cpp RPC protocol 6.1.0, this ewq 7.0.0",
+        ),
+    ],
+    ids=["silent", "http", "old-version"],
+)
+def test_an_impostor_on_a_worker_port_is_one_line(cluster, reply, says):
+    """Not a worker (a socket that never answers, an HTTP server, a worker of
+    another llama.cpp): serve ends in one line naming the endpoint, within the
+    hello's timeout, instead of waiting forever inside llama.cpp."""
+    imp = Impostor(reply)
+    eps = [f"127.0.0.1:{p}" for p in cluster["ports"][:2]] + [f"127.0.0.1:{imp.port}"]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [*serve_args(cluster), "--prompt", "x", "--rpc", ",".join(eps)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        imp.close()
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"127.0.0.1:{imp.port}" in lines[0] and says in lines[0]
+    assert time.monotonic() - started < 20
+
+
 def test_the_plan_and_the_endpoints_must_agree(cluster):
     done = subprocess.run(
         [
@@ -327,3 +404,70 @@ def test_serve_http_answers_as_the_prompt_mode(cluster):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)  # stops by itself
+
+
+def _serving(cluster, *extra: str) -> subprocess.Popen:
+    """`ewq serve --prompt` generating 400 tokens, once the placement is printed
+    (the model is loaded over the workers and generation starts)."""
+    proc = subprocess.Popen(
+        [
+            *serve_args(cluster),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "400",
+            "--threads",
+            "1",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in proc.stdout:  # the placement table ends with the last worker's row
+        if "w3" in line:
+            break
+    return proc
+
+
+def test_a_frozen_worker_is_one_line_naming_it(cluster):
+    """A worker stopped mid-generation (SIGSTOP: what a network partition looks like
+    to llama.cpp's client, which waits without a timeout) ends serve within the
+    --rpc-timeout with one line naming it, not a hang."""
+    w3 = cluster["workers"][2]
+    proc = _serving(cluster, "--rpc-timeout", "3")
+    w3.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        waited = time.monotonic() - started
+    finally:
+        w3.send_signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    ep = f"127.0.0.1:{cluster['ports'][2]}"
+    assert lines[0].startswith(f"ewq: error: the worker w3 ({ep}) has not answered")
+    assert waited < 15
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signals_end_serve_while_it_waits_on_a_worker(cluster, sig, code):
+    """SIGTERM and Ctrl-C end serve at once even while llama.cpp waits inside C on
+    a frozen worker (Python's own handlers never run there)."""
+    w3 = cluster["workers"][2]
+    proc = _serving(cluster, "--rpc-timeout", "600")
+    w3.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        w3.send_signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code
+    assert stderr.strip() == f"ewq: stopped by {signal.Signals(sig).name}"

@@ -253,3 +253,27 @@ def test_plan_of_the_default_model_avoids_the_slow_link(tmp_path, monkeypatch, c
     assert "far" not in used and used[0] == "near1"
     assert doc["exports"]["llama_cpp"]["main"] == "near1"
     assert doc["seconds_per_token"] > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 600), min_size=2, max_size=4),
+    st.lists(st.integers(1, 200), min_size=1, max_size=7),
+    st.integers(0, 300),
+    st.booleans(),
+)
+def test_llama_cpp_keeps_the_embedding_on_the_first_machine(caps, sizes_, last, tied):
+    """llama.cpp keeps the input embedding in the serving process (the first machine
+    of a cluster without a network): a placement for its route never moves it to a
+    worker; without llama.cpp's rule the same clusters may skip the first machine."""
+    machines = [Machine(f"m{i}", c) for i, c in enumerate(caps)]
+    order = list(range(1, len(sizes_) + 1))
+    sizes = dict(zip(order, sizes_, strict=True))
+    params = dict.fromkeys(order, 1)
+    route = Route(relay=True, tied=tied, last_bytes=last)
+    got = place(order, sizes, params, machines, route)
+    free = place(order, sizes, params, machines, Route(tied=tied, last_bytes=last))
+    if got is not None:
+        assert got.stages[0][0] == 0 and got.stages[0][1][0] == order[0]
+    if free is not None and free.stages[0][0] == 0:
+        assert got is not None  # the rule only ever refuses skipping the first

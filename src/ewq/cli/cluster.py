@@ -3,6 +3,7 @@ backend (the commands of ewq.cli that run a cluster; ewq.serve does the work).""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,7 @@ import typer
 from ewq import __version__
 from ewq.cli.common import app, err, out, write_json
 from ewq.errors import EwqError
+from ewq.serve.watch import Watchdog
 
 
 @app.command(
@@ -90,6 +92,14 @@ def serve(
         Path | None,
         typer.Option("--json", help="Write the placement and the completion as JSON."),
     ] = None,
+    rpc_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="Seconds without progress (a tensor sent, a token generated) after "
+            "which a silent worker is an error naming it.",
+        ),
+    ] = 60.0,
 ) -> None:
     """Run a plan across machines: the model here, its layers on the plan's workers.
 
@@ -112,19 +122,33 @@ def serve(
             markup=False,
         )
     endpoints = rpc_endpoints.split(",") if rpc_endpoints else None
-    if prompt is not None:
-        cm = cluster.load(
-            model, p, endpoints=endpoints, n_ctx=ctx, threads=threads, repack=repack
-        )
+    workers = {
+        s.endpoint: s.machine for s in cluster.stages_of(p, endpoints) if s.endpoint
+    }
+    load = functools.partial(
+        cluster.load, model, p, endpoints=endpoints, n_ctx=ctx, repack=repack
+    )
+    with Watchdog(rpc_timeout, workers) as dog:
+        if prompt is not None:
+            cm = load(threads=threads, beat=dog.beat)
+            out.print(served_table(cm))
+            text = cluster.complete(cm, prompt, max_tokens, beat=dog.beat)
+            out.print(text, markup=False, highlight=False)
+            if json_path is not None:
+                write_json(json_path, served_json(cm, prompt, text, __version__))
+            return
+        cm = load(build=_http_app(model, ctx, threads, host, port), beat=dog.beat)
+        dog.armed = False  # idle between requests: the watchdog guards the load
         out.print(served_table(cm))
-        done = cm.model.create_completion(prompt, max_tokens=max_tokens, temperature=0)
-        text = done["choices"][0]["text"]
-        out.print(text, markup=False, highlight=False)
         if json_path is not None:
-            write_json(json_path, served_json(cm, prompt, text, __version__))
-        return
+            write_json(json_path, served_json(cm, None, None, __version__))
+        _run_http(cm, host, port)
+
+
+def _http_app(model: Path, ctx: int, threads: int | None, host: str, port: int):
+    """What builds llama-cpp-python's OpenAI-compatible server over the workers."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - run by _run_http
         from llama_cpp.server.app import create_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError:
@@ -148,15 +172,14 @@ def serve(
             model_settings=[settings],
         )
 
-    cm = cluster.load(
-        model, p, endpoints=endpoints, n_ctx=ctx, repack=repack, build=build
-    )
-    out.print(served_table(cm))
-    if json_path is not None:
-        write_json(json_path, served_json(cm, None, None, __version__))
-    err.print(f"serving on http://{host}:{port}/v1 (OpenAI API); stop with Ctrl-C")
-    uvicorn.run(cm.model, host=host, port=port, log_level="warning")
+    return build
+
+
+def _run_http(cm, host: str, port: int) -> None:
+    import uvicorn
     from llama_cpp.server import app as server_app
 
+    err.print(f"serving on http://{host}:{port}/v1 (OpenAI API); stop with Ctrl-C")
+    uvicorn.run(cm.model, host=host, port=port, log_level="warning")
     if server_app._llama_proxy is not None:  # free the model while its workers live
         server_app._llama_proxy.free()

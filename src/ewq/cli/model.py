@@ -205,6 +205,7 @@ def plan_cmd(
     from ewq import api
     from ewq.analysis.decision import check_alpha
     from ewq.planning import Machine, load_cluster, single_machine
+    from ewq.reports.fit import idle_reasons
     from ewq.reports.plan import (
         broken_warning,
         export_lines,
@@ -260,6 +261,9 @@ def plan_cmd(
     placement = placement_table(planned)
     if placement is not None:
         out.print(placement)
+    else:  # one machine used: the others' reasons, which the table would caption
+        for name, why in idle_reasons(planned).items():
+            out.print(f"{name} has no block: {why}", markup=False)
     for line in export_lines(planned):
         out.print(line)
     if json_path is not None:

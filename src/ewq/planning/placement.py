@@ -191,6 +191,10 @@ def _place(
             break
         if m == len(machines):
             return None
+        if m and idx == order[0] and route.relay:
+            # llama.cpp keeps the input embedding in the serving process's memory
+            # (the first machine listed): it cannot go to a worker
+            return None
         if load / machines[m].speed > time_limit and not out[m]:
             return None
         out[m].append(idx)

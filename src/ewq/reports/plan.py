@@ -8,6 +8,7 @@ from rich.table import Table
 
 from ewq.planfile import SCHEMA_VERSION
 from ewq.records import PlanResult
+from ewq.reports.fit import idle_reasons, unfit_reason
 from ewq.reports.inspect import human_bytes
 from ewq.types import BlockKind
 
@@ -27,6 +28,7 @@ def plan_json(planned: PlanResult, ewq_version: str) -> dict[str, Any]:
     other than the source as given)."""
     a, r, layout = planned.analysis, planned.result, planned.layout
     entropy = {b.exec_index: b.entropy for b in a.profile.blocks} if a else {}
+    idle = idle_reasons(planned)
 
     def side(block: Any) -> dict[str, Any]:
         i = block.exec_index
@@ -102,7 +104,10 @@ def plan_json(planned: PlanResult, ewq_version: str) -> dict[str, Any]:
         "predicted_kl": predicted_kl(planned),
         "selection": planned.selection,
         "bits_per_weight": 8 * r.total_bytes / max(1, planned.layout_parameters),
-        "machines": [_machine(m, r, rt, planned.machines) for m in r.machines],
+        "machines": [
+            _machine(m, r, rt, planned.machines) | _idle(idle, m.name)
+            for m in r.machines
+        ],
         "seconds_per_token": r.seconds_per_token,
         "exports": planned.exports,
     }
@@ -161,6 +166,10 @@ def _imatrix(m: Any) -> dict[str, Any] | None:
         "chunk_size": m.chunk_size,
         "datasets": list(m.datasets),
     }
+
+
+def _idle(reasons: dict[str, str], name: str) -> dict[str, str]:
+    return {"idle": reasons[name]} if name in reasons else {}
 
 
 def _machine(m: Any, r: Any, rt: Any, machines: Any = ()) -> dict[str, Any]:
@@ -288,9 +297,12 @@ def placement_table(planned: PlanResult) -> Table | None:
     elif vllm.get("command"):
         runs = {x["machine"]: f"vLLM rank {x['rank']}" for x in vllm["ranks"]}
     seconds = r.seconds_per_token
+    idle = idle_reasons(planned)
     table = Table(
         title="placement, in pipeline order"
         + (f" (modelled {seconds * 1e3:.2f} ms per token)" if seconds else ""),
+        caption="; ".join(f"{n} has no block: {why}" for n, why in idle.items())
+        or None,
     )
     for col in ("machine", "blocks", "weights", "total", "capacity", "runs"):
         table.add_column(
@@ -342,6 +354,9 @@ def unfit_message(planned: PlanResult, source: str) -> str:
             f" and the runtime {human_bytes(extra)} for {rt.context} tokens of "
             "context (KV cache and buffers; --context)"
         )
+    reason = unfit_reason(planned)
+    if reason is not None:
+        return f"cannot fit {source} on {len(machines)} machines: {reason}"
     split = ", before splitting them across machines" if len(machines) > 1 else ""
     return (
         f"cannot fit {source} into {human_bytes(memory)} on {len(machines)} "

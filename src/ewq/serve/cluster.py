@@ -19,7 +19,7 @@ from ewq.planfile import Plan
 from ewq.planning.exports import llama_cpp_split
 from ewq.serve import rpc
 
-__all__ = ["ClusterModel", "Layout", "Stage", "load", "stages_of"]
+__all__ = ["ClusterModel", "Layout", "Stage", "complete", "load", "stages_of"]
 
 _LAYER = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
 _DEVICE = re.compile(r"using device (\S+) \(([^)]*)\)")
@@ -97,6 +97,7 @@ class ClusterModel:
         repack: bool = True,
         kv_cache: str = "f16",
         build: Callable[[int, list[float]], Any] | None = None,
+        beat: Callable[[], None] = lambda: None,
     ):
         import llama_cpp
 
@@ -139,13 +140,19 @@ class ClusterModel:
 
         @llama_cpp.llama_log_callback
         def collect(level: int, text: bytes, user: object) -> None:
+            beat()
             with lock:
                 lines.append(text.decode("utf-8", "replace"))
 
-        _KEEP.append(collect)  # C keeps the pointer for the life of the process
+        @llama_cpp.llama_progress_callback
+        def loaded(fraction: float, user: object) -> bool:
+            beat()  # llama.cpp calls it as it loads tensors (over RPC: sends them)
+            return True
+
+        _KEEP.extend((collect, loaded))  # C keeps the pointers for the process's life
         llama_cpp.llama_log_set(collect, None)
         try:
-            with model_params(use_extra_bufts=repack):
+            with model_params(use_extra_bufts=repack, progress_callback=loaded):
                 self.model = (build or llama)(ngl, tensor_split)
         except (ValueError, RuntimeError) as exc:
             raise EwqError(f"{model}: llama.cpp cannot load it ({exc})") from None
@@ -248,6 +255,7 @@ def load(
     logits_all: bool = False,
     repack: bool = True,
     build: Callable[[int, list[float]], Any] | None = None,
+    beat: Callable[[], None] = lambda: None,
 ) -> ClusterModel:
     """Load ``model`` (the GGUF ``ewq quantize`` wrote from ``plan``) over the plan's
     workers; the workers must be running (``ewq worker``)."""
@@ -265,4 +273,22 @@ def load(
         repack=repack,
         kv_cache=kv_cache,
         build=build,
+        beat=beat,
     )
+
+
+def complete(
+    cm: ClusterModel,
+    prompt: str,
+    max_tokens: int,
+    *,
+    beat: Callable[[], None] = lambda: None,
+) -> str:
+    """The greedy completion of ``prompt``, calling ``beat`` at every token."""
+    parts = []
+    for chunk in cm.model.create_completion(
+        prompt, max_tokens=max_tokens, temperature=0, stream=True
+    ):
+        beat()
+        parts.append(chunk["choices"][0]["text"])
+    return "".join(parts)

@@ -31,6 +31,7 @@ __all__ = [
     "RpcError",
     "add_workers",
     "check_reachable",
+    "hello",
     "ipv4",
     "on_abort",
     "split_endpoint",
@@ -48,6 +49,15 @@ _START_SERVER = ctypes.CFUNCTYPE(
     ctypes.POINTER(ctypes.c_void_p),  # ggml_backend_dev_t devices[]
 )
 _ABORT = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+# llama.cpp's RPC handshake, from the ggml-rpc.cpp and ggml-rpc.h that
+# llama-cpp-python 0.3.36 vendors: the client sends | cmd 14 (RPC_CMD_HELLO, "must be
+# always 14") | uint64 24 | 24 bytes of connection capabilities (zeros: plain TCP) |;
+# the server answers | uint64 28 | major, minor, patch, padding, 24 bytes of caps |;
+# the client accepts major == 7 and minor <= 0 (RPC_PROTO_MAJOR/MINOR_VERSION).
+_HELLO_CMD, _CAPS = 14, 24
+PROTOCOL = (7, 0, 0)
+HELLO_TIMEOUT = 5.0
 
 
 class RpcError(EwqError):
@@ -156,16 +166,68 @@ def check_reachable(endpoint: str, timeout: float = 5.0) -> str | None:
         return exc.strerror or str(exc)
 
 
+def _recv(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        part = sock.recv(n - len(data))
+        if not part:
+            break
+        data += part
+    return data
+
+
+def hello(endpoint: str, timeout: float = HELLO_TIMEOUT) -> tuple[int, int, int]:
+    """The RPC protocol version the worker at ``endpoint`` answers llama.cpp's hello
+    with; raises RpcError, naming the endpoint and what answered, if nothing does
+    within ``timeout`` seconds, the answer is not llama.cpp's, or its version is one
+    this llama.cpp refuses. (A worker serves one client at a time: check before
+    loading, not while a model runs on it.)"""
+    host, port = split_endpoint(endpoint)
+    start = f"`ewq worker --host 0.0.0.0 --port {port}`"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(
+                bytes([_HELLO_CMD]) + _CAPS.to_bytes(8, "little") + bytes(_CAPS)
+            )
+            head = _recv(sock, 8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else None
+            body = _recv(sock, 4 + _CAPS) if size == 4 + _CAPS else b""
+    except TimeoutError:
+        raise RpcError(
+            f"something at {endpoint} accepts connections but does not answer "
+            f"llama.cpp's RPC hello within {timeout:g} s (not an ewq worker, or "
+            f"one that is stopped or busy with another client); start {start} there"
+        ) from None
+    except OSError as exc:
+        raise RpcError(
+            f"cannot reach the worker at {endpoint} ({exc.strerror or exc}); "
+            f"start it there with {start}"
+        ) from None
+    if len(body) != 4 + _CAPS:
+        got = (head + body)[:16]
+        what = f"{len(got)} bytes ({got.hex()})" if got else "it closed the connection"
+        raise RpcError(
+            f"{endpoint} is not an ewq/llama.cpp RPC worker: to llama.cpp's hello "
+            f"it answered {what}; start {start} there"
+        )
+    major, minor, patch = body[0], body[1], body[2]
+    if major != PROTOCOL[0] or minor > PROTOCOL[1]:
+        raise RpcError(
+            f"the worker at {endpoint} speaks llama.cpp RPC protocol "
+            f"{major}.{minor}.{patch}, this ewq {'.'.join(map(str, PROTOCOL))}: run "
+            "the same ewq and llama-cpp-python on every machine"
+        )
+    return major, minor, patch
+
+
 def add_workers(endpoints: Sequence[str]) -> None:
     """Register each worker's devices with llama.cpp, in order (llama.cpp puts them
-    first among its devices, in the order they were added)."""
+    first among its devices, in the order they were added), after checking that
+    each answers llama.cpp's hello (llama.cpp itself would wait forever on a socket
+    that accepts and never answers)."""
     for ep in endpoints:
-        why = check_reachable(ep)
-        if why is not None:
-            raise RpcError(
-                f"cannot reach the worker at {ep} ({why}); start it there with "
-                f"`ewq worker --host 0.0.0.0 --port {split_endpoint(ep)[1]}`"
-            )
+        hello(ep)
     add = _ADD_SERVER(_proc("ggml_backend_rpc_add_server"))
     ggml, _ = _load()
     for ep in endpoints:
