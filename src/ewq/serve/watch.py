@@ -5,9 +5,12 @@ stopped, or cut off by the network, leaves the serving thread waiting forever
 inside C, where Python never runs its SIGINT/SIGTERM handlers. So, while a
 ``Watchdog`` is active:
 
-* SIGINT and SIGTERM are blocked in every thread and taken by one thread of its own
-  (``sigwait``), which ends the process at once with 130 / 143, one line, no
-  traceback (nothing is half-written: outputs are written atomically);
+* SIGINT and SIGTERM end the process at once with 130 / 143, one line, no traceback
+  (nothing is half-written: outputs are written atomically): Python's C-level
+  handler, whichever thread the kernel gives the signal to, writes its number to
+  the wakeup file descriptor (``signal.set_wakeup_fd``), and a thread of the
+  watchdog reading it exits (blocking the signals and ``sigwait`` would not do:
+  threads started before, such as the BLAS library's, do not block them);
 * the work calls ``beat()`` whenever it makes progress (a tensor sent while
   loading, a token generated); if ``timeout`` seconds pass without one while armed,
   it names the worker the process is waiting on and exits with 1. Which worker:
@@ -106,13 +109,20 @@ class Watchdog:
         self._last = time.monotonic()
         self._done = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._old_mask: set | None = None
+        self._handlers: dict = {}
+        self._old_fd = -1
 
     def beat(self) -> None:
         self._last = time.monotonic()
 
     def __enter__(self) -> Watchdog:
-        self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_SIGNALS))
+        self._read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._write = write
+        for sig in _SIGNALS:  # a Python handler, so that the C handler writes the fd
+            if signal.getsignal(sig) in (signal.SIG_DFL, signal.SIG_IGN, None):
+                self._handlers[sig] = signal.signal(sig, _ignore)
+        self._old_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
         for target in (self._signals, self._watch):
             t = threading.Thread(target=target, daemon=True, name="ewq-watchdog")
             t.start()
@@ -122,14 +132,20 @@ class Watchdog:
 
     def __exit__(self, *exc) -> None:
         self._done.set()
-        if self._old_mask is not None:
-            # a signal that came meanwhile is pending: it ends the process as usual
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
+        signal.set_wakeup_fd(self._old_fd)
+        for sig, old in self._handlers.items():
+            signal.signal(sig, old)
+        os.close(self._write)  # the reader sees the end and returns
 
     def _signals(self) -> None:
-        sig = signal.sigwait(set(_SIGNALS))
-        name = signal.Signals(sig).name
-        _exit(f"ewq: stopped by {name}", _SIGNALS[sig])
+        while True:
+            data = os.read(self._read, 1)
+            if not data:
+                os.close(self._read)
+                return
+            if data[0] in _SIGNALS:
+                sig = signal.Signals(data[0])
+                _exit(f"ewq: stopped by {sig.name}", _SIGNALS[sig])
 
     def _watch(self) -> None:
         while not self._done.wait(0.25):
@@ -151,6 +167,10 @@ class Watchdog:
                     "--rpc-timeout for slow steps"
                 )
             _exit(line, 1)
+
+
+def _ignore(signum, frame) -> None:
+    """Stands in for the default action while the watchdog ends the process."""
 
 
 def _exit(line: str, code: int) -> None:
