@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "one_line",
     "EwqError",
     "FormatError",
     "HubUnavailableError",
@@ -39,3 +40,15 @@ class UnknownArchitectureError(EwqError):
 
 class InvalidParameterError(EwqError):
     """A parameter is out of range (alpha <= 0, a negative eps, ...)."""
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line of printable characters: names taken from a file (a
+    tensor name with a newline or an escape sequence) cannot break the error line
+    or drive the user's terminal."""
+    return "".join(
+        ch
+        if ch.isprintable()
+        else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for ch in text
+    )

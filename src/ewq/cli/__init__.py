@@ -14,7 +14,7 @@ import typer
 
 from ewq import __version__
 from ewq.cli.common import app, err, out
-from ewq.errors import EwqError
+from ewq.errors import EwqError, one_line
 
 __all__ = ["app", "main", "one_line"]
 
@@ -42,18 +42,6 @@ def _root(
     if ctx.invoked_subcommand is None:  # `ewq -v` alone: the help, as `ewq` gives
         out.print(ctx.get_help())
         raise typer.Exit(2)
-
-
-def one_line(text: str) -> str:
-    """``text`` as one line of printable characters: names taken from a file (a
-    tensor name with a newline or an escape sequence) cannot break the error line
-    or drive the user's terminal."""
-    return "".join(
-        ch
-        if ch.isprintable()
-        else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
-        for ch in text
-    )
 
 
 class _StderrHandler(logging.StreamHandler):

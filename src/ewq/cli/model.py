@@ -22,7 +22,7 @@ from ewq.cli.common import (
     write_json,
 )
 from ewq.config import AnalysisConfig, PlanConfig, QuantizeConfig, SourceConfig
-from ewq.errors import EwqError
+from ewq.errors import EwqError, one_line
 
 JsonOpt = Annotated[
     Path | None, typer.Option("--json", help="Write the result as JSON to this path.")
@@ -263,7 +263,7 @@ def plan_cmd(
         out.print(placement)
     else:  # one machine used: the others' reasons, which the table would caption
         for name, why in idle_reasons(planned).items():
-            out.print(f"{name} has no block: {why}", markup=False)
+            out.print(one_line(f"{name} has no block: {why}"), markup=False)
     for line in export_lines(planned):
         out.print(line)
     if json_path is not None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
+from ewq.errors import one_line
 from ewq.planfile import SCHEMA_VERSION
 from ewq.records import PlanResult
 from ewq.reports.fit import idle_reasons, unfit_reason
@@ -301,7 +302,9 @@ def placement_table(planned: PlanResult) -> Table | None:
     table = Table(
         title="placement, in pipeline order"
         + (f" (modelled {seconds * 1e3:.2f} ms per token)" if seconds else ""),
-        caption="; ".join(f"{n} has no block: {why}" for n, why in idle.items())
+        caption=one_line(
+            "; ".join(f"{n} has no block: {why}" for n, why in idle.items())
+        )
         or None,
     )
     for col in ("machine", "blocks", "weights", "total", "capacity", "runs"):
