@@ -67,6 +67,7 @@ def main() -> None:
         type_probes=a.type_probes,
     )
     free = api.sensitivity(a.model, "error")
+    weighted = api.sensitivity(a.model, "error", imatrix=m)
     layout = api.inspect(a.model).layout
     cands = tensor_candidates("gguf", layout, m)
     ref = Reference(
@@ -115,6 +116,7 @@ def main() -> None:
                     "measured_kl": measured,
                     "kl_predicted": pk,
                     "error_predicted": pf,
+                    "types": types,
                 }
             )
             print(
@@ -155,11 +157,47 @@ def main() -> None:
             for r in rows
             if r[f"{crit}_predicted"] > 0
         ]
+    # each tensor's measured sensitivity, for benchmarks/fit_prior.py: what the kl
+    # criterion measured, and the relative errors unweighted and imatrix-weighted
+    # (the error criterion's damage over its prior and type factor)
+    from ewq.sensitivity.prior import damage, family
+
+    def per_unit(sens, weighted: bool) -> dict:  # the damage of a unit error
+        ones = {n: dict.fromkeys(row, 1.0) for n, row in sens.damage.items()}
+        return damage(layout, ones, weighted)
+
+    u_free, u_weighted = per_unit(free, False), per_unit(weighted, True)
+    out["type_factors"] = kl.details.get("type_factors")
+    out["source_float"] = all(
+        info.dtype in ("F32", "F16", "BF16") for info, _, _ in cands.values()
+    )
+    blocks = [b.exec_index for b in layout.transformer_blocks]
+    tied = not any(k.role.value == "lm_head" for b in layout.blocks for k in b.keys)
+    out["tensors"] = {
+        name: {
+            "family": family(key.role, tied),
+            "depth": (key.exec_index - blocks[0]) / max(1, blocks[-1] - blocks[0]),
+            "block_kind": key.block_kind.value,
+            "kl": dict(kl.damage.get(name, {})),
+            "error_free": {
+                t: v / u_free[name][t] for t, v in free.damage.get(name, {}).items()
+            },
+            "error_imatrix": {
+                t: v / u_weighted[name][t]
+                for t, v in weighted.damage.get(name, {}).items()
+            },
+        }
+        for name, (_, key, _) in cands.items()
+    }
     per_token = forward / max(1, out["eval_tokens"])
     out["kl_forward_passes"] = kl.seconds / max(
         1e-9, per_token * (kl.details.get("tokens") or 1)
     )
-    print(json.dumps({k: v for k, v in out.items() if k != "plans"}, indent=1))
+    print(
+        json.dumps(
+            {k: v for k, v in out.items() if k not in ("plans", "tensors")}, indent=1
+        )
+    )
     if a.json:
         a.json.write_text(json.dumps(out, indent=1) + "\n")
 

@@ -122,7 +122,10 @@ def test_roundtrip_equals_the_values_llama_cpp_writes(
 
 
 def test_error_criterion_grows_as_bits_shrink(llama_f16_gguf, fresh_cache):
+    from ewq.sensitivity.prior import factor, prior
+
     s = api.sensitivity(llama_f16_gguf, "error")
+    weights = prior(api.inspect(llama_f16_gguf).layout)
     order = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
     for name in ("blk.0.ffn_up.weight", "blk.1.attn_q.weight"):
         row = s.damage[name]
@@ -130,7 +133,8 @@ def test_error_criterion_grows_as_bits_shrink(llama_f16_gguf, fresh_cache):
         values = [row[t] for t in order]
         assert values == sorted(values) and values[0] > 0
         # relative error of Q8_0 on Gaussian weights: about 1e-5
-        assert 1e-6 < row["Q8_0"] / s.details["kappa"] < 1e-4
+        error = row["Q8_0"] / (weights[name] * factor("Q8_0"))
+        assert 1e-6 < error < 1e-4
     assert s.details["cached"] is False
     again = api.sensitivity(llama_f16_gguf, "error")
     assert again.details["cached"] is True and again.damage == s.damage

@@ -39,6 +39,7 @@ __all__ = [
     "PlanConfig",
     "QuantizeConfig",
     "SourceConfig",
+    "Rounding",
     "Task",
     "Variant",
     "configure",
@@ -117,6 +118,14 @@ class Documents(StrEnum):
 
     STREAM = "stream"
     LINES = "lines"
+
+
+class Rounding(StrEnum):
+    """How weights are rounded into their types (ewq.quant.gptq)."""
+
+    AUTO = "auto"  # gptq with a calibration text, else nearest
+    NEAREST = "nearest"  # llama.cpp's quantizer, per row (with the imatrix)
+    GPTQ = "gptq"  # against the inputs' second moments on the calibration text
 
 
 class Task(StrEnum):
@@ -300,6 +309,24 @@ class QuantizeConfig(SourceConfig):
     )
     force: bool = Field(
         False, description="Replace an earlier ewq output folder at --out (hf)."
+    )
+    calibration: Path | None = Field(
+        None,
+        description="Calibration text: each quantized tensor is rounded against its "
+        "inputs' second moments on it (GPTQ inside llama.cpp's types; gguf), and its "
+        "importance matrix is handed to llama.cpp's quantizer unless one is given.",
+    )
+    documents: Documents = Field(
+        Documents.STREAM,
+        description="How the calibration text is cut into windows: stream or lines.",
+    )
+    calibration_ctx: int = Field(
+        512, ge=16, description="Tokens per calibration window."
+    )
+    rounding: Rounding = Field(
+        Rounding.AUTO,
+        description="gptq (the default with --calibration) or nearest (llama.cpp's "
+        "own rounding, per row).",
     )
 
 

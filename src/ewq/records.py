@@ -5,8 +5,9 @@ them in."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ewq.analysis import Decision, EntropyProfile
 from ewq.arch import ModelLayout
@@ -52,6 +53,9 @@ class Quantized:
     predicted_bytes: int  # tensor data, from the size function
     file_bytes: int  # the file, or every file of the output folder
     llama_quantize_args: tuple[str, ...]  # gguf only
+    #: how weights were rounded beyond llama.cpp's quantizer (ewq.quant.gptq): the
+    #: method, the calibration text's sha256, the damping and the tensors re-rounded
+    rounding: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

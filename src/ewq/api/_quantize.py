@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ewq.arch import resolve
-from ewq.config import Format, QuantizeConfig, configure
+from ewq.config import Format, QuantizeConfig, Rounding, configure
 from ewq.errors import EwqError
 from ewq.formats import offered
 from ewq.imatrix import Imatrix, read_imatrix
@@ -93,6 +93,7 @@ def quantize(
             f"the {format} format does not offer {', '.join(missing)} (it offers "
             f"{', '.join(p.value for p in offered(format))})"
         )
+    _rounding(cfg, format)  # one line now, before anything is written
     if format == "hf":
         return _quantize_hf(
             source, index, layout, plan, out, progress, record, revision
@@ -114,9 +115,10 @@ def quantize(
                 record,
                 shown,
                 imatrix,
+                cfg,
             )
     return _quantize_gguf(
-        source, index, layout, plan, out, threads, progress, record, None, imatrix
+        source, index, layout, plan, out, threads, progress, record, None, imatrix, cfg
     )
 
 
@@ -164,9 +166,13 @@ def _quantize_gguf(
     record,
     shown=None,
     imatrix=None,
+    cfg: QuantizeConfig | None = None,
 ):
     """GGUF -> per-block quantized GGUF by llama.cpp's quantizer; ``shown`` names the
-    input in the llama-quantize command recorded (a converted file is temporary)."""
+    input in the llama-quantize command recorded (a converted file is temporary).
+    With a calibration text and GPTQ rounding, each quantized ``blk.*`` matrix is then
+    re-rounded against its inputs' second moments (ewq.quant.gptq) before the file is
+    committed."""
     from ewq.quant.gguf import quantize_gguf
 
     arch = index.config.get("general.architecture")
@@ -180,12 +186,21 @@ def _quantize_gguf(
         )
     targets = gguf_targets(index, layout, plan)
     path = index.files[0]
+    hessians: dict = {}
+    if cfg is not None and _rounding(cfg, "gguf"):
+        found, hessians = _hessians(index, cfg, threads, progress)
+        imatrix = imatrix or found
     args = tuple(
         llama_quantize_args(
             targets, shown or path, str(out), imatrix.file if imatrix else None
         )
     )
     commit, made = _recorder(record, source, out, "gguf", plan, targets, args)
+    if hessians:
+        commit = _gptq_then(commit, index, hessians, cfg, progress)
+    meta = _gguf_provenance(source, plan)
+    if hessians:
+        meta["ewq.rounding"] = "gptq"
     quantize_gguf(
         path,
         targets,
@@ -193,10 +208,86 @@ def _quantize_gguf(
         threads=threads,
         progress=progress,
         before_commit=commit,
-        metadata=_gguf_provenance(source, plan),
+        metadata=meta,
         imatrix=imatrix,
     )
     return made[0]
+
+
+#: the inputs' second moments GPTQ rounding may hold in memory at once
+HESSIAN_LIMIT = 4 << 30
+
+
+def _rounding(cfg: QuantizeConfig, format: str) -> bool:
+    """Whether to round by GPTQ (ewq.quant.gptq); one line when it cannot be done."""
+    if cfg.rounding is Rounding.NEAREST:
+        return False
+    if cfg.calibration is None:
+        if cfg.rounding is Rounding.GPTQ:
+            raise EwqError("--rounding gptq needs a calibration text (--calibration)")
+        return False
+    if format != "gguf":
+        if cfg.rounding is Rounding.GPTQ:
+            raise EwqError("--rounding gptq writes GGUF files (--format gguf)")
+        return False
+    return True
+
+
+def _hessians(index, cfg: QuantizeConfig, threads, progress):
+    """The importance matrix and the inputs' second moments on the calibration text."""
+    from ewq.evaluate.activations import compute_hessians
+    from ewq.evaluate.data import load_text
+    from ewq.quant.gptq import hessian_bytes
+
+    cols = {
+        t.name: t.shape[-1]
+        for t in index.tensors
+        if t.name.startswith("blk.") and len(t.shape) == 2
+    }
+    need = hessian_bytes(cols)
+    if need > HESSIAN_LIMIT:
+        raise EwqError(
+            f"GPTQ rounding would hold {need / 2**30:.1f} GiB of second moments for "
+            f"this model (at most {HESSIAN_LIMIT / 2**30:.0f} GiB): quantize with "
+            "--rounding nearest"
+        )
+    return compute_hessians(
+        index.files[0],
+        load_text(cfg.calibration),
+        ctx=cfg.calibration_ctx,
+        documents=cfg.documents,
+        threads=threads,
+        progress=progress,
+    )
+
+
+def _gptq_then(commit, index, hessians, cfg: QuantizeConfig, progress):
+    """``commit`` preceded by GPTQ rounding of the file llama.cpp wrote (recorded in
+    the result's ``rounding``)."""
+    from ewq.quant import ggml
+    from ewq.quant.gptq import DAMP, patch
+
+    by_name = {t.name: t for t in index.tensors}
+
+    def values(name: str):
+        info = by_name.get(name)
+        return None if info is None else ggml.tensor_values(info)
+
+    def run(tmp: Path, written: dict[str, str]) -> None:
+        names = patch(Path(tmp), values, hessians, progress)
+        commit.rounding.update(
+            method="gptq",
+            calibration_sha256=hashlib.sha256(
+                Path(cfg.calibration).read_bytes()
+            ).hexdigest(),
+            calibration_ctx=cfg.calibration_ctx,
+            documents=str(cfg.documents),
+            damp=DAMP,
+            tensors=len(names),
+        )
+        commit(tmp, written)
+
+    return run
 
 
 def _gguf_provenance(source, plan: Plan) -> dict[str, str]:
@@ -241,9 +332,11 @@ def _recorder(
         "targets": tuple(targets),
         "predicted_bytes": sum(t.nbytes for t in targets),
         "llama_quantize_args": llama_quantize_args,
+        "rounding": {},
     }
 
     def commit(tmp: Path, written: Mapping[str, object]) -> None:
+        fields["rounding"] = dict(commit.rounding)
         files = [tmp] if tmp.is_file() else [f for f in tmp.iterdir() if f.is_file()]
         if fields["format"] == "hf":
             written = {t.name: t.type for t in fields["targets"] if t.name in written}
@@ -257,6 +350,7 @@ def _recorder(
         if record is not None:
             record(made[0])
 
+    commit.rounding = {}  # filled by a rounding step before the commit
     return commit, made
 
 

@@ -14,8 +14,10 @@ from ewq.cache import code_digest, key, load_entry, runtime_id, store_entry
 from ewq.errors import EwqError
 from ewq.imatrix import Imatrix, read_imatrix
 from ewq.records import Analysis
-from ewq.sensitivity import KAPPA, Sensitivity, modelled
+from ewq.sensitivity import Sensitivity, modelled
 from ewq.sensitivity import criterion as criterion_spec
+from ewq.sensitivity.prior import damage as error_damage
+from ewq.sensitivity.prior import table
 from ewq.sources import open_source
 from ewq.types import ModelIndex, Progress
 
@@ -62,17 +64,17 @@ def sensitivity(
         errors, seconds, cached = _errors(
             source, index, layout, fmt, imatrix, revision, progress
         )
-        damage = {
-            n: {t: KAPPA * v for t, v in row.items()} for n, row in errors.items()
-        }
+        damage = error_damage(
+            _gguf_layout(source, index, layout, fmt), errors, imatrix is not None
+        )
         return Sensitivity(
             "error",
             damage,
             seconds,
             {
-                "measure": "KAPPA x relative squared error"
+                "measure": "prior x type factor x relative squared error"
                 + (", weighted by the importance matrix" if imatrix else ""),
-                "kappa": KAPPA,
+                "prior": table()["fitted"],
                 "cached": cached,
             },
         )
@@ -142,6 +144,16 @@ def sensitivity(
     return Sensitivity(
         "kl", result.damage, result.seconds, {**result.details, "cached": False}
     )
+
+
+def _gguf_layout(source, index, layout, fmt: str) -> ModelLayout:
+    """The layout the errors are measured on (for GGUF from a checkpoint: the file
+    llama.cpp's converter writes)."""
+    if fmt == "gguf" and index.format != "gguf":
+        from ewq.quant.convert import gguf_layout
+
+        return gguf_layout(source, index, layout)[1]
+    return layout
 
 
 def _damage(doc) -> dict[str, dict[str, float]]:

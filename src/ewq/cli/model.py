@@ -157,7 +157,13 @@ def quantize(
         )
     out.print(quantize_table(result))
     err.print(f"wrote {result.out}")
-    if result.llama_quantize_args:
+    if result.rounding.get("method") == "gptq":
+        err.print(
+            f"{result.rounding['tensors']} tensors rounded against the calibration "
+            f"text (GPTQ); {record.name} has the llama-quantize command for the same "
+            "types with llama.cpp's own rounding"
+        )
+    elif result.llama_quantize_args:
         err.print(f"the llama-quantize command doing the same is in {record.name}")
 
 

@@ -39,7 +39,7 @@ from ewq.imatrix import Entry, Imatrix
 from ewq.native import ggml
 from ewq.types import Progress
 
-__all__ = ["compute_imatrix", "imatrix_windows"]
+__all__ = ["compute_hessians", "compute_imatrix", "imatrix_windows"]
 
 _MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
 
@@ -88,9 +88,11 @@ def _view(t: _GgmlTensor, dims: int) -> np.ndarray:
 class _Collector:
     """The callback's state: per weight, float64 sums (matrices, columns) and counts."""
 
-    def __init__(self, lib, process_output: bool):
+    def __init__(self, lib, process_output: bool, full: bool = False):
         self.lib = lib
         self.process_output = process_output
+        self.full = full  # also the full second moments X^T X of dense weights
+        self.hessians: dict[str, np.ndarray] = {}
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, np.ndarray] = {}
         self.error: str | None = None
@@ -150,6 +152,12 @@ class _Collector:
                 m = (i3 % int(src0.ne[3])) * int(src0.ne[2]) + (i2 % int(src0.ne[2]))
                 rows = x[i3, i2].astype(np.float64)
                 sums[m] += np.einsum("ij,ij->j", rows, rows)
+                if self.full and n_mat == 1:
+                    h = self.hessians.get(name)
+                    if h is None:
+                        h = self.hessians[name] = np.zeros((rows.shape[1],) * 2)
+                    part = np.ascontiguousarray(x[i3, i2], dtype=np.float32)
+                    h += part.T @ part  # float32 BLAS per window, summed in float64
         if not np.isfinite(sums).all():
             raise EwqError(f"non-finite activations in {name}")
         counts += x.shape[0] * x.shape[1] * x.shape[2] // n_mat
@@ -212,6 +220,43 @@ def compute_imatrix(
 ) -> Imatrix:
     """The importance matrix of the GGUF model at ``path`` on ``text`` (windows of
     ``ctx`` tokens, at most ``chunks`` of them), named ``dataset`` in its metadata."""
+    collector, n = _collect(
+        path, text, ctx, documents, chunks, threads, process_output, False, progress
+    )
+    return _imatrix_of(collector, n, ctx, dataset)
+
+
+def compute_hessians(
+    path: str | Path,
+    text: str,
+    *,
+    ctx: int = 512,
+    documents: Documents | str = Documents.STREAM,
+    chunks: int | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[Imatrix, dict[str, np.ndarray]]:
+    """The importance matrix and, per dense ``blk.*`` weight, the full second moment
+    of its inputs, X^T X (float64, columns x columns), in one pass over ``text``
+    (what GPTQ-style rounding needs: ewq.quant.gptq)."""
+    collector, n = _collect(
+        path, text, ctx, documents, chunks, threads, False, True, progress
+    )
+    return _imatrix_of(collector, n, ctx, ""), collector.hessians
+
+
+def _imatrix_of(collector: _Collector, n: int, ctx: int, dataset: str) -> Imatrix:
+    entries = {
+        name: Entry(s.astype(np.float32), collector.counts[name])
+        for name, s in collector.sums.items()
+    }
+    return Imatrix(entries, (dataset,), n, ctx)
+
+
+def _collect(
+    path, text, ctx, documents, chunks, threads, process_output, full, progress
+) -> tuple[_Collector, int]:
+    """Run llama.cpp over the windows of ``text`` with the collecting callback."""
     import llama_cpp as lc
 
     from ewq.evaluate.backends import LlamaCppModel
@@ -222,7 +267,7 @@ def compute_imatrix(
     if not seqs:
         raise EwqError("the calibration text holds no window of at least 2 tokens")
     readable(seqs, model.unknown, "calibration text")
-    collector = _Collector(lib, process_output)
+    collector = _Collector(lib, process_output, full)
     callback = lc.ggml_backend_sched_eval_callback(collector)
     params = lc.llama_context_default_params()
     params.n_ctx = params.n_batch = params.n_ubatch = ctx
@@ -249,11 +294,7 @@ def compute_imatrix(
         del model
     if not collector.sums:
         raise EwqError(f"{path}: no matrix product of a blk.* weight was seen")
-    entries = {
-        n: Entry(s.astype(np.float32), collector.counts[n])
-        for n, s in collector.sums.items()
-    }
-    return Imatrix(entries, (dataset,), len(seqs), ctx)
+    return collector, len(seqs)
 
 
 def _eta(started: float, done: int, total: int) -> str:

@@ -18,7 +18,15 @@ import numpy as np
 from ewq.errors import EwqError
 from ewq.native import ggml
 
-__all__ = ["dequantize", "quantize", "requires_imatrix", "roundtrip", "row_bytes"]
+__all__ = [
+    "block_size",
+    "dequantize",
+    "quantize",
+    "requires_imatrix",
+    "roundtrip",
+    "row_bytes",
+    "tensor_values",
+]
 
 _TO_FLOAT = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64
@@ -31,6 +39,26 @@ def _ggml():
 
 def row_bytes(qtype: int, n_per_row: int) -> int:
     return int(_ggml().ggml_row_size(int(qtype), n_per_row))
+
+
+def block_size(qtype: int) -> int:
+    """Values per block of ``qtype`` (32, or 256 for the K and most IQ types)."""
+    return int(_ggml().ggml_blck_size(int(qtype)))
+
+
+def tensor_values(info) -> np.ndarray:
+    """A GGUF tensor's values as float32 rows (``info``: a TensorInfo of a GGUF
+    source), decoded by ggml as llama.cpp reads them."""
+    import gguf
+
+    rows = info.num_elements // info.shape[-1]
+    raw = np.fromfile(info.file, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+    floats = {"F32": "<f4", "F16": "<f2"}
+    if info.dtype in floats:
+        values = raw.view(np.dtype(floats[info.dtype])).astype(np.float32)
+        return values.reshape(rows, info.shape[-1])
+    qtype = gguf.GGMLQuantizationType[info.dtype]
+    return dequantize(raw, int(qtype), info.num_elements).reshape(rows, info.shape[-1])
 
 
 def _to_float(qtype: int):

@@ -32,12 +32,14 @@ def provenance_json(q: Quantized, ewq_version: str) -> dict[str, Any]:
         "format": q.format,
         "quantizer": (
             "llama.cpp llama_model_quantize (pure, allow_requantize)"
+            + (", then GPTQ rounding (ewq.quant.gptq)" if q.rounding else "")
             if q.format == "gguf"
             else "compressed-tensors pack-quantized, symmetric round-to-nearest"
         ),
         "plan": q.plan.to_doc(),
         "predicted_tensor_bytes": q.predicted_bytes,
         "file_bytes": q.file_bytes,
+        "rounding": dict(q.rounding) or {"method": "nearest"},
         "llama_quantize_command": (
             shlex.join(q.llama_quantize_args) if q.llama_quantize_args else None
         ),

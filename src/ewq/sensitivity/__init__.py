@@ -8,10 +8,11 @@ calibration text, whether it reads the weights, the function that measures it an
 the modules whose source keys its cache.
 
 * ``error`` (data-free, measured): every tensor round-tripped through the real
-  quantizer at every type it can be written as; damage = KAPPA x the relative
-  squared error ||W - Q(W)||^2 / ||W||^2 (error.py). With an importance matrix the
-  error is weighted per input column by it (what llama.cpp's quantizer itself
-  minimises) and the quantizer is given it, as `ewq quantize` will.
+  quantizer at every type it can be written as; damage = the tensor's prior
+  sensitivity (by its family and depth, prior.py) x the type's factor x the
+  relative squared error ||W - Q(W)||^2 / ||W||^2 (error.py). With an importance
+  matrix the error is weighted per input column by it (what llama.cpp's quantizer
+  itself minimises) and the quantizer is given it, as `ewq quantize` will.
 * ``kl`` (calibrated): the imatrix-weighted error scaled per tensor by a sensitivity
   measured on calibration text: the KL when that tensor alone is quantized (kl.py).
 * ``entropy`` (the paper's score), ``random`` and ``position`` (baselines): no
@@ -39,7 +40,6 @@ __all__ = [
     "CRITERIA",
     "BROKEN_KL",
     "COMPOUNDING",
-    "KAPPA",
     "CriterionSpec",
     "Sensitivity",
     "compounded",
@@ -49,17 +49,13 @@ __all__ = [
     "tensor_candidates",
 ]
 
-#: KL (nats per token) per unit of summed relative squared error, for the data-free
-#: criterion's predicted KL: the median of the per-tensor sensitivities the kl
-#: criterion measured on IgLM and SmolLM2 (benchmarks/damage_model.py)
-KAPPA = 0.05
 #: compounding, per measured criterion: a sum of per-tensor damages D (each measured
 #: with the rest of the model intact) undercounts a plan that quantizes everything
 #: hard. A plan's predicted KL is a x D^b, least squares in log-log over 20 random
-#: mixed plans on IgLM (benchmarks/damage_model.py, results/iglm/damage_model.json);
-#: ``spread``: the largest measured / predicted there (the smallest: 0.43 for kl,
-#: 0.37 for error).
-COMPOUNDING = {"kl": (2.895, 1.164, 2.47), "error": (6.808, 1.128, 5.44)}
+#: mixed plans (benchmarks/damage_model.py): kl on IgLM (results/iglm/), error over
+#: IgLM's and SmolLM2's 40 (benchmarks/fit_prior.py); ``spread``: the largest
+#: measured / predicted there (the smallest: 0.43 for kl, 0.40 for error).
+COMPOUNDING = {"kl": (2.893, 1.167, 2.47), "error": (3.745, 1.095, 3.39)}
 #: a KL above this many nats per token is a broken model (its next-token
 #: distributions barely agree with the unquantized model's; llama.cpp's Q2_K on IgLM
 #: measures 0.08); a plan warns when its prediction times the criterion's spread

@@ -21,7 +21,6 @@ round to nearest with symmetric max-abs scales per group, the rule compressed-te
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -29,31 +28,14 @@ import numpy as np
 from ewq.arch import ModelLayout
 from ewq.formats import Encoding, hf_group_size
 from ewq.imatrix import Imatrix
+from ewq.quant import ggml
 from ewq.sensitivity import tensor_candidates
 from ewq.sensitivity.probe import expert_weights
 from ewq.sources.base import TensorSource
-from ewq.types import TensorInfo
 
 __all__ = ["relative_errors"]
 
-_FLOAT = {"F32": np.float32, "F16": np.float16}
 _CHUNK_ELEMENTS = 1 << 22  # rows per round trip: about 16 MB of float32 at a time
-
-
-def _gguf_values(src: TensorSource, info: TensorInfo) -> np.ndarray:
-    """The tensor's values as float32 rows, decoded by ggml (as llama.cpp reads it)."""
-    import gguf
-
-    from ewq.quant import ggml
-
-    rows = info.num_elements // info.shape[-1]
-    if info.dtype in _FLOAT:
-        return src.read(info).astype(np.float32).reshape(rows, info.shape[-1])
-    raw = np.fromfile(info.file, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-    qtype = gguf.GGMLQuantizationType[info.dtype]
-    return ggml.dequantize(raw, int(qtype), info.num_elements).reshape(
-        rows, info.shape[-1]
-    )
 
 
 def _sse_gguf(
@@ -112,7 +94,7 @@ def relative_errors(
     for name, (info, _key, encs) in cands.items():
         done += info.nbytes
         if fmt == "gguf":
-            values = _gguf_values(src, info)
+            values = ggml.tensor_values(info)
         else:
             values = src.read(info).astype(np.float32).reshape(-1, info.shape[-1])
         matrices = info.shape[0] if len(info.shape) == 3 else 1
@@ -137,15 +119,3 @@ def relative_errors(
         if progress is not None:
             progress(done, total, name)
     return out
-
-
-def error_damage(
-    errors: dict[str, dict[str, float]], kappa: float
-) -> dict[str, dict[str, float]]:
-    return {n: {t: kappa * v for t, v in row.items()} for n, row in errors.items()}
-
-
-def timed(fn: Callable[[], dict]) -> tuple[dict, float]:
-    started = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - started

@@ -11,7 +11,8 @@ next-token distributions from the unquantized model's, predicted as
   (probe.py: one loaded working copy, the tensor's bytes swapped in place), and its
   mean KL divided by E at the probe type. Every tensor is probed once (the way
   ExLlamaV2/V3 measure layers, per tensor).
-* g: a factor per type, measured on a few tensors (``type_probes``) at every type,
+* g: a factor per type, measured on a few tensors (``type_probes``, among those the
+  source stores as floats; 1 for every type where there are none) at every type,
   each written by llama.cpp's quantizer and run as written: the median of
   KL / (k_t E). KL does not fall as fast as E at high precision (measured on IgLM:
   2.4x at Q8_0, 1.5x at Q6_K, about 1 from Q5_K down), which one probe per tensor
@@ -52,6 +53,7 @@ from ewq.types import ModelIndex, Precision
 __all__ = ["PROBE_BITS", "Calibration", "kl_sensitivity", "probe_type"]
 
 PROBE_BITS = 4.25  # the probe type: each tensor's candidate nearest this
+_FLOATS = ("F32", "F16", "BF16")
 
 
 def probe_type(info, encs: list[Encoding], errors: Mapping[str, float]) -> str | None:
@@ -180,7 +182,16 @@ def kl_sensitivity(
         n: probe_type(info, encs, errors.get(n, {}))
         for n, (info, _, encs) in cands.items()
     }
-    sampled = _sampled({n: c for n, c in cands.items() if probes[n]}, type_probes)
+    # type factors are measured on tensors the source stores as floats only: against
+    # a quantized source the written model's KL adds the change of llama.cpp's
+    # kernels (SmolLM2's Q4_1 ffn_down written as Q5_1, the same values: 0.004 nats),
+    # which does not add up over tensors (every tensor as Q8_0: 0.0057), and the
+    # factors fitted from it broke the ranking of plans (Spearman 0.08 against 0.997
+    # without them, benchmarks/damage_model.py)
+    sampled = _sampled(
+        {n: c for n, c in cands.items() if probes[n] and c[0].dtype in _FLOATS},
+        type_probes,
+    )
     swaps = [(n, t) for n, t in probes.items() if t is not None]
     files = [
         (n, e.type)
