@@ -21,6 +21,14 @@ OPTS=(--documents lines --calib-ctx 64 --calib-tokens 8192)
 .venv/bin/python benchmarks/damage_model.py "$GGUF" "$EVAL" "$CAL" --ctx 64 \
   --windows 512 --documents lines --calib-ctx 64 --calib-tokens 8192 \
   --json results/iglm/damage_model.json
+# GPTQ rounding against llama.cpp's own rounding, at the presets' own types
+.venv/bin/python benchmarks/gptq_gain.py "$GGUF" "$EVAL" "$CAL" --documents lines \
+  --ctx 64 --windows 512 --calib-ctx 64 --json results/iglm/gptq_gain.json
+# the data-free sensitivity table from both models' damage-model runs (SmolLM2's:
+# benchmarks/damage_model.py default WIKITEXT CALIB --ctx 256 --windows 8
+# --calib-ctx 256 --calib-tokens 512 --type-probes 2)
+.venv/bin/python benchmarks/fit_prior.py results/iglm/damage_model.json \
+  results/smollm2-135m/damage_model.json
 # the Hugging Face folder plans as the GGUF llama.cpp's converter makes of it
 for src in "$HF" "$GGUF"; do
   .venv/bin/ewq plan "$src" --format gguf --bpw 4.5 --context 0 --calibration "$CAL" \
