@@ -62,6 +62,7 @@ from ewq.formats.hf_rules import (
 from ewq.types import INT_DTYPES, ParamKind, Precision, TensorInfo, TensorKey
 
 __all__ = [
+    "FLOAT_TYPES",
     "FORMATS",
     "GGML_TYPES",
     "GGUF_FALLBACK",
@@ -80,6 +81,10 @@ __all__ = [
     "output_format",
     "tensor_bytes",
 ]
+
+#: storage types that hold plain floats (a tensor llama.cpp multiplies without
+#: rounding its activations)
+FLOAT_TYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 T = gguf.GGMLQuantizationType
 

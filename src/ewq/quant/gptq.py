@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from ewq.errors import EwqError
+from ewq.formats import FLOAT_TYPES
 from ewq.quant import ggml
 
 __all__ = ["DAMP", "hessian_bytes", "patch", "rounded"]
 
 #: H is damped by this share of its mean diagonal before inversion (GPTQ's 1%)
 DAMP = 0.01
-_FLOATS = ("F32", "F16", "BF16")
 
 
 def hessian_bytes(cols: Mapping[str, int]) -> int:
@@ -91,7 +91,7 @@ def patch(
         infos = [
             i
             for i in out.index.tensors
-            if i.name in hessians and i.dtype not in _FLOATS and len(i.shape) == 2
+            if i.name in hessians and i.dtype not in FLOAT_TYPES and len(i.shape) == 2
         ]
     done = []
     fd = os.open(path, os.O_RDWR)

@@ -41,7 +41,7 @@ from ewq.errors import EwqError
 from ewq.evaluate.backends import LlamaCppModel
 from ewq.evaluate.metrics import kl_logits, logsumexp_rows
 from ewq.evaluate.windows import readable, text_windows
-from ewq.formats import Encoding
+from ewq.formats import FLOAT_TYPES, Encoding
 from ewq.imatrix import Imatrix
 from ewq.planfile import plan_from_doc
 from ewq.quant.gguf import quantize_gguf
@@ -53,7 +53,6 @@ from ewq.types import ModelIndex, Precision
 __all__ = ["PROBE_BITS", "Calibration", "kl_sensitivity", "probe_type"]
 
 PROBE_BITS = 4.25  # the probe type: each tensor's candidate nearest this
-_FLOATS = ("F32", "F16", "BF16")
 
 
 def probe_type(info, encs: list[Encoding], errors: Mapping[str, float]) -> str | None:
@@ -189,7 +188,7 @@ def kl_sensitivity(
     # factors fitted from it broke the ranking of plans (Spearman 0.08 against 0.997
     # without them, benchmarks/damage_model.py)
     sampled = _sampled(
-        {n: c for n, c in cands.items() if probes[n] and c[0].dtype in _FLOATS},
+        {n: c for n, c in cands.items() if probes[n] and c[0].dtype in FLOAT_TYPES},
         type_probes,
     )
     swaps = [(n, t) for n, t in probes.items() if t is not None]

@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Any
 
 from ewq.arch import ModelLayout
+from ewq.formats import FLOAT_TYPES
 from ewq.types import BlockKind, Role
 
 __all__ = ["damage", "factor", "family", "prior", "table"]
@@ -70,9 +71,6 @@ def factor(type_name: str) -> float:
     return float(table()["type_factor"].get(type_name, 1.0))
 
 
-_FLOATS = ("F32", "F16", "BF16")
-
-
 def damage(
     layout: ModelLayout,
     errors: dict[str, dict[str, float]],
@@ -84,7 +82,7 @@ def damage(
         info.name
         for b in layout.blocks
         for info in b.tensors
-        if info.dtype.upper() in _FLOATS
+        if info.dtype.upper() in FLOAT_TYPES
     }
     return {
         n: {
