@@ -146,6 +146,23 @@ def test_lagrangian_path_bounds_the_optimum(items, budget):
     """Forced onto the convex-hull greedy (no work allowed for the programme): within
     the budget, and its bound is at most the true optimum, which is at most its
     damage."""
+    from ewq.planning.allocate import _lagrangian
+
+    best = brute(items, budget)
+    if best is None:
+        return
+    found = _lagrangian(items, budget)
+    assert found.bytes <= budget
+    assert found.bound <= best + 1e-9 <= found.damage + 2e-9
+    if found.exact:
+        assert found.damage == pytest.approx(best, abs=1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(instances(max_items=6, max_options=5), st.integers(0, 300))
+def test_beyond_the_programme_the_frontier_search_is_exact(items, budget):
+    """With no work allowed for the programme, the Lagrangian greedy's choice is
+    improved by the branch and bound over Pareto frontiers: the optimum, proven."""
     from ewq.planning.allocate import allocation
 
     found = allocation(items, budget, max_work=0)
@@ -153,10 +170,38 @@ def test_lagrangian_path_bounds_the_optimum(items, budget):
     if best is None:
         assert found is None
         return
-    assert found.bytes <= budget
-    assert found.bound <= best + 1e-9 <= found.damage + 2e-9
-    if found.exact:
-        assert found.damage == pytest.approx(best, abs=1e-9)
+    assert found.bytes <= budget and found.exact
+    assert found.damage == pytest.approx(best, abs=1e-9)
+    assert found.bound == found.damage
+
+
+def test_a_fine_grain_over_a_small_budget_is_still_exact():
+    """The programme's cells span the bytes that can be spent, not every option's
+    bytes: with huge options that cannot fit (span / grain above the cell limit)
+    and a budget of a few grains, the choice is the optimum (it was rounded to a
+    coarse grain and missed a mixture that fits exactly)."""
+    from ewq.planning.allocate import allocation
+
+    huge = Option("F32", 10**9, 0.0)
+    items = [
+        [Option("a", 0, 3.0), Option("b", 3, 1.0), Option("c", 5, 0.0), huge]
+        for _ in range(3)
+    ]
+    found = allocation(items, 11, max_cells=1000)
+    assert found.exact and found.bytes <= 11
+    assert found.damage == pytest.approx(brute(items, 11)) == pytest.approx(2.0)
+
+
+def test_frontier_gives_up_above_its_state_limit():
+    from ewq.planning._frontier import frontier_optimum
+
+    items = [
+        [Option(str(k), k * (1 + i), 1.0 / (k + 1)) for k in range(6)] for i in range(8)
+    ]
+    choice, proven = frontier_optimum(items, 60, 1e9, max_states=2)
+    assert choice is None and not proven
+    choice, proven = frontier_optimum(items, 60, 1e9)
+    assert proven and total(items, choice)[0] <= 60
 
 
 def test_a_thousand_tensors_of_twenty_types_plan_with_a_small_proven_gap():

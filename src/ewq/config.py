@@ -24,6 +24,7 @@ from ewq.errors import EwqError
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_CONTEXT",
+    "ANCHOR_PRESETS",
     "IMATRIX_PRESETS",
     "PRESETS",
     "AnalysisConfig",
@@ -63,6 +64,9 @@ PRESETS = (
     "Q2_K",
     "IQ2_M",
 )
+#: llama.cpp's presets a GGUF plan is anchored to (ewq.api._anchor): every preset
+#: ewq compares against, and Q8_0 above them
+ANCHOR_PRESETS = ("Q8_0", *PRESETS)
 #: the presets llama.cpp refuses to make without an importance matrix
 #: (src/llama-quant.cpp, tensor_requires_imatrix)
 IMATRIX_PRESETS = frozenset({"IQ3_XXS", "IQ2_M"})
@@ -250,6 +254,13 @@ class PlanConfig(AnalysisConfig):
         True,
         description="With --calibration: measure the damage model's plan and a few "
         "variants of it on the calibration text and keep the best.",
+    )
+    anchor: bool = Field(
+        True,
+        description="GGUF: depart from llama.cpp's own recipe for the largest of "
+        "its presets that fits (upgraded with the bytes left) only when the damage "
+        "model predicts clearly less damage; with --calibration the recipe is one of "
+        "the plans measured. --no-anchor: the damage model's optimum alone.",
     )
     select_candidates: int = Field(
         12, ge=1, description="At most this many plans measured by --select."

@@ -174,6 +174,7 @@ class Plan(_Strict):
     imatrix: ImatrixRecord | None = None
     predicted_kl: float | None = None
     selection: dict[str, Any] | None = None
+    anchor: dict[str, Any] | None = None
     bits_per_weight: float | None = None
     # how it was made (ewq plan): the options as resolved, and what they gave
     config: dict[str, Any] | None = None

@@ -84,6 +84,7 @@ class PlanResult:
     runtime: Runtime | None = None
     imatrix: Imatrix | None = None  # the importance matrix it rests on
     selection: Mapping | None = None  # the plans measured on calibration text
+    anchor: Mapping | None = None  # the runtime's recipe the plan was held against
 
     @property
     def method(self) -> str:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from ewq.analysis import decide
 from ewq.analysis.decision import check_alpha
+from ewq.api._anchor import RESOLUTION, anchored, recipes
 from ewq.api._fast import fast_decision
 from ewq.api._model import analyze
+from ewq.api._select import select
 from ewq.api._sensitivity import imatrix, load_imatrix, sensitivity
 from ewq.config import (
     Allocator,
@@ -173,7 +175,7 @@ def plan(
     emb = out_layout.blocks[0].exec_index
     head = out_layout.blocks[-1].exec_index
     transformer = [b.exec_index for b in out_layout.transformer_blocks]
-    sens = im = selection = None
+    sens = im = selection = anchor = None
     route = route_for(out_index, out_layout, fmt, runtime)
     if allocator is Allocator.LADDER:
         result = fit(
@@ -203,24 +205,42 @@ def plan(
             revision=revision,
             progress=progress,
         )
-        result = fit_tensors(
-            fmt, out_layout, sens, im, runtime, machines, route, cfg.bpw
-        )
+
+        def fit_with(allow=None):
+            return fit_tensors(
+                fmt, out_layout, sens, im, runtime, machines, route, cfg.bpw, allow
+            )
+
+        result = fit_with()
+        model_damage, smallest, found = result.damage, result.smallest_bytes, None
+        if cfg.anchor and criterion in ("error", "kl") and result.fits:
+            found = _anchor(source, index, layout, fmt, out_layout, sens, im, fit_with)
         if criterion == "kl" and cfg.select and result.fits:
-            result, selection = _select(
+            result, selection = select(
                 cfg,
                 source,
                 index,
                 layout,
                 out_layout,
-                sens,
                 im,
-                runtime,
-                machines,
-                route,
+                fit_with,
                 result,
+                found,
                 progress,
             )
+        elif found is not None and model_damage > RESOLUTION * found[1].damage:
+            result = found[1]
+        kept_recipe = found is not None and result is found[1]
+        # the least the model can take, whichever restricted plan was kept
+        result = replace(result, smallest_bytes=smallest)
+        if found is not None:
+            anchor = {
+                "preset": found[0],
+                "recipe_damage": found[1].damage,
+                "model_damage": model_damage,
+                "resolution": None if selection else RESOLUTION,
+                "chosen": kept_recipe,
+            }
     if runtime is not None:  # sizes in the result are weights + KV: report weights
         result = replace(
             result,
@@ -244,7 +264,19 @@ def plan(
         runtime,
         im,
         selection,
+        anchor,
     )
+
+
+def _anchor(source, index, layout, fmt, out_layout, sens, im, fit_with):
+    """The runtime's own recipe that fits, upgraded with the bytes left
+    (ewq.api._anchor), as (preset, result), or None."""
+    from ewq.sensitivity import tensor_candidates
+
+    found = recipes(source, index, layout, fmt, im)
+    if not found:
+        return None
+    return anchored(found, fit_with, tensor_candidates(fmt, out_layout, im), sens)
 
 
 def _imatrix(cfg: PlanConfig, source, index, layout, fmt: str, progress):
@@ -336,115 +368,3 @@ def _block_types(fmt: str, layout, result) -> dict[str, Option]:
                 e = form.encoding(info, key, p)
                 out[info.name] = Option(e.type, e.nbytes, 0.0)
     return out
-
-
-_FLOAT = frozenset({"F32", "F16", "BF16", "F64"})
-
-
-def _variants(layout, fmt: str, imatrix_) -> list[tuple[str, object]]:
-    """The restrictions the measured selection tries beside the model's own plan:
-    no type below a floor of bits per weight, and every float tensor quantized
-    (llama.cpp's presets quantize every tensor they may; measured on IgLM, a Q8_0
-    token embedding beat an F32 one under Q6_K blocks by 35%, which no sum of
-    per-tensor damages can see)."""
-    from ewq.sensitivity import tensor_candidates
-
-    cands = tensor_candidates(fmt, layout, imatrix_)
-    levels = sorted(
-        {
-            round(8 * e.nbytes / i.num_elements, 4)
-            for i, _, encs in cands.values()
-            for e in encs[1:]
-        }
-    )
-
-    def bits(info, e) -> float:
-        return 8 * e.nbytes / info.num_elements
-
-    def make(floor, quantize_all):
-        def allow(info, e) -> bool:
-            own = e.type == info.dtype
-            if own:
-                return not (quantize_all and info.dtype in _FLOAT)
-            return floor is None or bits(info, e) >= floor - 1e-9
-
-        return allow
-
-    out = []
-    for quantize_all in (False, True):
-        for floor in (None, *levels):
-            if floor is None and not quantize_all:
-                continue  # the model's own plan
-            label = ("every float tensor quantized" if quantize_all else "") + (
-                f"{', ' if quantize_all else ''}no type below {floor:g} bits"
-                if floor is not None
-                else ""
-            )
-            out.append((label, make(floor, quantize_all)))
-    return out
-
-
-def _select(
-    cfg,
-    source,
-    index,
-    layout,
-    out_layout,
-    sens,
-    imatrix_,
-    runtime,
-    machines,
-    route,
-    result,
-    progress,
-):
-    """Measure the model's plan and its variants (``_variants``) on the calibration
-    text with llama.cpp, and keep the one of least measured KL: a sum of per-tensor
-    damages ranks plans well but misses how tensors interact."""
-    from ewq.api._sensitivity import _as_gguf
-    from ewq.evaluate.data import load_text
-    from ewq.sensitivity.kl import Calibration
-
-    found = [("the damage model's plan", result)]
-    seen = {tuple(sorted((n, str(o.precision)) for n, o in result.tensors.items()))}
-    for label, allow in _variants(out_layout, "gguf", imatrix_):
-        r = fit_tensors(
-            "gguf", out_layout, sens, imatrix_, runtime, machines, route, cfg.bpw, allow
-        )
-        key = tuple(sorted((n, str(o.precision)) for n, o in r.tensors.items()))
-        if r.fits and key not in seen:
-            seen.add(key)
-            found.append((label, r))
-    found = found[: cfg.select_candidates]
-    measured = []
-    with (
-        _as_gguf(source, index, layout) as (g_index, g_layout),
-        Calibration(
-            g_index,
-            g_layout,
-            load_text(cfg.calibration),
-            tokens=cfg.calibration_tokens,
-            ctx=cfg.calibration_ctx,
-            documents=cfg.documents.value,
-        ) as bench,
-    ):
-        for k, (label, r) in enumerate(found):
-            types = {n: str(o.precision) for n, o in r.tensors.items()}
-            measured.append(bench.kl(types, imatrix_))
-            if progress is not None:
-                progress(k + 1, len(found), f"measured {label}")
-    best = min(range(len(found)), key=lambda k: (measured[k], k))
-    selection = {
-        "measured_on": f"{bench.tokens} calibration tokens",
-        "candidates": [
-            {
-                "plan": label,
-                "predicted_kl": r.damage,
-                "measured_kl": m,
-                "bytes": r.total_bytes,
-            }
-            for (label, r), m in zip(found, measured, strict=True)
-        ],
-        "chosen": found[best][0],
-    }
-    return found[best][1], selection

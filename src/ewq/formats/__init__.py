@@ -65,6 +65,7 @@ __all__ = [
     "FLOAT_TYPES",
     "FORMATS",
     "GGML_TYPES",
+    "hook",
     "GGUF_FALLBACK",
     "HF_BITS",
     "PRECISIONS",
@@ -121,6 +122,9 @@ class OutputFormat:
     #: lazy "module:function" of the writer and of the runtime that loads an output
     writer: str
     loader: str
+    #: lazy "module:function" giving a runtime's own recipes for a source (a
+    #: plan's anchor, ewq.api._anchor), or None where the runtime has none
+    recipes: str | None = None
 
     def offered(self) -> tuple[Precision, ...]:
         """The precisions it writes, raw first, then most precise first."""
@@ -153,6 +157,7 @@ class OutputFormat:
 class _Gguf(OutputFormat):
     name, folder, suffix = "gguf", False, ".gguf"
     writer = "ewq.quant.gguf:write_planned"
+    recipes = "ewq.quant.gguf:preset_recipes"
     loader = "ewq.evaluate.backends:LlamaCppModel"
 
     def offered(self) -> tuple[Precision, ...]:
@@ -258,6 +263,15 @@ class _Hf(OutputFormat):
 
 #: the registry: adding a format is one entry
 FORMATS: dict[str, OutputFormat] = {f.name: f for f in (_Gguf(), _Hf())}
+
+
+def hook(spec: str):
+    """The function a registry entry names lazily as "module:function" (imported on
+    first use, so that a format's heavy runtime loads only when it is needed)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def output_format(name: str | OutputFormat) -> OutputFormat:

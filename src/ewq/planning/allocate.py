@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 from typing import Any
 
@@ -64,6 +64,9 @@ MAX_CELLS = 1 << 18
 #: items x options x cells above which the exact programme gives way to the
 #: Lagrangian greedy (about a second of numpy at this size)
 MAX_WORK = 1 << 25
+#: items up to which an unproven greedy choice is improved to the optimum by the
+#: branch and bound over Pareto frontiers (planning/_frontier.py)
+FRONTIER_ITEMS = 256
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,27 @@ def allocation(
         cells = min(budget - floor, span) // grain
         width = max(len(opts) for opts in items)
         if cells > max_cells or len(items) * width * cells > max_work:
-            return _lagrangian(items, budget)
+            return _approximate(items, budget, width)
     choice = _programme(items, budget, base, floor, max_cells)
+    nbytes, damage = total(items, choice)
+    return Allocation(choice, nbytes, damage, damage, True)
+
+
+def _approximate(items, budget, width) -> Allocation:
+    """Beyond the exact programme's reach: the Lagrangian greedy with its LP bound,
+    then, for up to ``FRONTIER_ITEMS`` items, the exact branch and bound over Pareto
+    frontiers (planning/_frontier.py) where the greedy did not prove its choice
+    optimal. The greedy alone can stop one upgrade short of a better mixture: on
+    IgLM's 17 tensors at IQ4_XS's bytes it came out 5% above a mixture that fits."""
+    from ewq.planning._frontier import frontier_optimum
+
+    lag = _lagrangian(items, budget)
+    if lag.exact or len(items) > FRONTIER_ITEMS:
+        return lag
+    choice, proven = frontier_optimum(items, budget, lag.damage)
+    if choice is None:  # the greedy's choice is optimal, or the search gave up
+        return replace(lag, bound=lag.damage, exact=True) if proven else lag
+    choice = _fill(items, choice, budget)
     nbytes, damage = total(items, choice)
     return Allocation(choice, nbytes, damage, damage, True)
 
@@ -175,8 +197,8 @@ def _programme(
         choice = [_least(opts) for opts in items]
         return _fill(items, choice, budget)
     grain = reduce(math.gcd, positive)
-    if span // grain > max_cells:
-        grain = -(-span // max_cells)
+    if slack // grain > max_cells:  # the cells span what can be spent, no more
+        grain = -(-slack // max_cells)
     cells = slack // grain
     best = np.zeros(cells + 1)
     picks = np.zeros((len(items), cells + 1), dtype=np.int16)

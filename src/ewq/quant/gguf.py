@@ -11,20 +11,34 @@ from __future__ import annotations
 
 import ctypes
 import re
+import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ewq.errors import EwqError, FormatError
 from ewq.fileio import atomic_path_for_native
+from ewq.formats import GGML_TYPES
 from ewq.imatrix import Imatrix
 from ewq.native import LLAMA_CPP_PIN
 from ewq.quant.targets import TensorTarget, overrides
 from ewq.sources.gguf import read_header
 
-__all__ = ["LLAMA_CPP_PIN", "imatrix_metadata", "quantize_gguf", "quantize_preset"]
+__all__ = [
+    "LLAMA_CPP_PIN",
+    "imatrix_metadata",
+    "preset_recipes",
+    "quantize_gguf",
+    "quantize_preset",
+]
 
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+# a tensor's line of llama-quantize's --dry-run (src/llama-quant.cpp): its name,
+# its type, and "-> ... (new type)" when it is quantized
+_DRY = re.compile(
+    r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), size =[^\n(]*"
+    r"(?:\((\w+)\))?"
+)
 _lock = threading.Lock()  # llama.cpp's logger is process-wide
 _ABANDONED: list = []  # callbacks of runs interrupted while llama.cpp still logs
 
@@ -197,8 +211,46 @@ def quantize_preset(
     return {name: qtype.name for name, _, qtype, _ in header.tensors}
 
 
-def _run(lc, source, tmp, params, progress) -> None:
-    """llama_model_quantize with its log captured (progress, and the error line)."""
+def preset_recipes(
+    source: str | Path, presets: Sequence[str], *, imatrix: Imatrix | None = None
+) -> dict[str, dict[str, str]]:
+    """llama.cpp's own type for every tensor of ``source`` under each preset, as
+    `llama-quantize --dry-run SRC PRESET` decides it (``--allow-requantize``; with
+    ``imatrix``, as with ``--imatrix``, which some of its rules look at): nothing
+    is quantized or written. A preset llama.cpp would refuse without an importance
+    matrix is left out when none is given."""
+    lc = _llama_cpp()
+    keep: list = []
+    out: dict[str, dict[str, str]] = {}
+    with tempfile.TemporaryDirectory(prefix="ewq-dry-") as tmp:
+        for preset in presets:
+            ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{preset.upper()}", None)
+            if ftype is None:
+                raise EwqError(f"llama.cpp has no preset {preset}")
+            params = lc.llama_model_quantize_default_params()
+            params.ftype = ftype
+            params.allow_requantize = True
+            params.dry_run = True
+            if imatrix is not None:
+                params.imatrix = _imatrix_entries(lc, imatrix, [], keep)
+            with _lock:
+                log = _run(lc, source, Path(tmp) / "none.gguf", params, None)
+            types = {
+                m.group(1): (m.group(3) or m.group(2)).upper()
+                for m in _DRY.finditer(log)
+            }
+            if imatrix is None and any(
+                getattr(GGML_TYPES.get(t), "needs_imatrix", False)
+                for t in types.values()
+            ):
+                continue  # llama.cpp refuses it without an importance matrix
+            out[preset] = types
+    return out
+
+
+def _run(lc, source, tmp, params, progress) -> str:
+    """llama_model_quantize with its log captured (progress, and the error line);
+    returns the log."""
     log: list[str] = []
 
     def on_log(level: int, text: bytes, user: ctypes.c_void_p) -> None:
@@ -256,6 +308,7 @@ def _run(lc, source, tmp, params, progress) -> None:
             f"llama.cpp could not quantize {source}: "
             + (errors[-1] if errors else f"status {rc}")
         )
+    return "".join(log)
 
 
 def _restore_logger(lc):

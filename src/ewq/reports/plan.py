@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from rich.table import Table
@@ -104,6 +105,7 @@ def plan_json(planned: PlanResult, ewq_version: str) -> dict[str, Any]:
         "imatrix": _imatrix(planned.imatrix),
         "predicted_kl": predicted_kl(planned),
         "selection": planned.selection,
+        "anchor": planned.anchor,
         "bits_per_weight": 8 * r.total_bytes / max(1, planned.layout_parameters),
         "machines": [
             _machine(m, r, rt, planned.machines) | _idle(idle, m.name)
@@ -135,6 +137,17 @@ def _selected_kl(planned: PlanResult) -> float | None:
         if c.get("plan") == chosen and c.get("measured_kl") is not None:
             return float(c["measured_kl"])
     return None
+
+
+def _anchor_line(anchor: Mapping[str, Any]) -> str:
+    """What the plan was held against: llama.cpp's recipe, and which was kept."""
+    name = f"llama.cpp's {anchor['preset']} recipe"
+    if anchor.get("resolution") is None:  # the measured selection decided
+        return f"{name} measured too" + (" and kept" if anchor["chosen"] else "")
+    if anchor["chosen"]:
+        return f"{name} kept (the damage model's plan was not clearly better)"
+    ratio = anchor["model_damage"] / anchor["recipe_damage"]
+    return f"{ratio:.2f}x the predicted damage of {name}"
 
 
 def broken_warning(planned: PlanResult) -> str | None:
@@ -241,6 +254,8 @@ def plan_table(planned: PlanResult) -> Table:
                     else ""
                 )
             )
+        if planned.anchor is not None:
+            extra.append(_anchor_line(planned.anchor))
         table.caption = f"{table.caption}; " + "; ".join(extra)
     columns = ["exec_index", "kind", "entropy", "decision", "precision", "bytes"]
     columns += ["types"] if per_tensor else []
