@@ -111,3 +111,23 @@ def test_gptq_needs_a_calibration_text(model_and_text, tmp_path, monkeypatch, ca
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert code == 1 and len(lines) == 1 and "calibration text" in lines[0]
     assert not (tmp_path / "q.gguf").exists()
+
+
+def test_second_moments_agree_with_the_importance_matrix(model_and_text):
+    """X^T X of each weight's inputs, summed over windows held and multiplied out
+    together: its diagonal is the importance matrix's per-column sums of squared
+    activations (computed per window in float64), and it is symmetric."""
+    from ewq.evaluate import activations
+    from ewq.evaluate.data import load_text
+
+    src, text = model_and_text
+    limit = activations.PENDING_BYTES
+    activations.PENDING_BYTES = 1 << 16  # multiplied out many times on the way
+    try:
+        m, hessians = compute_hessians(src, load_text(text), ctx=64, chunks=8)
+    finally:
+        activations.PENDING_BYTES = limit
+    assert len(hessians) == 14  # 7 dense weights in each of 2 blocks
+    for name, h in hessians.items():
+        np.testing.assert_allclose(np.diag(h), m.entries[name].sums[0], rtol=1e-5)
+        np.testing.assert_allclose(h, h.T, rtol=1e-6)

@@ -85,6 +85,10 @@ def _view(t: _GgmlTensor, dims: int) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(flat, shape=ne[::-1], strides=nb[::-1])
 
 
+#: inputs held for the second moments before they are multiplied out
+PENDING_BYTES = 256 << 20
+
+
 class _Collector:
     """The callback's state: per weight, float64 sums (matrices, columns) and counts."""
 
@@ -93,6 +97,8 @@ class _Collector:
         self.process_output = process_output
         self.full = full  # also the full second moments X^T X of dense weights
         self.hessians: dict[str, np.ndarray] = {}
+        self.pending: dict[str, list[np.ndarray]] = {}
+        self.pending_bytes = 0
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, np.ndarray] = {}
         self.error: str | None = None
@@ -153,14 +159,30 @@ class _Collector:
                 rows = x[i3, i2].astype(np.float64)
                 sums[m] += np.einsum("ij,ij->j", rows, rows)
                 if self.full and n_mat == 1:
-                    h = self.hessians.get(name)
-                    if h is None:
-                        h = self.hessians[name] = np.zeros((rows.shape[1],) * 2)
-                    part = np.ascontiguousarray(x[i3, i2], dtype=np.float32)
-                    h += part.T @ part  # float32 BLAS per window, summed in float64
+                    self._pend(name, np.array(x[i3, i2], dtype=np.float32))
         if not np.isfinite(sums).all():
             raise EwqError(f"non-finite activations in {name}")
         counts += x.shape[0] * x.shape[1] * x.shape[2] // n_mat
+
+    def _pend(self, name: str, rows: np.ndarray) -> None:
+        """Hold a window's inputs until enough are held: one float32 product over
+        many windows, then summed in float64 (a product and a float64 sum of the
+        cols x cols matrix per 64-token window cost IgLM 76 s, most of it the sum)."""
+        self.pending.setdefault(name, []).append(rows)
+        self.pending_bytes += rows.nbytes
+        if self.pending_bytes > PENDING_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add every held window's inputs to the second moments."""
+        for name, parts in self.pending.items():
+            x = np.concatenate(parts)
+            h = self.hessians.get(name)
+            if h is None:
+                h = self.hessians[name] = np.zeros((x.shape[1],) * 2)
+            h += x.T @ x
+        self.pending.clear()
+        self.pending_bytes = 0
 
     def _experts(self, name, t, src0, src1) -> None:
         ids_t = t.src[2].contents
@@ -288,6 +310,7 @@ def _collect(
                 raise EwqError(f"collecting activations failed: {collector.error}")
             if progress is not None:
                 progress(k + 1, len(seqs), _eta(started, k + 1, len(seqs)))
+        collector.flush()
     finally:
         lc.llama_batch_free(batch)
         lc.llama_free(lctx)
