@@ -63,18 +63,23 @@ class _Judge:
     """Writes and measures plans on the reference's windows; a plan met before is
     measured once; the source itself is not measured again."""
 
-    def __init__(self, source, layout, ref, raw_metrics, tmp: Path, imatrix_path):
+    def __init__(
+        self, source, layout, ref, raw_metrics, tmp: Path, imatrix_path, gptq=None
+    ):
         self.source, self.layout, self.ref = source, layout, ref
         self.raw = raw_metrics
         self.out = tmp / "m.gguf"
         self.imatrix_path = imatrix_path
+        self.gptq = gptq  # `ewq quantize`'s calibration options for GPTQ rounding
         self.seen: dict[tuple, dict[str, float]] = {}
 
-    def tensors(self, types: dict[str, str], with_imatrix: bool) -> dict[str, float]:
+    def tensors(
+        self, types: dict[str, str], with_imatrix: bool, gptq: bool = False
+    ) -> dict[str, float]:
         from ewq.evaluate.backends import LlamaCppModel
         from ewq.evaluate.reference import text_metrics
 
-        key = (tuple(sorted(types.items())), with_imatrix)
+        key = (tuple(sorted(types.items())), with_imatrix, gptq)
         if key in self.seen:
             return self.seen[key]
         doc = _doc(
@@ -86,6 +91,7 @@ class _Judge:
             doc,
             self.out,
             imatrix=self.imatrix_path if with_imatrix else None,
+            **(self.gptq if gptq else {"rounding": "nearest"}),
         )
         model = LlamaCppModel(self.out, self.ref.ctx)
         m = self.seen[key] = text_metrics(model, self.ref)
@@ -143,9 +149,12 @@ def compare(
     calib_ctx: int = 256,
     criteria: Sequence[str] = CRITERIA,
     type_probes: int | None = 4,
+    gptq: bool = True,
     log: Log = lambda message: None,
 ) -> dict[str, Any]:
-    """Run the head-to-head and write ``out_dir`` (compare.json, README.md, plot)."""
+    """Run the head-to-head and write ``out_dir`` (compare.json, README.md, plot).
+    With a calibration text and ``gptq``, the calibrated plan is also written as
+    `ewq quantize --calibration` writes it (GPTQ rounding, row "ewq kl + GPTQ")."""
     from ewq.evaluate.reference import Reference, text_metrics
 
     started = time.perf_counter()
@@ -190,7 +199,17 @@ def compare(
         imatrix_path = None
         if im is not None:
             imatrix_path = write_imatrix(im, Path(tmp) / "imatrix.gguf")
-        judge = _Judge(source, layout, ref, raw_metrics, Path(tmp), imatrix_path)
+        gptq_options = None
+        if gptq and calibration is not None:
+            gptq_options = {
+                "calibration": calibration,
+                "calibration_ctx": calib_ctx,
+                "documents": documents,
+                "rounding": "gptq",
+            }
+        judge = _Judge(
+            source, layout, ref, raw_metrics, Path(tmp), imatrix_path, gptq_options
+        )
         rows = _presets(path, presets, im, judge, ref, log)
         plan_options = {"ewq error": {"criterion": "error", "context": 0}}
         if "ewq kl" in sens:
@@ -323,6 +342,10 @@ def _plans(
                 f"  at {size_of} {name}: {r.total_bytes / 1e6:.3f} MB, "
                 f"KL {m['kl_mean']:.5f} (predicted {r.damage:.5f})"
             )
+            if uses is not None and judge.gptq is not None and changed:
+                g = judge.tensors(types, True, gptq=True)
+                rows.append({**rows[-1], "plan": f"{name} + GPTQ", **g})
+                log(f"  at {size_of} {name} + GPTQ: KL {g['kl_mean']:.5f}")
         lad = ladder.get(budget)
         if lad is not None:
             m = judge.tensors(lad[1], False)

@@ -242,6 +242,13 @@ def compare(
     presets: Annotated[
         str, typer.Option(help="llama.cpp presets, comma-separated.")
     ] = ",".join(PRESETS),
+    gptq: Annotated[
+        bool,
+        typer.Option(
+            help="Also write the calibrated plan as `ewq quantize --calibration` "
+            "does (GPTQ rounding)."
+        ),
+    ] = True,
 ) -> None:
     """ewq's plans against llama.cpp's presets (with the same importance matrix and
     without) at equal bytes (KL, perplexity); for a Hugging Face encoder, against
@@ -275,6 +282,7 @@ def compare(
         calib_ctx=calib_ctx,
         criteria=chosen,
         presets=[p.strip() for p in presets.split(",") if p.strip()],
+        gptq=gptq,
         log=log,
     )
     table = compare_table(result)

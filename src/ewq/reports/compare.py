@@ -54,14 +54,17 @@ def head_to_head(result: dict[str, Any]) -> list[dict[str, Any]]:
         imat = row.get(f"llama.cpp {size} + imatrix")
         best = min(v for v in (plain, imat) if v is not None)
         kl, err = row.get("ewq kl"), row.get("ewq error")
+        gptq = row.get("ewq kl + GPTQ")
         rows.append(
             {
                 "size_of": size,
                 "preset": plain,
                 "preset_imatrix": imat,
                 "ewq_kl": kl,
+                "ewq_kl_gptq": gptq,
                 "ewq_error": err,
                 "kl_ratio": kl / best if kl is not None and best > 0 else None,
+                "gptq_ratio": gptq / best if gptq is not None and best > 0 else None,
                 "error_ratio": err / plain if err is not None and plain else None,
             }
         )
@@ -103,13 +106,15 @@ def write_compare(result: dict[str, Any], out: Path) -> None:
         "## Head to head",
         "",
         "| size of | preset | preset + imatrix | ewq kl | ewq kl / better preset "
+        "| ewq kl + GPTQ | GPTQ / better preset "
         "| ewq error (data-free) | ewq error / preset |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for h in head_to_head(result):
         md.append(
             f"| {h['size_of']} | {_f(h['preset'])} | {_f(h['preset_imatrix'])} | "
-            f"{_f(h['ewq_kl'])} | {_f(h['kl_ratio'], 2)} | {_f(h['ewq_error'])} | "
+            f"{_f(h['ewq_kl'])} | {_f(h['kl_ratio'], 2)} | {_f(h['ewq_kl_gptq'])} | "
+            f"{_f(h['gptq_ratio'], 2)} | {_f(h['ewq_error'])} | "
             f"{_f(h['error_ratio'], 2)} |"
         )
     md += [
