@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 
+import gguf
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -241,14 +245,6 @@ def test_properties(model_, caps, side, mode, speeds):
         assert levels[r2.precision[i]] >= levels[r.precision[i]]
 
 
-@settings(max_examples=50, deadline=None)
-@given(blocks_st, machines_st)
-def test_same_inputs_same_plan(model_, caps):
-    a, _ = run_fit(*model_, machines_of(caps))
-    b, _ = run_fit(*model_, machines_of(caps))
-    assert a == b
-
-
 def test_speed_balances_the_ranges():
     entropies = [10.0 + k / 100 for k in range(12)]
     fast = [Machine("fast", 10**9, speed=3.0), Machine("slow", 10**9, speed=1.0)]
@@ -332,10 +328,9 @@ def test_vllm_export_names_each_rank():
     entropies = [10.0 + k / 100 for k in range(6)]
     machines = [Machine("a", 350), Machine("b", 350), Machine("c", 350)]
     r, _ = run_fit(entropies, [100] * 6, machines, side=10)
+    assert {p.value for p in r.precision.values()} <= {"raw", "8-bit", "4-bit"}
     ex = exports(r, machines, list(range(2, 8)), "hf")["vllm"]
-    if ex["command"] is None:  # precisions vLLM does not serve
-        assert "not" in ex["refused"]
-        return
+    assert ex["command"] is not None and ex["refused"] is None
     stages = [a for a in r.machines if a.exec_indices]
     assert [x["machine"] for x in ex["ranks"]] == [a.name for a in stages]
     layers = [sum(1 for i in a.exec_indices if 2 <= i <= 7) for a in stages]
@@ -445,20 +440,14 @@ def test_plan_cli_default_then_quantize(monkeypatch, capsys, tmp_path):
     assert total == doc["total_bytes"]
     # a GGUF plan: llama.cpp's command, and vLLM said not to serve it
     assert "llama-server -m MODEL.gguf" in out and "vllm: not exported" in out
-    first = js.read_bytes()
-    code, _, _ = run(
-        monkeypatch,
-        capsys,
-        "plan",
-        "default",
-        "--memory",
-        "80MB",
-        "--context",
-        "0",
-        "--json",
-        str(js),
-    )
-    assert code == 0 and js.read_bytes() == first  # byte-identical
+    # byte-identical from another process (another hash seed: set and dict orders
+    # of strings differ), reading the cached measurement this one wrote
+    again = tmp_path / "again.json"
+    cmd = [sys.executable, "-m", "ewq", "plan", "default", "--memory", "80MB"]
+    cmd += ["--context", "0", "--json", str(again)]
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    assert again.read_bytes() == js.read_bytes()
     # the plan is what `ewq quantize` takes; the written tensor bytes are the plan's
     out_gguf = tmp_path / "m.gguf"
     pytest.importorskip("llama_cpp")
@@ -473,8 +462,11 @@ def test_plan_cli_default_then_quantize(monkeypatch, capsys, tmp_path):
         str(out_gguf),
     )
     assert code == 0, err
+    # the tensor bytes in the file llama.cpp wrote, as gguf-py reads them
+    written = sum(int(t.n_bytes) for t in gguf.GGUFReader(out_gguf).tensors)
+    assert written == doc["total_bytes"]
     record = json.loads((tmp_path / "m.gguf.ewq.json").read_text())
-    assert record["predicted_tensor_bytes"] == doc["total_bytes"]
+    assert record["predicted_tensor_bytes"] == written
 
 
 def test_plan_cli_cluster(monkeypatch, capsys, tmp_path, tiny_models):

@@ -116,28 +116,6 @@ def test_size_function_matches_ggml_block_sizes():
     assert tensor_bytes((4096, 4096), gguf.GGMLQuantizationType.TQ1_0) == n // 256 * 54
     with pytest.raises(ValueError, match="do not fit"):
         tensor_bytes((10, 100), gguf.GGMLQuantizationType.Q4_K)
-    # fallbacks for rows of 576 (llama.cpp's table; test_criteria asks llama.cpp)
-    for p, name in (
-        ("6-bit", "Q8_0"),
-        ("5-bit", "Q5_1"),
-        ("4-bit", "Q5_0"),
-        ("3-bit", "Q4_0"),
-        ("2-bit", "Q4_0"),
-        ("1.58-bit", "Q4_0"),
-    ):
-        qtype, fallback = gguf_target(
-            "blk.0.attn_q.weight", (576, 576), "F16", Precision(p)
-        )
-        assert (qtype.name, fallback) == (name, True)
-    # never quantized: norms, routers, 1-D
-    assert (
-        gguf_target("blk.0.attn_norm.weight", (576,), "F32", Precision.Q4)[0].name
-        == "F32"
-    )
-    assert (
-        gguf_target("blk.1.ffn_gate_inp.weight", (8, 256), "F32", Precision.Q4)[0].name
-        == "F32"
-    )
 
 
 def test_cli_writes_model_and_provenance(monkeypatch, capsys, tmp_path, llama_f16_gguf):
@@ -571,15 +549,10 @@ def test_the_record_is_in_place_before_the_model(monkeypatch, tmp_path, llama_f1
         return real(a, b)
 
     monkeypatch.setattr(os, "replace", spy)
-    record = tmp_path / "o.gguf.ewq.json"
-    api.quantize(
-        llama_f16_gguf,
-        uniform_plan("8-bit", 2),
-        out,
-        record=lambda q: record.write_text(json.dumps({"bytes": q.file_bytes})),
-    )
+    api.quantize(llama_f16_gguf, uniform_plan("8-bit", 2), out)  # the API writes it
     assert seen == [True]
-    assert json.loads(record.read_text())["bytes"] == out.stat().st_size
+    record = json.loads((tmp_path / "o.gguf.ewq.json").read_text())
+    assert record["file_bytes"] == out.stat().st_size
 
 
 def test_gguf_output_carries_its_provenance_in_its_metadata(tmp_path):
@@ -680,3 +653,23 @@ def test_quantize_writes_the_format_the_plan_was_sized_for(
     assert seen == [
         "the plan sized its blocks as hf; writing gguf, the sizes will differ"
     ]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "deepseek2", "bert"])
+def test_the_tensors_ewq_never_quantizes_are_those_llama_cpp_keeps(tiny_ggufs, arch):
+    """llama.cpp's dry run of its Q8_0 preset (src/llama-quant.cpp,
+    tensor_allows_quantization) leaves a tensor in its own type exactly where ewq
+    says llama.cpp never quantizes it: norms, routers, 1-D tensors, BERT's position
+    and token-type embeddings."""
+    pytest.importorskip("llama_cpp")
+    from ewq.formats.ggml_types import gguf_quantizable
+    from ewq.quant.gguf import preset_recipes
+    from ewq.sources.gguf import read_header
+
+    path = tiny_ggufs[arch]
+    recipe = preset_recipes(path, ["Q8_0"])["Q8_0"]
+    header = read_header(path).tensors
+    kept = {n for n, _, qtype, _ in header if recipe[n] == qtype.name}
+    ours = {n for n, shape, _, _ in header if not gguf_quantizable(n, shape)}
+    assert kept == ours
+    assert ours and len(ours) < len(header)

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ewq import api
-from ewq.config import IMATRIX_PRESETS, PRESETS
+from ewq.config import IMATRIX_PRESETS, PRESETS, CompareConfig
 from ewq.errors import EwqError
 from ewq.evaluate.data import load_text
 from ewq.fileio import fresh_dir
@@ -135,37 +135,27 @@ def _presets(path, presets, imatrix: Imatrix | None, judge, ref, log) -> list[di
 
 def compare(
     source: str,
-    text: Path,
-    calibration: Path | None,
     out_dir: str | Path,
-    *,
-    imatrix: Path | None = None,
-    windows: int = 8,
-    ctx: int = 512,
-    documents: str = "stream",
-    seeds: int = 3,
-    presets: Sequence[str] = PRESETS,
-    calib_tokens: int = 1024,
-    calib_ctx: int = 256,
-    criteria: Sequence[str] = CRITERIA,
-    type_probes: int | None = 4,
-    gptq: bool = True,
+    config: CompareConfig,
     log: Log = lambda message: None,
 ) -> dict[str, Any]:
     """Run the head-to-head and write ``out_dir`` (compare.json, README.md, plot).
-    With a calibration text and ``gptq``, the calibrated plan is also written as
-    `ewq quantize --calibration` writes it (GPTQ rounding, row "ewq kl + GPTQ")."""
+    With a calibration text and ``config.gptq``, the calibrated plan is also written
+    as `ewq quantize --calibration` writes it (GPTQ rounding, row "ewq kl +
+    GPTQ")."""
     from ewq.evaluate.reference import Reference, text_metrics
 
     started = time.perf_counter()
+    cfg = config
+    criteria = cfg.criteria_list()
     unknown = sorted(set(criteria) - set(CRITERIA))
     if unknown:
         raise EwqError(
             f"unknown criterion {', '.join(unknown)} (one of {', '.join(CRITERIA)})"
         )
-    if "kl" in criteria and calibration is None:
+    if "kl" in criteria and cfg.calibration is None:
         raise EwqError("the kl criterion needs --calibration TEXT")
-    eval_text = load_text(text)
+    eval_text = load_text(cfg.text)
     analysis = api.analyze(source)
     index, layout = analysis.index, analysis.layout
     if index.format != "gguf":
@@ -174,85 +164,28 @@ def compare(
         )
     path = Path(index.files[0])
     im = None
-    if imatrix is not None:
-        im = api.load_imatrix(imatrix, index, layout, source)
-    elif calibration is not None:
+    if cfg.imatrix is not None:
+        im = api.load_imatrix(cfg.imatrix, index, layout, source)
+    elif cfg.calibration is not None:
         log("importance matrix of the calibration text (cached after the first run)")
-        im = api.imatrix(source, calibration, documents=documents)
-    sens, seconds = _sensitivities(
-        source,
-        analysis,
-        criteria,
-        seeds,
-        calibration,
-        im,
-        calib_tokens,
-        calib_ctx,
-        documents,
-        type_probes,
-        log,
+        im = api.imatrix(source, cfg.calibration, documents=cfg.documents.value)
+    sens = _sensitivities(source, analysis, criteria, cfg, im, log)
+    ref = Reference(
+        path, eval_text, ctx=cfg.ctx, windows=cfg.windows, documents=cfg.documents
     )
-    ref = Reference(path, eval_text, ctx=ctx, windows=windows, documents=documents)
     raw_metrics = text_metrics(ref.model, ref)
     del ref.model
     with tempfile.TemporaryDirectory(prefix="ewq-compare-") as tmp:
         imatrix_path = None
         if im is not None:
             imatrix_path = write_imatrix(im, Path(tmp) / "imatrix.gguf")
-        gptq_options = None
-        if gptq and calibration is not None:
-            gptq_options = {
-                "calibration": calibration,
-                "calibration_ctx": calib_ctx,
-                "documents": documents,
-                "rounding": "gptq",
-            }
         judge = _Judge(
-            source, layout, ref, raw_metrics, Path(tmp), imatrix_path, gptq_options
+            source, layout, ref, raw_metrics, Path(tmp), imatrix_path, _gptq(cfg)
         )
-        rows = _presets(path, presets, im, judge, ref, log)
-        plan_options = {"ewq error": {"criterion": "error", "context": 0}}
-        if "ewq kl" in sens:
-            plan_options["ewq kl"] = {
-                "criterion": "kl",
-                "context": 0,
-                "calibration": calibration,
-                "imatrix": imatrix,
-                "calibration_tokens": calib_tokens,
-                "calibration_ctx": calib_ctx,
-                "documents": documents,
-                "type_probes": type_probes,
-            }
-        rows += _plans(source, analysis, sens, im, rows, judge, log, plan_options)
-    source_bytes = sum(t.nbytes for t in index.tensors)
-    result = {
-        "schema_version": 2,
-        "kind": "ewq-compare",
-        "source": source,
-        "model_name": api.features(source).model_name,
-        "source_tensor_bytes": source_bytes,
-        "source_types": _counts({t.name: t.dtype for t in index.tensors}),
-        "eval": {
-            "text": Path(text).name,
-            "windows": len(ref.seqs),
-            "ctx": ctx,
-            "documents": documents,
-            "tokens": int(sum(len(s) for s in ref.seqs)),
-        },
-        "calibration": {
-            "text": Path(calibration).name if calibration else None,
-            "tokens": calib_tokens,
-            "ctx": calib_ctx,
-        },
-        "imatrix": None
-        if im is None
-        else {
-            "file": str(imatrix) if imatrix else None,
-            "sha256": im.digest(),
-            "chunks": im.chunk_count,
-            "chunk_size": im.chunk_size,
-        },
-        "criterion_seconds": seconds,
+        rows = _presets(path, cfg.presets_list(), im, judge, ref, log)
+        rows += _plans(source, analysis, sens, im, rows, judge, log, _options(cfg))
+    result = _record(source, index, cfg, im, ref) | {
+        "criterion_seconds": {k: v.seconds for k, v in sens.items()},
         "source_metrics": raw_metrics,
         "rows": rows,
         "seconds": time.perf_counter() - started,
@@ -261,26 +194,77 @@ def compare(
     return result
 
 
-def _sensitivities(
-    source,
-    analysis,
-    criteria,
-    seeds,
-    calibration,
-    im,
-    tokens,
-    ctx,
-    documents,
-    type_probes,
-    log,
-) -> tuple[dict[str, Sensitivity], dict]:
-    """The criteria by plan name (random once per seed) and their seconds. error
-    is data-free (the user without calibration); kl is calibrated, with the
+def _gptq(cfg: CompareConfig) -> dict[str, Any] | None:
+    """`ewq quantize`'s options for GPTQ rounding on the calibration text."""
+    if not cfg.gptq or cfg.calibration is None:
+        return None
+    return {
+        "calibration": cfg.calibration,
+        "calibration_ctx": cfg.calib_ctx,
+        "documents": cfg.documents,
+        "rounding": "gptq",
+    }
+
+
+def _options(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
+    """`ewq plan`'s options for the error (data-free) and kl (calibrated) plans."""
+    out: dict[str, dict[str, Any]] = {"ewq error": {"criterion": "error", "context": 0}}
+    if cfg.calibration is not None and "kl" in cfg.criteria_list():
+        out["ewq kl"] = {
+            "criterion": "kl",
+            "context": 0,
+            "calibration": cfg.calibration,
+            "imatrix": cfg.imatrix,
+            "calibration_tokens": cfg.calib_tokens,
+            "calibration_ctx": cfg.calib_ctx,
+            "documents": cfg.documents,
+            "type_probes": cfg.type_probes,
+        }
+    return out
+
+
+def _record(source, index, cfg: CompareConfig, im, ref) -> dict[str, Any]:
+    """What the comparison was made of: the source, the texts and windows, the
     importance matrix."""
+    return {
+        "schema_version": 2,
+        "kind": "ewq-compare",
+        "source": source,
+        "model_name": api.features(source).model_name,
+        "source_tensor_bytes": sum(t.nbytes for t in index.tensors),
+        "source_types": _counts({t.name: t.dtype for t in index.tensors}),
+        "eval": {
+            "text": Path(cfg.text).name,
+            "windows": len(ref.seqs),
+            "ctx": cfg.ctx,
+            "documents": cfg.documents.value,
+            "tokens": int(sum(len(s) for s in ref.seqs)),
+        },
+        "calibration": {
+            "text": Path(cfg.calibration).name if cfg.calibration else None,
+            "tokens": cfg.calib_tokens,
+            "ctx": cfg.calib_ctx,
+        },
+        "imatrix": None
+        if im is None
+        else {
+            "file": str(cfg.imatrix) if cfg.imatrix else None,
+            "sha256": im.digest(),
+            "chunks": im.chunk_count,
+            "chunk_size": im.chunk_size,
+        },
+    }
+
+
+def _sensitivities(
+    source, analysis, criteria, cfg: CompareConfig, im, log
+) -> dict[str, Sensitivity]:
+    """The criteria by plan name (random once per seed). error is data-free (the user
+    without calibration); kl is calibrated, with the importance matrix."""
     sens: dict[str, Sensitivity] = {}
     for c in criteria:
         if c == "random":
-            for k in range(seeds):
+            for k in range(cfg.seeds):
                 sens[f"ewq random seed {k}"] = api.sensitivity(source, "random", seed=k)
             continue
         if c == "kl":
@@ -288,16 +272,16 @@ def _sensitivities(
             sens["ewq kl"] = api.sensitivity(
                 source,
                 "kl",
-                calibration=calibration,
+                calibration=cfg.calibration,
                 imatrix=im,
-                tokens=tokens,
-                ctx=ctx,
-                documents=documents,
-                type_probes=type_probes,
+                tokens=cfg.calib_tokens,
+                ctx=cfg.calib_ctx,
+                documents=cfg.documents.value,
+                type_probes=cfg.type_probes,
             )
             continue
         sens[f"ewq {c}"] = api.sensitivity(source, c, analysis=analysis)
-    return sens, {k: v.seconds for k, v in sens.items()}
+    return sens
 
 
 def _plans(

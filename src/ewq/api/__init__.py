@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from ewq.api._evaluate import evaluate
 from ewq.api._fast import build_dataset, fast_decision, train_fastewq
+from ewq.api._fit import fit_tensors
 from ewq.api._model import analyze, features, inspect
-from ewq.api._plan import fit_tensors, plan, resolved
+from ewq.api._plan import plan, resolved
 from ewq.api._quantize import quantize
 from ewq.api._sensitivity import imatrix, load_imatrix, sensitivity
 from ewq.config import DEFAULT_CONTEXT

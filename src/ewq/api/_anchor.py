@@ -32,7 +32,7 @@ from ewq.config import ANCHOR_PRESETS
 from ewq.formats import hook, output_format
 from ewq.types import ModelIndex
 
-__all__ = ["RESOLUTION", "anchored", "recipes"]
+__all__ = ["RESOLUTION", "anchor_for", "anchored", "recipes"]
 
 RESOLUTION = 0.94
 
@@ -106,3 +106,14 @@ def anchored(recipes_: Mapping[str, Mapping[str, str]], fit, candidates, sens):
     if best is None:
         return None
     return best[1], fit(best[2])
+
+
+def anchor_for(source, index, layout, fmt, out_layout, sens, im, fit_with):
+    """The runtime's own recipe that fits, upgraded with the bytes left
+    (ewq.api._anchor), as (preset, result), or None."""
+    from ewq.sensitivity import tensor_candidates
+
+    found = recipes(source, index, layout, fmt, im)
+    if not found:
+        return None
+    return anchored(found, fit_with, tensor_candidates(fmt, out_layout, im), sens)

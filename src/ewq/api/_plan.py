@@ -4,16 +4,18 @@ placement and the runtime's commands."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ewq.analysis import decide
 from ewq.analysis.decision import check_alpha
-from ewq.api._anchor import RESOLUTION, anchored, recipes
+from ewq.api._anchor import RESOLUTION, anchor_for
 from ewq.api._fast import fast_decision
+from ewq.api._fit import _block_types, fit_tensors
 from ewq.api._model import analyze
 from ewq.api._select import select
 from ewq.api._sensitivity import imatrix, load_imatrix, sensitivity
+from ewq.arch import ModelLayout
 from ewq.config import (
     Allocator,
     AnalysisConfig,
@@ -28,16 +30,16 @@ from ewq.planning import (
     MODES,
     BlockSpec,
     Machine,
-    Option,
     block_specs,
     exports,
     fit,
-    fit_optimal,
     route_for,
     runtime_memory,
 )
+from ewq.planning.placement import Route
+from ewq.planning.runtime import Runtime
 from ewq.records import Analysis, PlanResult
-from ewq.types import Precision, Progress
+from ewq.types import ModelIndex, Progress
 
 __all__ = ["fit_tensors", "plan", "resolved"]
 
@@ -111,172 +113,201 @@ def plan(
     if not machines:
         raise EwqError("no machine to plan for")
     source = cfg.spec(source)
-    method, criterion, allocator = cfg.method, cfg.criterion.value, cfg.allocator
-    calibration, context, mode = cfg.calibration, cfg.context, cfg.mode.value
-    alpha, variant, revision = cfg.alpha, cfg.variant, cfg.revision
-    levels = MODES[mode]
-    analysis = predicted = None
-    if method is Method.EWQ:
-        kept = {k: getattr(cfg, k) for k in AnalysisConfig.model_fields}
-        analysis = analyze(
-            source, AnalysisConfig(**{**kept, "file": None}), progress=progress
-        )
-        entropies = {b.exec_index: b.entropy for b in analysis.profile.transformer}
-        d = decide(
-            entropies,
-            alpha=alpha,
-            variant=variant,
-            moderate=levels[2],
-            aggressive=levels[1],
-        )
-        analysis = Analysis(analysis.index, analysis.layout, analysis.profile, d)
-        index, layout = analysis.index, analysis.layout
-        decision, priority = d.precision, d.priority
-    else:
-        feats = _features(source, revision=revision)
-        index, layout = feats.index, feats.layout
-        predicted, decision, priority = fast_decision(
-            feats, method.value, levels[2], cfg.classifier
-        )
-    fmt = cfg.format.value if cfg.format else None
-    fmt = fmt or ("gguf" if index.format == "gguf" else "hf")
-    # sizes, runtime and route are those of the file the plan is for: for GGUF from
-    # a Hugging Face checkpoint, the GGUF llama.cpp's converter will write
-    out_index, out_layout = index, layout
-    if fmt == "gguf" and index.format != "gguf":
-        from ewq.quant.convert import gguf_layout
-
-        out_index, out_layout = gguf_layout(source, index, layout)
-    runtime = None
-    if context:
-        try:
-            runtime = runtime_memory(
-                out_index, out_layout, context, cache_type=cfg.kv_cache.value
-            )
-        except ValueError as exc:
-            raise EwqError(
-                f"{source}: cannot size the runtime's KV cache ({exc}); plan the "
-                "weights alone with --context 0"
-            ) from None
-        machines = tuple(
-            replace(m, reserve=m.reserve + runtime.stage_bytes) for m in machines
-        )
-    specs = {s.exec_index: s for s in block_specs(fmt, out_layout)}
-    if runtime is not None:
-        specs = {
-            i: BlockSpec(
-                i,
-                s.num_parameters,
-                {p: b + runtime.kv_bytes.get(i, 0) for p, b in s.bytes.items()},
-                s.entropy,
-            )
-            for i, s in specs.items()
-        }
-    emb = out_layout.blocks[0].exec_index
-    head = out_layout.blocks[-1].exec_index
-    transformer = [b.exec_index for b in out_layout.transformer_blocks]
+    analysis, predicted, decision, priority = _decide(cfg, source, progress)
+    index = analysis.index if analysis is not None else predicted[0]
+    layout = analysis.layout if analysis is not None else predicted[1]
+    t = _target(cfg, source, index, layout, machines)
     sens = im = selection = anchor = None
-    route = route_for(out_index, out_layout, fmt, runtime)
-    if allocator is Allocator.LADDER:
-        result = fit(
-            [specs[i] for i in transformer],
-            specs[emb],
-            specs[head],
-            decision,
-            priority,
-            machines,
-            mode=mode,
-            route=route,
-        )
-        result = replace(result, tensors=_block_types(fmt, out_layout, result))
+    if cfg.allocator is Allocator.LADDER:
+        result = _ladder(t, cfg, decision, priority)
     else:
-        im = _imatrix(cfg, source, index, layout, fmt, progress)
-        sens = sensitivity(
-            source,
-            criterion,
-            fmt=fmt,
-            calibration=calibration,
-            imatrix=im,
-            tokens=cfg.calibration_tokens,
-            ctx=cfg.calibration_ctx,
-            type_probes=cfg.type_probes,
-            documents=cfg.documents.value,
-            analysis=analysis,
-            revision=revision,
-            progress=progress,
-        )
-
-        def fit_with(allow=None):
-            return fit_tensors(
-                fmt, out_layout, sens, im, runtime, machines, route, cfg.bpw, allow
-            )
-
-        result = fit_with()
-        model_damage, smallest, found = result.damage, result.smallest_bytes, None
-        if cfg.anchor and criterion in ("error", "kl") and result.fits:
-            found = _anchor(source, index, layout, fmt, out_layout, sens, im, fit_with)
-        if criterion == "kl" and cfg.select and result.fits:
-            result, selection = select(
-                cfg,
-                source,
-                index,
-                layout,
-                out_layout,
-                im,
-                fit_with,
-                result,
-                found,
-                progress,
-            )
-        elif found is not None and model_damage > RESOLUTION * found[1].damage:
-            result = found[1]
-        kept_recipe = found is not None and result is found[1]
-        # the least the model can take, whichever restricted plan was kept
-        result = replace(result, smallest_bytes=smallest)
-        if found is not None:
-            anchor = {
-                "preset": found[0],
-                "recipe_damage": found[1].damage,
-                "model_damage": model_damage,
-                "resolution": None if selection else RESOLUTION,
-                "chosen": kept_recipe,
-            }
-    if runtime is not None:  # sizes in the result are weights + KV: report weights
-        result = replace(
-            result,
-            bytes={i: b - runtime.kv_bytes.get(i, 0) for i, b in result.bytes.items()},
-            total_bytes=result.total_bytes - sum(runtime.kv_bytes.values()),
-            smallest_bytes=result.smallest_bytes - sum(runtime.kv_bytes.values()),
-        )
+        result, sens, im, selection, anchor = _optimal(t, cfg, analysis, progress)
+    result = _weights_only(result, t.runtime)
+    transformer = [b.exec_index for b in t.layout.transformer_blocks]
     return PlanResult(
         index,
         layout,
         cfg,
-        fmt,
-        tuple(machines),
+        t.fmt,
+        t.machines,
         decision,
         tuple(priority),
         result,
-        exports(result, machines, transformer, fmt, cfg.kv_cache.value),
+        exports(result, t.machines, transformer, t.fmt, cfg.kv_cache.value),
         analysis,
-        predicted,
+        predicted[2] if predicted is not None else None,
         sens,
-        runtime,
+        t.runtime,
         im,
         selection,
         anchor,
     )
 
 
-def _anchor(source, index, layout, fmt, out_layout, sens, im, fit_with):
-    """The runtime's own recipe that fits, upgraded with the bytes left
-    (ewq.api._anchor), as (preset, result), or None."""
-    from ewq.sensitivity import tensor_candidates
+def _ladder(t: _Target, cfg: PlanConfig, decision, priority):
+    """The paper's Algorithm 1 over whole blocks (planning/ladder.py)."""
+    specs = {s.exec_index: s for s in block_specs(t.fmt, t.layout)}
+    if t.runtime is not None:  # each block holds its layers' KV cache too
+        specs = {i: _with_kv(s, t.runtime) for i, s in specs.items()}
+    result = fit(
+        [specs[b.exec_index] for b in t.layout.transformer_blocks],
+        specs[t.layout.blocks[0].exec_index],
+        specs[t.layout.blocks[-1].exec_index],
+        decision,
+        priority,
+        t.machines,
+        mode=cfg.mode.value,
+        route=t.route,
+    )
+    return replace(result, tensors=_block_types(t.fmt, t.layout, result))
 
-    found = recipes(source, index, layout, fmt, im)
-    if not found:
-        return None
-    return anchored(found, fit_with, tensor_candidates(fmt, out_layout, im), sens)
+
+def _weights_only(result, runtime: Runtime | None):
+    """The allocation counts each block's KV cache with its bytes (a machine holds
+    both); the plan reports the weights."""
+    if runtime is None:
+        return result
+    kv = runtime.kv_bytes
+    return replace(
+        result,
+        bytes={i: b - kv.get(i, 0) for i, b in result.bytes.items()},
+        total_bytes=result.total_bytes - sum(kv.values()),
+        smallest_bytes=result.smallest_bytes - sum(kv.values()),
+    )
+
+
+def _decide(cfg: PlanConfig, source, progress):
+    """The paper's decision per block: from the entropy analysis (method ewq), or
+    from the FastEWQ classifier on metadata. Returns (analysis, (index, layout,
+    classifier's choice) for FastEWQ, decision, priority)."""
+    levels = MODES[cfg.mode.value]
+    if cfg.method is Method.EWQ:
+        kept = {k: getattr(cfg, k) for k in AnalysisConfig.model_fields}
+        a = analyze(source, AnalysisConfig(**{**kept, "file": None}), progress=progress)
+        d = decide(
+            {b.exec_index: b.entropy for b in a.profile.transformer},
+            alpha=cfg.alpha,
+            variant=cfg.variant,
+            moderate=levels[2],
+            aggressive=levels[1],
+        )
+        return Analysis(a.index, a.layout, a.profile, d), None, d.precision, d.priority
+    feats = _features(source, revision=cfg.revision)
+    chosen, decision, priority = fast_decision(
+        feats, cfg.method.value, levels[2], cfg.classifier
+    )
+    return None, (feats.index, feats.layout, chosen), decision, priority
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What a plan is sized for: the output file's index and layout (for GGUF from a
+    Hugging Face checkpoint, the GGUF llama.cpp's converter will write), its format,
+    the runtime's memory, the machines (less the runtime's buffers) and the route."""
+
+    source: str
+    index: ModelIndex  # the source's
+    layout: ModelLayout  # the output's
+    src_layout: ModelLayout
+    fmt: str
+    runtime: Runtime | None
+    machines: tuple[Machine, ...]
+    route: Route
+
+
+def _target(cfg: PlanConfig, source, index, layout, machines) -> _Target:
+    fmt = cfg.format.value if cfg.format else None
+    fmt = fmt or ("gguf" if index.format == "gguf" else "hf")
+    out_index, out_layout = index, layout
+    if fmt == "gguf" and index.format != "gguf":
+        from ewq.quant.convert import gguf_layout
+
+        out_index, out_layout = gguf_layout(source, index, layout)
+    runtime = None
+    if cfg.context:
+        try:
+            runtime = runtime_memory(
+                out_index, out_layout, cfg.context, cache_type=cfg.kv_cache.value
+            )
+        except ValueError as exc:
+            raise EwqError(
+                f"{source}: cannot size the runtime's KV cache ({exc}); plan the "
+                "weights alone with --context 0"
+            ) from None
+        machines = [
+            replace(m, reserve=m.reserve + runtime.stage_bytes) for m in machines
+        ]
+    route = route_for(out_index, out_layout, fmt, runtime)
+    return _Target(
+        source, index, out_layout, layout, fmt, runtime, tuple(machines), route
+    )
+
+
+def _with_kv(s: BlockSpec, runtime: Runtime) -> BlockSpec:
+    kv = runtime.kv_bytes.get(s.exec_index, 0)
+    return BlockSpec(
+        s.exec_index,
+        s.num_parameters,
+        {p: b + kv for p, b in s.bytes.items()},
+        s.entropy,
+    )
+
+
+def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
+    """The per-tensor plan: the criterion's damage, the optimal allocation, held
+    against the runtime's own recipe (ewq.api._anchor) and, with calibration text,
+    measured (ewq.api._select). Returns (result, sensitivity, imatrix, selection,
+    anchor record)."""
+    source, index, layout = t.source, t.index, t.src_layout
+    criterion = cfg.criterion.value
+    im = _imatrix(cfg, source, index, layout, t.fmt, progress)
+    sens = sensitivity(
+        source,
+        criterion,
+        fmt=t.fmt,
+        calibration=cfg.calibration,
+        imatrix=im,
+        tokens=cfg.calibration_tokens,
+        ctx=cfg.calibration_ctx,
+        type_probes=cfg.type_probes,
+        documents=cfg.documents.value,
+        analysis=analysis,
+        revision=cfg.revision,
+        progress=progress,
+    )
+
+    def fit_with(allow=None):
+        return fit_tensors(
+            t.fmt, t.layout, sens, im, t.runtime, t.machines, t.route, cfg.bpw, allow
+        )
+
+    result = fit_with()
+    model_damage, smallest, found, selection = (
+        result.damage,
+        result.smallest_bytes,
+        None,
+        None,
+    )
+    if cfg.anchor and criterion in ("error", "kl") and result.fits:
+        found = anchor_for(source, index, layout, t.fmt, t.layout, sens, im, fit_with)
+    if criterion == "kl" and cfg.select and result.fits:
+        result, selection = select(
+            cfg, source, index, layout, t.layout, im, fit_with, result, found, progress
+        )
+    elif found is not None and model_damage > RESOLUTION * found[1].damage:
+        result = found[1]
+    anchor = None
+    if found is not None:
+        anchor = {
+            "preset": found[0],
+            "recipe_damage": found[1].damage,
+            "model_damage": model_damage,
+            "resolution": None if selection else RESOLUTION,
+            "chosen": result is found[1],
+        }
+    # the least the model can take, whichever restricted plan was kept
+    result = replace(result, smallest_bytes=smallest)
+    return result, sens, im, selection, anchor
 
 
 def _imatrix(cfg: PlanConfig, source, index, layout, fmt: str, progress):
@@ -298,73 +329,3 @@ def _imatrix(cfg: PlanConfig, source, index, layout, fmt: str, progress):
         revision=cfg.revision,
         progress=progress,
     )
-
-
-def fit_tensors(fmt, layout, sens, imatrix_, runtime, machines, route, bpw, allow=None):
-    """The optimal per-tensor allocation: every tensor the format can write in more
-    than one way chooses its type; the others, and the KV cache, are fixed bytes.
-    ``allow(info, encoding)``: the options a tensor may take (its own type and at
-    least one other are always kept)."""
-    from ewq.formats import output_format
-    from ewq.sensitivity import tensor_candidates
-
-    cands = tensor_candidates(fmt, layout, imatrix_)
-    form = output_format(fmt)
-    options, block_of = {}, {}
-    fixed = {b.exec_index: 0 for b in layout.blocks}
-    params = {b.exec_index: b.num_parameters for b in layout.blocks}
-    views: dict[str, Precision] = {}
-    for block in layout.blocks:
-        for info, key in zip(block.tensors, block.keys, strict=True):
-            if info.name not in cands:
-                e = form.encoding(info, key, Precision.RAW)
-                fixed[block.exec_index] += e.nbytes if e is not None else 0
-                continue
-            _, _, encs = cands[info.name]
-            if allow is not None:
-                kept = [e for e in encs if allow(info, e)]
-                encs = kept if kept else encs
-            options[info.name] = [
-                Option(e.type, e.nbytes, sens.of(info.name, e.type)) for e in encs
-            ]
-            views.update({f"{info.name}\0{e.type}": e.precision for e in encs})
-            block_of[info.name] = block.exec_index
-    if runtime is not None:
-        for i, kv in runtime.kv_bytes.items():
-            fixed[i] = fixed.get(i, 0) + kv
-    cap = None
-    if bpw is not None:  # the weights' budget, plus the KV cache counted in fixed
-        kv = sum(runtime.kv_bytes.values()) if runtime is not None else 0
-        cap = int(bpw * sum(params.values()) / 8) + kv
-    view = {
-        id(o): views[f"{n}\0{o.precision}"] for n, opts in options.items() for o in opts
-    }
-    return fit_optimal(
-        options,
-        params,
-        machines,
-        mode="optimal",
-        route=route,
-        block_of=block_of,
-        fixed=fixed,
-        view=lambda o: view[id(o)],
-        cap=cap,
-    )
-
-
-def _block_types(fmt: str, layout, result) -> dict[str, Option]:
-    """A block-level result's per-tensor types (the plan file is per tensor): each
-    tensor the format can write in more than one way, at its block's precision."""
-    from ewq.formats import output_format
-    from ewq.sensitivity import tensor_candidates
-
-    form = output_format(fmt)
-    cands = tensor_candidates(fmt, layout)
-    out = {}
-    for block in layout.blocks:
-        p = result.precision[block.exec_index]
-        for info, key in zip(block.tensors, block.keys, strict=True):
-            if info.name in cands:
-                e = form.encoding(info, key, p)
-                out[info.name] = Option(e.type, e.nbytes, 0.0)
-    return out

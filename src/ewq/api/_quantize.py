@@ -48,9 +48,10 @@ def quantize(
     The plan is checked against the model before anything is written; the output
     appears atomically (temporary file, then rename) or not at all. An output that
     would overwrite an input, or an existing folder, is refused (ewq.outputs);
-    ``force`` replaces an earlier ewq output folder. ``record(result)`` runs after
-    the output is checked and before it is renamed into place: the CLI writes the
-    provenance record there, so a model never sits beside a missing or stale one.
+    ``force`` replaces an earlier ewq output folder. The provenance record
+    (``OUT.ewq.json``) is written after the output is checked and before it is
+    renamed into place, so a model never sits beside a missing or stale one; then
+    ``record(result)``, if given.
     """
     cfg = configure(QuantizeConfig, config, options)
     revision, threads, force = cfg.revision, cfg.threads, cfg.force
@@ -77,12 +78,9 @@ def quantize(
     imatrix = _plan_imatrix(plan, cfg.imatrix, plan_path)
     if imatrix is not None and format != "gguf":
         raise EwqError("an importance matrix is for GGUF output (--format gguf)")
-    check_output(
-        out,
-        (*index.files, plan_path, str(source)),
-        folder=format == "hf",
-        force=force,
-    )
+    inputs = (*index.files, plan_path, str(source))
+    check_output(out, inputs, folder=format == "hf", force=force)
+    record = _with_provenance(out, inputs, record)
     wanted = {b.precision for b in plan.blocks} | {
         plan.embedding.precision,
         plan.head.precision,
@@ -120,6 +118,26 @@ def quantize(
     return _quantize_gguf(
         source, index, layout, plan, out, threads, progress, record, None, imatrix, cfg
     )
+
+
+def _with_provenance(out: Path, inputs, record):
+    """``record`` preceded by writing the provenance record beside the output
+    (``OUT.ewq.json``: ewq's version, the source, the plan, every tensor's type, the
+    equivalent llama-quantize command), before the output is renamed into place."""
+    from ewq import __version__
+    from ewq.fileio import atomic_write_text
+    from ewq.reports.quantize import provenance_json, provenance_path
+
+    path = provenance_path(out)
+    check_output(path, inputs)
+
+    def write(q: Quantized) -> None:
+        doc = provenance_json(q, __version__)
+        atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+        if record is not None:
+            record(q)
+
+    return write
 
 
 def _plan_imatrix(plan: Plan, given: Path | None, plan_path) -> Imatrix | None:

@@ -78,6 +78,37 @@ def sensitivity(
                 "cached": cached,
             },
         )
+    return _kl(
+        source,
+        index,
+        layout,
+        calibration,
+        imatrix,
+        tokens,
+        ctx,
+        documents,
+        type_probes,
+        fmt,
+        revision,
+        progress,
+    )
+
+
+def _kl(
+    source,
+    index,
+    layout,
+    calibration,
+    imatrix,
+    tokens,
+    ctx,
+    documents,
+    type_probes,
+    fmt,
+    revision,
+    progress,
+) -> Sensitivity:
+    """The kl criterion: measured once per model, text and setting, then cached."""
     if calibration is None:
         raise EwqError("the kl criterion needs a calibration text (--calibration FILE)")
     if fmt != "gguf":

@@ -142,19 +142,13 @@ def quantize(
 ) -> None:
     """Write the model quantized block by block as the plan says, with a provenance record."""
     from ewq import api
-    from ewq.reports.quantize import provenance_json, provenance_path, quantize_table
+    from ewq.reports.quantize import provenance_path, quantize_table
 
-    record = provenance_path(out_path)  # written first, then the model renamed
+    record = provenance_path(out_path)  # api.quantize writes it beside the model
     outputs((source, plan), out_path=record)
     with count_bar("quantizing", "tensors") as progress:
-        result = api.quantize(
-            source,
-            plan,
-            out_path,
-            config,
-            record=lambda q: write_json(record, provenance_json(q, __version__)),
-            progress=progress,
-        )
+        result = api.quantize(source, plan, out_path, config, progress=progress)
+    err.print(f"wrote {record}")
     out.print(quantize_table(result))
     err.print(f"wrote {result.out}")
     if result.rounding.get("method") == "gptq":

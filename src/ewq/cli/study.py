@@ -20,7 +20,7 @@ from ewq.cli.common import (
     step_bar,
     write_json,
 )
-from ewq.config import DEFAULT_ALPHA, PRESETS, EvalConfig
+from ewq.config import DEFAULT_ALPHA, CompareConfig, EvalConfig
 from ewq.errors import EwqError
 
 dataset_app = typer.Typer(help="The FastEWQ dataset.", no_args_is_help=True)
@@ -206,49 +206,12 @@ def bench(
     "\n\n  ewq compare IgLM-F32.gguf --text eval.txt --calibration calibration.txt "
     "--documents lines --ctx 64 --windows 512 --out results/iglm/compare"
 )
+@configured(CompareConfig)
 def compare(
     source: SourceArg,
-    text: Annotated[Path, typer.Option(help="Evaluation text (KL, perplexity).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")],
-    calibration: Annotated[
-        Path | None,
-        typer.Option(
-            help="Calibration text (another text than --text): the importance matrix "
-            "and the kl criterion (decoders)."
-        ),
-    ] = None,
-    imatrix: Annotated[
-        Path | None,
-        typer.Option(
-            help="An importance matrix instead of one computed on --calibration."
-        ),
-    ] = None,
-    windows: Annotated[int, typer.Option(min=1, help="Evaluation windows.")] = 8,
-    ctx: Annotated[int, typer.Option(min=16, help="Tokens per window.")] = 512,
-    documents: Annotated[
-        str,
-        typer.Option(help="stream, or lines (every line a document: IgLM)."),
-    ] = "stream",
-    calib_tokens: Annotated[
-        int, typer.Option(min=16, help="Calibration tokens per probe (kl criterion).")
-    ] = 1024,
-    calib_ctx: Annotated[
-        int, typer.Option(min=16, help="Tokens per calibration window.")
-    ] = 256,
-    seeds: Annotated[int, typer.Option(min=1, help="Random criteria (seeds).")] = 3,
-    criteria: Annotated[
-        str, typer.Option(help="Criteria compared, comma-separated.")
-    ] = "kl,error,entropy,position,random",
-    presets: Annotated[
-        str, typer.Option(help="llama.cpp presets, comma-separated.")
-    ] = ",".join(PRESETS),
-    gptq: Annotated[
-        bool,
-        typer.Option(
-            help="Also write the calibrated plan as `ewq quantize --calibration` "
-            "does (GPTQ rounding)."
-        ),
-    ] = True,
+    *,
+    config: CompareConfig,
 ) -> None:
     """ewq's plans against llama.cpp's presets (with the same importance matrix and
     without) at equal bytes (KL, perplexity); for a Hugging Face encoder, against
@@ -260,31 +223,12 @@ def compare(
 
     log = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
     if is_encoder(source):
-        compare_encoder(source, text, out_dir, seeds=seeds, log=log)
+        compare_encoder(source, config.text, out_dir, seeds=config.seeds, log=log)
         err.print(f"wrote {out_dir}/README.md, compare.json")
         return
-    if documents not in ("stream", "lines"):
-        raise typer.BadParameter("--documents is stream or lines")
-    chosen = [c.strip() for c in criteria.split(",") if c.strip()]
-    if calibration is None and "kl" in chosen:
+    if config.calibration is None and "kl" in config.criteria_list():
         raise typer.BadParameter("the kl criterion needs --calibration TEXT")
-    result = run_compare(
-        source,
-        text,
-        calibration,
-        out_dir,
-        imatrix=imatrix,
-        windows=windows,
-        ctx=ctx,
-        documents=documents,
-        seeds=seeds,
-        calib_tokens=calib_tokens,
-        calib_ctx=calib_ctx,
-        criteria=chosen,
-        presets=[p.strip() for p in presets.split(",") if p.strip()],
-        gptq=gptq,
-        log=log,
-    )
+    result = run_compare(source, out_dir, config, log=log)
     table = compare_table(result)
     out.print(table)
     err.print(f"wrote {out_dir}/README.md, compare.json, size_vs_kl.png")

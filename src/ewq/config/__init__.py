@@ -13,12 +13,28 @@ Adding an option is adding a field to one record (and using it where it acts).
 from __future__ import annotations
 
 import os
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ewq.config._choices import (
+    ANCHOR_PRESETS,
+    DEFAULT_ALPHA,
+    DEFAULT_CONTEXT,
+    IMATRIX_PRESETS,
+    PRESETS,
+    Allocator,
+    Criterion,
+    Documents,
+    Format,
+    KvCache,
+    Method,
+    Mode,
+    Rounding,
+    Task,
+    Variant,
+)
 from ewq.errors import EwqError
 
 __all__ = [
@@ -29,6 +45,7 @@ __all__ = [
     "PRESETS",
     "AnalysisConfig",
     "Allocator",
+    "CompareConfig",
     "Config",
     "Criterion",
     "Documents",
@@ -45,98 +62,6 @@ __all__ = [
     "Variant",
     "configure",
 ]
-
-DEFAULT_ALPHA = 1.25  # reproduces the paper's share of 4-bit blocks (about 11%)
-DEFAULT_CONTEXT = 2048  # tokens the runtime holds, unless told otherwise
-
-#: llama.cpp's presets `ewq compare` measures ewq against, largest first
-PRESETS = (
-    "Q6_K",
-    "Q5_K_M",
-    "Q5_K_S",
-    "Q4_K_M",
-    "Q4_K_S",
-    "IQ4_XS",
-    "Q3_K_L",
-    "Q3_K_M",
-    "Q3_K_S",
-    "IQ3_XXS",
-    "Q2_K",
-    "IQ2_M",
-)
-#: llama.cpp's presets a GGUF plan is anchored to (ewq.api._anchor): every preset
-#: ewq compares against, and Q8_0 above them
-ANCHOR_PRESETS = ("Q8_0", *PRESETS)
-#: the presets llama.cpp refuses to make without an importance matrix
-#: (src/llama-quant.cpp, tensor_requires_imatrix)
-IMATRIX_PRESETS = frozenset({"IQ3_XXS", "IQ2_M"})
-
-
-class Variant(StrEnum):
-    """The paper's two EWQ variants."""
-
-    MIXED_4_8 = "4bit/8bit"  # both rules: below T to 4-bit, below mu to 8-bit
-    MIXED_8 = "8bit"  # the 8-bit rule only: every block below mu to 8-bit
-
-
-class Method(StrEnum):
-    EWQ = "ewq"
-    FAST = "fast"
-    FAST_TRAIN = "fast-train"
-
-
-class Criterion(StrEnum):
-    ENTROPY = "entropy"
-    ERROR = "error"
-    KL = "kl"
-    RANDOM = "random"
-    POSITION = "position"
-
-
-class Allocator(StrEnum):
-    OPTIMAL = "optimal"
-    LADDER = "ladder"
-
-
-class Mode(StrEnum):
-    M84 = "8/4"
-    M43 = "4/3"
-    M42 = "4/2"
-
-
-class KvCache(StrEnum):
-    """The runtime's KV cache type (llama.cpp's --cache-type-k and -v)."""
-
-    F16 = "f16"
-    Q8_0 = "q8_0"
-    Q4_0 = "q4_0"
-
-
-class Format(StrEnum):
-    GGUF = "gguf"
-    HF = "hf"
-
-
-class Documents(StrEnum):
-    """How a text is cut into windows (ewq.evaluate.windows)."""
-
-    STREAM = "stream"
-    LINES = "lines"
-
-
-class Rounding(StrEnum):
-    """How weights are rounded into their types (ewq.quant.gptq)."""
-
-    AUTO = "auto"  # gptq with a calibration text, else nearest
-    NEAREST = "nearest"  # llama.cpp's quantizer, per row (with the imatrix)
-    GPTQ = "gptq"  # against the inputs' second moments on the calibration text
-
-
-class Task(StrEnum):
-    MMLU = "mmlu"
-    PERPLEXITY = "perplexity"
-    KLD = "kld"
-    EMBEDDING = "embedding"
 
 
 def _cli(flag: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -370,6 +295,53 @@ class EvalConfig(Config):
     def _path_as_text(cls, value: Any) -> Any:
         # a path or a hub dataset id: kept as the text the user gave
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+class CompareConfig(Config):
+    """What `ewq compare` measures: the texts, the windows, the presets and the
+    criteria (decoders); an encoder is compared on ``text`` alone."""
+
+    text: Path = Field(description="Evaluation text (KL, perplexity).")
+    calibration: Path | None = Field(
+        None,
+        description="Calibration text (another text than --text): the importance "
+        "matrix, the kl criterion and GPTQ rounding (decoders).",
+    )
+    imatrix: Path | None = Field(
+        None,
+        description="An importance matrix instead of one computed on --calibration.",
+    )
+    windows: int = Field(8, ge=1, description="Evaluation windows.")
+    ctx: int = Field(512, ge=16, description="Tokens per window.")
+    documents: Documents = Field(
+        Documents.STREAM, description="stream, or lines (every line a document: IgLM)."
+    )
+    calib_tokens: int = Field(
+        1024, ge=16, description="Calibration tokens per probe (kl criterion)."
+    )
+    calib_ctx: int = Field(256, ge=16, description="Tokens per calibration window.")
+    seeds: int = Field(3, ge=1, description="Random criteria (seeds).")
+    criteria: str = Field(
+        "kl,error,entropy,position,random",
+        description="Criteria compared, comma-separated.",
+    )
+    presets: str = Field(
+        ",".join(PRESETS), description="llama.cpp presets, comma-separated."
+    )
+    type_probes: int | None = Field(
+        4, ge=0, description="Tensors whose KL is measured at every type (kl)."
+    )
+    gptq: bool = Field(
+        True,
+        description="Also write the calibrated plan as `ewq quantize --calibration` "
+        "does (GPTQ rounding).",
+    )
+
+    def criteria_list(self) -> list[str]:
+        return [c.strip() for c in self.criteria.split(",") if c.strip()]
+
+    def presets_list(self) -> list[str]:
+        return [p.strip() for p in self.presets.split(",") if p.strip()]
 
 
 def configure(kind: type[Config], given: Config | None, options: dict[str, Any]):

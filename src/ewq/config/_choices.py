@@ -1,0 +1,116 @@
+"""The choices the records of ewq.config are made of: named values (enums) and
+llama.cpp's presets."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = [
+    "ANCHOR_PRESETS",
+    "DEFAULT_ALPHA",
+    "DEFAULT_CONTEXT",
+    "IMATRIX_PRESETS",
+    "PRESETS",
+    "Allocator",
+    "Criterion",
+    "Documents",
+    "Format",
+    "KvCache",
+    "Method",
+    "Mode",
+    "Rounding",
+    "Task",
+    "Variant",
+]
+
+DEFAULT_ALPHA = 1.25  # reproduces the paper's share of 4-bit blocks (about 11%)
+DEFAULT_CONTEXT = 2048  # tokens the runtime holds, unless told otherwise
+
+#: llama.cpp's presets `ewq compare` measures ewq against, largest first
+PRESETS = (
+    "Q6_K",
+    "Q5_K_M",
+    "Q5_K_S",
+    "Q4_K_M",
+    "Q4_K_S",
+    "IQ4_XS",
+    "Q3_K_L",
+    "Q3_K_M",
+    "Q3_K_S",
+    "IQ3_XXS",
+    "Q2_K",
+    "IQ2_M",
+)
+#: llama.cpp's presets a GGUF plan is anchored to (ewq.api._anchor): every preset
+#: ewq compares against, and Q8_0 above them
+ANCHOR_PRESETS = ("Q8_0", *PRESETS)
+#: the presets llama.cpp refuses to make without an importance matrix
+#: (src/llama-quant.cpp, tensor_requires_imatrix)
+IMATRIX_PRESETS = frozenset({"IQ3_XXS", "IQ2_M"})
+
+
+class Variant(StrEnum):
+    """The paper's two EWQ variants."""
+
+    MIXED_4_8 = "4bit/8bit"  # both rules: below T to 4-bit, below mu to 8-bit
+    MIXED_8 = "8bit"  # the 8-bit rule only: every block below mu to 8-bit
+
+
+class Method(StrEnum):
+    EWQ = "ewq"
+    FAST = "fast"
+    FAST_TRAIN = "fast-train"
+
+
+class Criterion(StrEnum):
+    ENTROPY = "entropy"
+    ERROR = "error"
+    KL = "kl"
+    RANDOM = "random"
+    POSITION = "position"
+
+
+class Allocator(StrEnum):
+    OPTIMAL = "optimal"
+    LADDER = "ladder"
+
+
+class Mode(StrEnum):
+    M84 = "8/4"
+    M43 = "4/3"
+    M42 = "4/2"
+
+
+class KvCache(StrEnum):
+    """The runtime's KV cache type (llama.cpp's --cache-type-k and -v)."""
+
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+
+
+class Format(StrEnum):
+    GGUF = "gguf"
+    HF = "hf"
+
+
+class Documents(StrEnum):
+    """How a text is cut into windows (ewq.evaluate.windows)."""
+
+    STREAM = "stream"
+    LINES = "lines"
+
+
+class Rounding(StrEnum):
+    """How weights are rounded into their types (ewq.quant.gptq)."""
+
+    AUTO = "auto"  # gptq with a calibration text, else nearest
+    NEAREST = "nearest"  # llama.cpp's quantizer, per row (with the imatrix)
+    GPTQ = "gptq"  # against the inputs' second moments on the calibration text
+
+
+class Task(StrEnum):
+    MMLU = "mmlu"
+    PERPLEXITY = "perplexity"
+    KLD = "kld"
+    EMBEDDING = "embedding"
