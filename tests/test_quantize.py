@@ -655,21 +655,24 @@ def test_quantize_writes_the_format_the_plan_was_sized_for(
     ]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "deepseek2", "bert"])
-def test_the_tensors_ewq_never_quantizes_are_those_llama_cpp_keeps(tiny_ggufs, arch):
-    """llama.cpp's dry run of its Q8_0 preset (src/llama-quant.cpp,
+def test_the_tensors_ewq_never_quantizes_are_those_llama_cpp_keeps(
+    tmp_path, llama_f16_gguf
+):
+    """llama.cpp's dry run of its Q8_0 preset on float models (src/llama-quant.cpp,
     tensor_allows_quantization) leaves a tensor in its own type exactly where ewq
-    says llama.cpp never quantizes it: norms, routers, 1-D tensors, BERT's position
-    and token-type embeddings."""
+    says llama.cpp never quantizes it (norms, 1-D tensors)."""
     pytest.importorskip("llama_cpp")
+    from models import byte_vocab_llama
+
     from ewq.formats.ggml_types import gguf_quantizable
     from ewq.quant.gguf import preset_recipes
     from ewq.sources.gguf import read_header
 
-    path = tiny_ggufs[arch]
-    recipe = preset_recipes(path, ["Q8_0"])["Q8_0"]
-    header = read_header(path).tensors
-    kept = {n for n, _, qtype, _ in header if recipe[n] == qtype.name}
-    ours = {n for n, shape, _, _ in header if not gguf_quantizable(n, shape)}
-    assert kept == ours
-    assert ours and len(ours) < len(header)
+    for path in (byte_vocab_llama(tmp_path / "f32.gguf"), llama_f16_gguf):
+        recipe = preset_recipes(path, ["Q8_0"])["Q8_0"]
+        header = read_header(path).tensors
+        assert {q.name for _, _, q, _ in header} <= {"F32", "F16"}
+        kept = {n for n, _, qtype, _ in header if recipe[n] == qtype.name}
+        ours = {n for n, shape, _, _ in header if not gguf_quantizable(n, shape)}
+        assert kept == ours
+        assert ours and len(ours) < len(header)
