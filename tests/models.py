@@ -40,6 +40,16 @@ HF_FAMILIES: dict[str, tuple[str, str, dict]] = {
         "MixtralForCausalLM",
         {"num_local_experts": 4, "num_experts_per_tok": 2},
     ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 32,
+        },
+    ),
     "deepseek_v2": (
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",

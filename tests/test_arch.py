@@ -105,6 +105,14 @@ EXPECTED = {
         },
         {R.FINAL_NORM, R.LM_HEAD},
     ),
+    "qwen2_moe": (
+        "qwen_moe",
+        2,
+        (LLAMA_BLOCK - {R.MLP_GATE, R.MLP_UP, R.MLP_DOWN})
+        | MOE_SHARED
+        | {R.MOE_SHARED_ROUTER},
+        {R.FINAL_NORM, R.LM_HEAD},
+    ),
     "deepseek_v2": (
         "deepseek_v2",
         3,

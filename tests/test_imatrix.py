@@ -288,3 +288,37 @@ def test_an_imatrix_for_another_model_is_refused_in_one_line(
     )
     lines = [x for x in err.splitlines() if x.startswith("ewq: error:")]
     assert code == 1 and len(lines) == 1 and want in lines[0], err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [2, 15], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_imatrix_pass(tmp_path, signum):
+    """Ctrl-C or SIGTERM while llama.cpp computes (the signal arrives inside the
+    activation callback, where ctypes would drop it and the pass went on): the
+    command ends with 128 + the signal, without a traceback or an output."""
+    import subprocess
+    import sys
+    import time
+
+    from models import byte_vocab_llama
+
+    src = byte_vocab_llama(tmp_path / "m.gguf", n_blocks=4, hidden=1024)
+    text = tmp_path / "t.txt"
+    text.write_text((shared_data() / "wikitext-2" / "valid.txt").read_text()[:200_000])
+    out = tmp_path / "m.imatrix.gguf"
+    cmd = [sys.executable, "-m", "ewq", "imatrix", str(src), "--calibration"]
+    proc = subprocess.Popen(
+        [*cmd, str(text), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(8)  # past the start-up, into the pass
+    assert proc.poll() is None, proc.communicate()
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert proc.returncode == 128 + signum, err.decode()
+    assert took < 5.0, took
+    assert "Traceback" not in err.decode()
+    assert not out.exists() and not list(tmp_path.glob(".m.imatrix*"))

@@ -39,6 +39,7 @@ from ewq.planning import (
 from ewq.planning.placement import Route
 from ewq.planning.runtime import Runtime
 from ewq.records import Analysis, PlanResult
+from ewq.sensitivity.sampling import Sampling
 from ewq.types import ModelIndex, Progress
 
 __all__ = ["fit_tensors", "plan", "resolved"]
@@ -274,6 +275,8 @@ def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
         analysis=analysis,
         revision=cfg.revision,
         progress=progress,
+        sample=Sampling(fraction=cfg.sample) if cfg.sample is not None else None,
+        threads=cfg.threads,
     )
 
     def fit_with(allow=None):

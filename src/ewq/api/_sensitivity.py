@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
+import os
 from pathlib import Path
 
 from ewq.api._model import analyze
@@ -18,6 +20,7 @@ from ewq.sensitivity import Sensitivity, modelled
 from ewq.sensitivity import criterion as criterion_spec
 from ewq.sensitivity.prior import damage as error_damage
 from ewq.sensitivity.prior import table
+from ewq.sensitivity.sampling import Sampling
 from ewq.sources import open_source
 from ewq.types import ModelIndex, Progress
 
@@ -39,8 +42,13 @@ def sensitivity(
     analysis: Analysis | None = None,
     revision: str | None = None,
     progress: Progress | None = None,
+    sample: Sampling | None = None,
+    threads: int | None = None,
 ) -> Sensitivity:
     """Estimated damage per tensor and type by ``criterion`` (ewq.sensitivity).
+
+    ``sample``: the error criterion estimates each tensor's error from a random
+    sample of its rows (ewq.sensitivity.sampling), with intervals in its details.
 
     error and kl are measured once per model content and setting, then cached (the
     key: ewq.cache). error is weighted by ``imatrix`` when one is given; kl needs
@@ -61,23 +69,21 @@ def sensitivity(
     if criterion == "error":
         if imatrix is not None and fmt != "gguf":
             raise EwqError("an importance matrix weighs GGUF output (--format gguf)")
-        errors, seconds, cached = _errors(
-            source, index, layout, fmt, imatrix, revision, progress
+        errors, seconds, cached, intervals = _errors(
+            source, index, layout, fmt, imatrix, revision, progress, sample, threads
         )
         damage = error_damage(
             _gguf_layout(source, index, layout, fmt), errors, imatrix is not None
         )
-        return Sensitivity(
-            "error",
-            damage,
-            seconds,
-            {
-                "measure": "prior x type factor x relative squared error"
-                + (", weighted by the importance matrix" if imatrix else ""),
-                "prior": table()["fitted"],
-                "cached": cached,
-            },
-        )
+        details = {
+            "measure": "prior x type factor x relative squared error"
+            + (", weighted by the importance matrix" if imatrix else ""),
+            "prior": table()["fitted"],
+            "cached": cached,
+        }
+        if sample is not None:
+            details["sampling"] = sampling_record(sample, intervals)
+        return Sensitivity("error", damage, seconds, details)
     return _kl(
         source,
         index,
@@ -123,7 +129,9 @@ def _kl(
         imatrix = _imatrix_for(
             source, index, layout, text, calibration, documents, revision, progress
         )
-    errors, _, _ = _errors(source, index, layout, "gguf", imatrix, revision, progress)
+    errors, _, _, _ = _errors(
+        source, index, layout, "gguf", imatrix, revision, progress
+    )
     params = {
         "text": hashlib.sha256(text.encode()).hexdigest(),
         "imatrix": imatrix.digest(),
@@ -204,35 +212,76 @@ def _key(index: ModelIndex, kind: str, params: dict) -> str:
     )
 
 
-def _errors(source, index, layout, fmt, imatrix, revision, progress):
-    """The relative errors per tensor and type (cached): (errors, seconds, cached)."""
+def _errors(
+    source, index, layout, fmt, imatrix, revision, progress, sample=None, threads=None
+):
+    """The relative errors per tensor and type (cached): (errors, seconds, cached,
+    the sample's intervals per tensor: {} when every row was read)."""
     from ewq.sensitivity.error import relative_errors
 
-    params = {"format": fmt, "imatrix": imatrix.digest() if imatrix else None}
+    params = {
+        "format": fmt,
+        "imatrix": imatrix.digest() if imatrix else None,
+        "sample": dataclasses.asdict(sample) if sample is not None else None,
+    }
     k = _key(index, "error", params)
     doc = load_entry("error", k)
     if doc is not None:
         try:
-            return _damage(doc["errors"]), float(doc["seconds"]), True
+            errors, seconds = _damage(doc["errors"]), float(doc["seconds"])
+            return errors, seconds, True, dict(doc.get("intervals") or {})
         except (KeyError, TypeError, ValueError):
             pass
     import time
 
     started = time.perf_counter()
+    intervals: dict[str, dict] = {}
+    how = {
+        "progress": progress,
+        "sample": sample,
+        "intervals": intervals,
+        "threads": threads or os.cpu_count() or 1,
+    }
     if fmt == "gguf":
         with (
             _as_gguf(source, index, layout) as (g_index, g_layout),
             open_source(g_index.files[0]) as gsrc,
         ):
-            errors = relative_errors(
-                gsrc, g_layout, "gguf", imatrix=imatrix, progress=progress
-            )
+            errors = relative_errors(gsrc, g_layout, "gguf", imatrix=imatrix, **how)
     else:
         with open_source(source, download=True, revision=revision) as src:
-            errors = relative_errors(src, layout, fmt, progress=progress)
+            errors = relative_errors(src, layout, fmt, **how)
     seconds = time.perf_counter() - started
-    store_entry("error", k, {"errors": errors, "seconds": seconds})
-    return errors, seconds, False
+    doc = {"errors": errors, "seconds": seconds, "intervals": intervals}
+    store_entry("error", k, doc)
+    return errors, seconds, False, intervals
+
+
+def sampling_record(sample: Sampling, intervals: dict[str, dict]) -> dict:
+    """What a plan records of a sampled error criterion: the rule, the rows read of
+    every tensor, and per tensor the widest relative half width of a type's 95%
+    interval."""
+    rows = sum(v["rows"] for v in intervals.values())
+    total = sum(v["of"] for v in intervals.values())
+    return {
+        **dataclasses.asdict(sample),
+        "rows_read": rows,
+        "rows_total": total,
+        "tensors": {
+            n: {
+                "rows": v["rows"],
+                "of": v["of"],
+                "widest_relative_halfwidth": _finite(
+                    max(v["relative_halfwidth"].values(), default=0.0)
+                ),
+            }
+            for n, v in intervals.items()
+        },
+    }
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no Infinity
 
 
 @contextlib.contextmanager

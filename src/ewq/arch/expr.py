@@ -31,6 +31,8 @@ _CMP = {
     ast.NotEq: operator.ne,
     ast.Is: operator.is_,
     ast.IsNot: operator.is_not,
+    ast.In: lambda a, b: a in b,  # a layer in a config's list (mlp_only_layers)
+    ast.NotIn: lambda a, b: a not in b,
 }
 
 
@@ -94,6 +96,8 @@ def _eval(node: ast.expr, names: Mapping[str, Any], text: str) -> Any:
                 return False
             left = right
         return True
+    if isinstance(node, ast.List | ast.Tuple):
+        return [_eval(e, names, text) for e in node.elts]
     if isinstance(node, ast.IfExp):
         branch = node.body if _eval(node.test, names, text) else node.orelse
         return _eval(branch, names, text)

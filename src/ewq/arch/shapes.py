@@ -87,14 +87,19 @@ def analytic_families() -> list[str]:
     return sorted(_tables())
 
 
+def _plain(v: Any) -> bool:
+    """A value an expression may read: a scalar, or a list of scalars (a config's
+    list of layer numbers, such as Qwen2-MoE's mlp_only_layers)."""
+    if isinstance(v, list):
+        return all(isinstance(x, int | float | str | bool) for x in v)
+    return not isinstance(v, dict)
+
+
 def _names(config: Mapping[str, Any], table: ShapeTable) -> dict[str, Any]:
-    names = {k: v for k, v in config.items() if not isinstance(v, dict | list)}
+    names = {k: v for k, v in config.items() if _plain(v)}
     text_config = config.get("text_config")  # multimodal wrappers (Gemma-3, Llava)
     if isinstance(text_config, dict):
-        names = {
-            **names,
-            **{k: v for k, v in text_config.items() if not isinstance(v, dict | list)},
-        }
+        names = {**names, **{k: v for k, v in text_config.items() if _plain(v)}}
     for key, expr in table.defaults.items():
         if names.get(key) is None:
             names[key] = evaluate(expr, names)

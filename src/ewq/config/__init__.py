@@ -190,6 +190,18 @@ class PlanConfig(AnalysisConfig):
     select_candidates: int = Field(
         12, ge=1, description="At most this many plans measured by --select."
     )
+    sample: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="The error criterion reads this share of each tensor's rows (at "
+        "least 64, chosen at random, seeded), doubling them while a type's 95% "
+        "interval is wider than 5% of its estimate; the plan records the rows and "
+        "intervals. Default: every row.",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="Threads for the error criterion (default: all cores)."
+    )
     bpw: float | None = Field(
         None,
         gt=0,

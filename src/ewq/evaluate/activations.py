@@ -102,6 +102,7 @@ class _Collector:
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, np.ndarray] = {}
         self.error: str | None = None
+        self.interrupted = False
         self.mul_mat = self.mul_mat_id = -1
         for op in range(128):
             name = lib.ggml_op_name(op)
@@ -118,6 +119,12 @@ class _Collector:
     def __call__(self, ptr, ask: bool, user) -> bool:
         try:
             return self._call(ptr, ask)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM (ewq.cli raises it) arrives in this callback while
+            # llama.cpp computes: ctypes would print and drop it, and the pass would
+            # go on; remembered, it stops the graph and is raised after the decode
+            self.interrupted = True
+            return False
         except Exception as exc:  # noqa: BLE001 - never raise into C
             self.error = f"{type(exc).__name__}: {exc}"
             return False
@@ -305,7 +312,11 @@ def _collect(
     started = time.perf_counter()
     try:
         for k, seq in enumerate(seqs):
-            _decode(lc, lctx, batch, seq)
+            try:
+                _decode(lc, lctx, batch, seq)
+            finally:
+                if collector.interrupted:
+                    raise KeyboardInterrupt
             if collector.error:
                 raise EwqError(f"collecting activations failed: {collector.error}")
             if progress is not None:

@@ -25,6 +25,7 @@ __all__ = [
     "requires_imatrix",
     "roundtrip",
     "row_bytes",
+    "tensor_rows",
     "tensor_values",
 ]
 
@@ -59,6 +60,28 @@ def tensor_values(info) -> np.ndarray:
         return values.reshape(rows, info.shape[-1])
     qtype = gguf.GGMLQuantizationType[info.dtype]
     return dequantize(raw, int(qtype), info.num_elements).reshape(rows, info.shape[-1])
+
+
+def tensor_rows(info, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted indices) of a GGUF tensor as float32, decoded by ggml:
+    only their bytes are read (a row of a block-quantized tensor is whole blocks)."""
+    import gguf
+
+    cols = info.shape[-1]
+    total = info.num_elements // cols
+    width = info.nbytes // total
+    mm = np.memmap(
+        info.file, dtype=np.uint8, mode="r", offset=info.offset, shape=(total, width)
+    )
+    raw = np.ascontiguousarray(mm[np.asarray(rows)])
+    del mm
+    floats = {"F32": "<f4", "F16": "<f2"}
+    if info.dtype in floats:
+        return (
+            raw.view(np.dtype(floats[info.dtype])).astype(np.float32).reshape(-1, cols)
+        )
+    qtype = gguf.GGMLQuantizationType[info.dtype]
+    return dequantize(raw.reshape(-1), int(qtype), len(rows) * cols).reshape(-1, cols)
 
 
 def _to_float(qtype: int):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import gguf
 import numpy as np
 
 from ewq.arch import ModelLayout
@@ -31,6 +32,7 @@ from ewq.imatrix import Imatrix
 from ewq.quant import ggml
 from ewq.sensitivity import tensor_candidates
 from ewq.sensitivity.probe import expert_weights
+from ewq.sensitivity.sampling import Sampling, sampled
 from ewq.sources.base import TensorSource
 
 __all__ = ["relative_errors"]
@@ -61,13 +63,7 @@ def _sse_gguf(
 
 
 def _sse_hf(values: np.ndarray, bits: int, weights: np.ndarray) -> float:
-    cols = values.shape[1]
-    group = hf_group_size(cols) or cols
-    g = values.reshape(values.shape[0], cols // group, group).astype(np.float64)
-    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
-    scale = np.abs(g).max(axis=2, keepdims=True) / ((qmax - qmin) / 2)
-    scale[scale == 0] = 1.0
-    d = (np.clip(np.round(g / scale), qmin, qmax) * scale - g).reshape(values.shape)
+    d = _hf_roundtrip(values, bits) - values.astype(np.float64)
     return float(np.einsum("ij,ij,j->", d, d, weights))
 
 
@@ -83,9 +79,14 @@ def relative_errors(
     imatrix: Imatrix | None = None,
     threads: int = 2,
     progress: Callable[[int, int, str], None] | None = None,
+    sample: Sampling | None = None,
+    intervals: dict[str, dict] | None = None,
 ) -> dict[str, dict[str, float]]:
     """E per tensor (by name) and type, for every tensor the format can write in more
-    than one way (its own type: 0, not listed)."""
+    than one way (its own type: 0, not listed). With ``sample``, each E is estimated
+    from a random sample of the tensor's rows (ewq.sensitivity.sampling), and
+    ``intervals`` (if given) receives, per tensor, the rows read and each type's
+    relative half width of its 95% interval."""
     cands = tensor_candidates(fmt, layout, imatrix)
     total = sum(info.nbytes for info, _, _ in cands.values()) or 1
     done = 0
@@ -93,6 +94,22 @@ def relative_errors(
     weights_of = imatrix.weights() if imatrix is not None else {}
     for name, (info, _key, encs) in cands.items():
         done += info.nbytes
+        if sample is not None:
+            found = _sampled(
+                src, info, encs, fmt, weights_of.get(name), threads, sample
+            )
+            if intervals is not None:
+                first = next(iter(found.values()), None)
+                intervals[name] = {
+                    "rows": first.rows if first else 0,
+                    "of": first.total if first else 0,
+                    "relative_halfwidth": {t: e.relative for t, e in found.items()},
+                }
+            if any(e.value > 0 for e in found.values()):
+                out[name] = {t: e.value for t, e in found.items()}
+            if progress is not None:
+                progress(done, total, name)
+            continue
         if fmt == "gguf":
             values = ggml.tensor_values(info)
         else:
@@ -119,3 +136,59 @@ def relative_errors(
         if progress is not None:
             progress(done, total, name)
     return out
+
+
+def _sampled(src, info, encs, fmt, w_all, threads, spec: Sampling):
+    """Per type, the sampled estimate of the tensor's E (rows of stacked experts
+    are weighed by their expert's importance)."""
+    cols = info.shape[-1]
+    total = info.num_elements // cols
+    matrices = info.shape[0] if len(info.shape) == 3 else 1
+    per = total // matrices
+
+    def measure(rows: np.ndarray):
+        values = _rows(src, info, rows, fmt)
+        errs = {e.type: np.zeros(len(rows)) for e in encs[1:]}
+        energy = np.zeros(len(rows))
+        experts = rows // per
+        for m in np.unique(experts):
+            at = np.flatnonzero(experts == m)
+            part = values[at]
+            w = expert_weights(w_all, int(m), cols)
+            weights = w.astype(np.float64) if w is not None else np.ones(cols)
+            p64 = part.astype(np.float64)
+            energy[at] = np.einsum("ij,ij,j->i", p64, p64, weights)
+            for e in encs[1:]:
+                if fmt == "gguf":
+                    qtype = int(gguf.GGMLQuantizationType[e.type])
+                    back = ggml.roundtrip(part, qtype, threads=threads, imatrix=w)
+                else:
+                    back = _hf_roundtrip(part, _bits_of(e))
+                d = (back - part).astype(np.float64)
+                errs[e.type][at] = np.einsum("ij,ij,j->i", d, d, weights)
+        return errs, energy
+
+    return sampled(info.name, total, measure, spec)
+
+
+def _rows(src, info, rows: np.ndarray, fmt: str) -> np.ndarray:
+    """The float32 values of sorted rows ``rows`` of a tensor, reading only them."""
+    if fmt == "gguf":
+        return ggml.tensor_rows(info, rows)
+    cols = info.shape[-1]
+    out = np.empty((len(rows), cols), dtype=np.float32)
+    for k, r in enumerate(rows):
+        out[k] = src.read_range(info, int(r) * cols, (int(r) + 1) * cols)
+    return out
+
+
+def _hf_roundtrip(values: np.ndarray, bits: int) -> np.ndarray:
+    """Round to nearest with symmetric max-abs scales per group (compressed-tensors'
+    ``calculate_qparams``), and back, in float64."""
+    cols = values.shape[1]
+    group = hf_group_size(cols) or cols
+    g = values.reshape(values.shape[0], cols // group, group).astype(np.float64)
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    scale = np.abs(g).max(axis=2, keepdims=True) / ((qmax - qmin) / 2)
+    scale[scale == 0] = 1.0
+    return (np.clip(np.round(g / scale), qmin, qmax) * scale).reshape(values.shape)
