@@ -271,3 +271,31 @@ def test_compare_against_a_preset(monkeypatch, capsys, tmp_path):
     assert all(r["bytes"] <= preset["bytes"] for r in plans)
     assert (out / "size_vs_kl.png").stat().st_size > 0
     assert "Head to head" in (out / "README.md").read_text()
+
+
+def test_head_to_head_compares_ewq_within_the_smaller_preset():
+    """llama.cpp's IQ4_XS with an importance matrix can be smaller than without
+    (its fallback types change): ewq's plan at the smaller budget is the one
+    compared, never a mean of both; presets of equal bytes share ewq's plans."""
+    from ewq.compare import _shared
+    from ewq.reports.compare import head_to_head
+
+    def row(size_of, plan, kl, budget=None):
+        r = {"size_of": size_of, "plan": plan, "bytes": budget or 100, "kl_mean": kl}
+        return r | ({"budget": budget} if budget else {})
+
+    rows = [
+        row("IQ4_XS", "llama.cpp IQ4_XS", 0.2),
+        row("IQ4_XS", "llama.cpp IQ4_XS + imatrix", 0.1),
+        row("IQ4_XS", "ewq kl", 0.01, budget=900),
+        row("IQ4_XS", "ewq kl", 0.03, budget=890),
+        row("Q3_K_S", "llama.cpp Q3_K_S", 0.4),
+        row("Q2_K", "llama.cpp Q2_K", 0.4),
+    ]
+    mine = [row("Q3_K_S", "ewq kl", 0.02, budget=860)]
+    rows += mine + _shared(mine, ["Q3_K_S", "Q3_K_S", "Q2_K", "Q2_K"])
+    h = {r["size_of"]: r for r in head_to_head({"rows": rows})}
+    assert h["IQ4_XS"]["ewq_kl"] == 0.03
+    assert h["IQ4_XS"]["kl_ratio"] == pytest.approx(0.3)
+    assert h["Q2_K"]["ewq_kl"] == 0.02 and h["Q3_K_S"]["ewq_kl"] == 0.02
+    assert len([r for r in rows if r["plan"] == "ewq kl"]) == 4

@@ -297,6 +297,7 @@ def _plans(
     ladder = _ladder_plans(analysis, budgets)
     for budget, names in sorted(budgets.items(), reverse=True):
         size_of = names[0]
+        first = len(rows)
         for name, s in sens.items():
             uses = im if name == "ewq kl" else None
             machines = [Machine("m", budget)]
@@ -307,7 +308,9 @@ def _plans(
             else:
                 r = api.fit_tensors("gguf", layout, s, uses, None, machines, None, None)
             if not r.fits:
-                rows.append({"size_of": size_of, "plan": name, "bytes": None})
+                rows.append(
+                    {"size_of": size_of, "plan": name, "bytes": None, "budget": budget}
+                )
                 continue
             types = {n: str(o.precision) for n, o in r.tensors.items()}
             changed = {n: t for n, t in types.items() if t != _own(layout, n)}
@@ -316,6 +319,7 @@ def _plans(
                 {
                     "size_of": size_of,
                     "plan": name,
+                    "budget": budget,
                     "bytes": r.total_bytes,
                     "types": _counts(types),
                     "predicted_kl": predicted,
@@ -337,12 +341,21 @@ def _plans(
                 {
                     "size_of": size_of,
                     "plan": "paper ladder (entropy)",
+                    "budget": budget,
                     "bytes": lad[0],
                     "types": _counts(lad[1]),
                     **m,
                 }
             )
+        rows += _shared(rows[first:], names)
     return rows
+
+
+def _shared(planned: list[dict], names: list[str]) -> list[dict]:
+    """Presets of the same bytes (SmolLM2's Q2_K falls back to Q3_K_S's types)
+    share the plans made at that budget: each gets them under its own name."""
+    others = [n for n in dict.fromkeys(names) if n != names[0]]
+    return [{**r, "size_of": n} for n in others for r in planned]
 
 
 def _own(layout, name: str) -> str:

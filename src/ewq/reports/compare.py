@@ -27,11 +27,19 @@ def _curve(name: str) -> str:
 
 
 def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per preset size: each plan's mean KL (random: the mean of its seeds)."""
+    """Per preset size: each plan's mean KL (random: the mean of its seeds). Where
+    llama.cpp's preset with and without the importance matrix differ in size, ewq
+    planned at both; its plan at the smaller budget is the one compared."""
     out = []
     by: dict[str, dict[str, list[float]]] = {}
+    smallest: dict[str, int] = {}
     for r in result["rows"]:
-        if r.get("bytes") is None:
+        if r.get("budget") is not None:
+            smallest[r["size_of"]] = min(
+                r["budget"], smallest.get(r["size_of"], r["budget"])
+            )
+    for r in result["rows"]:
+        if r.get("bytes") is None or r.get("budget", 0) > smallest.get(r["size_of"], 0):
             continue
         by.setdefault(r["size_of"], {}).setdefault(_curve(r["plan"]), []).append(
             r["kl_mean"]

@@ -52,7 +52,9 @@ def plan_json(planned: PlanResult, ewq_version: str) -> dict[str, Any]:
         "allocator": planned.allocator,
         "mode": r.mode,
         # every option as resolved: what `ewq quantize` and a re-run read back
-        "config": planned.config.model_dump(mode="json"),
+        # (threads change the speed, not the plan: left out, so plans made with
+        # different thread counts are the same file)
+        "config": planned.config.model_dump(mode="json", exclude={"threads"}),
     }
     if a is not None:
         doc |= {
