@@ -1,8 +1,9 @@
 """Speed and memory of the data-free error criterion, every row against sampled rows,
 with a plain read of the same files as the floor, in one run.
 
-Synthetic bf16 Llama models (width 2048, safetensors, as the analysis benchmark
-writes them) of 2 and 8 blocks; each measurement in its own process from an empty
+Synthetic Llama models (width 2048, as the analysis benchmark writes them) of 2 and
+8 blocks: bf16 safetensors (``--format hf``), or the same shapes as a GGUF that
+llama.cpp's own quantizer made Q4_K_M from F16 (``--format gguf``); each measurement in its own process from an empty
 ewq cache (peak RSS from VmHWM), page cache warm. Printed per mode: seconds, the
 marginal throughput between the two sizes (parameters the 8-block model adds /
 seconds it adds: the embedding and fixed costs cancel), its ratio to plain reading,
@@ -39,7 +40,10 @@ def child(mode: str, source: str, fmt: str, fraction: float) -> None:
         import stream_sharded
 
         stream_sharded.LAYERS = int(os.environ["BENCH_LAYERS"])
-        print(json.dumps({"total": write_model(Path(source))}))
+        if fmt == "gguf":
+            print(json.dumps({"total": write_q4_k_m(Path(source))}))
+        else:
+            print(json.dumps({"total": write_model(Path(source))}))
         return
     if mode == "read":
         from ewq.sources import open_source
@@ -60,7 +64,7 @@ def child(mode: str, source: str, fmt: str, fraction: float) -> None:
 
         sample = Sampling(fraction=fraction) if mode == "sampled" else None
         s = api.sensitivity(source, "error", fmt=fmt, sample=sample)
-        out["params"] = api.inspect(source).layout.num_parameters
+        out["params"] = sum(b.num_parameters for b in api.inspect(source).layout.blocks)
         rec = s.details.get("sampling")
         if rec:
             out["rows"] = rec["rows_read"] / max(1, rec["rows_total"])
@@ -73,6 +77,54 @@ def child(mode: str, source: str, fmt: str, fraction: float) -> None:
     out["seconds"] = time.perf_counter() - start
     out["peak_rss"] = peak_rss()
     print(json.dumps(out))
+
+
+def write_q4_k_m(path: Path) -> int:
+    """stream_sharded's Llama shapes as an F16 GGUF (random weights, llama.cpp's
+    names), then llama.cpp's Q4_K_M of it at ``path``; returns its bytes."""
+    import gguf
+    import numpy as np
+    import stream_sharded as s
+
+    from ewq.quant.gguf import quantize_preset
+
+    rng = np.random.default_rng(0)
+    f16 = path.with_suffix(".f16.gguf")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(f16, "llama")
+    w.add_block_count(s.LAYERS)
+    w.add_context_length(2048)
+    w.add_embedding_length(s.HIDDEN)
+    w.add_feed_forward_length(s.INTER)
+    w.add_head_count(16)
+    w.add_head_count_kv(16)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+    def mat(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+    w.add_tensor("token_embd.weight", mat(s.VOCAB, s.HIDDEN))
+    for b in range(s.LAYERS):
+        p = f"blk.{b}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(s.HIDDEN, np.float32))
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(p + n + ".weight", mat(s.HIDDEN, s.HIDDEN))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(s.HIDDEN, np.float32))
+        w.add_tensor(p + "ffn_gate.weight", mat(s.INTER, s.HIDDEN))
+        w.add_tensor(p + "ffn_up.weight", mat(s.INTER, s.HIDDEN))
+        w.add_tensor(p + "ffn_down.weight", mat(s.HIDDEN, s.INTER))
+    w.add_tensor("output_norm.weight", np.ones(s.HIDDEN, np.float32))
+    w.add_tensor("output.weight", mat(s.VOCAB, s.HIDDEN))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    try:
+        quantize_preset(f16, "Q4_K_M", path)
+    finally:
+        f16.unlink(missing_ok=True)
+    return path.stat().st_size
 
 
 def measure(mode: str, source: str, fmt: str, fraction: float, env=None) -> dict:
@@ -105,8 +157,15 @@ def main() -> None:
     try:
         for layers in (2, 8):
             folder = root / f"llama-{layers}"
+            if args.format == "gguf":
+                folder = root / f"llama-{layers}.gguf"
             measure("write", str(folder), args.format, 0, {"BENCH_LAYERS": str(layers)})
-            warm(folder)
+            if folder.is_dir():
+                warm(folder)
+            else:
+                with open(folder, "rb") as fh:
+                    while fh.read(1 << 24):
+                        pass
             runs[layers] = {
                 m: measure(m, str(folder), args.format, args.fraction)
                 for m in ("read", "sampled", "full")

@@ -10,6 +10,11 @@ criterion is therefore measured again, never read back stale.
 Hashing a model's files reads them once; the digest is remembered per file
 (resolved path, size, modification time and inode) in ``files/``, so a later key
 costs a ``stat``, and a copy of the same model elsewhere finds the same entries.
+A file in huggingface_hub's cache needs no hashing: an LFS blob is stored under
+its content's SHA-256 (``blobs/<sha256>``, the hub's ETag for LFS files). A pass
+that reads a sample of a file (``content=False``) must not read all of it to name
+it: its key names the file by identity (path, size, modification time, inode),
+which a rewrite of the file changes.
 
 The folder is ``$EWQ_CACHE`` or ``$XDG_CACHE_HOME/ewq`` (``~/.cache/ewq``). An entry
 that cannot be read is computed again, never trusted; a read-only folder only costs
@@ -33,6 +38,7 @@ __all__ = [
     "cache_dir",
     "code_digest",
     "file_digest",
+    "file_identity",
     "key",
     "load_entry",
     "runtime_id",
@@ -49,11 +55,40 @@ def cache_dir() -> Path:
     return Path(base) / "ewq"
 
 
+def _hub_blob(p: Path) -> str | None:
+    """The SHA-256 a huggingface_hub cache blob is named by, else None."""
+    name = p.name
+    if p.parent.name == "blobs" and len(name) == 64:
+        try:
+            int(name, 16)
+        except ValueError:
+            return None
+        return name.lower()
+    return None
+
+
+def _identity(p: Path) -> str:
+    st = p.stat()
+    return f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+
+
+def file_identity(path: str | os.PathLike[str]) -> str:
+    """A name for a file that costs a ``stat``: a hub blob's SHA-256, else
+    ``stat:`` and a hash of (path, size, mtime, inode)."""
+    p = Path(path).resolve()
+    blob = _hub_blob(p)
+    if blob is not None:
+        return blob
+    return "stat:" + hashlib.sha256(_identity(p).encode()).hexdigest()
+
+
 def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's content, remembered by (path, size, mtime, inode)."""
     p = Path(path).resolve()
-    st = p.stat()
-    ident = f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+    blob = _hub_blob(p)
+    if blob is not None:
+        return blob
+    ident = _identity(p)
     memo = cache_dir() / "files" / (hashlib.sha256(ident.encode()).hexdigest()[:32])
     try:
         found = memo.read_text(encoding="ascii").strip()
@@ -104,9 +139,15 @@ def runtime_id() -> str:
     return h.hexdigest()
 
 
-def key(doc: Mapping[str, Any], files: Iterable[str | os.PathLike[str]] = ()) -> str:
-    """The cache key of ``doc`` (JSON-able) plus the content of ``files``."""
-    full = {**doc, "files": sorted(file_digest(f) for f in files)}
+def key(
+    doc: Mapping[str, Any],
+    files: Iterable[str | os.PathLike[str]] = (),
+    content: bool = True,
+) -> str:
+    """The cache key of ``doc`` (JSON-able) plus the content of ``files`` (with
+    ``content=False``: their :func:`file_identity`, for passes that read a sample)."""
+    name = file_digest if content else file_identity
+    full = {**doc, "files": sorted(name(f) for f in files)}
     return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:32]
 
 

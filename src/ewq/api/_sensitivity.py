@@ -201,7 +201,7 @@ def _damage(doc) -> dict[str, dict[str, float]]:
     }
 
 
-def _key(index: ModelIndex, kind: str, params: dict) -> str:
+def _key(index: ModelIndex, kind: str, params: dict, content: bool = True) -> str:
     spec = criterion_spec(kind) if kind in ("error", "kl") else None
     code = code_digest(
         *(spec.code if spec else ("ewq.evaluate.activations", "ewq.imatrix"))
@@ -209,6 +209,7 @@ def _key(index: ModelIndex, kind: str, params: dict) -> str:
     return key(
         {"kind": kind, "params": params, "code": code, "runtime": runtime_id()},
         [] if index.metadata_only else index.files,
+        content,
     )
 
 
@@ -224,7 +225,8 @@ def _errors(
         "imatrix": imatrix.digest() if imatrix else None,
         "sample": dataclasses.asdict(sample) if sample is not None else None,
     }
-    k = _key(index, "error", params)
+    # a sampled pass names the files without reading them all (see ewq.cache)
+    k = _key(index, "error", params, content=sample is None)
     doc = load_entry("error", k)
     if doc is not None:
         try:
