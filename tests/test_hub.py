@@ -221,7 +221,15 @@ def gguf_repos(tmp_path_factory):
     (multi / "README.md").write_text("two quantizations\n")
     split = split_gguf(default_model_path(), root / "split", 100)
     shutil.copy(single / "SmolLM2-135M-Q4_1.gguf", root / "plain.gguf")
-    return {"gguf/single": single, "gguf/multi": multi, "gguf/split": split.parent}
+    wide = root / "wide"  # rows of 1.5 KB: sampled rows are far apart
+    wide.mkdir()
+    f16_gguf(wide / "wide-F16.gguf", n_blocks=1, hidden=768)
+    return {
+        "gguf/single": single,
+        "gguf/multi": multi,
+        "gguf/split": split.parent,
+        "gguf/wide": wide,
+    }
 
 
 @pytest.fixture
@@ -347,3 +355,45 @@ def test_a_server_that_ignores_ranges_still_gives_the_right_header(ghub):
             assert rows(remote.index) == rows(here.index)
     finally:
         ghub.ranges = True
+
+
+@pytest.mark.parametrize("repo", ["gguf/single", "gguf/split", "gguf/wide"])
+def test_a_sampled_error_pass_over_a_hub_gguf_fetches_only_its_rows(
+    ghub, gguf_repos, repo
+):
+    """ewq plan --sample over a hub GGUF: the same estimates (same seed, same rows)
+    as over the local file, from range requests the server counts: the headers and
+    the sampled rows; where rows are wide enough to lie apart (1.5 KB; SmolLM2's
+    are 360 bytes, 11% of them sampled: their gaps are fetched too), a small part
+    of the file. A second pass fetches no row (only the header the index reads)."""
+    from ewq import api
+    from ewq.sensitivity.sampling import Sampling
+
+    local = next(gguf_repos[repo].glob("*.gguf")) if repo == "gguf/wide" else "default"
+    sample = Sampling(fraction=0.01)
+    here = api.sensitivity(str(local), "error", sample=sample)
+    remote = api.sensitivity(repo, "error", sample=sample)
+    assert remote.damage == here.damage
+    served = sum(ghub.sent.values())
+    with open_source(str(local)) as src:
+        size = src.index.nbytes
+    print(f"{repo}: served {served / 1e6:.2f} MB of {size / 1e6:.2f} MB")
+    # the wide file: 9% of its rows, its header read twice (1 MiB each: the
+    # index, then the mirror) and short gaps fetched with their rows
+    assert served < (0.4 if repo == "gguf/wide" else 1.0) * size
+    ghub.sent.clear()
+    again = api.sensitivity(repo, "error", sample=sample)
+    assert again.details["cached"] and sum(ghub.sent.values()) <= 4 * 2**20
+
+
+def test_a_sampled_error_pass_over_hub_safetensors_matches_the_local_one(
+    hub, small_llama
+):
+    from ewq import api
+    from ewq.sensitivity.sampling import Sampling
+
+    sample = Sampling(fraction=0.01)
+    here = api.sensitivity(str(small_llama), "error", sample=sample)
+    remote = api.sensitivity("tiny/llama", "error", sample=sample)
+    assert remote.damage == here.damage
+    assert sum(hub.sent.values()) < weight_bytes(small_llama)

@@ -14,7 +14,8 @@ A file in huggingface_hub's cache needs no hashing: an LFS blob is stored under
 its content's SHA-256 (``blobs/<sha256>``, the hub's ETag for LFS files). A pass
 that reads a sample of a file (``content=False``) must not read all of it to name
 it: its key names the file by identity (path, size, modification time, inode),
-which a rewrite of the file changes.
+which a rewrite of the file changes; a hub file mirrored by range requests
+(ewq.sources.ranged) by its repository, commit and name, which pin its content.
 
 The folder is ``$EWQ_CACHE`` or ``$XDG_CACHE_HOME/ewq`` (``~/.cache/ewq``). An entry
 that cannot be read is computed again, never trusted; a read-only folder only costs
@@ -79,6 +80,9 @@ def file_identity(path: str | os.PathLike[str]) -> str:
     blob = _hub_blob(p)
     if blob is not None:
         return blob
+    mirrors = (cache_dir() / "hub-ranges").resolve()
+    if p.is_relative_to(mirrors):  # ewq.sources.ranged: owner/name/commit/file
+        return "hub:" + p.relative_to(mirrors).as_posix()
     return "stat:" + hashlib.sha256(_identity(p).encode()).hexdigest()
 
 

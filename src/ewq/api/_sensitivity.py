@@ -56,7 +56,10 @@ def sensitivity(
     from it unless ``imatrix`` is given.
     """
     spec = criterion_spec(criterion)
-    with open_source(source, download=spec.reads_weights, revision=revision) as src:
+    # a sampled error pass over a hub model reads only the rows it samples
+    ranged = criterion == "error" and sample is not None
+    download = spec.reads_weights and not ranged
+    with open_source(source, download=download, revision=revision) as src:
         index = src.index
         layout = resolve(index)
         fmt = fmt or ("gguf" if index.format == "gguf" else "hf")
@@ -225,38 +228,61 @@ def _errors(
         "imatrix": imatrix.digest() if imatrix else None,
         "sample": dataclasses.asdict(sample) if sample is not None else None,
     }
-    # a sampled pass names the files without reading them all (see ewq.cache)
-    k = _key(index, "error", params, content=sample is None)
-    doc = load_entry("error", k)
-    if doc is not None:
-        try:
-            errors, seconds = _damage(doc["errors"]), float(doc["seconds"])
-            return errors, seconds, True, dict(doc.get("intervals") or {})
-        except (KeyError, TypeError, ValueError):
-            pass
-    import time
+    with _error_source(source, index, layout, fmt, revision) as (src, m_layout):
+        # a sampled pass names the files without reading them all (see ewq.cache)
+        k = _key(src.index, "error", params, content=sample is None)
+        doc = load_entry("error", k)
+        if doc is not None:
+            try:
+                errors, seconds = _damage(doc["errors"]), float(doc["seconds"])
+                return errors, seconds, True, dict(doc.get("intervals") or {})
+            except (KeyError, TypeError, ValueError):
+                pass
+        import time
 
-    started = time.perf_counter()
-    intervals: dict[str, dict] = {}
-    how = {
-        "progress": progress,
-        "sample": sample,
-        "intervals": intervals,
-        "threads": threads or os.cpu_count() or 1,
-    }
+        started = time.perf_counter()
+        intervals: dict[str, dict] = {}
+        how = {
+            "progress": progress,
+            "sample": sample,
+            "intervals": intervals,
+            "threads": threads or os.cpu_count() or 1,
+        }
+        w = imatrix if fmt == "gguf" else None
+        errors = relative_errors(src, m_layout, fmt, imatrix=w, **how)
+        seconds = time.perf_counter() - started
+        fetched = getattr(src, "bytes_fetched", None)
+    doc = {"errors": errors, "seconds": seconds, "intervals": intervals}
+    if fetched is not None:
+        doc["bytes_fetched"] = fetched
+    store_entry("error", k, doc)
+    return errors, seconds, False, intervals
+
+
+@contextlib.contextmanager
+def _error_source(source, index, layout, fmt, revision):
+    """The reader and layout the error criterion measures: a hub model opened by
+    its headers only (a sampled pass) is read through a sparse mirror filled by
+    range requests (ewq.sources.ranged), the rows it samples and nothing else;
+    GGUF output from a Hugging Face checkpoint, through the converted GGUF."""
+    if index.metadata_only and (fmt == "gguf") == (index.format == "gguf"):
+        from ewq.sources.ranged import open_ranged
+
+        with open_ranged(source, revision=revision) as src:
+            yield src, resolve(src.index)
+        return
     if fmt == "gguf":
+        if index.metadata_only:  # the converter needs the whole checkpoint
+            with open_source(source, download=True, revision=revision) as full:
+                index, layout = full.index, resolve(full.index)
         with (
             _as_gguf(source, index, layout) as (g_index, g_layout),
             open_source(g_index.files[0]) as gsrc,
         ):
-            errors = relative_errors(gsrc, g_layout, "gguf", imatrix=imatrix, **how)
-    else:
-        with open_source(source, download=True, revision=revision) as src:
-            errors = relative_errors(src, layout, fmt, **how)
-    seconds = time.perf_counter() - started
-    doc = {"errors": errors, "seconds": seconds, "intervals": intervals}
-    store_entry("error", k, doc)
-    return errors, seconds, False, intervals
+            yield gsrc, g_layout
+        return
+    with open_source(source, download=True, revision=revision) as src:
+        yield src, layout
 
 
 def sampling_record(sample: Sampling, intervals: dict[str, dict]) -> dict:

@@ -173,6 +173,7 @@ def _sampled(src, info, encs, fmt, w_all, threads, spec: Sampling):
 
 def _rows(src, info, rows: np.ndarray, fmt: str) -> np.ndarray:
     """The float32 values of sorted rows ``rows`` of a tensor, reading only them."""
+    src.prefetch(info, rows)
     if fmt == "gguf":
         return ggml.tensor_rows(info, rows)
     cols = info.shape[-1]

@@ -95,6 +95,11 @@ class TensorSource(abc.ABC):
         :meth:`block_type` is not None."""
         raise NotImplementedError
 
+    def prefetch(self, info: TensorInfo, rows: np.ndarray) -> None:
+        """Make rows ``rows`` (sorted) of a tensor readable at once: a remote
+        source fetches them in as few requests as it can; local ones need nothing."""
+        return None
+
     def read_range(
         self, info: TensorInfo, start: int, stop: int, buffer: np.ndarray | None = None
     ) -> np.ndarray:
