@@ -60,7 +60,7 @@ def child(mode: str, source: str, fmt: str, fraction: float) -> None:
                     os.close(fd)
         out["params"] = n
     else:
-        from ewq.sensitivity.sampling import Sampling
+        from ewq.sampling import Sampling
 
         sample = Sampling(fraction=fraction) if mode == "sampled" else None
         s = api.sensitivity(source, "error", fmt=fmt, sample=sample)

@@ -367,7 +367,7 @@ def test_a_sampled_error_pass_over_a_hub_gguf_fetches_only_its_rows(
     are 360 bytes, 11% of them sampled: their gaps are fetched too), a small part
     of the file. A second pass fetches no row (only the header the index reads)."""
     from ewq import api
-    from ewq.sensitivity.sampling import Sampling
+    from ewq.sampling import Sampling
 
     local = next(gguf_repos[repo].glob("*.gguf")) if repo == "gguf/wide" else "default"
     sample = Sampling(fraction=0.01)
@@ -390,10 +390,30 @@ def test_a_sampled_error_pass_over_hub_safetensors_matches_the_local_one(
     hub, small_llama
 ):
     from ewq import api
-    from ewq.sensitivity.sampling import Sampling
+    from ewq.sampling import Sampling
 
     sample = Sampling(fraction=0.01)
     here = api.sensitivity(str(small_llama), "error", sample=sample)
     remote = api.sensitivity("tiny/llama", "error", sample=sample)
     assert remote.damage == here.damage
     assert sum(hub.sent.values()) < weight_bytes(small_llama)
+
+
+def test_a_sampled_plan_of_a_hub_gguf_downloads_a_part(ghub, gguf_repos, monkeypatch):
+    """`ewq plan ORG/NAME --memory M --sample F`: the entropy analysis and the error
+    criterion both read through the range mirror; the server serves less than the
+    file, and the plan fits."""
+    from ewq import api
+    from ewq.planning import Machine
+
+    size = next(gguf_repos["gguf/wide"].glob("*.gguf")).stat().st_size
+
+    def refuse(*a, **k):
+        raise AssertionError("the plan downloaded the model")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", refuse)
+    p = api.plan("gguf/wide", [Machine("m", int(size * 0.5))], context=0, sample=0.05)
+    assert p.result.fits
+    served = sum(ghub.sent.values())
+    print(f"served {served / 1e6:.2f} MB of {size / 1e6:.2f} MB")
+    assert served < 0.6 * size

@@ -1,4 +1,4 @@
-"""Row-sampled error estimates (ewq.sensitivity.sampling): the interval means what
+"""Row-sampled error estimates (ewq.sampling): the interval means what
 it says, a full sample is exact, and on a real quantizer the estimate agrees with
 the full measurement within its interval."""
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ewq.sensitivity.sampling import Sampling, estimate, row_order, sampled
+from ewq.sampling import Sampling, estimate, row_order, sampled
 
 
 def test_the_95_percent_interval_covers_the_ratio_about_95_percent_of_the_time():

@@ -66,3 +66,62 @@ def test_sample_profile_reads_a_share_and_is_deterministic(tmp_path):
         assert (x.entropy is None) == (y.entropy is None)
         if x.entropy is not None:
             assert x.entropy == pytest.approx(y.entropy, abs=1e-9)
+
+
+def test_a_whole_sample_is_the_analysis():
+    """--sample 1 reads every unit: the same entropies (to rounding) and the same
+    decision as the exact analysis, nothing undecided."""
+    from ewq import api
+
+    full = api.analyze("default")
+    whole = api.analyze("default", sample=1.0)
+    assert whole.sampling["bytes_read"] == whole.sampling["bytes_total"]
+    assert whole.sampling["undecided"] == [] and whole.sampling["open_pairs"] == []
+    for a, b in zip(full.profile.transformer, whole.profile.transformer, strict=True):
+        assert b.entropy == pytest.approx(a.entropy, rel=1e-9)
+    assert whole.decision.precision == full.decision.precision
+
+
+def test_blocks_whose_interval_holds_a_boundary_are_undecided():
+    from ewq.analysis.decision import decide
+    from ewq.analysis.sampled import BlockEstimate, open_pairs, undecided
+    from ewq.config import Variant
+    from ewq.types import BlockKind
+
+    h = {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 4.05}
+    se = {1: 0.0, 2: 0.01, 3: 0.2, 4: 0.01, 5: 0.01}
+    blocks = [
+        BlockEstimate(i, BlockKind.TRANSFORMER, 10, 10, h[i], se[i], 1, 2) for i in h
+    ]
+    d = decide(h, alpha=1.0, variant=Variant.MIXED_4_8)
+    assert d.mean == pytest.approx(2.81)
+    # block 3's interval, 3 +- 2.576 * 0.2, holds the mean; block 1 is exact
+    assert undecided(blocks, d) == (3,)
+    assert open_pairs(blocks, d) == ((4, 5),)
+
+
+def test_analyze_with_a_sample_reports_what_it_read(monkeypatch, capsys, tmp_path):
+    import json
+
+    from test_cli import run
+
+    out = tmp_path / "a.json"
+    code, stdout, err = run(
+        monkeypatch,
+        capsys,
+        "analyze",
+        "default",
+        "--sample",
+        "0.05",
+        "--json",
+        str(out),
+    )
+    assert code == 0, err
+    rec = json.loads(out.read_text())["sampling"]
+    assert 0 < rec["bytes_read"] < rec["bytes_total"]
+    assert rec["halfwidth"] and all(v >= 0 for v in rec["halfwidth"].values())
+    assert "sampled:" in stdout
+    code, _, err = run(
+        monkeypatch, capsys, "analyze", "default", "--sample", "0.05", "--eps", "0.01"
+    )
+    assert code != 0 and "eps 0" in err and "Traceback" not in err

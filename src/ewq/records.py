@@ -38,6 +38,9 @@ class Analysis:
     layout: ModelLayout
     profile: EntropyProfile
     decision: Decision
+    # with --sample: fraction, seed, bytes read of total, per block the interval,
+    # the blocks left undecided and the pairs left unordered
+    sampling: dict | None = None
 
 
 @dataclass(frozen=True)

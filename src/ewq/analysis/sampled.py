@@ -20,8 +20,16 @@ Units: ``b`` consecutive rows, b = min(unit_bytes / row bytes, R / 256) (at leas
 up to 64 KiB (one HTTP range request through the hub). Rows of quantized GGUF
 tensors hold whole quant blocks; they are dequantized as read.
 
-The sample is deterministic: unit choices come from numpy's generator seeded by
-(seed, CRC-32 of the tensor name, matrix index), independent of read order.
+The sample is deterministic and grows by adding units: each matrix's units come in
+one fixed random order (ewq.sampling.row_order, the engine the sampled error
+criterion uses, seeded by the seed and the tensor's name and matrix index), and a
+sample of k units is the first k of that order.
+
+The EWQ decision from estimates (:func:`sampled_decision`): a block whose interval
+holds a decision boundary (the threshold T or the mean) cannot be decided by its
+sample; its matrices are sampled again at four times the share, up to every unit,
+and the blocks still undecided are reported, with the pairs of blocks whose order
+(the quantization priority) the intervals leave open.
 Only the exact entropy (eps = 0) is estimated: eps > 0 needs the full log-sum-exp
 before any element's term.
 """
@@ -29,16 +37,17 @@ before any element's term.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from ewq.analysis.decision import Decision, decide
 from ewq.analysis.scan import counts_as_matrix, default_workers, matrices_of
 from ewq.arch import ModelLayout
 from ewq.errors import FormatError, InvalidParameterError
+from ewq.sampling import row_order
 from ewq.sources import TensorSource
 from ewq.sources.base import check_finite
 from ewq.types import BlockKind, TensorInfo
@@ -47,8 +56,12 @@ __all__ = [
     "Z",
     "BlockEstimate",
     "MatrixEstimate",
+    "SampledDecision",
     "SampledProfile",
+    "open_pairs",
     "sample_profile",
+    "sampled_decision",
+    "undecided",
 ]
 
 Z = 2.576  # half-width of the stated intervals in standard errors (99%, normal)
@@ -146,10 +159,8 @@ def sample_matrix(
     units: ``fraction`` of them, at least ``MIN_UNITS``, all of them when fewer."""
     rows, cols, b, units = _units(info, src.granule(info))
     k = min(units, max(MIN_UNITS, math.ceil(fraction * units)))
-    rng = np.random.default_rng([seed, zlib.crc32(info.name.encode()), matrix])
-    chosen = (
-        np.sort(rng.choice(units, size=k, replace=False)) if k < units else range(units)
-    )
+    order = row_order(f"{info.name}#{matrix}", units, seed)
+    chosen = np.sort(order[:k]) if k < units else range(units)
     base = matrix * rows * cols
     spans = [
         (base + u * b * cols, base + min(rows, (u + 1) * b) * cols) for u in chosen
@@ -244,3 +255,75 @@ def sample_profile(
         sum(b.bytes_read for b in blocks),
         total,
     )
+
+
+def undecided(blocks: Sequence[BlockEstimate], decision: Decision) -> tuple[int, ...]:
+    """Transformer blocks whose interval holds a boundary of the decision (the
+    threshold or the mean): their sample cannot tell which side they are on."""
+    out = []
+    for b in blocks:
+        iv = b.interval
+        if b.kind is not BlockKind.TRANSFORMER or iv is None or b.stderr == 0:
+            continue
+        if any(iv[0] <= x <= iv[1] for x in (decision.threshold, decision.mean)):
+            out.append(b.exec_index)
+    return tuple(out)
+
+
+def open_pairs(
+    blocks: Sequence[BlockEstimate], decision: Decision
+) -> tuple[tuple[int, int], ...]:
+    """Blocks next to each other in the quantization priority whose intervals
+    overlap: the sample cannot order them."""
+    by = {b.exec_index: b for b in blocks}
+    pairs = []
+    for a, b in zip(decision.priority, decision.priority[1:], strict=False):
+        ia, ib = by[a].interval, by[b].interval
+        if ia is not None and ib is not None and ia[1] >= ib[0]:
+            pairs.append((a, b))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class SampledDecision:
+    profile: SampledProfile
+    decision: Decision
+    undecided: tuple[int, ...]  # blocks whose side of a boundary the sample leaves open
+    open_pairs: tuple[tuple[int, int], ...]
+    rounds: int
+
+
+def sampled_decision(
+    src: TensorSource,
+    layout: ModelLayout,
+    *,
+    fraction: float,
+    alpha: float,
+    variant,
+    seed: int = 0,
+    rounds: int = 3,
+    workers: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> SampledDecision:
+    """EWQ's decision from sampled entropies: blocks left undecided are sampled
+    again at 4x their share, ``rounds`` times at most (or until read whole)."""
+    refine: dict[int, float] = {}
+    for done in range(rounds + 1):
+        prof = sample_profile(
+            src,
+            layout,
+            fraction=fraction,
+            seed=seed,
+            workers=workers,
+            progress=progress,
+            refine=refine,
+        )
+        h = {b.exec_index: b.entropy for b in prof.transformer}
+        d = decide(h, alpha=alpha, variant=variant)
+        # one block (or equal ones) has nothing to tell apart: it is at the mean
+        left = undecided(prof.blocks, d) if len(h) > 1 else ()
+        if not left or done == rounds:
+            break
+        for i in left:
+            refine[i] = min(1.0, 4 * max(fraction, refine.get(i, 0.0)))
+    return SampledDecision(prof, d, left, open_pairs(prof.blocks, d), done)

@@ -9,6 +9,7 @@ from ewq.analysis.decision import check_alpha
 from ewq.analysis.profile import check_eps
 from ewq.arch import resolve
 from ewq.config import AnalysisConfig, SourceConfig, configure
+from ewq.errors import InvalidParameterError
 from ewq.fast.features import Features
 from ewq.fast.features import features as _features
 from ewq.records import Analysis, Inspection
@@ -92,9 +93,68 @@ def analyze(
     check_alpha(cfg.alpha)
     check_eps(cfg.eps)
     spec = cfg.spec(source)
+    if cfg.sample is not None:
+        return _sampled(spec, cfg, progress)
     with open_source(spec, download=cfg.download, revision=cfg.revision) as src:
         layout = resolve(src.index)
         prof = profile(src, layout, eps=cfg.eps, workers=cfg.workers, progress=progress)
     entropies = {b.exec_index: b.entropy for b in prof.transformer}
     decision = decide(entropies, alpha=cfg.alpha, variant=cfg.variant)
     return Analysis(src.index, layout, prof, decision)
+
+
+def _sampled(spec, cfg: AnalysisConfig, progress) -> Analysis:
+    """The analysis from a sample of each matrix's rows (ewq.analysis.sampled);
+    a hub id is read by range requests (ewq.sources.ranged), the sample only."""
+    from ewq.analysis.profile import BlockEntropy, EntropyProfile
+    from ewq.analysis.sampled import Z, sampled_decision
+    from ewq.sources.hub import is_hub_id
+
+    if cfg.eps != 0:
+        raise InvalidParameterError(
+            "--sample estimates the exact entropy (eps 0) only: eps > 0 needs every "
+            "element's log-sum-exp first"
+        )
+    remote = is_hub_id(str(spec)) and not Path(str(spec)).expanduser().exists()
+    if remote:
+        from ewq.sources.ranged import open_ranged
+
+        opened = open_ranged(str(spec), revision=cfg.revision)
+    else:
+        opened = open_source(spec, download=cfg.download, revision=cfg.revision)
+    with opened as src:
+        layout = resolve(src.index)
+        sd = sampled_decision(
+            src,
+            layout,
+            fraction=cfg.sample,
+            alpha=cfg.alpha,
+            variant=cfg.variant,
+            workers=cfg.workers,
+            progress=progress,
+        )
+        fetched = getattr(src, "bytes_fetched", None)
+    p = sd.profile
+    prof = EntropyProfile(
+        0.0,
+        tuple(
+            BlockEntropy(
+                b.exec_index, b.kind, b.num_parameters, b.matrix_parameters, b.entropy
+            )
+            for b in p.blocks
+        ),
+        {},
+    )
+    record = {
+        "fraction": p.fraction,
+        "seed": p.seed,
+        "z": Z,
+        "bytes_read": p.bytes_read,
+        "bytes_total": p.bytes_total,
+        "bytes_fetched": fetched,
+        "rounds": sd.rounds,
+        "stderr": {b.exec_index: b.stderr for b in p.blocks if b.entropy is not None},
+        "undecided": list(sd.undecided),
+        "open_pairs": [list(x) for x in sd.open_pairs],
+    }
+    return Analysis(src.index, layout, prof, sd.decision, record)

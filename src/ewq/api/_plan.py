@@ -39,7 +39,7 @@ from ewq.planning import (
 from ewq.planning.placement import Route
 from ewq.planning.runtime import Runtime
 from ewq.records import Analysis, PlanResult
-from ewq.sensitivity.sampling import Sampling
+from ewq.sampling import Sampling
 from ewq.types import ModelIndex, Progress
 
 __all__ = ["fit_tensors", "plan", "resolved"]
@@ -184,6 +184,10 @@ def _decide(cfg: PlanConfig, source, progress):
     levels = MODES[cfg.mode.value]
     if cfg.method is Method.EWQ:
         kept = {k: getattr(cfg, k) for k in AnalysisConfig.model_fields}
+        # a local model's entropies are read whole at the speed of reading it;
+        # sampled ones (slower per byte, and estimates) only spare a hub download
+        if not _remote(source):
+            kept["sample"] = None
         a = analyze(source, AnalysisConfig(**{**kept, "file": None}), progress=progress)
         d = decide(
             {b.exec_index: b.entropy for b in a.profile.transformer},
@@ -332,3 +336,10 @@ def _imatrix(cfg: PlanConfig, source, index, layout, fmt: str, progress):
         revision=cfg.revision,
         progress=progress,
     )
+
+
+def _remote(source) -> bool:
+    from ewq.sources.hub import is_hub_id
+
+    text = str(source)
+    return is_hub_id(text) and not Path(text).expanduser().exists()

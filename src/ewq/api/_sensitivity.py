@@ -16,11 +16,11 @@ from ewq.cache import code_digest, key, load_entry, runtime_id, store_entry
 from ewq.errors import EwqError
 from ewq.imatrix import Imatrix, read_imatrix
 from ewq.records import Analysis
+from ewq.sampling import Sampling
 from ewq.sensitivity import Sensitivity, modelled
 from ewq.sensitivity import criterion as criterion_spec
 from ewq.sensitivity.prior import damage as error_damage
 from ewq.sensitivity.prior import table
-from ewq.sensitivity.sampling import Sampling
 from ewq.sources import open_source
 from ewq.types import ModelIndex, Progress
 
@@ -48,7 +48,7 @@ def sensitivity(
     """Estimated damage per tensor and type by ``criterion`` (ewq.sensitivity).
 
     ``sample``: the error criterion estimates each tensor's error from a random
-    sample of its rows (ewq.sensitivity.sampling), with intervals in its details.
+    sample of its rows (ewq.sampling), with intervals in its details.
 
     error and kl are measured once per model content and setting, then cached (the
     key: ewq.cache). error is weighted by ``imatrix`` when one is given; kl needs

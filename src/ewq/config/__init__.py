@@ -120,6 +120,17 @@ class AnalysisConfig(SourceConfig):
         ge=1,
         description="Threads reading and reducing tensors (default: all cores).",
     )
+    sample: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Read this share of each tensor's rows (seeded, random), with "
+        "stated intervals: the entropy analysis samples every matrix and samples "
+        "again the blocks whose side of a decision boundary it cannot tell; the "
+        "error criterion reads at least 64 rows and doubles them while a type's 95% "
+        "interval is wider than 5%. A hub id is then read by range requests, the "
+        "sampled rows only. Default: every row.",
+    )
 
 
 class PlanConfig(AnalysisConfig):
@@ -189,15 +200,6 @@ class PlanConfig(AnalysisConfig):
     )
     select_candidates: int = Field(
         12, ge=1, description="At most this many plans measured by --select."
-    )
-    sample: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="The error criterion reads this share of each tensor's rows (at "
-        "least 64, chosen at random, seeded), doubling them while a type's 95% "
-        "interval is wider than 5% of its estimate; the plan records the rows and "
-        "intervals. Default: every row.",
     )
     threads: int | None = Field(
         None, ge=1, description="Threads for the error criterion (default: all cores)."

@@ -61,7 +61,38 @@ def analysis_json(analysis: Analysis, ewq_version: str) -> dict[str, Any]:
         ],
         "embedding": _side_block(prof.block(BlockKind.EMBEDDING)),
         "head": _side_block(prof.block(BlockKind.HEAD)),
+    } | ({"sampling": _sampling_json(analysis.sampling)} if analysis.sampling else {})
+
+
+def _sampling_json(rec: dict[str, Any]) -> dict[str, Any]:
+    z = rec["z"]
+    return {
+        **{k: v for k, v in rec.items() if k != "stderr"},
+        "interval": "entropy +- z * stderr (99%)",
+        "stderr": {str(k): v for k, v in rec["stderr"].items()},
+        "halfwidth": {str(k): z * v for k, v in rec["stderr"].items()},
     }
+
+
+def _sampling_caption(rec: dict[str, Any] | None) -> str:
+    if not rec:
+        return ""
+    share = rec["bytes_read"] / max(1, rec["bytes_total"])
+    text = (
+        f"\nsampled: {share:.1%} of the matrices' bytes ({rec['fraction']:g} of rows, "
+        f"seed {rec['seed']}, {rec['rounds']} resampling rounds); "
+    )
+    if rec["undecided"]:
+        text += "undecided by the sample: blocks " + ", ".join(
+            map(str, rec["undecided"])
+        )
+    else:
+        text += "no block's 99% interval holds a boundary"
+    n = len(rec["open_pairs"])
+    return (
+        text + f"; {n} neighbouring pairs in the priority overlap. Intervals hold only "
+        "if the sample met a tensor's outlier rows: an estimate, not the analysis"
+    )
 
 
 def analysis_table(analysis: Analysis) -> Table:
@@ -72,8 +103,9 @@ def analysis_table(analysis: Analysis) -> Table:
         title=f"{analysis.index.source}: EWQ {d.variant.value} mixed, alpha {d.alpha:g}"
         + (f", eps {prof.eps:g}" if prof.eps else ""),
         caption=f"mean {d.mean:.9f}  std {d.std:.3e}  threshold {d.threshold:.9f}  "
-        f"->  {summary}",
+        f"->  {summary}" + _sampling_caption(analysis.sampling),
     )
+    rec = analysis.sampling
     for col in ("exec_index", "kind", "parameters", "entropy", "decision", "priority"):
         table.add_column(
             col, justify="left" if col in ("kind", "decision") else "right"
@@ -81,6 +113,8 @@ def analysis_table(analysis: Analysis) -> Table:
     styles = {Precision.RAW: "", Precision.Q8: "yellow", Precision.Q4: "red"}
     for b in prof.blocks:
         entropy = "-" if b.entropy is None else f"{b.entropy:.9f}"
+        if rec and b.entropy is not None and rec["stderr"].get(b.exec_index):
+            entropy += f" +- {rec['z'] * rec['stderr'][b.exec_index]:.1e}"
         if b.kind is BlockKind.TRANSFORMER:
             p = d.precision[b.exec_index]
             decision, priority, style = (

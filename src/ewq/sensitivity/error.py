@@ -30,9 +30,9 @@ from ewq.arch import ModelLayout
 from ewq.formats import Encoding, hf_group_size
 from ewq.imatrix import Imatrix
 from ewq.quant import ggml
+from ewq.sampling import Sampling, sampled
 from ewq.sensitivity import tensor_candidates
 from ewq.sensitivity.probe import expert_weights
-from ewq.sensitivity.sampling import Sampling, sampled
 from ewq.sources.base import TensorSource
 
 __all__ = ["relative_errors"]
@@ -84,7 +84,7 @@ def relative_errors(
 ) -> dict[str, dict[str, float]]:
     """E per tensor (by name) and type, for every tensor the format can write in more
     than one way (its own type: 0, not listed). With ``sample``, each E is estimated
-    from a random sample of the tensor's rows (ewq.sensitivity.sampling), and
+    from a random sample of the tensor's rows (ewq.sampling), and
     ``intervals`` (if given) receives, per tensor, the rows read and each type's
     relative half width of its 95% interval."""
     cands = tensor_candidates(fmt, layout, imatrix)
