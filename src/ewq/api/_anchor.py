@@ -41,7 +41,7 @@ def recipes(source, index: ModelIndex, layout, fmt: str, imatrix) -> dict:
     """The output format's own recipes for ``source`` ({} for a format without),
     by preset: {tensor name: type}. Cached by the model's content, the importance
     matrix's presence (some of llama.cpp's rules look at it) and the code."""
-    from ewq.api._sensitivity import _as_gguf
+    from ewq.api._measured import as_gguf as _as_gguf
 
     form = output_format(fmt)
     if form.recipes is None:

@@ -68,7 +68,7 @@ def select(
     or None) and the plan's variants (``_variants``; ``fit(allow)`` plans each) on
     the calibration text with llama.cpp, and keep the one of least measured KL: a
     sum of per-tensor damages ranks plans well but misses how tensors interact."""
-    from ewq.api._sensitivity import _as_gguf
+    from ewq.api._measured import as_gguf as _as_gguf
     from ewq.evaluate.data import load_text
     from ewq.sensitivity.kl import Calibration
 

@@ -3,16 +3,15 @@ importance matrices the calibrated criteria rest on."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 from pathlib import Path
 
+from ewq.api._measured import as_gguf, cache_key, damage_of, measured_errors
 from ewq.api._model import analyze
 from ewq.arch import ModelLayout, resolve
-from ewq.cache import code_digest, key, load_entry, runtime_id, store_entry
+from ewq.cache import load_entry, store_entry
 from ewq.errors import EwqError
 from ewq.imatrix import Imatrix, read_imatrix
 from ewq.records import Analysis
@@ -72,7 +71,7 @@ def sensitivity(
     if criterion == "error":
         if imatrix is not None and fmt != "gguf":
             raise EwqError("an importance matrix weighs GGUF output (--format gguf)")
-        errors, seconds, cached, intervals = _errors(
+        errors, seconds, cached, intervals = measured_errors(
             source, index, layout, fmt, imatrix, revision, progress, sample, threads
         )
         damage = error_damage(
@@ -132,7 +131,7 @@ def _kl(
         imatrix = _imatrix_for(
             source, index, layout, text, calibration, documents, revision, progress
         )
-    errors, _, _, _ = _errors(
+    errors, _, _, _ = measured_errors(
         source, index, layout, "gguf", imatrix, revision, progress
     )
     params = {
@@ -143,13 +142,13 @@ def _kl(
         "documents": str(documents),
         "type_probes": type_probes,
     }
-    k = _key(index, "kl", params)
+    k = cache_key(index, "kl", params)
     doc = load_entry("kl", k)
     if doc is not None:
         try:
             return Sensitivity(
                 "kl",
-                _damage(doc["damage"]),
+                damage_of(doc["damage"]),
                 float(doc["seconds"]),
                 {**doc["details"], "cached": True},
             )
@@ -172,7 +171,7 @@ def _kl(
             progress=progress,
         )
 
-    with _as_gguf(source, index, layout) as (g_index, g_layout):
+    with as_gguf(source, index, layout) as (g_index, g_layout):
         result = measure(g_index, g_layout)
     store_entry(
         "kl",
@@ -196,93 +195,6 @@ def _gguf_layout(source, index, layout, fmt: str) -> ModelLayout:
 
         return gguf_layout(source, index, layout)[1]
     return layout
-
-
-def _damage(doc) -> dict[str, dict[str, float]]:
-    return {
-        str(n): {str(t): float(v) for t, v in row.items()} for n, row in doc.items()
-    }
-
-
-def _key(index: ModelIndex, kind: str, params: dict, content: bool = True) -> str:
-    spec = criterion_spec(kind) if kind in ("error", "kl") else None
-    code = code_digest(
-        *(spec.code if spec else ("ewq.evaluate.activations", "ewq.imatrix"))
-    )
-    return key(
-        {"kind": kind, "params": params, "code": code, "runtime": runtime_id()},
-        [] if index.metadata_only else index.files,
-        content,
-    )
-
-
-def _errors(
-    source, index, layout, fmt, imatrix, revision, progress, sample=None, threads=None
-):
-    """The relative errors per tensor and type (cached): (errors, seconds, cached,
-    the sample's intervals per tensor: {} when every row was read)."""
-    from ewq.sensitivity.error import relative_errors
-
-    params = {
-        "format": fmt,
-        "imatrix": imatrix.digest() if imatrix else None,
-        "sample": dataclasses.asdict(sample) if sample is not None else None,
-    }
-    with _error_source(source, index, layout, fmt, revision) as (src, m_layout):
-        # a sampled pass names the files without reading them all (see ewq.cache)
-        k = _key(src.index, "error", params, content=sample is None)
-        doc = load_entry("error", k)
-        if doc is not None:
-            try:
-                errors, seconds = _damage(doc["errors"]), float(doc["seconds"])
-                return errors, seconds, True, dict(doc.get("intervals") or {})
-            except (KeyError, TypeError, ValueError):
-                pass
-        import time
-
-        started = time.perf_counter()
-        intervals: dict[str, dict] = {}
-        how = {
-            "progress": progress,
-            "sample": sample,
-            "intervals": intervals,
-            "threads": threads or os.cpu_count() or 1,
-        }
-        w = imatrix if fmt == "gguf" else None
-        errors = relative_errors(src, m_layout, fmt, imatrix=w, **how)
-        seconds = time.perf_counter() - started
-        fetched = getattr(src, "bytes_fetched", None)
-    doc = {"errors": errors, "seconds": seconds, "intervals": intervals}
-    if fetched is not None:
-        doc["bytes_fetched"] = fetched
-    store_entry("error", k, doc)
-    return errors, seconds, False, intervals
-
-
-@contextlib.contextmanager
-def _error_source(source, index, layout, fmt, revision):
-    """The reader and layout the error criterion measures: a hub model opened by
-    its headers only (a sampled pass) is read through a sparse mirror filled by
-    range requests (ewq.sources.ranged), the rows it samples and nothing else;
-    GGUF output from a Hugging Face checkpoint, through the converted GGUF."""
-    if index.metadata_only and (fmt == "gguf") == (index.format == "gguf"):
-        from ewq.sources.ranged import open_ranged
-
-        with open_ranged(source, revision=revision) as src:
-            yield src, resolve(src.index)
-        return
-    if fmt == "gguf":
-        if index.metadata_only:  # the converter needs the whole checkpoint
-            with open_source(source, download=True, revision=revision) as full:
-                index, layout = full.index, resolve(full.index)
-        with (
-            _as_gguf(source, index, layout) as (g_index, g_layout),
-            open_source(g_index.files[0]) as gsrc,
-        ):
-            yield gsrc, g_layout
-        return
-    with open_source(source, download=True, revision=revision) as src:
-        yield src, layout
 
 
 def sampling_record(sample: Sampling, intervals: dict[str, dict]) -> dict:
@@ -310,20 +222,6 @@ def sampling_record(sample: Sampling, intervals: dict[str, dict]) -> dict:
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no Infinity
-
-
-@contextlib.contextmanager
-def _as_gguf(source, index: ModelIndex, layout: ModelLayout):
-    """The GGUF the criteria measure: the source itself, or a Hugging Face checkpoint
-    converted to a scratch GGUF in ewq's cache folder (removed afterwards)."""
-    if index.format == "gguf":
-        yield index, layout
-        return
-    from ewq.cache import cache_dir
-    from ewq.quant.convert import converted
-
-    with converted(source, index, layout, cache_dir() / "scratch") as found:
-        yield found
 
 
 def load_imatrix(
@@ -359,7 +257,7 @@ def _imatrix_for(
 
     digest = hashlib.sha256(text.encode()).hexdigest()
     params = {"text": digest, "ctx": ctx, "documents": str(documents), "chunks": chunks}
-    stored = cache_dir() / "imatrix" / f"{_key(index, 'imatrix', params)}.gguf"
+    stored = cache_dir() / "imatrix" / f"{cache_key(index, 'imatrix', params)}.gguf"
     if stored.is_file():
         try:
             # computed, not a user's file: no file name in the plan's record
@@ -368,7 +266,7 @@ def _imatrix_for(
             pass
     from ewq.evaluate.activations import compute_imatrix
 
-    with _as_gguf(source, index, layout) as (g_index, _):
+    with as_gguf(source, index, layout) as (g_index, _):
         m = compute_imatrix(
             g_index.files[0],
             text,

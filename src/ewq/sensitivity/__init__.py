@@ -95,7 +95,13 @@ CRITERIA: dict[str, CriterionSpec] = {
             "error",
             False,
             True,
-            ("ewq.sensitivity", "ewq.sensitivity.error", "ewq.quant.ggml"),
+            # ewq.sampling: a sampled pass's estimate is the sampler's too
+            (
+                "ewq.sensitivity",
+                "ewq.sensitivity.error",
+                "ewq.sampling",
+                "ewq.quant.ggml",
+            ),
             "round trip through the real quantizer, data-free",
         ),
         CriterionSpec(
