@@ -21,42 +21,26 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ewq import api
+from ewq.compare._common import Log, _counts, _doc
+from ewq.compare._encoder import compare_encoder
+from ewq.compare._plans import _plans
+from ewq.compare._plans import _shared as _shared  # tests/test_bench.py
 from ewq.config import IMATRIX_PRESETS, PRESETS, CompareConfig
 from ewq.errors import EwqError
 from ewq.evaluate.data import load_text
-from ewq.fileio import fresh_dir
 from ewq.formats import tensor_bytes
 from ewq.imatrix import Imatrix, write_imatrix
-from ewq.planfile import plan_doc
-from ewq.planning import Machine, fit
-from ewq.reports.compare import write_compare, write_compare_encoder
-from ewq.reports.plan import predicted_kl
+from ewq.reports.compare import write_compare
 from ewq.sensitivity import Sensitivity
 from ewq.types import Precision
 
 __all__ = ["IMATRIX_PRESETS", "PRESETS", "compare", "compare_encoder"]
 
 CRITERIA = ("kl", "error", "entropy", "position", "random")
-Log = Callable[[str], None]
-
-
-def _doc(layout, precision: dict[int, Precision]) -> dict[str, Any]:
-    n = layout.num_blocks
-    return plan_doc(
-        n, {i: precision[i] for i in range(2, n + 2)}, precision[1], precision[n + 2]
-    )
-
-
-def _counts(types: dict[str, str]) -> str:
-    n: dict[str, int] = {}
-    for t in types.values():
-        n[t] = n.get(t, 0) + 1
-    return ", ".join(f"{c} {t}" for t, c in sorted(n.items(), key=lambda x: -x[1]))
 
 
 class _Judge:
@@ -282,195 +266,3 @@ def _sensitivities(
             continue
         sens[f"ewq {c}"] = api.sensitivity(source, c, analysis=analysis)
     return sens
-
-
-def _plans(
-    source, analysis, sens, im, preset_rows, judge, log, plan_options
-) -> list[dict]:
-    """ewq's plans at each preset's exact bytes: for the kl and error criteria,
-    `ewq plan`'s own (``plan_options``), the others through the allocator."""
-    layout = analysis.layout
-    rows = []
-    budgets: dict[int, list[str]] = {}
-    for r in preset_rows:
-        budgets.setdefault(r["bytes"], []).append(r["size_of"])
-    ladder = _ladder_plans(analysis, budgets)
-    for budget, names in sorted(budgets.items(), reverse=True):
-        size_of = names[0]
-        first = len(rows)
-        for name, s in sens.items():
-            uses = im if name == "ewq kl" else None
-            machines = [Machine("m", budget)]
-            predicted = None
-            if name in plan_options:  # what `ewq plan` gives, measured selection too
-                planned = api.plan(source, machines, **plan_options[name])
-                r, predicted = planned.result, predicted_kl(planned)
-            else:
-                r = api.fit_tensors("gguf", layout, s, uses, None, machines, None, None)
-            if not r.fits:
-                rows.append(
-                    {"size_of": size_of, "plan": name, "bytes": None, "budget": budget}
-                )
-                continue
-            types = {n: str(o.precision) for n, o in r.tensors.items()}
-            changed = {n: t for n, t in types.items() if t != _own(layout, n)}
-            m = judge.raw if not changed else judge.tensors(types, uses is not None)
-            rows.append(
-                {
-                    "size_of": size_of,
-                    "plan": name,
-                    "budget": budget,
-                    "bytes": r.total_bytes,
-                    "types": _counts(types),
-                    "predicted_kl": predicted,
-                    **m,
-                }
-            )
-            log(
-                f"  at {size_of} {name}: {r.total_bytes / 1e6:.3f} MB, "
-                f"KL {m['kl_mean']:.5f} (predicted {r.damage:.5f})"
-            )
-            if uses is not None and judge.gptq is not None and changed:
-                g = judge.tensors(types, True, gptq=True)
-                rows.append({**rows[-1], "plan": f"{name} + GPTQ", **g})
-                log(f"  at {size_of} {name} + GPTQ: KL {g['kl_mean']:.5f}")
-        lad = ladder.get(budget)
-        if lad is not None:
-            m = judge.tensors(lad[1], False)
-            rows.append(
-                {
-                    "size_of": size_of,
-                    "plan": "paper ladder (entropy)",
-                    "budget": budget,
-                    "bytes": lad[0],
-                    "types": _counts(lad[1]),
-                    **m,
-                }
-            )
-        rows += _shared(rows[first:], names)
-    return rows
-
-
-def _shared(planned: list[dict], names: list[str]) -> list[dict]:
-    """Presets of the same bytes (SmolLM2's Q2_K falls back to Q3_K_S's types)
-    share the plans made at that budget: each gets them under its own name."""
-    others = [n for n in dict.fromkeys(names) if n != names[0]]
-    return [{**r, "size_of": n} for n in others for r in planned]
-
-
-def _own(layout, name: str) -> str:
-    for b in layout.blocks:
-        for t in b.tensors:
-            if t.name == name:
-                return t.dtype
-    return ""
-
-
-def _ladder_plans(analysis, budgets) -> dict[int, tuple[int, dict[str, str]]]:
-    """The paper's Algorithm 1 at each budget: (bytes, per-tensor types)."""
-    from ewq.formats import output_format
-    from ewq.planning import block_specs
-
-    layout = analysis.layout
-    specs = {s.exec_index: s for s in block_specs("gguf", layout)}
-    blocks = [b.exec_index for b in layout.transformer_blocks]
-    emb, head = layout.blocks[0].exec_index, layout.blocks[-1].exec_index
-    form = output_format("gguf")
-    out = {}
-    for budget in budgets:
-        d = analysis.decision
-        r = fit(
-            [specs[i] for i in blocks],
-            specs[emb],
-            specs[head],
-            d.precision,
-            d.priority,
-            [Machine("m", budget)],
-        )
-        if not r.fits:
-            continue
-        types = {}
-        for b in layout.blocks:
-            for info, key in zip(b.tensors, b.keys, strict=True):
-                e = form.encoding(info, key, r.precision[b.exec_index])
-                if e is not None and e.quantizable:
-                    types[info.name] = e.type
-        out[budget] = (r.total_bytes, types)
-    return out
-
-
-def compare_encoder(
-    source: str,
-    text: Path,
-    out_dir: str | Path,
-    *,
-    sentences: int = 128,
-    seeds: int = 3,
-    log: Log = lambda message: None,
-) -> dict[str, Any]:
-    """Hugging Face encoders: uniform 8-, 4- and 3-bit checkpoints against each
-    criterion's per-tensor plan at the same bytes, by embedding cosine to the source."""
-    from ewq.bench import is_encoder
-    from ewq.evaluate import tasks
-    from ewq.evaluate.backends import TransformersEncoder
-    from ewq.planning import block_specs
-
-    started = time.perf_counter()
-    if not is_encoder(source):
-        raise EwqError(f"{source}: not a Hugging Face encoder folder")
-    sentences_text = load_text(text)
-    analysis = api.analyze(source)
-    layout = analysis.layout
-    specs = {s.exec_index: s for s in block_specs("hf", layout)}
-    blocks = [b.exec_index for b in layout.transformer_blocks]
-    sens: dict[str, Sensitivity] = {
-        f"ewq {c}": api.sensitivity(source, c, analysis=analysis)
-        for c in ("error", "entropy", "position")
-    }
-    for k in range(seeds):
-        sens[f"ewq random seed {k}"] = api.sensitivity(source, "random", seed=k)
-    reference = TransformersEncoder(Path(analysis.index.files[0]).parent)
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="ewq-compare-") as tmp:
-
-        def measure(
-            name: str, size_of: str, doc: dict, nbytes: int, types: str
-        ) -> None:
-            out = fresh_dir(Path(tmp) / "m")
-            api.quantize(source, doc, out, format="hf")
-            m = tasks.embedding_fidelity(
-                reference, TransformersEncoder(out), sentences_text, limit=sentences
-            )
-            rows.append(
-                {"size_of": size_of, "plan": name, "bytes": nbytes, "types": types, **m}
-            )
-            log(
-                f"  at {size_of} {name}: {nbytes / 1e6:.2f} MB, "
-                f"cosine {m['cosine_mean']:.5f}"
-            )
-
-        for p in (Precision.Q8, Precision.Q4, Precision.Q3):
-            uniform = {i: (p if i in blocks else Precision.RAW) for i in specs}
-            budget = sum(specs[i].bytes[uniform[i]] for i in specs)
-            label = f"uniform {p.value}"
-            measure(label, label, _doc(layout, uniform), budget, label)
-            for name, sv in sens.items():
-                r = api.fit_tensors(
-                    "hf", layout, sv, None, None, [Machine("m", budget)], None, None
-                )
-                if r.fits:
-                    types = {n: str(o.precision) for n, o in r.tensors.items()}
-                    doc = _doc(layout, {i: Precision.RAW for i in specs})
-                    doc["tensors"] = [{"name": n, "type": t} for n, t in types.items()]
-                    measure(name, label, doc, r.total_bytes, _counts(types))
-    result = {
-        "schema_version": 2,
-        "kind": "ewq-compare-encoder",
-        "source": source,
-        "model_name": api.features(source).model_name,
-        "sentences": sentences,
-        "rows": rows,
-        "seconds": time.perf_counter() - started,
-    }
-    write_compare_encoder(result, Path(out_dir), Path(text).name)
-    return result
