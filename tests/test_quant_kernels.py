@@ -78,7 +78,9 @@ def test_random_bytes_with_small_scales(qtype, nblocks, seed):
     got = quant_stats(qtype, raw)
     want, _ = reference(raw, qtype)
     assert got is not None and got.n == nblocks * per
-    assert got.entropy == pytest.approx(want, rel=1e-9, abs=0)
+    # an entropy near 0 (one element holds almost all the mass) is the difference
+    # log S - T / S of terms near 1: float64 holds it to about 1e-12 absolute
+    assert got.entropy == pytest.approx(want, rel=1e-9, abs=1e-11)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
