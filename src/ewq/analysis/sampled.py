@@ -187,10 +187,13 @@ def sample_profile(
     workers: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     refine: Mapping[int, float] | None = None,
+    memo: dict | None = None,
 ) -> SampledProfile:
     """Every block's entropy estimated from ``fraction`` of each matrix's units.
 
-    ``refine`` maps exec_index -> a larger fraction for that block's matrices.
+    ``refine`` maps exec_index -> a larger fraction for that block's matrices;
+    ``memo`` keeps each matrix's estimate by (tensor, matrix, fraction), so a second
+    call (a refinement round) reads only the matrices whose share changed.
     """
     if not (0 < fraction <= 1):
         raise InvalidParameterError(
@@ -212,7 +215,12 @@ def sample_profile(
             f = max(fraction, refine.get(i, 0.0))
             n_mat = matrices_of(t)
             for m in range(n_mat):
-                e = sample_matrix(src, t, m, f, seed, pool=pool)
+                k = (t.name, m, f, seed)
+                e = memo.get(k) if memo is not None else None
+                if e is None:
+                    e = sample_matrix(src, t, m, f, seed, pool=pool)
+                    if memo is not None:
+                        memo[k] = e
                 est.setdefault(i, []).append((t.num_elements // n_mat, e))
             done += t.nbytes
             if progress is not None:
@@ -308,6 +316,7 @@ def sampled_decision(
     """EWQ's decision from sampled entropies: blocks left undecided are sampled
     again at 4x their share, ``rounds`` times at most (or until read whole)."""
     refine: dict[int, float] = {}
+    memo: dict = {}
     for done in range(rounds + 1):
         prof = sample_profile(
             src,
@@ -317,6 +326,7 @@ def sampled_decision(
             workers=workers,
             progress=progress,
             refine=refine,
+            memo=memo,
         )
         h = {b.exec_index: b.entropy for b in prof.transformer}
         d = decide(h, alpha=alpha, variant=variant)

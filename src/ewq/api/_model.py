@@ -108,15 +108,14 @@ def _sampled(spec, cfg: AnalysisConfig, progress) -> Analysis:
     a hub id is read by range requests (ewq.sources.ranged), the sample only."""
     from ewq.analysis.profile import BlockEntropy, EntropyProfile
     from ewq.analysis.sampled import Z, sampled_decision
-    from ewq.sources.hub import is_hub_id
+    from ewq.sources.hub import is_remote
 
     if cfg.eps != 0:
         raise InvalidParameterError(
             "--sample estimates the exact entropy (eps 0) only: eps > 0 needs every "
             "element's log-sum-exp first"
         )
-    remote = is_hub_id(str(spec)) and not Path(str(spec)).expanduser().exists()
-    if remote:
+    if is_remote(spec):
         from ewq.sources.ranged import open_ranged
 
         opened = open_ranged(str(spec), revision=cfg.revision)

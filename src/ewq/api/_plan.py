@@ -40,6 +40,7 @@ from ewq.planning.placement import Route
 from ewq.planning.runtime import Runtime
 from ewq.records import Analysis, PlanResult
 from ewq.sampling import Sampling
+from ewq.sources.hub import is_remote
 from ewq.types import ModelIndex, Progress
 
 __all__ = ["fit_tensors", "plan", "resolved"]
@@ -186,7 +187,7 @@ def _decide(cfg: PlanConfig, source, progress):
         kept = {k: getattr(cfg, k) for k in AnalysisConfig.model_fields}
         # a local model's entropies are read whole at the speed of reading it;
         # sampled ones (slower per byte, and estimates) only spare a hub download
-        if not _remote(source):
+        if not is_remote(source):
             kept["sample"] = None
         a = analyze(source, AnalysisConfig(**{**kept, "file": None}), progress=progress)
         d = decide(
@@ -336,10 +337,3 @@ def _imatrix(cfg: PlanConfig, source, index, layout, fmt: str, progress):
         revision=cfg.revision,
         progress=progress,
     )
-
-
-def _remote(source) -> bool:
-    from ewq.sources.hub import is_hub_id
-
-    text = str(source)
-    return is_hub_id(text) and not Path(text).expanduser().exists()

@@ -43,6 +43,7 @@ __all__ = [
     "HubMetadataSource",
     "choose_gguf",
     "is_hub_id",
+    "is_remote",
     "open_hub",
     "split_spec",
 ]
@@ -56,6 +57,12 @@ _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt
 def is_hub_id(spec: str) -> bool:
     """True for ``owner/name`` (also ``hf://owner/name`` and ``owner/name:FILE``)."""
     return bool(_REPO_ID.match(spec.removeprefix("hf://")))
+
+
+def is_remote(spec) -> bool:
+    """A hub id that names no local file or folder (open_source's own order)."""
+    text = str(spec)
+    return is_hub_id(text) and not Path(text).expanduser().exists()
 
 
 class HubMetadataSource(TensorSource):
