@@ -389,6 +389,11 @@ def test_cluster_file_and_capacity():
         ),
         ({"machines": [{"memory": "1GB", "speed": 0}]}, "speed must be a number > 0"),
         ([1, 2], "expected a mapping"),
+        ({"machines": [3]}, "machine 1: expected a mapping"),
+        # a misspelled key is named, not its right spelling reported missing
+        ({"machines": [{"memroy": "1GB", "dsk": 1}]}, "unknown key(s) dsk, memroy"),
+        ({"machines": [{"memory": "1GB", "network": 5}]}, "network: expected a map"),
+        ({"machines": [{"memory": "1GB", "disk": "1XB"}]}, "disk: unknown unit"),
     ],
 )
 def test_bad_cluster(doc, message):

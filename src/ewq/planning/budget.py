@@ -6,12 +6,24 @@ import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+)
 
 from ewq.errors import EwqError, SourceNotFoundError
 
 __all__ = [
     "BudgetError",
+    "ClusterSpec",
+    "LinkSpec",
+    "MachineSpec",
     "Link",
     "Machine",
     "load_cluster",
@@ -154,122 +166,157 @@ def single_machine(
     )
 
 
-_MACHINE_KEYS = {
-    "name",
-    "memory",
-    "disk",
-    "reserve",
-    "speed",
-    "host",
-    "memory_bandwidth",
-    "network",
-}
+# The cluster file, declared once: typed, strict records. The sizes, rates and
+# durations keep their own parsers (units pydantic does not know); pydantic's
+# errors are turned into one line that names the machine or link.
 
 
-def _link(doc: Any, where: str) -> Link:
-    if not isinstance(doc, dict) or "bandwidth" not in doc:
-        raise BudgetError(f"{where}: expected {{bandwidth: 1Gbit/s, latency: 0.2ms}}")
-    unknown = set(doc) - {"bandwidth", "latency", "between"}
-    if unknown:
-        raise BudgetError(
-            f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}"
-        )
-    return Link(
-        parse_rate(doc["bandwidth"], f"{where}: bandwidth"),
-        parse_duration(doc.get("latency", 0), f"{where}: latency"),
-    )
+def _parsed(parse: Any) -> BeforeValidator:
+    def check(value: Any, info: ValidationInfo) -> Any:
+        try:
+            return parse(value, info.field_name)
+        except BudgetError as exc:
+            raise ValueError(str(exc)) from None
+
+    return BeforeValidator(check)
 
 
-def cluster_from_doc(doc: Any, origin: str = "cluster") -> tuple[Machine, ...]:
-    """Machines from a decoded YAML document::
+def _speed(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(f"speed must be a number > 0, got {value!r}")
+    return float(value)
 
-    reserve: 1GiB            # optional, for every machine
-    machines:
-      - {name: a, memory: 16GB, disk: 100GB, speed: 1.0, host: 10.0.0.2:50052}
-      - {name: b, memory: 8GiB, memory_bandwidth: 50GB/s,
-         network: {bandwidth: 1Gbit/s, latency: 0.2ms}}   # its link to a switch
-    links:                   # optional: direct links between two machines
-      - {between: [a, b], bandwidth: 10Gbit/s, latency: 0.05ms}
+
+def _text(value: Any) -> Any:
+    # YAML reads `name: 1` or `host: 10.0.0.2` as a number: a name all the same
+    return str(value) if isinstance(value, int | float) else value
+
+
+_Size = Annotated[int, _parsed(parse_size)]
+_Rate = Annotated[float, _parsed(parse_rate)]
+_Duration = Annotated[float, _parsed(parse_duration)]
+_Text = Annotated[str, BeforeValidator(_text)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LinkSpec(_Spec):
+    """A network link: ``{bandwidth: 1Gbit/s, latency: 0.2ms}``."""
+
+    bandwidth: _Rate
+    latency: _Duration = 0.0
+
+
+class PairLinkSpec(LinkSpec):
+    """A direct link between two machines of the cluster."""
+
+    between: list[_Text]
+
+
+class MachineSpec(_Spec):
+    name: _Text | None = None  # machine-N (its place in the list) when not given
+    memory: _Size
+    disk: _Size | None = None
+    reserve: _Size | None = None  # the cluster's reserve when not given
+    speed: Annotated[float, BeforeValidator(_speed)] = 1.0
+    host: _Text | None = None  # host[:port] of its llama.cpp rpc-server
+    memory_bandwidth: _Rate | None = None
+    network: LinkSpec | None = None  # its link to a switch the machines share
+
+
+class ClusterSpec(_Spec):
+    """A cluster file (YAML)::
+
+        reserve: 1GiB            # optional, for every machine
+        machines:
+          - {name: a, memory: 16GB, disk: 100GB, speed: 1.0, host: 10.0.0.2:50052}
+          - {name: b, memory: 8GiB, memory_bandwidth: 50GB/s,
+             network: {bandwidth: 1Gbit/s, latency: 0.2ms}}   # its link to a switch
+        links:                   # optional: direct links between two machines
+          - {between: [a, b], bandwidth: 10Gbit/s, latency: 0.05ms}
 
     With a network (``network`` or ``links``) every machine needs its
     ``memory_bandwidth``, and the placement chooses the machines' order
     (planning/placement.py).
     """
-    if not isinstance(doc, dict):
-        raise BudgetError(f"{origin}: expected a mapping with a 'machines' list")
-    unknown = set(doc) - {"machines", "reserve", "links"}
-    if unknown:
-        raise BudgetError(
-            f"{origin}: unknown key(s) {', '.join(sorted(map(str, unknown)))}"
+
+    reserve: _Size = 0
+    machines: list[MachineSpec] = Field(min_length=1)
+    links: list[PairLinkSpec] = []
+
+
+def _where(origin: str, loc: tuple[Any, ...]) -> tuple[str, list[Any]]:
+    """'cluster.yaml: machine 2' and the rest of a pydantic location."""
+    rest = list(loc)
+    if len(rest) > 1 and rest[0] in ("machines", "links") and isinstance(rest[1], int):
+        what = "machine" if rest[0] == "machines" else "link"
+        return f"{origin}: {what} {rest[1] + 1}", rest[2:]
+    return origin, rest
+
+
+def _spec_error(exc: ValidationError, origin: str) -> BudgetError:
+    """The first problem of a cluster file, in one line (unknown keys first: a
+    misspelled key also makes its right spelling missing)."""
+    errors = exc.errors()
+    extra = [e for e in errors if e["type"] in ("extra_forbidden", "invalid_key")]
+    if extra:
+        where, _ = _where(origin, extra[0]["loc"])
+        keys = sorted(
+            str(e["loc"][-1]) for e in extra if _where(origin, e["loc"])[0] == where
         )
-    machines = doc.get("machines")
-    if not isinstance(machines, list) or not machines:
-        raise BudgetError(f"{origin}: the cluster has no machines")
-    default_reserve = parse_size(doc.get("reserve", 0), f"{origin}: reserve")
+        return BudgetError(f"{where}: unknown key(s) {', '.join(keys)}")
+    first = errors[0]
+    where, rest = _where(origin, first["loc"])
+    field = ".".join(map(str, rest))
+    if first["loc"] == ("machines",) and first["type"] in ("missing", "too_short"):
+        return BudgetError(f"{origin}: the cluster has no machines")
+    if first["loc"] in ((), ("machines",)):
+        return BudgetError(f"{origin}: expected a mapping with a 'machines' list")
+    if first["type"] == "missing":
+        return BudgetError(f"{where}: '{field}' is required")
+    if first["type"] == "value_error":
+        return BudgetError(f"{where}: {first['ctx']['error']}")
+    if first["type"] == "model_type":
+        return BudgetError(
+            f"{where}{': ' + field if field else ''}: expected a mapping"
+        )
+    return BudgetError(f"{where}: {field}: {first['msg']}")
+
+
+def cluster_from_doc(doc: Any, origin: str = "cluster") -> tuple[Machine, ...]:
+    """Machines from a decoded cluster file (:class:`ClusterSpec`)."""
+    try:
+        spec = ClusterSpec.model_validate(doc)
+    except ValidationError as exc:
+        raise _spec_error(exc, origin) from None
     out, names = [], set()
-    for i, m in enumerate(machines):
-        where = f"{origin}: machine {i + 1}"
-        if not isinstance(m, dict):
-            raise BudgetError(f"{where}: expected a mapping")
-        unknown = set(m) - _MACHINE_KEYS
-        if unknown:
-            raise BudgetError(
-                f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}"
-            )
-        if "memory" not in m:
-            raise BudgetError(f"{where}: 'memory' is required")
-        name = str(m.get("name", f"machine-{i + 1}"))
+    for i, m in enumerate(spec.machines):
+        name = m.name if m.name is not None else f"machine-{i + 1}"
         if name in names:
             raise BudgetError(f"{origin}: two machines are named {name!r}")
         names.add(name)
-        speed = m.get("speed", 1.0)
-        if (
-            isinstance(speed, bool)
-            or not isinstance(speed, int | float)
-            or not (math.isfinite(speed) and speed > 0)
-        ):
-            raise BudgetError(f"{where}: speed must be a number > 0, got {speed!r}")
+        network = m.network and Link(m.network.bandwidth, m.network.latency)
+        reserve = spec.reserve if m.reserve is None else m.reserve
         out.append(
             Machine(
-                name=name,
-                memory=parse_size(m["memory"], f"{where}: memory"),
-                disk=parse_size(m["disk"], f"{where}: disk") if "disk" in m else None,
-                reserve=parse_size(
-                    m.get("reserve", default_reserve), f"{where}: reserve"
-                ),
-                speed=float(speed),
-                host=str(m["host"]) if "host" in m else None,
-                memory_bandwidth=(
-                    parse_rate(m["memory_bandwidth"], f"{where}: memory_bandwidth")
-                    if "memory_bandwidth" in m
-                    else None
-                ),
-                network=(
-                    _link(m["network"], f"{where}: network") if "network" in m else None
-                ),
+                name,
+                m.memory,
+                m.disk,
+                reserve,
+                m.speed,
+                m.host,
+                m.memory_bandwidth,
+                network,
             )
         )
-    links = doc.get("links", [])
-    if not isinstance(links, list):
-        raise BudgetError(f"{origin}: links must be a list")
-    pairs: dict[str, list[tuple[str, Link]]] = {m.name: [] for m in out}
-    for i, lk in enumerate(links):
-        where = f"{origin}: link {i + 1}"
-        ends = lk.get("between") if isinstance(lk, dict) else None
-        if (
-            not isinstance(ends, list)
-            or len(ends) != 2
-            or any(str(e) not in pairs for e in ends)
-            or str(ends[0]) == str(ends[1])
-        ):
-            raise BudgetError(
-                f"{where}: 'between' must name two different machines of the cluster"
-            )
-        a, b = map(str, ends)
-        if any(other == b for other, _ in pairs[a]):
-            raise BudgetError(f"{where}: {a} and {b} are linked twice")
-        pairs[a].append((b, _link(lk, where)))
-    out = [replace(m, links=tuple(pairs[m.name])) for m in out]
+    links = _links(spec, names, origin)
+    out = [replace(m, links=links[m.name]) for m in out]
     if any(m.network is not None or m.links for m in out):
         missing = [m.name for m in out if m.memory_bandwidth is None]
         if missing:
@@ -279,6 +326,25 @@ def cluster_from_doc(doc: Any, origin: str = "cluster") -> tuple[Machine, ...]:
                 "weighs compute time against network time"
             )
     return tuple(out)
+
+
+def _links(
+    spec: ClusterSpec, names: set[str], origin: str
+) -> dict[str, tuple[tuple[str, Link], ...]]:
+    """Each machine's direct links (to the machines after it in the file's links)."""
+    pairs: dict[str, list[tuple[str, Link]]] = {n: [] for n in names}
+    for i, lk in enumerate(spec.links):
+        where = f"{origin}: link {i + 1}"
+        ends = lk.between
+        if len(ends) != 2 or any(e not in names for e in ends) or ends[0] == ends[1]:
+            raise BudgetError(
+                f"{where}: 'between' must name two different machines of the cluster"
+            )
+        a, b = ends
+        if any(other == b for other, _ in pairs[a]):
+            raise BudgetError(f"{where}: {a} and {b} are linked twice")
+        pairs[a].append((b, Link(lk.bandwidth, lk.latency)))
+    return {n: tuple(v) for n, v in pairs.items()}
 
 
 def load_cluster(path: str | Path, reserve: str | None = None) -> tuple[Machine, ...]:
