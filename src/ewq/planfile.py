@@ -47,6 +47,7 @@ __all__ = [
     "MachinePlan",
     "Plan",
     "PlanError",
+    "RuntimePlan",
     "SidePlan",
     "load_plan",
     "plan_doc",
@@ -159,13 +160,43 @@ class Exports(_Strict):
     vllm: VllmExport | None = None
 
 
+class RuntimePlan(_Strict):
+    """What the runtime adds to the weights for the plan's context."""
+
+    context: int = Field(ge=0)
+    kv_cells: int = Field(ge=0)
+    compute_buffer_bytes: int = Field(ge=0)
+    output_buffer_bytes: int = Field(ge=0)
+    kv_cache: str
+    rules: str
+
+
 class Plan(_Strict):
+    """A plan file. `ewq plan` builds one from what it planned and writes its dump
+    (fields it did not set are left out); fields are in the order a reader wants
+    them: what it is and how it was made, what it gives, then the long lists."""
+
     schema_version: int = SCHEMA_VERSION
     kind: str = "ewq-plan"
     ewq_version: str | None = None
     source: str | None = None
     method: str = "ewq"
+    criterion: str | None = None
+    allocator: str | None = None
+    mode: str | None = None
+    # the options as resolved: what `ewq quantize` and a re-run read back
+    config: dict[str, Any] | None = None
+    variant: str | None = None
+    alpha: float | None = None
+    eps: float | None = None
+    estimated_damage: float | None = None
+    sensitivity: dict[str, Any] | None = None
+    runtime: RuntimePlan | None = None
     format: Format | None = None  # the output format the plan's sizes are for
+    fits: bool | None = None
+    total_bytes: int | None = None
+    capacity_bytes: int | None = None
+    smallest_bytes: int | None = None
     num_blocks: int | None = Field(default=None, ge=1)
     embedding: SidePlan = SidePlan()
     head: SidePlan = SidePlan()
@@ -176,21 +207,6 @@ class Plan(_Strict):
     selection: dict[str, Any] | None = None
     anchor: dict[str, Any] | None = None
     bits_per_weight: float | None = None
-    # how it was made (ewq plan): the options as resolved, and what they gave
-    config: dict[str, Any] | None = None
-    criterion: str | None = None
-    allocator: str | None = None
-    mode: str | None = None
-    variant: str | None = None
-    alpha: float | None = None
-    eps: float | None = None
-    estimated_damage: float | None = None
-    sensitivity: dict[str, Any] | None = None
-    runtime: dict[str, Any] | None = None
-    fits: bool | None = None
-    total_bytes: int | None = None
-    capacity_bytes: int | None = None
-    smallest_bytes: int | None = None
     machines: list[MachinePlan] = []
     seconds_per_token: float | None = None
     exports: Exports = Exports()
@@ -210,7 +226,13 @@ class Plan(_Strict):
         return {t.name: t.type for t in self.tensors}
 
     def to_doc(self) -> dict[str, Any]:
+        """Every field, defaults included (what a plan's digest is taken of)."""
         return self.model_dump(mode="json")
+
+    def to_file(self) -> dict[str, Any]:
+        """The plan file: what it is, and the fields that were set."""
+        doc = self.model_dump(mode="json", exclude_unset=True)
+        return {"schema_version": self.schema_version, "kind": self.kind} | doc
 
 
 def plan_from_doc(doc: Any, origin: str = "plan") -> Plan:

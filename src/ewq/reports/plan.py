@@ -8,7 +8,15 @@ from typing import Any
 from rich.table import Table
 
 from ewq.errors import one_line
-from ewq.planfile import SCHEMA_VERSION
+from ewq.planfile import (
+    BlockPlan,
+    ImatrixRecord,
+    MachinePlan,
+    Plan,
+    RuntimePlan,
+    SidePlan,
+    TensorPlan,
+)
 from ewq.records import PlanResult
 from ewq.reports.fit import idle_reasons, unfit_reason
 from ewq.reports.inspect import human_bytes
@@ -20,102 +28,114 @@ __all__ = [
     "predicted_kl",
     "placement_table",
     "plan_json",
+    "plan_record",
     "plan_table",
     "unfit_message",
 ]
 
 
 def plan_json(planned: PlanResult, ewq_version: str) -> dict[str, Any]:
-    """Deterministic: the same inputs give byte-identical files (no clock, no paths
-    other than the source as given)."""
+    """The plan file's document: the dump of :func:`plan_record`."""
+    return plan_record(planned, ewq_version).to_file()
+
+
+def plan_record(planned: PlanResult, ewq_version: str) -> Plan:
+    """The typed plan of what was planned. Deterministic: the same inputs give
+    byte-identical files (no clock, no paths other than the source as given)."""
     a, r, layout = planned.analysis, planned.result, planned.layout
-    entropy = {b.exec_index: b.entropy for b in a.profile.blocks} if a else {}
-    idle = idle_reasons(planned)
-
-    def side(block: Any) -> dict[str, Any]:
-        i = block.exec_index
-        return {
-            "exec_index": i,
-            "num_parameters": block.num_parameters,
-            "precision": r.precision[i].value,
-            "bytes": r.bytes[i],
-            "machine": r.machine[i],
-        }
-
-    doc: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "ewq-plan",
-        "ewq_version": ewq_version,
-        "source": planned.index.source,
-        "method": planned.method,
-        "criterion": planned.criterion,
-        "allocator": planned.allocator,
-        "mode": r.mode,
-        # every option as resolved: what `ewq quantize` and a re-run read back
-        # (threads change the speed, not the plan: left out, so plans made with
-        # different thread counts are the same file)
-        "config": planned.config.model_dump(mode="json", exclude={"threads"}),
-    }
+    made: dict[str, Any] = {}
     if a is not None:
-        doc |= {
+        made |= {
             "variant": a.decision.variant.value,
             "alpha": a.decision.alpha,
             "eps": a.profile.eps,
         }
-    rt = planned.runtime
     if r.damage is not None:
-        doc["estimated_damage"] = r.damage
+        made["estimated_damage"] = r.damage
     if planned.sensitivity is not None:
-        doc["sensitivity"] = {
+        made["sensitivity"] = {
             k: v for k, v in planned.sensitivity.details.items() if k != "cached"
         }
-    if rt is not None:
-        doc["runtime"] = {
-            "context": rt.context,
-            "kv_cells": rt.cells,
-            "compute_buffer_bytes": rt.compute_bytes,
-            "output_buffer_bytes": rt.output_bytes,
-            "kv_cache": rt.kv_cache,
-            "rules": f"llama.cpp: {rt.kv_cache} KV cache, n_ubatch 512 "
-            "(ewq.planning.runtime)",
-        }
-    return doc | {
-        "format": planned.format,
-        "fits": r.fits,
-        "total_bytes": r.total_bytes,
-        "capacity_bytes": r.capacity_bytes,
-        "smallest_bytes": r.smallest_bytes,
-        "num_blocks": layout.num_blocks,
-        "embedding": side(layout.blocks[0]),
-        "head": side(layout.blocks[-1]),
-        "blocks": [
-            {
-                "exec_index": b.exec_index,
-                "num_parameters": b.num_parameters,
-                "entropy": entropy.get(b.exec_index),
-                "decision": planned.decision[b.exec_index].value,
-                "precision": r.precision[b.exec_index].value,
-                "bytes": r.bytes[b.exec_index],
-                "machine": r.machine[b.exec_index],
-            }
-            for b in layout.transformer_blocks
-        ],
-        "tensors": [
-            {"name": n, "type": str(o.precision), "bytes": o.bytes, "damage": o.damage}
+    if planned.runtime is not None:
+        made["runtime"] = _runtime(planned.runtime)
+    return Plan(
+        ewq_version=ewq_version,
+        source=planned.index.source,
+        method=planned.method,
+        criterion=planned.criterion,
+        allocator=planned.allocator,
+        mode=r.mode,
+        # threads change the speed, not the plan: left out, so plans made with
+        # different thread counts are the same file
+        config=planned.config.model_dump(mode="json", exclude={"threads"}),
+        **made,
+        format=planned.format,
+        fits=r.fits,
+        total_bytes=r.total_bytes,
+        capacity_bytes=r.capacity_bytes,
+        smallest_bytes=r.smallest_bytes,
+        num_blocks=layout.num_blocks,
+        embedding=_side(planned, layout.blocks[0]),
+        head=_side(planned, layout.blocks[-1]),
+        blocks=_blocks(planned),
+        tensors=[
+            TensorPlan(name=n, type=str(o.precision), bytes=o.bytes, damage=o.damage)
             for n, o in r.tensors.items()
         ],
-        "imatrix": _imatrix(planned.imatrix),
-        "predicted_kl": predicted_kl(planned),
-        "selection": planned.selection,
-        "anchor": planned.anchor,
-        "bits_per_weight": 8 * r.total_bytes / max(1, planned.layout_parameters),
-        "machines": [
-            _machine(m, r, rt, planned.machines) | _idle(idle, m.name)
+        imatrix=_imatrix(planned.imatrix),
+        predicted_kl=predicted_kl(planned),
+        selection=planned.selection,
+        anchor=planned.anchor,
+        bits_per_weight=8 * r.total_bytes / max(1, planned.layout_parameters),
+        machines=[
+            MachinePlan(
+                **_machine(m, r, planned.runtime, planned.machines),
+                **_idle(idle_reasons(planned), m.name),
+            )
             for m in r.machines
         ],
-        "seconds_per_token": r.seconds_per_token,
-        "exports": planned.exports,
-    }
+        seconds_per_token=r.seconds_per_token,
+        exports=planned.exports,
+    )
+
+
+def _runtime(rt: Any) -> RuntimePlan:
+    return RuntimePlan(
+        context=rt.context,
+        kv_cells=rt.cells,
+        compute_buffer_bytes=rt.compute_bytes,
+        output_buffer_bytes=rt.output_bytes,
+        kv_cache=rt.kv_cache,
+        rules=f"llama.cpp: {rt.kv_cache} KV cache, n_ubatch 512 (ewq.planning.runtime)",
+    )
+
+
+def _side(planned: PlanResult, block: Any) -> SidePlan:
+    r, i = planned.result, block.exec_index
+    return SidePlan(
+        exec_index=i,
+        num_parameters=block.num_parameters,
+        precision=r.precision[i],
+        bytes=r.bytes[i],
+        machine=r.machine[i],
+    )
+
+
+def _blocks(planned: PlanResult) -> list[BlockPlan]:
+    a, r = planned.analysis, planned.result
+    entropy = {b.exec_index: b.entropy for b in a.profile.blocks} if a else {}
+    return [
+        BlockPlan(
+            exec_index=b.exec_index,
+            num_parameters=b.num_parameters,
+            entropy=entropy.get(b.exec_index),
+            decision=planned.decision[b.exec_index],
+            precision=r.precision[b.exec_index],
+            bytes=r.bytes[b.exec_index],
+            machine=r.machine[b.exec_index],
+        )
+        for b in planned.layout.transformer_blocks
+    ]
 
 
 def predicted_kl(planned: PlanResult) -> float | None:
@@ -171,17 +191,17 @@ def broken_warning(planned: PlanResult) -> str | None:
     )
 
 
-def _imatrix(m: Any) -> dict[str, Any] | None:
+def _imatrix(m: Any) -> ImatrixRecord | None:
     if m is None:
         return None
-    return {
-        "sha256": m.digest(),
-        "file": m.file,
-        "entries": len(m.entries),
-        "chunk_count": m.chunk_count,
-        "chunk_size": m.chunk_size,
-        "datasets": list(m.datasets),
-    }
+    return ImatrixRecord(
+        sha256=m.digest(),
+        file=m.file,
+        entries=len(m.entries),
+        chunk_count=m.chunk_count,
+        chunk_size=m.chunk_size,
+        datasets=list(m.datasets),
+    )
 
 
 def _idle(reasons: dict[str, str], name: str) -> dict[str, str]:
