@@ -1,7 +1,7 @@
 """Planning: budgets and clusters (budget), exact block sizes (sizes), Algorithm 1
 and placement (ladder), and the runtimes' syntax for a placement (exports)."""
 
-from ewq.planning.allocate import Option, allocate, fit_optimal
+from ewq.planning.allocate import Option, allocate
 from ewq.planning.budget import (
     BudgetError,
     Machine,
@@ -11,6 +11,7 @@ from ewq.planning.budget import (
 )
 from ewq.planning.exports import exports
 from ewq.planning.ladder import MODES, Assignment, BlockSpec, FitResult, fit
+from ewq.planning.optimal import fit_optimal
 from ewq.planning.placement import Route
 from ewq.planning.runtime import Runtime, model_dims, route_for, runtime_memory
 from ewq.planning.sizes import block_specs

@@ -38,16 +38,12 @@ in milliseconds, and the reported gap says how far from optimal it can be at mos
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import reduce
-from typing import Any
 
 import numpy as np
 
-from ewq.planning.budget import Machine
-from ewq.planning.ladder import FitResult, assign
-from ewq.planning.placement import Route, place
 from ewq.types import Precision
 
 __all__ = [
@@ -56,7 +52,6 @@ __all__ = [
     "Option",
     "allocate",
     "allocation",
-    "fit_optimal",
     "total",
 ]
 
@@ -321,112 +316,3 @@ def _fill(
         i, k = max(cand.tolist(), key=lambda ik: (-add[ik[0], ik[1]], ik[0], ik[1]))
         used += int(add[i, k])
         cur[i] = k
-
-
-def fit_optimal(
-    options: Mapping[Any, Sequence[Option]],
-    params: Mapping[int, int],
-    machines: Sequence[Machine],
-    *,
-    mode: str = "optimal",
-    route: Route | None = None,
-    block_of: Mapping[Any, int] | None = None,
-    fixed: Mapping[int, int] | None = None,
-    view: Callable[[Option], Precision] | None = None,
-    cap: int | None = None,
-) -> FitResult:
-    """The least-damage choice that fits ``machines``, placed in execution order as
-    contiguous ranges of blocks.
-
-    Items are blocks (``options`` keyed by exec_index) or tensors (keyed by name,
-    with ``block_of`` giving each one's block and ``fixed`` the bytes every block
-    holds whatever is chosen: tensors with one way to be written, its KV cache).
-    ``params`` lists every block. Per-tensor results carry each tensor's chosen option in
-    ``tensors`` and, per block, the precision ``view`` gives the option holding most
-    of its chosen bytes (the per-block view). ``cap`` bounds the total bytes on top
-    of the machines' capacity (a bits-per-weight budget).
-
-    One machine: the budget is its capacity. Several: the knapsack is solved for
-    their summed capacity and the result placed; when the ranges do not fall on the
-    machine boundaries (a block cannot be split), the budget is lowered by an eighth
-    of the largest block until they do.
-    """
-    keys = list(options)
-    block_of = block_of or {k: k for k in keys}
-    fixed = dict(fixed or {})
-    order = sorted(params)
-    items = [list(options[k]) for k in keys]
-    capacity = sum(m.capacity for m in machines)
-    base = sum(fixed.values())
-    smallest = base + sum(min(o.bytes for o in opts) for opts in items)
-    top: dict[int, int] = dict(fixed)
-    for k, opts in zip(keys, items, strict=True):
-        top[block_of[k]] = top.get(block_of[k], 0) + max(o.bytes for o in opts)
-    step = max(1, max(top.values(), default=1) // 8)
-    # the head's machine needs more runtime memory than the others (its logits)
-    budget = capacity - (route.last_bytes if route else 0)
-    if cap is not None:  # a bits-per-weight budget on top of the machines'
-        budget = min(budget, cap)
-    found, placement = None, None
-    while budget >= smallest:
-        found = allocation(items, budget - base)
-        if found is None:
-            break
-        sizes = _block_sizes(keys, items, found.choice, block_of, fixed, order)
-        placement = place(order, sizes, params, machines, route)
-        if placement is not None:
-            break
-        budget -= step
-    if placement is None or found is None:  # report the smallest choice
-        choice = [
-            min(range(len(opts)), key=lambda k: (opts[k].bytes, k)) for opts in items
-        ]
-        nbytes, damage = total(items, choice)
-        found = Allocation(choice, nbytes, damage, damage, True)
-    chosen = {k: items[n][found.choice[n]] for n, k in enumerate(keys)}
-    sizes = _block_sizes(keys, items, found.choice, block_of, fixed, order)
-    machine_of, assignments = assign(order, sizes, machines, placement)
-    if view is None:
-        precision = {block_of[k]: o.precision for k, o in chosen.items()}
-        tensors: dict[str, Option] = {}
-    else:
-        precision = _dominant(chosen, block_of, order, view)
-        tensors = {str(k): o for k, o in chosen.items()}
-    return FitResult(
-        fits=placement is not None,
-        mode=mode,
-        precision=precision,
-        bytes=sizes,
-        machine=machine_of,
-        total_bytes=sum(sizes.values()),
-        capacity_bytes=capacity,
-        smallest_bytes=smallest,
-        machines=assignments,
-        rung=0,
-        rungs=0,
-        damage=math.fsum(o.damage for o in chosen.values()),
-        seconds_per_token=placement.seconds if placement is not None else None,
-        tensors=tensors,
-        bound=found.bound,
-    )
-
-
-def _block_sizes(keys, items, choice, block_of, fixed, order) -> dict[int, int]:
-    sizes = {i: fixed.get(i, 0) for i in order}
-    for n, k in enumerate(keys):
-        sizes[block_of[k]] += items[n][choice[n]].bytes
-    return sizes
-
-
-def _dominant(chosen, block_of, order, view) -> dict[int, Precision]:
-    """Per block, the precision of the chosen options holding most of its bytes
-    (raw for a block with no choice)."""
-    held: dict[int, dict[Precision, int]] = {i: {} for i in order}
-    for k, o in chosen.items():
-        p = view(o)
-        row = held[block_of[k]]
-        row[p] = row.get(p, 0) + o.bytes
-    return {
-        i: max(row, key=lambda p: (row[p], p.rank)) if row else Precision.RAW
-        for i, row in held.items()
-    }
