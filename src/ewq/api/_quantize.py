@@ -6,10 +6,12 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from ewq.api._gptq import gptq_then, rounds, second_moments
 from ewq.arch import resolve
-from ewq.config import Format, QuantizeConfig, Rounding, configure
+from ewq.config import Format, QuantizeConfig, configure
 from ewq.errors import EwqError
 from ewq.formats import offered
 from ewq.imatrix import Imatrix, read_imatrix
@@ -54,24 +56,13 @@ def quantize(
     ``record(result)``, if given.
     """
     cfg = configure(QuantizeConfig, config, options)
-    revision, threads, force = cfg.revision, cfg.threads, cfg.force
     source = cfg.spec(source)
     plan_path = plan if isinstance(plan, (str, Path)) else None
-    if isinstance(plan, (str, Path)):
-        plan = load_plan(plan)
-    elif isinstance(plan, dict):
-        plan = plan_from_doc(plan)
-    # the format the plan was sized for, unless told otherwise
-    format = (cfg.format or plan.format or Format.GGUF).value
-    if plan.format is not None and plan.format != format:
-        log.warning(
-            "the plan sized its blocks as %s; writing %s, the sizes will differ",
-            plan.format,
-            format,
-        )
+    plan = _read_plan(plan)
+    format = _output_format(cfg, plan)
     out = Path(out)
     # a hub id is downloaded into the hub cache: quantizing reads every weight
-    with open_source(source, download=True, revision=revision) as src:
+    with open_source(source, download=True, revision=cfg.revision) as src:
         index = src.index
         layout = resolve(index)
     check_plan(plan, layout, str(source))
@@ -79,8 +70,57 @@ def quantize(
     if imatrix is not None and format != "gguf":
         raise EwqError("an importance matrix is for GGUF output (--format gguf)")
     inputs = (*index.files, plan_path, str(source))
-    check_output(out, inputs, folder=format == "hf", force=force)
-    record = _with_provenance(out, inputs, record)
+    check_output(out, inputs, folder=format == "hf", force=cfg.force)
+    _check_offered(plan, format)
+    rounds(cfg, format)  # one line now, before anything is written
+    job = _Job(source, plan, out, cfg, _with_provenance(out, inputs, record), progress)
+    if format == "hf":
+        return _quantize_hf(job, index, layout)
+    if index.format == "gguf":
+        return _quantize_gguf(job, index, layout, imatrix)
+    from ewq.quant.convert import converted
+
+    with converted(source, index, layout, out.parent) as (index, layout):
+        check_plan(plan, layout, str(source))
+        shown = f"{Path(str(source)).name}-converted.gguf"
+        return _quantize_gguf(job, index, layout, imatrix, shown)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one `ewq quantize` writes, from what, and whom it tells."""
+
+    source: str | Path
+    plan: Plan
+    out: Path
+    cfg: QuantizeConfig
+    record: Callable[[Quantized], None]
+    progress: Progress | None
+
+
+def _read_plan(plan: Plan | dict | str | Path) -> Plan:
+    if isinstance(plan, (str, Path)):
+        return load_plan(plan)
+    if isinstance(plan, dict):
+        return plan_from_doc(plan)
+    return plan
+
+
+def _output_format(cfg: QuantizeConfig, plan: Plan) -> str:
+    """The format the plan was sized for, unless told otherwise (then a warning:
+    the sizes will differ)."""
+    format = (cfg.format or plan.format or Format.GGUF).value
+    if plan.format is not None and plan.format != format:
+        log.warning(
+            "the plan sized its blocks as %s; writing %s, the sizes will differ",
+            plan.format,
+            format,
+        )
+    return format
+
+
+def _check_offered(plan: Plan, format: str) -> None:
+    """One line when the plan asks for a precision the format does not offer."""
     wanted = {b.precision for b in plan.blocks} | {
         plan.embedding.precision,
         plan.head.precision,
@@ -91,33 +131,6 @@ def quantize(
             f"the {format} format does not offer {', '.join(missing)} (it offers "
             f"{', '.join(p.value for p in offered(format))})"
         )
-    _rounding(cfg, format)  # one line now, before anything is written
-    if format == "hf":
-        return _quantize_hf(
-            source, index, layout, plan, out, progress, record, revision
-        )
-    if index.format != "gguf":
-        from ewq.quant.convert import converted
-
-        with converted(source, index, layout, out.parent) as (index, layout):
-            check_plan(plan, layout, str(source))
-            shown = f"{Path(str(source)).name}-converted.gguf"
-            return _quantize_gguf(
-                source,
-                index,
-                layout,
-                plan,
-                out,
-                threads,
-                progress,
-                record,
-                shown,
-                imatrix,
-                cfg,
-            )
-    return _quantize_gguf(
-        source, index, layout, plan, out, threads, progress, record, None, imatrix, cfg
-    )
 
 
 def _with_provenance(out: Path, inputs, record):
@@ -174,18 +187,8 @@ def _plan_imatrix(plan: Plan, given: Path | None, plan_path) -> Imatrix | None:
 
 
 def _quantize_gguf(
-    source,
-    index,
-    layout,
-    plan,
-    out,
-    threads,
-    progress,
-    record,
-    shown=None,
-    imatrix=None,
-    cfg: QuantizeConfig | None = None,
-):
+    job: _Job, index, layout, imatrix: Imatrix | None, shown: str | None = None
+) -> Quantized:
     """GGUF -> per-block quantized GGUF by llama.cpp's quantizer; ``shown`` names the
     input in the llama-quantize command recorded (a converted file is temporary).
     With a calibration text and GPTQ rounding, each quantized ``blk.*`` matrix is then
@@ -199,132 +202,37 @@ def _quantize_gguf(
         # llama.cpp asserts on a block count that disagrees with the tensors
         # (SIGABRT): refuse it here, in one line
         raise EwqError(
-            f"{source}: its metadata declares {arch}.block_count = {declared!r}, but "
+            f"{job.source}: its metadata declares {arch}.block_count = {declared!r}, but "
             f"its tensors hold {layout.num_blocks} blocks; llama.cpp cannot load it"
         )
-    targets = gguf_targets(index, layout, plan)
+    targets = gguf_targets(index, layout, job.plan)
     path = index.files[0]
+    cfg, progress = job.cfg, job.progress
     hessians: dict = {}
-    if cfg is not None and _rounding(cfg, "gguf"):
-        found, hessians = _hessians(index, cfg, threads, progress)
+    if rounds(cfg, "gguf"):
+        found, hessians = second_moments(index, cfg, cfg.threads, progress)
         imatrix = imatrix or found
     args = tuple(
         llama_quantize_args(
-            targets, shown or path, str(out), imatrix.file if imatrix else None
+            targets, shown or path, str(job.out), imatrix.file if imatrix else None
         )
     )
-    commit, made = _recorder(record, source, out, "gguf", plan, targets, args)
+    commit, made = _recorder(job, "gguf", targets, args)
+    meta = _gguf_provenance(job.source, job.plan)
     if hessians:
-        commit = _gptq_then(commit, index, hessians, cfg, progress)
-    meta = _gguf_provenance(source, plan)
-    if hessians:
+        commit = gptq_then(commit, index, hessians, cfg, progress)
         meta["ewq.rounding"] = "gptq"
     quantize_gguf(
         path,
         targets,
-        out,
-        threads=threads,
+        job.out,
+        threads=cfg.threads,
         progress=progress,
         before_commit=commit,
         metadata=meta,
         imatrix=imatrix,
     )
     return made[0]
-
-
-#: the inputs' second moments GPTQ rounding may hold in memory at once
-HESSIAN_LIMIT = 4 << 30
-
-
-def _rounding(cfg: QuantizeConfig, format: str) -> bool:
-    """Whether to round by GPTQ (ewq.quant.gptq); one line when it cannot be done."""
-    if cfg.rounding is Rounding.NEAREST:
-        return False
-    if cfg.calibration is None:
-        if cfg.rounding is Rounding.GPTQ:
-            raise EwqError("--rounding gptq needs a calibration text (--calibration)")
-        return False
-    if format != "gguf":
-        if cfg.rounding is Rounding.GPTQ:
-            raise EwqError("--rounding gptq writes GGUF files (--format gguf)")
-        return False
-    return True
-
-
-def _hessians(index, cfg: QuantizeConfig, threads, progress):
-    """The importance matrix and the inputs' second moments on the calibration text."""
-    from ewq.evaluate.activations import compute_hessians
-    from ewq.evaluate.data import load_text
-    from ewq.quant.gptq import hessian_bytes
-
-    cols = {
-        t.name: t.shape[-1]
-        for t in index.tensors
-        if t.name.startswith("blk.") and len(t.shape) == 2
-    }
-    need = hessian_bytes(cols)
-    if need > HESSIAN_LIMIT:
-        raise EwqError(
-            f"GPTQ rounding would hold {need / 2**30:.1f} GiB of second moments for "
-            f"this model (at most {HESSIAN_LIMIT / 2**30:.0f} GiB): quantize with "
-            "--rounding nearest"
-        )
-    from ewq.cache import file_digest
-
-    text = load_text(cfg.calibration)
-    key = (
-        file_digest(index.files[0]),
-        hashlib.sha256(text.encode()).hexdigest(),
-        cfg.calibration_ctx,
-        str(cfg.documents),
-    )
-    if _HESSIANS.get("key") != key:
-        _HESSIANS.clear()  # one model's at a time: they may take gigabytes
-        _HESSIANS["value"] = compute_hessians(
-            index.files[0],
-            text,
-            ctx=cfg.calibration_ctx,
-            documents=cfg.documents,
-            threads=threads,
-            progress=progress,
-        )
-        _HESSIANS["key"] = key
-    return _HESSIANS["value"]
-
-
-#: the last second moments computed, by model content, text and windows: quantizing
-#: the same model at several plans in one process (ewq compare) passes over the text
-#: once (IgLM: 56 s of each GPTQ quantize)
-_HESSIANS: dict = {}
-
-
-def _gptq_then(commit, index, hessians, cfg: QuantizeConfig, progress):
-    """``commit`` preceded by GPTQ rounding of the file llama.cpp wrote (recorded in
-    the result's ``rounding``)."""
-    from ewq.quant import ggml
-    from ewq.quant.gptq import DAMP, patch
-
-    by_name = {t.name: t for t in index.tensors}
-
-    def values(name: str):
-        info = by_name.get(name)
-        return None if info is None else ggml.tensor_values(info)
-
-    def run(tmp: Path, written: dict[str, str]) -> None:
-        names = patch(Path(tmp), values, hessians, progress)
-        commit.rounding.update(
-            method="gptq",
-            calibration_sha256=hashlib.sha256(
-                Path(cfg.calibration).read_bytes()
-            ).hexdigest(),
-            calibration_ctx=cfg.calibration_ctx,
-            documents=str(cfg.documents),
-            damp=DAMP,
-            tensors=len(names),
-        )
-        commit(tmp, written)
-
-    return run
 
 
 def _gguf_provenance(source, plan: Plan) -> dict[str, str]:
@@ -348,24 +256,16 @@ def _gguf_provenance(source, plan: Plan) -> dict[str, str]:
     }
 
 
-def _recorder(
-    record: Callable[[Quantized], None] | None,
-    source,
-    out: Path,
-    fmt: str,
-    plan: Plan,
-    targets,
-    llama_quantize_args: tuple[str, ...] = (),
-):
+def _recorder(job: _Job, fmt: str, targets, llama_quantize_args: tuple[str, ...] = ()):
     """The hook a quantizer calls between its check and its rename: the result
     record (types written, file bytes of the temporary output), handed to
     ``record`` before the output appears."""
     made: list[Quantized] = []
     fields = {
-        "source": str(source),
-        "out": out,
+        "source": str(job.source),
+        "out": job.out,
         "format": fmt,
-        "plan": plan,
+        "plan": job.plan,
         "targets": tuple(targets),
         "predicted_bytes": sum(t.nbytes for t in targets),
         "llama_quantize_args": llama_quantize_args,
@@ -384,44 +284,41 @@ def _recorder(
                 **fields,
             )
         )
-        if record is not None:
-            record(made[0])
+        job.record(made[0])
 
     commit.rounding = {}  # filled by a rounding step before the commit
     return commit, made
 
 
-def _quantize_hf(
-    source, index, layout, plan, out, progress, record, revision=None
-) -> Quantized:
+def _quantize_hf(job: _Job, index, layout) -> Quantized:
     from ewq.quant.hf import quantize_hf
 
     folder = Path(index.files[0]).parent
     if index.format != "safetensors" or not (folder / "config.json").is_file():
         raise EwqError(
-            f"{source}: Hugging Face output needs a Hugging Face model folder "
+            f"{job.source}: Hugging Face output needs a Hugging Face model folder "
             "(config.json and safetensors weights)"
         )
-    targets = hf_targets(index, layout, plan)
-    commit, made = _recorder(record, source, out, "hf", plan, targets)
+    targets = hf_targets(index, layout, job.plan)
+    commit, made = _recorder(job, "hf", targets)
     from ewq import __version__
     from ewq.reports.card import hub_revision, model_card
     from ewq.sources.hub import is_hub_id, split_spec
 
-    name = str(source)
+    name = str(job.source)
     card = model_card(
         source=name,
-        revision=revision or hub_revision(str(folder)),
+        revision=job.cfg.revision or hub_revision(str(folder)),
         hub_id=split_spec(name)[0]
         if is_hub_id(name) and not Path(name).exists()
         else None,
-        plan=plan,
+        plan=job.plan,
         targets=targets,
         predicted_bytes=sum(t.nbytes for t in targets),
         ewq_version=__version__,
-        record=f"{out.name}.ewq.json",
+        record=f"{job.out.name}.ewq.json",
     )
     quantize_hf(
-        folder, targets, out, progress=progress, before_commit=commit, card=card
+        folder, targets, job.out, progress=job.progress, before_commit=commit, card=card
     )
     return made[0]
