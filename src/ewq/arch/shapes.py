@@ -112,80 +112,13 @@ def index_from_config(config: Mapping[str, Any], source: str) -> ModelIndex:
     Raises :class:`UnknownArchitectureError` for a family without a shape table and
     :class:`FormatError` for a config missing a key its family needs.
     """
-    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
-    model_type = config.get("model_type")
-    family = find_table(
-        archs, model_type if isinstance(model_type, str) else None, "config"
-    )
-    if family is None or family not in _tables():
-        raise UnknownArchitectureError(
-            f"{source}: no analytic parameter rule for "
-            f"{(archs or [model_type or 'this model'])[0]} (rules exist for "
-            f"{', '.join(analytic_families())}); use the safetensors headers instead "
-            "(a model folder or a hub id)"
-        )
+    family = _family(config, source)
     table = _resolved(family)
     dtype = _DTYPES.get(
         str(config.get("torch_dtype") or config.get("dtype") or ""), "BF16"
     )
     try:
-        names = _names(config, table)
-        n_layers = int(evaluate(table.layers or "num_hidden_layers", names))
-        if not 1 <= n_layers <= MAX_BLOCKS:
-            raise FormatError(
-                f"config.json declares {n_layers} layers; ewq plans models of 1 to "
-                f"{MAX_BLOCKS} (Llama-3.1-405B has 126)"
-            )
-        # names that change from layer to layer: N and what is derived from it
-        per_layer = {"N"}
-        for key, expr in table.derived.items():
-            if names_in(expr) & per_layer:
-                per_layer.add(key)
-        base = dict(names, N=-1)
-        for key, expr in table.derived.items():
-            if key not in per_layer:
-                base[key] = evaluate(expr, base)
-        tensors = []
-        for template, raw in table.tensors.items():
-            entry = raw if isinstance(raw, Entry) else Entry(shape=raw)
-            exprs = [*entry.shape, entry.when or "True", entry.experts or "1"]
-            varies = any(names_in(e) & per_layer for e in exprs)
-            layers = range(n_layers) if "{N}" in template else [None]
-            cached = None
-            for n in layers:
-                if cached is None or varies:
-                    scope = base
-                    if varies:
-                        scope = dict(base, N=n if n is not None else -1)
-                        for key in table.derived:
-                            if key in per_layer:
-                                scope[key] = evaluate(table.derived[key], scope)
-                    keep = entry.when is None or bool(evaluate(entry.when, scope))
-                    shape = (
-                        tuple(int(evaluate(e, scope)) for e in entry.shape)
-                        if keep
-                        else ()
-                    )
-                    count = (
-                        int(evaluate(entry.experts, scope))
-                        if entry.experts and keep
-                        else 1
-                    )
-                    if any(d < 0 or d > _MAX_DIM for d in shape) or not (
-                        0 <= count <= _MAX_EXPERTS
-                    ):
-                        raise FormatError(
-                            f"{source}: config values give {template} the shape "
-                            f"{shape} x {count}, which no model has"
-                        )
-                    cached = (keep, shape, count)
-                keep, shape, count = cached
-                if not keep:
-                    continue
-                nbytes = prod(shape) * _ITEMSIZE[dtype]
-                for e in range(count):
-                    name = template.replace("{N}", str(n)).replace("{E}", str(e))
-                    tensors.append(TensorInfo(name, dtype, shape, nbytes, source, 0))
+        tensors = _tensors(config, table, dtype, source)
     except ExprError as exc:
         if exc.missing:
             raise FormatError(
@@ -205,3 +138,79 @@ def index_from_config(config: Mapping[str, Any], source: str) -> ModelIndex:
         config=dict(config),
         metadata_only=True,
     )
+
+
+def _family(config: Mapping[str, Any], source: str) -> str:
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    model_type = config.get("model_type")
+    family = find_table(
+        archs, model_type if isinstance(model_type, str) else None, "config"
+    )
+    if family is None or family not in _tables():
+        raise UnknownArchitectureError(
+            f"{source}: no analytic parameter rule for "
+            f"{(archs or [model_type or 'this model'])[0]} (rules exist for "
+            f"{', '.join(analytic_families())}); use the safetensors headers instead "
+            "(a model folder or a hub id)"
+        )
+    return family
+
+
+def _tensors(
+    config: Mapping[str, Any], table: Any, dtype: str, source: str
+) -> list[TensorInfo]:
+    """Every tensor the table's templates give for this config, in table order."""
+    names = _names(config, table)
+    n_layers = int(evaluate(table.layers or "num_hidden_layers", names))
+    if not 1 <= n_layers <= MAX_BLOCKS:
+        raise FormatError(
+            f"config.json declares {n_layers} layers; ewq plans models of 1 to "
+            f"{MAX_BLOCKS} (Llama-3.1-405B has 126)"
+        )
+    # names that change from layer to layer: N and what is derived from it
+    per_layer = {"N"}
+    for key, expr in table.derived.items():
+        if names_in(expr) & per_layer:
+            per_layer.add(key)
+    base = dict(names, N=-1)
+    for key, expr in table.derived.items():
+        if key not in per_layer:
+            base[key] = evaluate(expr, base)
+    tensors = []
+    for template, raw in table.tensors.items():
+        entry = raw if isinstance(raw, Entry) else Entry(shape=raw)
+        exprs = [*entry.shape, entry.when or "True", entry.experts or "1"]
+        varies = any(names_in(e) & per_layer for e in exprs)
+        cached = None
+        for n in range(n_layers) if "{N}" in template else [None]:
+            if cached is None or varies:
+                scope = base
+                if varies:
+                    scope = dict(base, N=n if n is not None else -1)
+                    for key in table.derived:
+                        if key in per_layer:
+                            scope[key] = evaluate(table.derived[key], scope)
+                cached = _shape(template, entry, scope, source)
+            keep, shape, count = cached
+            if not keep:
+                continue
+            nbytes = prod(shape) * _ITEMSIZE[dtype]
+            for e in range(count):
+                name = template.replace("{N}", str(n)).replace("{E}", str(e))
+                tensors.append(TensorInfo(name, dtype, shape, nbytes, source, 0))
+    return tensors
+
+
+def _shape(
+    template: str, entry: Entry, scope: Mapping[str, Any], source: str
+) -> tuple[bool, tuple[int, ...], int]:
+    """Whether the tensor exists in ``scope``, its shape, and its count of experts."""
+    keep = entry.when is None or bool(evaluate(entry.when, scope))
+    shape = tuple(int(evaluate(e, scope)) for e in entry.shape) if keep else ()
+    count = int(evaluate(entry.experts, scope)) if entry.experts and keep else 1
+    if any(d < 0 or d > _MAX_DIM for d in shape) or not 0 <= count <= _MAX_EXPERTS:
+        raise FormatError(
+            f"{source}: config values give {template} the shape {shape} x {count}, "
+            "which no model has"
+        )
+    return keep, shape, count

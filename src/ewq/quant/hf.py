@@ -66,17 +66,57 @@ def quantize_hf(
     the folder appears complete (renamed into place) or not at all. ``card`` is
     written as its README.md (the source's own card is not copied).
     """
-    torch, transformers = _libraries()
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-        apply_quantization_config,
-    )
-    from compressed_tensors.quantization.utils import calculate_qparams
-
     folder, out = Path(folder), Path(out)
+    model = _load(folder)
+    quantized = [t for t in targets if t.type.startswith("int")]
+    groups = _schemes(folder, model, quantized)
+    compressor = None
+    if groups:
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import (
+            QuantizationConfig,
+            apply_quantization_config,
+        )
+
+        with _no_tqdm():
+            apply_quantization_config(model, QuantizationConfig(config_groups=groups))
+        _set_scales(model, quantized, progress)
+        compressor = ModelCompressor.from_pretrained_model(
+            model, quantization_format="pack-quantized"
+        )
+        with _no_tqdm():
+            compressor.compress_model(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if compressor is not None:
+            compressor.update_config(str(tmp))
+        for f in folder.iterdir():  # tokenizer and friends
+            if (
+                f.is_file()
+                and f.name not in _SKIP
+                and not f.name.endswith(".safetensors")
+                and not (tmp / f.name).exists()
+            ):
+                shutil.copy2(f, tmp / f.name)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        written = _check_written(tmp, targets)
+        if before_commit is not None:
+            before_commit(tmp, written)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return written
+
+
+def _load(folder: Path):
+    """The checkpoint through its transformers class; NaN or Inf refused (they
+    would become NaN scales in a checkpoint that loads), on the weights already in
+    memory (no second read of the model)."""
+    torch, transformers = _libraries()
     config = json.loads((folder / "config.json").read_text())
     arch = (config.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
@@ -85,17 +125,22 @@ def quantize_hf(
     transformers.utils.logging.disable_progress_bar()
     with _no_tqdm():
         model = cls.from_pretrained(folder, dtype="auto")
-    # NaN or Inf would become NaN scales in a checkpoint that loads: refuse them,
-    # on the weights already in memory (no second read of the model)
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             n_nan, n_inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
             raise NonFiniteTensorError(
                 f"{folder}: tensor '{name}' holds {n_nan} NaN and {n_inf} Inf values"
             )
-    modules = dict(model.named_modules())
+    return model
 
-    quantized = [t for t in targets if t.type.startswith("int")]
+
+def _schemes(folder: Path, model, quantized: list[TensorTarget]) -> dict:
+    """compressed-tensors' config groups: one scheme per integer form (int4/g128,
+    int8/ch), listing the Linear layers written in it."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    modules = dict(model.named_modules())
     schemes: dict[str, list[str]] = {}
     for t in quantized:
         name = t.name.removesuffix(".weight")
@@ -120,9 +165,16 @@ def quantize_hf(
         groups[f"ewq_{bits}bit_{grouping}"] = QuantizationScheme(
             targets=names, weights=args
         )
-    if groups:
-        with _no_tqdm():
-            apply_quantization_config(model, QuantizationConfig(config_groups=groups))
+    return groups
+
+
+def _set_scales(model, quantized: list[TensorTarget], progress) -> None:
+    """Each quantized layer's scale and zero point from its weights' range (per
+    group or per output channel), as compressed-tensors computes them."""
+    import torch
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for i, t in enumerate(quantized, 1):
             module = modules[t.name.removesuffix(".weight")]
@@ -140,38 +192,6 @@ def quantize_hf(
             )
             if progress is not None:
                 progress(i, len(quantized), t.name)
-    compressor = None
-    if groups:
-        compressor = ModelCompressor.from_pretrained_model(
-            model, quantization_format="pack-quantized"
-        )
-        with _no_tqdm():
-            compressor.compress_model(model)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        if compressor is not None:
-            compressor.update_config(str(tmp))
-        for f in folder.iterdir():  # tokenizer and friends
-            if (
-                f.is_file()
-                and f.name not in _SKIP
-                and not f.name.endswith(".safetensors")
-            ):
-                if not (tmp / f.name).exists():
-                    shutil.copy2(f, tmp / f.name)
-        if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
-        written = _check_written(tmp, targets)
-        if before_commit is not None:
-            before_commit(tmp, written)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return written
 
 
 @contextlib.contextmanager

@@ -29,57 +29,11 @@ def write_bench(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2) + "\n")
     name = result["model_name"]
-    variants = result["variants"]
-    raw = next(v for v in variants if v["variant"] == "raw")
-    mb = 1e6
-
-    def rows(table: str) -> list[dict[str, Any]]:
-        return [
-            {
-                "model": name,
-                "variant": v["variant"],
-                "mmlu_accuracy": f"{v['mmlu_accuracy']:.4f}",
-                "mmlu_perplexity": f"{v['mmlu_perplexity']:.4f}",
-                "blocks_mb_over_total_mb": f"{v['blocks_bytes'] / mb:.2f} / {v['total_bytes'] / mb:.2f}",
-                "raw_8bit_4bit_blocks": v["raw_8bit_4bit_blocks"],
-                "mmlu_cloze_accuracy": f"{v['mmlu_cloze_accuracy']:.4f}",
-                "text_perplexity": f"{v['text_perplexity']:.4f}",
-                "kl_mean": f"{v['text_kl_mean']:.5f}",
-                "kl_p99": f"{v['text_kl_p99']:.5f}",
-                "top1_agreement": f"{v['text_top1_agreement']:.4f}",
-            }
-            for v in variants
-            if v["table"] == table or (table == "table6" and v["variant"] == "raw")
-        ]
-
-    def rel(v: dict[str, Any], key: str) -> str:
-        if raw[key] == 0:
-            return f"{v[key] - raw[key]:+.4f} (abs)"
-        return f"{(v[key] - raw[key]) / raw[key]:+.2%}"
-
-    t14 = [
-        {
-            "model": name,
-            "variant": v["variant"],
-            "accuracy_or_rel": f"{v['mmlu_accuracy']:.4f}"
-            if v is raw
-            else rel(v, "mmlu_accuracy"),
-            "perplexity_or_rel": f"{v['mmlu_perplexity']:.4f}"
-            if v is raw
-            else rel(v, "mmlu_perplexity"),
-            "size_rel_over_total_mb": (
-                f"{raw['total_bytes'] / mb:.2f}"
-                if v is raw
-                else f"{rel(v, 'total_bytes')} / {v['total_bytes'] / mb:.2f}"
-            ),
-            "text_perplexity_or_rel": (
-                f"{v['text_perplexity']:.4f}" if v is raw else rel(v, "text_perplexity")
-            ),
-            "kl_mean": f"{v['text_kl_mean']:.5f}",
-        }
-        for v in variants
-    ]
-    tables = {"table6": rows("table6"), "table7": rows("table7"), "table14": t14}
+    tables = {
+        "table6": _paper_rows(result, "table6"),
+        "table7": _paper_rows(result, "table7"),
+        "table14": _relative_rows(result),
+    }
     md = [f"# {name}: the paper's tables, measured here", ""]
     cfg = result["config"]
     md.append(
@@ -97,20 +51,8 @@ def write_bench(result: dict[str, Any], out: Path) -> None:
         ("table7", "FastEWQ (Table 7)"),
         ("table14", "Relative to raw (Table 14)"),
     ):
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(tables[key][0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(tables[key])
-        atomic_write_text(out / f"{key}.csv", buf.getvalue())
-        cols = list(tables[key][0])
-        md += [
-            "",
-            f"## {title}",
-            "",
-            "| " + " | ".join(cols) + " |",
-            "|" + "---|" * len(cols),
-        ]
-        md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in tables[key]]
+        atomic_write_text(out / f"{key}.csv", _csv(tables[key]))
+        md += ["", f"## {title}", "", *_markdown(tables[key])]
     md += [
         "",
         "## Composite score, fast against fast train",
@@ -126,6 +68,81 @@ def write_bench(result: dict[str, Any], out: Path) -> None:
     md += ["", "## At equal size: entropy against random and position-only choices", ""]
     md += [equal_size_plot(result, out), "", verdict(result["equal_size"])]
     atomic_write_text(out / "README.md", "\n".join(md) + "\n")
+
+
+_MB = 1e6
+
+
+def _paper_rows(result: dict[str, Any], table: str) -> list[dict[str, Any]]:
+    """The rows of the paper's Table 6 (EWQ, uniform; raw first) or 7 (FastEWQ)."""
+    return [
+        {
+            "model": result["model_name"],
+            "variant": v["variant"],
+            "mmlu_accuracy": f"{v['mmlu_accuracy']:.4f}",
+            "mmlu_perplexity": f"{v['mmlu_perplexity']:.4f}",
+            "blocks_mb_over_total_mb": f"{v['blocks_bytes'] / _MB:.2f} / {v['total_bytes'] / _MB:.2f}",
+            "raw_8bit_4bit_blocks": v["raw_8bit_4bit_blocks"],
+            "mmlu_cloze_accuracy": f"{v['mmlu_cloze_accuracy']:.4f}",
+            "text_perplexity": f"{v['text_perplexity']:.4f}",
+            "kl_mean": f"{v['text_kl_mean']:.5f}",
+            "kl_p99": f"{v['text_kl_p99']:.5f}",
+            "top1_agreement": f"{v['text_top1_agreement']:.4f}",
+        }
+        for v in result["variants"]
+        if v["table"] == table or (table == "table6" and v["variant"] == "raw")
+    ]
+
+
+def _relative_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paper's Table 14: every variant relative to the raw model."""
+    variants = result["variants"]
+    raw = next(v for v in variants if v["variant"] == "raw")
+
+    def rel(v: dict[str, Any], key: str) -> str:
+        if raw[key] == 0:
+            return f"{v[key] - raw[key]:+.4f} (abs)"
+        return f"{(v[key] - raw[key]) / raw[key]:+.2%}"
+
+    return [
+        {
+            "model": result["model_name"],
+            "variant": v["variant"],
+            "accuracy_or_rel": f"{v['mmlu_accuracy']:.4f}"
+            if v is raw
+            else rel(v, "mmlu_accuracy"),
+            "perplexity_or_rel": f"{v['mmlu_perplexity']:.4f}"
+            if v is raw
+            else rel(v, "mmlu_perplexity"),
+            "size_rel_over_total_mb": (
+                f"{raw['total_bytes'] / _MB:.2f}"
+                if v is raw
+                else f"{rel(v, 'total_bytes')} / {v['total_bytes'] / _MB:.2f}"
+            ),
+            "text_perplexity_or_rel": (
+                f"{v['text_perplexity']:.4f}" if v is raw else rel(v, "text_perplexity")
+            ),
+            "kl_mean": f"{v['text_kl_mean']:.5f}",
+        }
+        for v in variants
+    ]
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _markdown(rows: list[dict[str, Any]]) -> list[str]:
+    cols = list(rows[0])
+    return [
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+        *("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows),
+    ]
 
 
 def equal_size_plot(result: dict[str, Any], out: Path) -> str:

@@ -108,10 +108,30 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     files = _plots(st, out)
     paper_cm = _paper_confusion(Path(paper_tables) if paper_tables else None)
+    lines = [
+        *_intro(st, rows, dataset),
+        *_accuracy(st, paper_cm),
+        *_per_class(st),
+        *_confusion(st, paper_cm, files),
+        *_importances(st, files),
+        "",
+        "## The stored classifier",
+        "",
+        f"`{model_path}` holds two random forests (numpy arrays in a .npz, "
+        "read without pickle): `fast`, trained on every row, and "
+        "`fast-train`, trained on the 70% split. `ewq plan --method fast|fast-train` "
+        "uses them.",
+        "",
+    ]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _intro(st: Any, rows: list[dict[str, Any]], dataset: str) -> list[str]:
     models = Counter(r["model_name"] for r in rows)
     sources = Counter(r.get("label_source") or "?" for r in rows)
-    rf = st.results["random forest"]
-    lines = [
+    return [
         "# FastEWQ classifiers",
         "",
         f"Dataset `{dataset}`: {st.n_rows} blocks of {st.n_models} models "
@@ -122,6 +142,12 @@ def write_report(
         "standardised by a StandardScaler fitted on the training rows.",
         "",
         "Models: " + ", ".join(f"{m} ({n})" for m, n in sorted(models.items())) + ".",
+    ]
+
+
+def _accuracy(st: Any, paper_cm: dict) -> list[str]:
+    rf = st.results["random forest"]
+    lines = [
         "",
         "## Accuracy",
         "",
@@ -134,13 +160,18 @@ def write_report(
         lines.append(
             f"| {name} | {r.report['accuracy']:.1%} | {r.auc:.3f} | {r.lomo:.1%} | {paper} |"
         )
-    lines += [
+    return lines + [
         "",
         f"Random forest: {rf.report['accuracy']:.1%} here against the paper's "
         f"{PAPER_RF['accuracy']:.0%}. Leave-one-model-out accuracy (train on every "
         "model but one, test on that one) is the honest measure of how well the "
         "classifier predicts EWQ's choice for a model it has never seen; the 70/30 split "
         "mixes blocks of the same model into both sides.",
+    ]
+
+
+def _per_class(st: Any) -> list[str]:
+    lines = [
         "",
         "## Per class (test split)",
         "",
@@ -154,11 +185,16 @@ def write_report(
                 f"| {name} | {cls} | {m['precision']:.2f} | {m['recall']:.2f} | "
                 f"{m['f1-score']:.2f} | {int(m['support'])} |"
             )
-    lines += [
+    return lines + [
         "",
         f"Paper, random forest: raw precision {PAPER_RF['raw'][0]:.2f} recall "
         f"{PAPER_RF['raw'][1]:.2f}; quantized precision {PAPER_RF['quantized'][0]:.2f} "
         f"recall {PAPER_RF['quantized'][1]:.2f}.",
+    ]
+
+
+def _confusion(st: Any, paper_cm: dict, files: dict[str, str]) -> list[str]:
+    lines = [
         "",
         "## Confusion matrices",
         "",
@@ -175,11 +211,11 @@ def write_report(
             + (" / ".join(map(str, cm)) if cm else "-")
             + " |"
         )
-    lines += [
-        "",
-        "## ROC curves",
-        "",
-        f"![ROC curves]({files['roc']})",
+    return lines + ["", "## ROC curves", "", f"![ROC curves]({files['roc']})"]
+
+
+def _importances(st: Any, files: dict[str, str]) -> list[str]:
+    lines = [
         "",
         "## Feature importances and ablations",
         "",
@@ -200,18 +236,7 @@ def write_report(
             f"| {name} | {r.report['accuracy']:.1%} | {a['num_parameters']:.1%} | "
             f"{a['exec_index']:.1%} | {a['num_blocks']:.1%} |"
         )
-    lines += [
+    return lines + [
         f"| paper | {PAPER_ABLATION['all']:.1%} | {PAPER_ABLATION['num_parameters']:.1%} | "
         f"{PAPER_ABLATION['exec_index']:.1%} | {PAPER_ABLATION['num_blocks']:.1%} |",
-        "",
-        "## The stored classifier",
-        "",
-        f"`{model_path}` holds two random forests (numpy arrays in a .npz, "
-        "read without pickle): `fast`, trained on every row, and "
-        "`fast-train`, trained on the 70% split. `ewq plan --method fast|fast-train` "
-        "uses them.",
-        "",
     ]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path

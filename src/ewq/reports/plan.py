@@ -231,54 +231,19 @@ def _machine(m: Any, r: Any, rt: Any, machines: Any = ()) -> dict[str, Any]:
 
 
 def plan_table(planned: PlanResult) -> Table:
-    a, r, layout = planned.analysis, planned.result, planned.layout
-    counts: dict[str, int] = {}
-    for b in layout.transformer_blocks:
-        p = r.precision[b.exec_index].value
-        counts[p] = counts.get(p, 0) + 1
-    rt = planned.runtime
+    """One row per block: its entropy, the paper's decision, the precision (and
+    per-tensor types) chosen, its bytes and machine; the caption sums it up."""
+    r, layout = planned.result, planned.layout
     how = (
         f"criterion {planned.criterion}, {planned.allocator} allocator"
         if planned.method == "ewq"
         else f"{planned.method} (Algorithm 2)"
     )
-    runtime = ""
-    if rt is not None:
-        kv = sum(rt.kv_bytes.values())
-        used = sum(1 for m in r.machines if m.exec_indices)
-        buffers = rt.stage_bytes * used + rt.head_bytes
-        runtime = (
-            f" + KV cache {human_bytes(kv)} ({rt.context} tokens) + buffers "
-            f"{human_bytes(buffers)}"
-        )
-        capacity = r.capacity_bytes + rt.stage_bytes * len(r.machines)
-    else:
-        capacity = r.capacity_bytes
     table = Table(
         title=f"{planned.index.source}: {how}, {planned.format} sizes",
-        caption=f"weights {human_bytes(r.total_bytes)}{runtime} of "
-        f"{human_bytes(capacity)} on {sum(1 for m in r.machines if m.exec_indices)} "
-        "machine(s); blocks: " + ", ".join(f"{n} {p}" for p, n in counts.items()),
+        caption=_caption(planned),
     )
     per_tensor = bool(r.tensors)
-    kl = predicted_kl(planned)
-    if kl is not None or per_tensor:
-        bits = 8 * r.total_bytes / max(1, planned.layout_parameters)
-        extra = [f"{bits:.3f} bits per weight"]
-        if kl is not None:
-            extra.append(f"predicted KL {kl:.4g} nats/token")
-        if planned.imatrix is not None:
-            extra.append(
-                f"importance matrix of {planned.imatrix.chunk_count} chunks"
-                + (
-                    f" ({planned.imatrix.datasets[0]})"
-                    if planned.imatrix.datasets
-                    else ""
-                )
-            )
-        if planned.anchor is not None:
-            extra.append(_anchor_line(planned.anchor))
-        table.caption = f"{table.caption}; " + "; ".join(extra)
     columns = ["exec_index", "kind", "entropy", "decision", "precision", "bytes"]
     columns += ["types"] if per_tensor else []
     for col in (*columns, "machine"):
@@ -286,13 +251,7 @@ def plan_table(planned: PlanResult) -> Table:
             col,
             justify="right" if col in ("exec_index", "entropy", "bytes") else "left",
         )
-    styles = {
-        "raw": "",
-        "8-bit": "yellow",
-        "6-bit": "yellow",
-        "5-bit": "dark_orange",
-        "4-bit": "red",
-    }
+    a = planned.analysis
     entropy = {b.exec_index: b.entropy for b in a.profile.blocks} if a else {}
     for b in layout.blocks:
         i = b.exec_index
@@ -308,14 +267,69 @@ def plan_table(planned: PlanResult) -> Table:
             human_bytes(r.bytes[i]),
         ]
         if per_tensor:
-            counts: dict[str, int] = {}
-            for t in b.tensors:
-                o = r.tensors.get(t.name)
-                if o is not None:
-                    counts[str(o.precision)] = counts.get(str(o.precision), 0) + 1
-            cells.append(", ".join(f"{n} {t}" for t, n in counts.items()) or "-")
-        table.add_row(*cells, r.machine[i] or "-", style=styles.get(p, "magenta"))
+            cells.append(_types(b, r.tensors))
+        table.add_row(*cells, r.machine[i] or "-", style=_STYLES.get(p, "magenta"))
     return table
+
+
+_STYLES = {
+    "raw": "",
+    "8-bit": "yellow",
+    "6-bit": "yellow",
+    "5-bit": "dark_orange",
+    "4-bit": "red",
+}
+
+
+def _types(block: Any, tensors: Mapping[str, Any]) -> str:
+    """How many of the block's tensors each type holds: '4 Q4_K, 2 Q6_K'."""
+    counts: dict[str, int] = {}
+    for t in block.tensors:
+        o = tensors.get(t.name)
+        if o is not None:
+            counts[str(o.precision)] = counts.get(str(o.precision), 0) + 1
+    return ", ".join(f"{n} {t}" for t, n in counts.items()) or "-"
+
+
+def _caption(planned: PlanResult) -> str:
+    """Weights, runtime and capacity; blocks per precision; bits per weight, the
+    predicted KL, the importance matrix and the anchor when there are."""
+    r, rt = planned.result, planned.runtime
+    counts: dict[str, int] = {}
+    for b in planned.layout.transformer_blocks:
+        p = r.precision[b.exec_index].value
+        counts[p] = counts.get(p, 0) + 1
+    runtime, capacity = "", r.capacity_bytes
+    if rt is not None:
+        kv = sum(rt.kv_bytes.values())
+        used = sum(1 for m in r.machines if m.exec_indices)
+        buffers = rt.stage_bytes * used + rt.head_bytes
+        runtime = (
+            f" + KV cache {human_bytes(kv)} ({rt.context} tokens) + buffers "
+            f"{human_bytes(buffers)}"
+        )
+        capacity = r.capacity_bytes + rt.stage_bytes * len(r.machines)
+    caption = (
+        f"weights {human_bytes(r.total_bytes)}{runtime} of "
+        f"{human_bytes(capacity)} on {sum(1 for m in r.machines if m.exec_indices)} "
+        "machine(s); blocks: " + ", ".join(f"{n} {p}" for p, n in counts.items())
+    )
+    kl = predicted_kl(planned)
+    if kl is None and not r.tensors:
+        return caption
+    bits = 8 * r.total_bytes / max(1, planned.layout_parameters)
+    extra = [f"{bits:.3f} bits per weight"]
+    if kl is not None:
+        extra.append(f"predicted KL {kl:.4g} nats/token")
+    m = planned.imatrix
+    if m is not None:
+        extra.append(
+            f"importance matrix of {m.chunk_count} chunks"
+            + (f" ({m.datasets[0]})" if m.datasets else "")
+        )
+    if planned.anchor is not None:
+        extra.append(_anchor_line(planned.anchor))
+    return f"{caption}; " + "; ".join(extra)
 
 
 def placement_table(planned: PlanResult) -> Table | None:

@@ -198,55 +198,25 @@ def kl_sensitivity(
         for e in cands[n][2][1:]
         if errors.get(n, {}).get(e.type, 0) > 0
     ]
-    total = len(swaps) + len(files)
-    swapped: dict[tuple[str, str], float] = {}
-    written: dict[tuple[str, str], float] = {}
-    bench = Probes(
-        index,
-        layout,
-        sorted({n for n, _ in swaps}),
-        text,
-        tokens=tokens,
-        ctx=ctx,
-        documents=documents,
-        imatrix=imatrix,
+    window = {"tokens": tokens, "ctx": ctx, "documents": documents}
+    swapped, written, bench = _measure(
+        index, layout, text, swaps, files, imatrix, window, progress
     )
-    with bench:
-        for k, (name, type_name) in enumerate(swaps):
-            swapped[name, type_name] = bench.kl({name: type_name})
-            if progress is not None:
-                progress(k + 1, total, f"{name} as {type_name}")
-    calib = Calibration(
-        index, layout, text, tokens=tokens, ctx=ctx, documents=documents
-    )
-    with calib:
-        for k, (name, type_name) in enumerate(files):
-            written[name, type_name] = calib.kl({name: type_name}, imatrix)
-            if progress is not None:
-                progress(len(swaps) + k + 1, total, f"{name} as {type_name}, written")
     slope = {n: swapped[n, t] / errors[n][t] for n, t in swaps}
     median_slope = statistics.median(slope.values()) if slope else 0.0
-    factor: dict[str, float] = {}  # the written model's KL over the swapped slope's
-    for type_name in {t for _, t in files}:
-        ratios = [
-            written[n, type_name] / (slope[n] * errors[n][type_name])
-            for n in sampled
-            if (n, type_name) in written and slope.get(n, 0) > 0
-        ]
-        if ratios:
-            factor[type_name] = statistics.median(ratios)
-    damage: dict[str, dict[str, float]] = {}
-    for name, (_info, _key, encs) in cands.items():
-        k = slope.get(name, median_slope)
-        row = {}
-        for e in encs[1:]:
-            if (name, e.type) in written:
-                row[e.type] = written[name, e.type]
-            else:
-                row[e.type] = (
-                    k * factor.get(e.type, 1.0) * errors.get(name, {}).get(e.type, 0.0)
-                )
-        damage[name] = row
+    factor = _type_factors(written, slope, errors, sampled)
+    damage = {
+        name: {
+            e.type: written.get(
+                (name, e.type),
+                slope.get(name, median_slope)
+                * factor.get(e.type, 1.0)
+                * errors.get(name, {}).get(e.type, 0.0),
+            )
+            for e in encs[1:]
+        }
+        for name, (_info, _key, encs) in cands.items()
+    }
     return Sensitivity(
         "kl",
         damage,
@@ -256,10 +226,56 @@ def kl_sensitivity(
             "ctx": ctx,
             "documents": str(documents),
             "tokens": bench.tokens,
-            "probes": total,
+            "probes": len(swaps) + len(files),
             "probes_swapped": len(swaps),
             "type_probes": sampled,
             "type_factors": {t: round(v, 4) for t, v in sorted(factor.items())},
             "median_sensitivity": median_slope,
         },
     )
+
+
+def _type_factors(
+    written: Mapping[tuple[str, str], float],
+    slope: Mapping[str, float],
+    errors: Mapping[str, Mapping[str, float]],
+    sampled: list[str],
+) -> dict[str, float]:
+    """Per type, the median over the probed tensors of the written model's KL over
+    what the swapped slope predicts (a type's kernel costs more or less than its
+    error says)."""
+    factor: dict[str, float] = {}
+    for type_name in {t for _, t in written}:
+        ratios = [
+            written[n, type_name] / (slope[n] * errors[n][type_name])
+            for n in sampled
+            if (n, type_name) in written and slope.get(n, 0) > 0
+        ]
+        if ratios:
+            factor[type_name] = statistics.median(ratios)
+    return factor
+
+
+def _measure(index, layout, text, swaps, files, imatrix, window, progress):
+    """The KL of each swap (one tensor's values replaced in memory) and of each
+    file (the model written with one tensor at a type), in that order."""
+    total = len(swaps) + len(files)
+
+    def step(k: int, what: str) -> None:
+        if progress is not None:
+            progress(k, total, what)
+
+    bench = Probes(
+        index, layout, sorted({n for n, _ in swaps}), text, imatrix=imatrix, **window
+    )
+    swapped: dict[tuple[str, str], float] = {}
+    with bench:
+        for k, (name, type_name) in enumerate(swaps):
+            swapped[name, type_name] = bench.kl({name: type_name})
+            step(k + 1, f"{name} as {type_name}")
+    written: dict[tuple[str, str], float] = {}
+    with Calibration(index, layout, text, **window) as calib:
+        for k, (name, type_name) in enumerate(files):
+            written[name, type_name] = calib.kl({name: type_name}, imatrix)
+            step(len(swaps) + k + 1, f"{name} as {type_name}, written")
+    return swapped, written, bench
