@@ -167,8 +167,8 @@ class RuntimePlan(_Strict):
     kv_cells: int = Field(ge=0)
     compute_buffer_bytes: int = Field(ge=0)
     output_buffer_bytes: int = Field(ge=0)
-    kv_cache: str
-    rules: str
+    kv_cache: str = "f16"  # plans of ewq before --kv-cache did not say
+    rules: str | None = None
 
 
 class Plan(_Strict):

@@ -112,7 +112,7 @@ def serve(
     if not model.is_file():
         raise EwqError(f"no such model file: {model}")
     p = load_plan(plan)
-    planned_ctx = (p.runtime or {}).get("context")
+    planned_ctx = p.runtime.context if p.runtime is not None else None
     if ctx is None:
         ctx = planned_ctx if isinstance(planned_ctx, int) and planned_ctx > 0 else 2048
     elif isinstance(planned_ctx, int) and ctx > planned_ctx:

@@ -260,7 +260,7 @@ def load(
     """Load ``model`` (the GGUF ``ewq quantize`` wrote from ``plan``) over the plan's
     workers; the workers must be running (``ewq worker``)."""
     stages = stages_of(plan, endpoints)
-    kv_cache = (plan.runtime or {}).get("kv_cache") or "f16"
+    kv_cache = plan.runtime.kv_cache if plan.runtime is not None else "f16"
     if plan.num_blocks is None:
         raise EwqError("the plan does not say how many blocks the model has")
     return ClusterModel(
