@@ -69,54 +69,9 @@ def sensitivity(
             h = {b.exec_index: b.entropy for b in a.profile.transformer}
             return modelled("entropy", fmt, layout, h)
     if criterion == "error":
-        if imatrix is not None and fmt != "gguf":
-            raise EwqError("an importance matrix weighs GGUF output (--format gguf)")
-        errors, seconds, cached, intervals = measured_errors(
+        return _error(
             source, index, layout, fmt, imatrix, revision, progress, sample, threads
         )
-        damage = error_damage(
-            _gguf_layout(source, index, layout, fmt), errors, imatrix is not None
-        )
-        details = {
-            "measure": "prior x type factor x relative squared error"
-            + (", weighted by the importance matrix" if imatrix else ""),
-            "prior": table()["fitted"],
-            "cached": cached,
-        }
-        if sample is not None:
-            details["sampling"] = sampling_record(sample, intervals)
-        return Sensitivity("error", damage, seconds, details)
-    return _kl(
-        source,
-        index,
-        layout,
-        calibration,
-        imatrix,
-        tokens,
-        ctx,
-        documents,
-        type_probes,
-        fmt,
-        revision,
-        progress,
-    )
-
-
-def _kl(
-    source,
-    index,
-    layout,
-    calibration,
-    imatrix,
-    tokens,
-    ctx,
-    documents,
-    type_probes,
-    fmt,
-    revision,
-    progress,
-) -> Sensitivity:
-    """The kl criterion: measured once per model, text and setting, then cached."""
     if calibration is None:
         raise EwqError("the kl criterion needs a calibration text (--calibration FILE)")
     if fmt != "gguf":
@@ -131,16 +86,50 @@ def _kl(
         imatrix = _imatrix_for(
             source, index, layout, text, calibration, documents, revision, progress
         )
+    setting = {
+        "tokens": tokens,
+        "ctx": ctx,
+        "documents": documents,
+        "type_probes": type_probes,
+    }
+    return _kl(source, index, layout, text, imatrix, setting, revision, progress)
+
+
+def _error(
+    source, index, layout, fmt, imatrix, revision, progress, sample, threads
+) -> Sensitivity:
+    """The error criterion: relative squared errors (sampled or whole), cached."""
+    if imatrix is not None and fmt != "gguf":
+        raise EwqError("an importance matrix weighs GGUF output (--format gguf)")
+    errors, seconds, cached, intervals = measured_errors(
+        source, index, layout, fmt, imatrix, revision, progress, sample, threads
+    )
+    damage = error_damage(
+        _gguf_layout(source, index, layout, fmt), errors, imatrix is not None
+    )
+    details = {
+        "measure": "prior x type factor x relative squared error"
+        + (", weighted by the importance matrix" if imatrix else ""),
+        "prior": table()["fitted"],
+        "cached": cached,
+    }
+    if sample is not None:
+        details["sampling"] = sampling_record(sample, intervals)
+    return Sensitivity("error", damage, seconds, details)
+
+
+def _kl(
+    source, index, layout, text, imatrix, setting, revision, progress
+) -> Sensitivity:
+    """The kl criterion: measured once per model, text and setting, then cached."""
     errors, _, _, _ = measured_errors(
         source, index, layout, "gguf", imatrix, revision, progress
     )
     params = {
         "text": hashlib.sha256(text.encode()).hexdigest(),
         "imatrix": imatrix.digest(),
-        "tokens": tokens,
-        "ctx": ctx,
-        "documents": str(documents),
-        "type_probes": type_probes,
+        **setting,
+        "documents": str(setting["documents"]),
     }
     k = cache_key(index, "kl", params)
     doc = load_entry("kl", k)
@@ -154,34 +143,20 @@ def _kl(
             )
         except (KeyError, TypeError, ValueError):
             pass
+    from ewq.sensitivity.kl import kl_sensitivity
 
-    def measure(conv_index: ModelIndex, conv_layout: ModelLayout) -> Sensitivity:
-        from ewq.sensitivity.kl import kl_sensitivity
-
-        return kl_sensitivity(
-            conv_index,
-            conv_layout,
+    with as_gguf(source, index, layout) as (g_index, g_layout):
+        result = kl_sensitivity(
+            g_index,
+            g_layout,
             text,
             errors,
             imatrix=imatrix,
-            tokens=tokens,
-            ctx=ctx,
-            documents=documents,
-            type_probes=type_probes,
             progress=progress,
+            **setting,
         )
-
-    with as_gguf(source, index, layout) as (g_index, g_layout):
-        result = measure(g_index, g_layout)
-    store_entry(
-        "kl",
-        k,
-        {
-            "damage": result.damage,
-            "seconds": result.seconds,
-            "details": dict(result.details),
-        },
-    )
+    entry = {"damage": result.damage, "seconds": result.seconds}
+    store_entry("kl", k, entry | {"details": dict(result.details)})
     return Sensitivity(
         "kl", result.damage, result.seconds, {**result.details, "cached": False}
     )
