@@ -118,3 +118,8 @@ def test_a_machine_left_without_blocks_says_why(monkeypatch, capsys, tmp_path):
     assert abs(room - (by["w1"]["capacity_bytes"] - stage)) < 0.01 * MIB
     assert need > room
     assert "idle" not in by["main"] and "idle" not in by["w2"]
+    # the file is a plan `ewq quantize` and `ewq serve` read (the strict reader once
+    # refused the "idle" it was written with)
+    from ewq.planfile import load_plan
+
+    assert {m.name: m.idle for m in load_plan(js).machines}["w1"] == why

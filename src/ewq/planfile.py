@@ -119,6 +119,7 @@ class MachinePlan(_Strict):
     exec_indices: list[int]
     copy_bytes: int = 0
     host: str | None = None
+    idle: str | None = None  # why a machine holds no block
 
 
 class WorkerExport(_Strict):
