@@ -58,6 +58,7 @@ def plan_record(planned: PlanResult, ewq_version: str) -> Plan:
         }
     if planned.runtime is not None:
         made["runtime"] = _runtime(planned.runtime)
+    idle = idle_reasons(planned)
     return Plan(
         ewq_version=ewq_version,
         source=planned.index.source,
@@ -90,7 +91,7 @@ def plan_record(planned: PlanResult, ewq_version: str) -> Plan:
         machines=[
             MachinePlan(
                 **_machine(m, r, planned.runtime, planned.machines),
-                **_idle(idle_reasons(planned), m.name),
+                **_idle(idle, m.name),
             )
             for m in r.machines
         ],

@@ -40,7 +40,9 @@ __all__ = ["RemoteFile", "open_ranged"]
 # megabytes between them: there every row is still its own request.)
 _GAP = 1 << 16
 _SMALL = 1 << 22  # files this small (json, tokenizer) are fetched whole
-REQUESTS = 16  # range requests in flight at once
+# range requests in flight at once (16 made the pass over the local test hub 3x
+# slower than 8: benchmarks/hub_sampled.py)
+REQUESTS = 8
 _POOL: ThreadPoolExecutor | None = None
 
 
