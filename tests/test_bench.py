@@ -11,6 +11,7 @@ from models import shared_data
 from test_cli import run
 
 from ewq.evaluate.stats import paired as _paired
+from ewq.records import BenchRecord
 from ewq.reports.bench import verdict as _verdict
 
 MMLU = shared_data() / "mmlu" / "mmlu_val_zero_shot.jsonl"
@@ -192,6 +193,8 @@ def test_encoder_bench_on_tiny_bert(monkeypatch, capsys, tmp_path, tiny_models):
     )
     assert code == 0, err
     doc = json.loads((out / "bench.json").read_text())
+    record = BenchRecord.model_validate(doc)  # the file is the typed record
+    assert record.kind == "ewq-bench-encoder" and record.config.text == WIKI
     rows = {r["variant"]: r for r in doc["variants"]}
     assert rows["raw"]["cosine_mean"] == pytest.approx(1.0)
     assert rows["8bit"]["cosine_mean"] > rows["4bit"]["cosine_mean"] > 0

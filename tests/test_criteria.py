@@ -271,5 +271,5 @@ def test_kl_probe_is_the_kl_ewq_eval_measures(tmp_path):
     out = tmp_path / "q.gguf"
     api.quantize(src, plan, out, imatrix=path)
     measured = api.evaluate(src, "kld", data=text, quantized=out, limit=1, ctx=64)
-    assert measured["metrics"]["kl_mean"] > 1e-7
-    assert row[probe] == pytest.approx(measured["metrics"]["kl_mean"], rel=1e-3)
+    assert measured.metrics["kl_mean"] > 1e-7
+    assert row[probe] == pytest.approx(measured.metrics["kl_mean"], rel=1e-3)

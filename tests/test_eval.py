@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import shared_data
+from pydantic import ValidationError
 from test_cli import run
 
 from ewq.errors import EwqError, SourceNotFoundError
@@ -24,6 +25,7 @@ from ewq.evaluate.metrics import (
     paper_question_nll,
     summarize_kl,
 )
+from ewq.records import EvalRecord
 
 MMLU_JSONL = shared_data() / "mmlu" / "mmlu_val_zero_shot.jsonl"
 WIKI = shared_data() / "wikitext-2" / "valid.txt"
@@ -286,7 +288,13 @@ def test_eval_perplexity_and_kld_on_the_default_model(monkeypatch, capsys, tmp_p
         str(js),
     )
     assert code == 0, err
-    m = json.loads(js.read_text())["metrics"]
+    # the file is the typed record: it reads back, and a field it does not declare
+    # is refused
+    record = EvalRecord.model_validate_json(js.read_text())
+    assert record.task == "kld" and record.plan == str(plan) and record.ctx == 128
+    with pytest.raises(ValidationError):
+        EvalRecord.model_validate(json.loads(js.read_text()) | {"windows": 1})
+    m = record.metrics
     assert (
         m["positions"] == 128 and 0 < m["kl_mean"] < 5 and 0 < m["top1_agreement"] <= 1
     )

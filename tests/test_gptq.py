@@ -83,7 +83,7 @@ def test_quantize_with_calibration_writes_what_llama_cpp_runs(model_and_text, tm
     kl = {}
     for name, path in (("near", near), ("gptq", gptq)):
         r = api.evaluate(src, "kld", data=text, quantized=path, limit=4, ctx=64)
-        kl[name] = r["metrics"]["kl_mean"]
+        kl[name] = r.metrics["kl_mean"]
     assert 0 < kl["gptq"] < kl["near"]
 
 

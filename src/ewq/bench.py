@@ -32,6 +32,7 @@ from typing import Any
 
 from ewq import api
 from ewq.analysis import decide
+from ewq.config import BenchConfig
 from ewq.errors import EwqError
 from ewq.evaluate import tasks
 from ewq.evaluate.data import load_mmlu, load_text
@@ -39,24 +40,11 @@ from ewq.evaluate.stats import paired
 from ewq.fileio import fresh_dir
 from ewq.planfile import plan_doc
 from ewq.planning import BlockSpec, Machine, block_specs, fit
-from ewq.records import Analysis
+from ewq.records import Analysis, BenchRecord
 from ewq.reports.bench import write_bench, write_bench_encoder
 from ewq.types import Precision, Progress
 
 __all__ = ["BenchConfig", "BenchVariant", "bench", "is_encoder", "paired"]
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    text: Path  # perplexity and KL (decoders); sentences (encoders)
-    mmlu: Path | None = None  # decoders
-    questions: int = 40  # MMLU questions per variant
-    windows: int = 8  # text windows per variant (perplexity and KL)
-    ctx: int = 256
-    seeds: int = 3  # random orders in the equal-size comparison
-    budgets: int = 6  # decoders: budgets in the equal-size comparison
-    alpha: float = 1.25
-    sentences: int = 128  # encoders: sentences per variant
 
 
 @dataclass
@@ -333,7 +321,7 @@ def bench(
     out_dir: str | Path,
     *,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> BenchRecord:
     """Run every variant and the equal-size comparison; write the results folder
     (nothing is written until every measurement is in). ``progress(done, total,
     what)`` follows the steps."""
@@ -386,15 +374,12 @@ def bench(
             point = key | {"order": order} | points[_key(precision)]
             comparison.append(point)
             step(f"equal size, {point['blocks_4bit']} blocks at 4-bit, {order}")
-    result = {
-        "schema_version": 1,
-        "source": source,
-        "model_name": api.features(source).model_name,
-        "config": {
-            k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()
-        },
+    result = BenchRecord(
+        source=str(source),
+        model_name=api.features(source).model_name,
+        config=cfg,
+        equal_size=comparison,
         **judge.result(variants),
-        "equal_size": comparison,
-    }
+    )
     judge.write(result, Path(out_dir))
     return result

@@ -7,11 +7,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict
+
+from ewq._version import __version__
 from ewq.analysis import Decision, EntropyProfile
 from ewq.arch import ModelLayout
-from ewq.config import PlanConfig
+from ewq.config import BenchConfig, PlanConfig, Task
 from ewq.imatrix import Imatrix
 from ewq.planfile import Plan
 from ewq.planning import FitResult, Machine, Runtime
@@ -19,7 +22,14 @@ from ewq.quant.targets import TensorTarget
 from ewq.sensitivity import Sensitivity
 from ewq.types import ModelIndex, Precision
 
-__all__ = ["Analysis", "Inspection", "PlanResult", "Quantized"]
+__all__ = [
+    "Analysis",
+    "BenchRecord",
+    "EvalRecord",
+    "Inspection",
+    "PlanResult",
+    "Quantized",
+]
 
 
 @dataclass(frozen=True)
@@ -105,3 +115,46 @@ class PlanResult:
     @property
     def allocator(self) -> str:
         return self.config.allocator.value if self.config.allocator else "ladder"
+
+
+class _Record(BaseModel):
+    """A result file's record: what it holds is declared, an unknown field refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: int = 1
+    ewq_version: str = __version__
+
+
+class EvalRecord(_Record):
+    """What `ewq eval` measured, on which data (its --json file). ``metrics`` are
+    the task's (ewq.evaluate.tasks): their names differ from task to task."""
+
+    kind: Literal["ewq-eval"] = "ewq-eval"
+    task: Task
+    source: str
+    quantized: str | None = None
+    plan: str | dict | None = None  # a plan file, or the plan itself
+    data: str
+    limit: int | None = None  # questions, windows or sentences
+    split: str | None = None  # mmlu
+    shots: int | None = None  # mmlu
+    ctx: int | None = None  # tokens per window (not for sentences)
+    stride: int | None = None  # perplexity and kld
+    metrics: dict[str, Any]
+
+
+class BenchRecord(_Record):
+    """What `ewq bench` measured (its bench.json): per variant its metrics, and
+    the equal-size comparison's points (per point the order that chose the blocks,
+    the bytes and the metrics)."""
+
+    kind: Literal["ewq-bench", "ewq-bench-encoder"]
+    source: str
+    model_name: str
+    config: BenchConfig
+    variants: list[dict[str, Any]]
+    equal_size: list[dict[str, Any]]
+    #: decoders: FastEWQ's two forests compared question by question (paired test)
+    fast_vs_fast_train: dict[str, Any] | None = None
+    sentences: int | None = None  # encoders: sentences per variant
+    text: str | None = None  # encoders: the sentences' file

@@ -8,6 +8,7 @@ from pathlib import Path
 from ewq.api._quantize import quantize
 from ewq.config import EvalConfig, configure
 from ewq.errors import EwqError
+from ewq.records import EvalRecord
 from ewq.sources import open_source
 from ewq.types import Progress
 
@@ -25,7 +26,7 @@ def evaluate(
     plan: str | Path | dict | None = None,
     progress: Progress | None = None,
     **options,
-) -> dict:
+) -> EvalRecord:
     """Evaluate a model (or its quantized version) on ``task`` (METHOD.md section 7);
     options are :class:`ewq.config.EvalConfig`'s (data, split, shots, limit, ctx,
     stride), as a record or as keywords.
@@ -62,26 +63,20 @@ def evaluate(
             model = quantize(source, plan, out, format=fmt).out
         metrics = _metrics(cfg, base, model, inputs, progress)
     task = cfg.task.value
-    limit = (cfg.limit or 64) if task == "embedding" else cfg.limit
-    doc = {
-        "task": task,
-        "source": str(source),
-        "quantized": str(quantized) if quantized is not None else None,
-        "plan": plan if isinstance(plan, dict) else (str(plan) if plan else None),
-        "data": str(data),
-        "split": cfg.split if task == "mmlu" else None,
-        "limit": limit,
-        "shots": cfg.shots if task == "mmlu" else None,
-        "ctx": cfg.ctx,
-        "stride": (cfg.stride or cfg.ctx) if task != "mmlu" else None,
-        "metrics": metrics,
-    }
-    if task == "embedding":  # sentences, not windows of text
-        doc = {k: v for k, v in doc.items() if k not in _WINDOWS}
-    return doc
-
-
-_WINDOWS = ("split", "shots", "ctx", "stride")
+    windows = task != "embedding"  # sentences, not windows of text
+    return EvalRecord(
+        task=cfg.task,
+        source=str(source),
+        quantized=str(quantized) if quantized is not None else None,
+        plan=plan if isinstance(plan, dict) else (str(plan) if plan else None),
+        data=str(data),
+        limit=cfg.limit if windows else (cfg.limit or 64),
+        split=cfg.split if task == "mmlu" else None,
+        shots=cfg.shots if task == "mmlu" else None,
+        ctx=cfg.ctx if windows else None,
+        stride=(cfg.stride or cfg.ctx) if windows and task != "mmlu" else None,
+        metrics=metrics,
+    )
 
 
 def _data(cfg: EvalConfig) -> str:

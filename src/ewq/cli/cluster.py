@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 
 from ewq import __version__
-from ewq.cli.common import app, err, out, write_json
+from ewq.cli.common import app, configured, err, out, write_json
+from ewq.config import ServeConfig
 from ewq.errors import EwqError
 from ewq.serve.watch import Watchdog
 
@@ -54,52 +55,18 @@ def worker(
     epilog="Examples:\n\n  ewq serve plan.json --model model.gguf --prompt 'Hello'"
     "\n\n  ewq serve plan.json --model model.gguf --port 8080"
 )
+@configured(ServeConfig)
 def serve(
     plan: Annotated[Path, typer.Argument(help="Plan JSON from `ewq plan --cluster`.")],
     model: Annotated[
         Path, typer.Option(help="The GGUF `ewq quantize` wrote from the plan.")
     ],
-    rpc_endpoints: Annotated[
-        str | None,
-        typer.Option(
-            "--rpc",
-            help="Workers' host:port in pipeline order (default: the hosts of the "
-            "plan's cluster file).",
-        ),
-    ] = None,
-    ctx: Annotated[
-        int | None,
-        typer.Option(
-            min=16, help="Context length (tokens; default: what the plan sized for)."
-        ),
-    ] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
-    prompt: Annotated[
-        str | None,
-        typer.Option(help="Complete this text greedily, print it and stop."),
-    ] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
-    repack: Annotated[
-        bool,
-        typer.Option(
-            help="Repack weights for faster CPU kernels here (llama-server's default; "
-            "--no-repack runs the workers' kernels, for results equal to theirs)."
-        ),
-    ] = True,
-    host: Annotated[str, typer.Option(help="HTTP address to serve on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8080,
     json_path: Annotated[
         Path | None,
         typer.Option("--json", help="Write the placement and the completion as JSON."),
     ] = None,
-    rpc_timeout: Annotated[
-        float,
-        typer.Option(
-            min=1,
-            help="Seconds without progress (a tensor sent, a token generated) after "
-            "which a silent worker is an error naming it.",
-        ),
-    ] = 60.0,
+    *,
+    config: ServeConfig,
 ) -> None:
     """Run a plan across machines: the model here, its layers on the plan's workers.
 
@@ -112,40 +79,48 @@ def serve(
     if not model.is_file():
         raise EwqError(f"no such model file: {model}")
     p = load_plan(plan)
-    planned_ctx = p.runtime.context if p.runtime is not None else None
-    if ctx is None:
-        ctx = planned_ctx if isinstance(planned_ctx, int) and planned_ctx > 0 else 2048
-    elif isinstance(planned_ctx, int) and ctx > planned_ctx:
-        err.print(
-            f"ewq: warning: the plan sized the KV cache for {planned_ctx} tokens, "
-            f"not {ctx}: a machine may run out of memory",
-            markup=False,
-        )
-    endpoints = rpc_endpoints.split(",") if rpc_endpoints else None
+    ctx = _context(p, config.ctx)
+    endpoints = config.endpoints()
     workers = {
         s.endpoint: s.machine for s in cluster.stages_of(p, endpoints) if s.endpoint
     }
     load = functools.partial(
-        cluster.load, model, p, endpoints=endpoints, n_ctx=ctx, repack=repack
+        cluster.load, model, p, endpoints=endpoints, n_ctx=ctx, repack=config.repack
     )
-    with Watchdog(rpc_timeout, workers) as dog:
-        if prompt is not None:
-            cm = load(threads=threads, beat=dog.beat)
+    with Watchdog(config.rpc_timeout, workers) as dog:
+        if config.prompt is not None:
+            cm = load(threads=config.threads, beat=dog.beat)
             out.print(served_table(cm))
-            text = cluster.complete(cm, prompt, max_tokens, beat=dog.beat)
+            text = cluster.complete(cm, config.prompt, config.max_tokens, beat=dog.beat)
             out.print(text, markup=False, highlight=False)
             if json_path is not None:
-                write_json(json_path, served_json(cm, prompt, text, __version__))
+                write_json(json_path, served_json(cm, config.prompt, text, __version__))
             return
-        cm = load(build=_http_app(model, ctx, threads, host, port), beat=dog.beat)
+        build = _http_app(model, ctx, config)
+        cm = load(build=build, beat=dog.beat)
         dog.armed = False  # idle between requests: the watchdog guards the load
         out.print(served_table(cm))
         if json_path is not None:
             write_json(json_path, served_json(cm, None, None, __version__))
-        _run_http(cm, host, port)
+        _run_http(cm, config.host, config.port)
 
 
-def _http_app(model: Path, ctx: int, threads: int | None, host: str, port: int):
+def _context(plan, asked: int | None) -> int:
+    """The context to run: as asked (warning when beyond what the plan sized the KV
+    cache for), else the plan's, else 2048."""
+    planned = plan.runtime.context if plan.runtime is not None else None
+    if asked is None:
+        return planned if isinstance(planned, int) and planned > 0 else 2048
+    if isinstance(planned, int) and asked > planned:
+        err.print(
+            f"ewq: warning: the plan sized the KV cache for {planned} tokens, "
+            f"not {asked}: a machine may run out of memory",
+            markup=False,
+        )
+    return asked
+
+
+def _http_app(model: Path, ctx: int, config: ServeConfig):
     """What builds llama-cpp-python's OpenAI-compatible server over the workers."""
     try:
         import uvicorn  # noqa: F401 - run by _run_http
@@ -164,11 +139,11 @@ def _http_app(model: Path, ctx: int, threads: int | None, host: str, port: int):
             split_mode=1,  # LLAMA_SPLIT_MODE_LAYER
             tensor_split=split or None,
             n_ctx=ctx,
-            n_threads=threads or ModelSettings.model_fields["n_threads"].default,
+            n_threads=config.threads or ModelSettings.model_fields["n_threads"].default,
             verbose=False,
         )
         return create_app(
-            server_settings=ServerSettings(host=host, port=port),
+            server_settings=ServerSettings(host=config.host, port=config.port),
             model_settings=[settings],
         )
 

@@ -91,9 +91,11 @@ def configured(
             cli = extra.get("cli") or {}
             decls = [cli["flag"]] if cli.get("flag") else []
             bounds = {}
-            for m in f.metadata:  # pydantic's Field(ge=...) constraint
+            for m in f.metadata:  # pydantic's Field(ge=..., le=...) constraints
                 if getattr(m, "ge", None) is not None:
                     bounds["min"] = m.ge
+                if getattr(m, "le", None) is not None:
+                    bounds["max"] = m.le
             option = typer.Option(*decls, help=f.description, **bounds)
             default = inspect.Parameter.empty if f.is_required() else f.default
             params.append(

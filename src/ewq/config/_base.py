@@ -1,0 +1,39 @@
+"""The kind of record every option of ewq.config is a field of, and how options
+given as keywords become one (validated, one line on error)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ewq.errors import EwqError
+
+__all__ = ["Config", "cli", "configure"]
+
+
+def cli(flag: str | None = None, **extra: Any) -> dict[str, Any]:
+    """How the CLI spells a field, where not ``--field-name``."""
+    return {"cli": {"flag": flag, **extra}}
+
+
+class Config(BaseModel):
+    """A frozen record that refuses unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    schema_version: ClassVar[int] = 1
+
+
+def configure(kind: type[Config], given: Config | None, options: dict[str, Any]):
+    """``given`` (or the defaults) with ``options`` applied, validated: an unknown
+    option or a value of the wrong kind is one :class:`EwqError` line."""
+    base = given.model_dump() if given is not None else {}
+    try:
+        return kind.model_validate({**base, **options})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or kind.__name__
+        if first["type"] == "extra_forbidden":
+            names = ", ".join(kind.model_fields)
+            raise EwqError(f"unknown option '{where}' (options: {names})") from None
+        raise EwqError(f"{where}: {first['msg']}") from None
