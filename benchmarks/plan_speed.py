@@ -97,7 +97,7 @@ def main() -> None:
         base_ms = median_ms(lambda m=machines: naive(blocks, emb, head, d, m), 3)
         if not speeds:
             assert naive(blocks, emb, head, d, machines) == dict(result.precision)
-        used = sum(1 for a in result.machines if a.exec_indices)
+        used = sum(1 for a in result.assignments if a.exec_indices)
         print(
             f"{args.blocks} blocks, {args.machines} machines, {label}: ewq {ms:.2f} ms "
             f"(fits={result.fits}, {used} machines used); naive {base_ms:.1f} ms; "

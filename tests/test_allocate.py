@@ -121,7 +121,7 @@ def test_fit_optimal_places_contiguously_within_each_machine():
     r = fit_optimal(options, dict.fromkeys(options, 1), machines)
     assert r.fits
     seen = []
-    for m, a in zip(machines, r.machines, strict=True):
+    for m, a in zip(machines, r.assignments, strict=True):
         assert a.bytes <= m.capacity
         seen += list(a.exec_indices)
     assert seen == sorted(options)  # execution order, each block once

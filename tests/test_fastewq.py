@@ -18,7 +18,7 @@ from ewq.errors import EwqError, SourceNotFoundError
 from ewq.fast.classify import (
     CLASSIFIERS,
     FEATURES,
-    VARIANTS,
+    FORESTS,
     default_model_path,
     load_model,
     predict,
@@ -158,7 +158,7 @@ def test_stored_model_round_trip(trained):
     rows = read_dataset(COMMITTED)[:40]
     x = [[r[f] for f in FEATURES] for r in rows]
     assert predict(doc, "fast", rows) == [
-        bool(v) for v in st.variants["fast"].predict(x)
+        bool(v) for v in st.forests["fast"].predict(x)
     ]
     assert predict(doc, "fast", []) == []
     with pytest.raises(EwqError, match="stored as .npz"):  # before any training
@@ -186,7 +186,7 @@ def test_forest_predicts_as_scikit_learn_does(trained, seed):
         ]
     )
     for variant in ("fast", "fast-train"):
-        pipe, forest = study_.variants[variant], doc[variant]
+        pipe, forest = study_.forests[variant], doc[variant]
         # a row exactly on a threshold: x scaled back from a split of the first tree
         f, t = int(forest.feature[0]), float(forest.threshold[0])
         edge = rows[:5].copy()
@@ -200,7 +200,7 @@ def test_shipped_classifier_loads():
     doc = load_model()
     assert default_model_path().is_file() and doc["dataset"] == "dataset.csv"
     assert default_model_path().suffix == ".npz"
-    with pytest.raises(EwqError, match="unknown FastEWQ variant"):
+    with pytest.raises(EwqError, match="unknown FastEWQ forest"):
         predict(doc, "slow", [])
 
 
@@ -212,9 +212,9 @@ def test_older_skops_file_loads_and_untrusted_is_refused(
     import skops.io as sio
 
     study_, _, out = trained
-    meta = {k: v for k, v in load_model(out / "m.npz").items() if k not in VARIANTS}
+    meta = {k: v for k, v in load_model(out / "m.npz").items() if k not in FORESTS}
     old = tmp_path / "old.skops"
-    sio.dump(meta | dict(study_.variants), old)
+    sio.dump(meta | dict(study_.forests), old)
     rows = read_dataset(COMMITTED)[:40]
     assert predict(load_model(old), "fast-train", rows) == predict(
         load_model(out / "m.npz"), "fast-train", rows
@@ -237,7 +237,7 @@ def test_older_skops_file_loads_and_untrusted_is_refused(
 
 def _crafted(doc, variant, **change):
     arrays = {"meta": np.array(json.dumps({"kind": "ewq-fastewq-classifier"}))}
-    for v in VARIANTS:
+    for v in FORESTS:
         arrays |= doc[v].arrays(v)
     for k, fn in change.items():
         arrays[f"{variant}.{k}"] = fn(arrays[f"{variant}.{k}"].copy())

@@ -65,7 +65,7 @@ def test_a_head_no_machine_can_hold_is_named(monkeypatch, capsys, tmp_path):
     fits = api.plan("default", _machines(*base, ("w2", 120_000_000 + short + 8)),
                     context=512)  # fmt: skip
     assert fits.result.fits
-    held = {a.name: a.exec_indices for a in fits.result.machines}
+    held = {a.name: a.exec_indices for a in fits.result.assignments}
     assert held["w2"] and held["w2"][-1] == max(fits.result.precision)  # the head
     tight = api.plan("default", _machines(*base, ("w2", 120_000_000 + short - 2048)),
                      context=512)  # fmt: skip
@@ -87,7 +87,7 @@ def test_an_embedding_the_serving_machine_cannot_hold(monkeypatch, capsys, tmp_p
     fits = api.plan("default", _machines(("main", 60_000_000 + short + 8), ("w1", 300_000_000)),
                     context=2048)  # fmt: skip
     assert fits.result.fits
-    held = {a.name: a.exec_indices for a in fits.result.machines}
+    held = {a.name: a.exec_indices for a in fits.result.assignments}
     emb = min(fits.result.precision)
     assert emb in held["main"]
     llama = fits.exports["llama_cpp"]

@@ -250,7 +250,7 @@ def test_a_hub_gguf_is_indexed_from_its_header_alone(ghub, repo):
     """Metadata-only: the same tensors and keys as the local file, from range reads
     of the headers (counted by the server), not the 92 MB of weights."""
     with open_source(repo) as remote, open_source("default") as here:
-        assert remote.index.metadata_only and remote.index.format == "gguf"
+        assert remote.index.metadata_only and remote.index.container == "gguf"
         assert rows(remote.index) == rows(here.index)
         keys = {
             k: v for k, v in remote.index.config.items() if not k.startswith("split.")

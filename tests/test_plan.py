@@ -220,11 +220,11 @@ def test_properties(model_, caps, side, mode, speeds):
     if r.fits:
         # never over any machine's capacity; contiguous ranges covering every block once
         cap = {m.name: m.capacity for m in machines}
-        for a in r.machines:
+        for a in r.assignments:
             assert a.bytes == sum(r.bytes[i] for i in a.exec_indices) <= cap[a.name]
-        assert [i for a in r.machines for i in a.exec_indices] == order
+        assert [i for a in r.assignments for i in a.exec_indices] == order
         # without a network the pipeline keeps the machines' order
-        used = [a.name for a in r.machines if a.exec_indices]
+        used = [a.name for a in r.assignments if a.exec_indices]
         assert used == [m.name for m in machines if m.name in used]
         assert r.total_bytes == sum(r.bytes.values()) <= r.capacity_bytes
     # promotions follow entropy order: within one decision class, higher entropy
@@ -249,12 +249,12 @@ def test_speed_balances_the_ranges():
     entropies = [10.0 + k / 100 for k in range(12)]
     fast = [Machine("fast", 10**9, speed=3.0), Machine("slow", 10**9, speed=1.0)]
     r, _ = run_fit(entropies, [100] * 12, fast)
-    n_fast = len(r.machines[0].exec_indices)
-    n_slow = len(r.machines[1].exec_indices)
+    n_fast = len(r.assignments[0].exec_indices)
+    n_slow = len(r.assignments[1].exec_indices)
     assert n_fast > n_slow > 0  # 14 blocks: about 3 to 1
     same = [Machine("a", 10**9), Machine("b", 10**9)]
     r, _ = run_fit(entropies, [100] * 12, same)
-    assert [len(a.exec_indices) for a in r.machines] == [14, 0]  # fewest hops
+    assert [len(a.exec_indices) for a in r.assignments] == [14, 0]  # fewest hops
 
 
 def llama_cpp_devices(n_layer, n_gpu_layers, tensor_split, rpc):
@@ -307,7 +307,7 @@ def test_llama_cpp_export_puts_every_layer_where_the_plan_does(raws, caps):
     ex = exports(r, machines, transformer, "gguf")["llama_cpp"]
     where = llama_cpp_devices(n, ex["n_gpu_layers"], ex["tensor_split"], ex["rpc"])
     host = {m.name: m.host for m in machines}
-    main = next(a.name for a in r.machines if a.exec_indices)
+    main = next(a.name for a in r.assignments if a.exec_indices)
     for il in range(n):
         planned = r.machine[il + 2]
         assert where[il] == ("main" if planned == main else host[planned])
@@ -331,7 +331,7 @@ def test_vllm_export_names_each_rank():
     assert {p.value for p in r.precision.values()} <= {"raw", "8-bit", "4-bit"}
     ex = exports(r, machines, list(range(2, 8)), "hf")["vllm"]
     assert ex["command"] is not None and not ex.get("refused")
-    stages = [a for a in r.machines if a.exec_indices]
+    stages = [a for a in r.assignments if a.exec_indices]
     assert [x["machine"] for x in ex["ranks"]] == [a.name for a in stages]
     layers = [sum(1 for i in a.exec_indices if 2 <= i <= 7) for a in stages]
     assert ex["VLLM_PP_LAYER_PARTITION"] == ",".join(map(str, layers))

@@ -28,7 +28,9 @@ def test_single_file_index_and_stream(tiny_models):
     folder = tiny_models["llama"]
     with open_source(folder) as src:
         index = src.index
-        assert index.format == "safetensors" and index.config["model_type"] == "llama"
+        assert (
+            index.container == "safetensors" and index.config["model_type"] == "llama"
+        )
         offsets = [t.offset for t in index.tensors]
         assert offsets == sorted(offsets)  # file order
         seen = list(src.iter_tensors())
@@ -70,7 +72,8 @@ def test_gguf_dequantizes_as_it_reads(tiny_ggufs):
     with open_source(tiny_ggufs["llama"]) as src:
         index = src.index
         assert (
-            index.format == "gguf" and index.config["general.architecture"] == "llama"
+            index.container == "gguf"
+            and index.config["general.architecture"] == "llama"
         )
         dtypes = {t.dtype for t in index.tensors}
         assert {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"} <= dtypes

@@ -100,7 +100,7 @@ class _Decoder:
     def start(self, analysis: Analysis) -> None:
         from ewq.evaluate.reference import Reference
 
-        if analysis.index.format != "gguf":
+        if analysis.index.container != "gguf":
             raise EwqError(
                 f"{self.source}: ewq bench runs GGUF decoders (llama.cpp) and Hugging "
                 "Face encoders"
@@ -235,7 +235,7 @@ class _Encoder:
     def start(self, analysis: Analysis) -> None:
         from ewq.evaluate.backends import TransformersEncoder
 
-        if analysis.index.format != "safetensors":
+        if analysis.index.container != "safetensors":
             raise EwqError(
                 f"{self.source}: the encoder bench reads a Hugging Face folder"
             )
@@ -310,7 +310,7 @@ def is_encoder(source: str | Path) -> bool:
     """A Hugging Face folder of an encoder (no causal or generation head)?"""
     index = api.inspect(source).index
     archs = " ".join(index.config.get("architectures") or [])
-    return index.format == "safetensors" and not any(
+    return index.container == "safetensors" and not any(
         k in archs for k in ("CausalLM", "LMHead", "ConditionalGeneration")
     )
 

@@ -11,7 +11,7 @@ Schema (version 2)::
                 ...],
      "imatrix": {"sha256": "...", "entries": 210, ...}}
 
-The decision is per tensor: ``tensors`` gives each tensor's type (a GGML type name
+A plan chooses per tensor: ``tensors`` gives each tensor's type (a GGML type name
 for gguf, an ``int4/g128``-style form for hf). A tensor not listed there is written
 at its block's ``precision`` (the per-block form: hand-written plans, the paper's
 decision and its ladder, FastEWQ); a plan made by `ewq plan` lists every tensor,
@@ -73,13 +73,13 @@ class BlockPlan(_Strict):
     num_parameters: int | None = Field(default=None, ge=0)
     # what the planner adds: for the reader, information only
     entropy: float | None = None
-    decision: Precision | None = None
+    decision: Precision | None = None  # EWQ's decision for the block (the paper's)
     bytes: int | None = Field(default=None, ge=0)
     machine: str | None = None
 
 
 class TensorPlan(_Strict):
-    """One tensor's decision: the type it is written as."""
+    """One tensor in the plan: the type it is written as."""
 
     name: str = Field(min_length=1)
     type: str = Field(min_length=1)
@@ -184,7 +184,7 @@ class Plan(_Strict):
     method: str = "ewq"
     criterion: str | None = None
     allocator: str | None = None
-    mode: str | None = None
+    mode: str | None = None  # the ladder's precision pair (allocator ladder)
     # the options as resolved: what `ewq quantize` and a re-run read back
     config: dict[str, Any] | None = None
     variant: str | None = None

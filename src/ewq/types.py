@@ -169,7 +169,7 @@ class ModelIndex:
     """
 
     source: str
-    format: str  # "safetensors" | "gguf"
+    container: str  # the files' kind: "safetensors" | "gguf" | "config" (shapes only)
     files: tuple[str, ...]
     tensors: tuple[TensorInfo, ...]
     config: Mapping[str, Any] = field(default_factory=dict)

@@ -54,7 +54,7 @@ def evaluate(
     inputs = _inputs(cfg.task.value, data, cfg.split, cfg.shots)
     with open_source(source, download=True) as src:
         base_path = Path(src.index.files[0])
-        base = base_path if src.index.format == "gguf" else base_path.parent
+        base = base_path if src.index.container == "gguf" else base_path.parent
     with tempfile.TemporaryDirectory(prefix="ewq-eval-") as tmp:
         model = quantized
         if plan is not None:

@@ -52,7 +52,6 @@ def fit_tensors(fmt, layout, sens, imatrix_, runtime, machines, route, bpw, allo
         options,
         params,
         machines,
-        mode="optimal",
         route=route,
         block_of=block_of,
         fixed=fixed,

@@ -82,7 +82,7 @@ def _error_source(source, index, layout, fmt, revision):
     its headers only (a sampled pass) is read through a sparse mirror filled by
     range requests (ewq.sources.ranged), the rows it samples and nothing else;
     GGUF output from a Hugging Face checkpoint, through the converted GGUF."""
-    if index.metadata_only and (fmt == "gguf") == (index.format == "gguf"):
+    if index.metadata_only and (fmt == "gguf") == (index.container == "gguf"):
         from ewq.sources.ranged import open_ranged
 
         with open_ranged(source, revision=revision) as src:
@@ -106,7 +106,7 @@ def _error_source(source, index, layout, fmt, revision):
 def as_gguf(source, index: ModelIndex, layout: ModelLayout):
     """The GGUF the criteria measure: the source itself, or a Hugging Face checkpoint
     converted to a scratch GGUF in ewq's cache folder (removed afterwards)."""
-    if index.format == "gguf":
+    if index.container == "gguf":
         yield index, layout
         return
     from ewq.cache import cache_dir

@@ -223,9 +223,9 @@ class _Target:
 
 def _target(cfg: PlanConfig, source, index, layout, machines) -> _Target:
     fmt = cfg.format.value if cfg.format else None
-    fmt = fmt or ("gguf" if index.format == "gguf" else "hf")
+    fmt = fmt or ("gguf" if index.container == "gguf" else "hf")
     out_index, out_layout = index, layout
-    if fmt == "gguf" and index.format != "gguf":
+    if fmt == "gguf" and index.container != "gguf":
         from ewq.quant.convert import gguf_layout
 
         out_index, out_layout = gguf_layout(source, index, layout)

@@ -76,7 +76,7 @@ def quantize(
     job = _Job(source, plan, out, cfg, _with_provenance(out, inputs, record), progress)
     if format == "hf":
         return _quantize_hf(job, index, layout)
-    if index.format == "gguf":
+    if index.container == "gguf":
         return _quantize_gguf(job, index, layout, imatrix)
     from ewq.quant.convert import converted
 
@@ -294,7 +294,7 @@ def _quantize_hf(job: _Job, index, layout) -> Quantized:
     from ewq.quant.hf import quantize_hf
 
     folder = Path(index.files[0]).parent
-    if index.format != "safetensors" or not (folder / "config.json").is_file():
+    if index.container != "safetensors" or not (folder / "config.json").is_file():
         raise EwqError(
             f"{job.source}: Hugging Face output needs a Hugging Face model folder "
             "(config.json and safetensors weights)"

@@ -1,5 +1,6 @@
-"""The measured selection: the damage model's plan, its variants and the runtime's
-own recipe measured on the calibration text by llama.cpp, the least KL kept."""
+"""The measured selection: the damage model's plan, the plans it makes under a few
+restrictions and the runtime's own recipe, measured on the calibration text by
+llama.cpp; the least KL kept."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def _key(r) -> tuple:
     return tuple(sorted((n, str(o.precision)) for n, o in r.tensors.items()))
 
 
-def _variants(layout, imatrix_) -> list[tuple[str, object]]:
+def _restrictions(layout, imatrix_) -> list[tuple[str, object]]:
     """The restrictions the measured selection tries beside the model's own plan:
     no type below a floor of bits per weight, and every float tensor quantized
     (llama.cpp's presets quantize every tensor they may; measured on IgLM, a Q8_0
@@ -65,7 +66,7 @@ def select(
     cfg, source, index, layout, out_layout, imatrix_, fit, result, anchor, progress
 ):
     """Measure the model's plan, the runtime's recipe (``anchor``: (preset, result)
-    or None) and the plan's variants (``_variants``; ``fit(allow)`` plans each) on
+    or None) and the plan's restrictions (``_restrictions``; ``fit(allow)`` plans each) on
     the calibration text with llama.cpp, and keep the one of least measured KL: a
     sum of per-tensor damages ranks plans well but misses how tensors interact."""
     from ewq.api._measured import as_gguf as _as_gguf
@@ -75,7 +76,9 @@ def select(
     found = [(MODEL_PLAN, result)]
     if anchor is not None:
         found.append((recipe_label(anchor[0]), anchor[1]))
-    found += [(label, fit(allow)) for label, allow in _variants(out_layout, imatrix_)]
+    found += [
+        (label, fit(allow)) for label, allow in _restrictions(out_layout, imatrix_)
+    ]
     seen: set[tuple] = set()
     kept = []
     for label, r in found:  # each plan once, the first label it came by

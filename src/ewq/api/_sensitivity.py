@@ -61,7 +61,7 @@ def sensitivity(
     with open_source(source, download=download, revision=revision) as src:
         index = src.index
         layout = resolve(index)
-        fmt = fmt or ("gguf" if index.format == "gguf" else "hf")
+        fmt = fmt or ("gguf" if index.container == "gguf" else "hf")
         if criterion in ("random", "position"):
             return modelled(criterion, fmt, layout, seed=seed)
         if criterion == "entropy":
@@ -165,7 +165,7 @@ def _kl(
 def _gguf_layout(source, index, layout, fmt: str) -> ModelLayout:
     """The layout the errors are measured on (for GGUF from a checkpoint: the file
     llama.cpp's converter writes)."""
-    if fmt == "gguf" and index.format != "gguf":
+    if fmt == "gguf" and index.container != "gguf":
         from ewq.quant.convert import gguf_layout
 
         return gguf_layout(source, index, layout)[1]
@@ -205,7 +205,7 @@ def load_imatrix(
     """An importance matrix file, checked against the GGUF ``source`` is (or, for a
     Hugging Face checkpoint, the GGUF llama.cpp's converter will write)."""
     m = read_imatrix(path)
-    if index.format != "gguf":
+    if index.container != "gguf":
         from ewq.quant.convert import gguf_layout
 
         index, _ = gguf_layout(source, index, layout)

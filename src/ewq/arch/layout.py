@@ -81,7 +81,7 @@ class ModelLayout:
 
 def _architecture(index: ModelIndex) -> tuple[str, list[str], str | None]:
     config = index.config
-    if index.format == "gguf":
+    if index.container == "gguf":
         arch = str(config.get("general.architecture", "unknown"))
         return arch, [], arch
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
@@ -161,7 +161,7 @@ def resolve(index: ModelIndex) -> ModelLayout:
         UnknownArchitectureError: no block structure can be found in the names.
     """
     label, archs, model_type = _architecture(index)
-    table_name = find_table(archs, model_type, index.format)
+    table_name = find_table(archs, model_type, index.container)
     names = [t.name for t in index.tensors]
     if table_name is None:
         log.warning(

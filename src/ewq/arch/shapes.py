@@ -132,7 +132,7 @@ def index_from_config(config: Mapping[str, Any], source: str) -> ModelIndex:
         ) from None
     return ModelIndex(
         source=source,
-        format="config",
+        container="config",
         files=(source,),
         tensors=tuple(tensors),
         config=dict(config),

@@ -90,9 +90,9 @@ def _presets(path, presets, imatrix: Imatrix | None, judge, ref, log) -> list[di
     from ewq.sources.gguf import read_header
 
     rows = []
-    variants = [None] + ([imatrix] if imatrix is not None else [])
+    imatrices = [None] + ([imatrix] if imatrix is not None else [])
     for preset in presets:
-        for m_ in variants:
+        for m_ in imatrices:
             if m_ is None and preset in IMATRIX_PRESETS:
                 continue  # llama.cpp refuses it without an importance matrix
             types = quantize_preset(path, preset, judge.out, imatrix=m_)
@@ -142,7 +142,7 @@ def compare(
     eval_text = load_text(cfg.text)
     analysis = api.analyze(source)
     index, layout = analysis.index, analysis.layout
-    if index.format != "gguf":
+    if index.container != "gguf":
         raise EwqError(
             f"{source}: ewq compare runs GGUF decoders (use compare_encoder)"
         )

@@ -180,7 +180,7 @@ class PlanConfig(AnalysisConfig):
     select: bool = Field(
         True,
         description="With --calibration: measure the damage model's plan and a few "
-        "variants of it on the calibration text and keep the best.",
+        "alternatives to it on the calibration text and keep the best.",
     )
     anchor: bool = Field(
         True,

@@ -44,7 +44,7 @@ CLASSIFIERS = (
     "kNN",
     "Gaussian naive Bayes",
 )
-VARIANTS = ("fast", "fast-train")
+FORESTS = ("fast", "fast-train")
 MODEL_SCHEMA = 1
 
 #: every type a stored FastEWQ classifier may contain (a scikit-learn pipeline of a
@@ -132,15 +132,14 @@ class Study:
     class_counts: dict[int, int]
     results: dict[str, Result] = field(default_factory=dict)
     importances: dict[str, float] = field(default_factory=dict)
-    variants: dict[str, Any] = field(
-        default_factory=dict
-    )  # fast / fast-train pipelines
+    #: the two stored forests, by the method that uses each (fast, fast-train)
+    forests: dict[str, Any] = field(default_factory=dict)
 
 
 def study(
     rows: Sequence[Mapping[str, Any]], *, seed: int = 42, test_size: float = 0.3
 ) -> Study:
-    """Train and evaluate the six classifiers; fit the two stored variants."""
+    """Train and evaluate the six classifiers; fit the two stored forests."""
     from sklearn.metrics import (
         accuracy_score,
         classification_report,
@@ -211,8 +210,8 @@ def study(
             out.importances = dict(
                 zip(FEATURES, map(float, forest.feature_importances_), strict=True)
             )
-            out.variants["fast-train"] = model
-    out.variants["fast"] = _pipeline("random forest", seed).fit(x, y)
+            out.forests["fast-train"] = model
+    out.forests["fast"] = _pipeline("random forest", seed).fit(x, y)
     return out
 
 
@@ -227,7 +226,7 @@ def versions() -> dict[str, str]:
 
 
 def save_model(st: Study, path: str | Path, dataset: str) -> None:
-    """Both variants as arrays (ewq.fast.forest), with the feature schema and the
+    """Both forests as arrays (ewq.fast.forest), with the feature schema and the
     library versions that trained them, in one .npz."""
     from ewq.fast.forest import Forest
     from ewq.fileio import atomic_path
@@ -249,8 +248,8 @@ def save_model(st: Study, path: str | Path, dataset: str) -> None:
         "versions": versions(),
     }
     arrays = {"meta": np.array(json.dumps(meta))}
-    for v in VARIANTS:
-        arrays |= Forest.from_pipeline(st.variants[v]).arrays(v)
+    for v in FORESTS:
+        arrays |= Forest.from_pipeline(st.forests[v]).arrays(v)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **arrays)
 
@@ -310,7 +309,7 @@ def _load_npz(path: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise EwqError(f"{path}: not an ewq FastEWQ classifier")
     try:
-        forests = {v: Forest.from_arrays(arrays, v) for v in VARIANTS}
+        forests = {v: Forest.from_arrays(arrays, v) for v in FORESTS}
     except EwqError as exc:
         raise EwqError(f"{path}: {exc}") from None
     if any(f.n_features != len(FEATURES) for f in forests.values()):
@@ -342,19 +341,19 @@ def _load_skops(path: str) -> dict[str, Any]:
         raise EwqError(f"{path}: cannot load the classifier ({exc})") from None
     if isinstance(doc, dict) and doc.get("kind") == "ewq-fastewq-classifier":
         try:
-            doc |= {v: Forest.from_pipeline(doc[v]) for v in VARIANTS}
+            doc |= {v: Forest.from_pipeline(doc[v]) for v in FORESTS}
         except (KeyError, AttributeError, IndexError, TypeError) as exc:
             raise EwqError(f"{path}: not an ewq FastEWQ classifier ({exc})") from None
     return doc
 
 
 def predict(
-    doc: Mapping[str, Any], variant: str, rows: Sequence[Mapping[str, Any]]
+    doc: Mapping[str, Any], forest: str, rows: Sequence[Mapping[str, Any]]
 ) -> list[bool]:
     """Quantize (True) or not, per feature row, with the ``fast`` or ``fast-train`` model."""
-    if variant not in VARIANTS:
-        raise EwqError(f"unknown FastEWQ variant '{variant}' (fast or fast-train)")
+    if forest not in FORESTS:
+        raise EwqError(f"unknown FastEWQ forest '{forest}' (fast or fast-train)")
     if not rows:
         return []
     x, _ = _xy([{**r, "quantized": 0} for r in rows])
-    return [bool(v) for v in doc[variant].predict(x)]
+    return [bool(v) for v in doc[forest].predict(x)]

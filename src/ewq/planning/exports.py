@@ -50,7 +50,7 @@ def _stages(result: FitResult, transformer: Sequence[int]) -> list[tuple[str, in
     blocks = set(transformer)
     return [
         (a.name, sum(1 for i in a.exec_indices if i in blocks))
-        for a in result.machines
+        for a in result.assignments
         if a.exec_indices
     ]
 

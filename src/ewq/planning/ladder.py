@@ -76,14 +76,15 @@ class Assignment:
 @dataclass(frozen=True)
 class FitResult:
     fits: bool
-    mode: str
+    #: the ladder's precision pair (8/4, 4/3, 4/2); None from the optimal allocator
+    mode: str | None
     precision: Mapping[int, Precision]  # every block, embedding and head included
     bytes: Mapping[int, int]
     machine: Mapping[int, str | None]
     total_bytes: int
     capacity_bytes: int
     smallest_bytes: int  # the bottom of the ladder: the least this model can take
-    machines: tuple[Assignment, ...]
+    assignments: tuple[Assignment, ...]  # per machine of the budget: its blocks
     rung: int  # how many promotions of the ladder were kept (ladder only)
     rungs: int  # how many there are
     damage: float | None = None  # estimated damage (optimal allocator only)
@@ -211,7 +212,7 @@ def fit(
         capacity_bytes=capacity,
         smallest_bytes=min(totals),  # sizes need not grow along the ladder when the
         # source is quantized already (a Q4_1 "raw" block is smaller than its Q8_0)
-        machines=assignments,
+        assignments=assignments,
         rung=chosen,
         rungs=len(steps),
         seconds_per_token=placement.seconds if placement is not None else None,

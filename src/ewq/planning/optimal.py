@@ -22,7 +22,6 @@ def fit_optimal(
     params: Mapping[int, int],
     machines: Sequence[Machine],
     *,
-    mode: str = "optimal",
     route: Route | None = None,
     block_of: Mapping[Any, int] | None = None,
     fixed: Mapping[int, int] | None = None,
@@ -77,14 +76,14 @@ def fit_optimal(
         tensors = {str(k): o for k, o in chosen.items()}
     return FitResult(
         fits=placement is not None,
-        mode=mode,
+        mode=None,  # a ladder's precision pair; this is no ladder
         precision=precision,
         bytes=sizes,
         machine=machine_of,
         total_bytes=sum(sizes.values()),
         capacity_bytes=capacity,
         smallest_bytes=problem.smallest,
-        machines=assignments,
+        assignments=assignments,
         rung=0,
         rungs=0,
         damage=math.fsum(o.damage for o in chosen.values()),

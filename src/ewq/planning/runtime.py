@@ -103,7 +103,7 @@ def model_dims(index: ModelIndex, layout: ModelLayout) -> dict[str, Any]:
         None,
     )
     shapes = {t.name: t.shape for t in index.tensors}
-    if index.format == "gguf":
+    if index.container == "gguf":
         arch = cfg.get("general.architecture")
         get = lambda key, default=None: cfg.get(f"{arch}.{key}", default)  # noqa: E731
         n_embd = _int(get("embedding_length"), "embedding_length")

@@ -118,7 +118,7 @@ def converted_index(folder: Path, outtype: str, timeout: float = 600) -> ModelIn
         offset += -(-nbytes // align) * align
     return ModelIndex(
         source=str(folder),
-        format="gguf",
+        container="gguf",
         files=(name,),
         tensors=tuple(infos),
         config=doc["kv"],
@@ -133,7 +133,7 @@ def _folder(source, index: ModelIndex) -> Path:
             "converter on its files: add --download"
         )
     folder = Path(index.files[0]).parent
-    if index.format != "safetensors" or not (folder / "config.json").is_file():
+    if index.container != "safetensors" or not (folder / "config.json").is_file():
         raise EwqError(
             f"{source}: GGUF from safetensors needs a Hugging Face model folder "
             "(config.json and safetensors weights)"

@@ -39,7 +39,7 @@ def analysis_json(analysis: Analysis, ewq_version: str) -> dict[str, Any]:
         "kind": "ewq-analysis",
         "ewq_version": ewq_version,
         "source": analysis.index.source,
-        "format": analysis.index.format,
+        "container": analysis.index.container,
         "architecture": analysis.layout.architecture,
         "num_blocks": analysis.layout.num_blocks,
         "alpha": d.alpha,

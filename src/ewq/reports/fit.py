@@ -109,9 +109,9 @@ def unfit_reason(planned: Any) -> str | None:
 def idle_reasons(planned: Any) -> dict[str, str]:
     """Why each machine the plan gives no block has none (machine -> reason)."""
     r = planned.result
-    if not r.fits or len(r.machines) < 2:
+    if not r.fits or len(r.assignments) < 2:
         return {}
-    assigned = {a.name: a for a in r.machines}
+    assigned = {a.name: a for a in r.assignments}
     listed = [assigned[m.name] for m in planned.machines if m.name in assigned]
     used = [k for k, a in enumerate(listed) if a.exec_indices]
     if not used:

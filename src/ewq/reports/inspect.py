@@ -43,7 +43,7 @@ def inspection_json(inspection: Inspection, ewq_version: str) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "ewq_version": ewq_version,
         "source": index.source,
-        "format": index.format,
+        "container": index.container,
         "metadata_only": index.metadata_only,
         "architecture": layout.architecture,
         "table": layout.table,

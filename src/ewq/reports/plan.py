@@ -50,6 +50,8 @@ def plan_record(planned: PlanResult, ewq_version: str) -> Plan:
             "alpha": a.decision.alpha,
             "eps": a.profile.eps,
         }
+    if r.mode is not None:  # the ladder's precision pair
+        made["mode"] = r.mode
     if r.damage is not None:
         made["estimated_damage"] = r.damage
     if planned.sensitivity is not None:
@@ -65,7 +67,6 @@ def plan_record(planned: PlanResult, ewq_version: str) -> Plan:
         method=planned.method,
         criterion=planned.criterion,
         allocator=planned.allocator,
-        mode=r.mode,
         # threads change the speed, not the plan: left out, so plans made with
         # different thread counts are the same file
         config=planned.config.model_dump(mode="json", exclude={"threads"}),
@@ -93,7 +94,7 @@ def plan_record(planned: PlanResult, ewq_version: str) -> Plan:
                 **_machine(m, r, planned.runtime, planned.machines),
                 **_idle(idle, m.name),
             )
-            for m in r.machines
+            for m in r.assignments
         ],
         seconds_per_token=r.seconds_per_token,
         exports=planned.exports,
@@ -303,16 +304,16 @@ def _caption(planned: PlanResult) -> str:
     runtime, capacity = "", r.capacity_bytes
     if rt is not None:
         kv = sum(rt.kv_bytes.values())
-        used = sum(1 for m in r.machines if m.exec_indices)
+        used = sum(1 for m in r.assignments if m.exec_indices)
         buffers = rt.stage_bytes * used + rt.head_bytes
         runtime = (
             f" + KV cache {human_bytes(kv)} ({rt.context} tokens) + buffers "
             f"{human_bytes(buffers)}"
         )
-        capacity = r.capacity_bytes + rt.stage_bytes * len(r.machines)
+        capacity = r.capacity_bytes + rt.stage_bytes * len(r.assignments)
     caption = (
         f"weights {human_bytes(r.total_bytes)}{runtime} of "
-        f"{human_bytes(capacity)} on {sum(1 for m in r.machines if m.exec_indices)} "
+        f"{human_bytes(capacity)} on {sum(1 for m in r.assignments if m.exec_indices)} "
         "machine(s); blocks: " + ", ".join(f"{n} {p}" for p, n in counts.items())
     )
     kl = predicted_kl(planned)
@@ -337,7 +338,7 @@ def placement_table(planned: PlanResult) -> Table | None:
     """One row per machine of the pipeline: its blocks, its bytes against its
     capacity, and the command it runs (None for a single machine)."""
     r = planned.result
-    stages = [m for m in r.machines if m.exec_indices]
+    stages = [m for m in r.assignments if m.exec_indices]
     if len(stages) < 2 or not r.fits:
         return None
     rt = planned.runtime

@@ -118,7 +118,7 @@ class Calibration:
         ctx: int,
         documents: str,
     ):
-        if index.format != "gguf":
+        if index.container != "gguf":
             raise EwqError("plans are measured as GGUF files through llama.cpp")
         self.index, self.layout, self.ctx = index, layout, ctx
         self.path = Path(index.files[0])

@@ -96,7 +96,7 @@ class Probes:
         imatrix: Imatrix | None,
         threads: int = 2,
     ):
-        if index.format != "gguf":
+        if index.container != "gguf":
             raise EwqError("probes run GGUF models through llama.cpp")
         self.index, self.layout, self.ctx = index, layout, ctx
         self.names, self.text = list(names), text

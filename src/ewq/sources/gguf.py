@@ -184,7 +184,7 @@ class GGUFSource(TensorSource):
         self.version = headers[0].version
         self.index = ModelIndex(
             source=source or str(path),
-            format="gguf",
+            container="gguf",
             files=tuple(str(f) for f in files),
             tensors=tuple(infos),
             config=headers[0].metadata,

@@ -124,7 +124,7 @@ class HubMetadataSource(TensorSource):
             infos.extend(tensor_infos_from_header(header, 0, None, filename))
         self.index = ModelIndex(
             source=repo_id,
-            format="safetensors",
+            container="safetensors",
             files=tuple(sorted(meta.files_metadata)),
             tensors=tuple(infos),
             config=config,
@@ -255,7 +255,7 @@ class HubGGUFSource(TensorSource):
             infos.extend(tensor_infos(header, name, sizes.get(name) or 1 << 62))
         self.index = ModelIndex(
             source=repo_id,
-            format="gguf",
+            container="gguf",
             files=tuple(files),
             tensors=tuple(infos),
             config=parsed[0].metadata,

@@ -263,7 +263,7 @@ class SafetensorsSource(TensorSource):
             raise SourceNotFoundError(f"no such file or folder: {path}")
         self.index = ModelIndex(
             source=source or str(path),
-            format="safetensors",
+            container="safetensors",
             files=tuple(dict.fromkeys(t.file for t in infos)),
             tensors=tuple(infos),
             config=_load_config(folder),
