@@ -315,6 +315,50 @@ def is_encoder(source: str | Path) -> bool:
     )
 
 
+class _Writer:
+    """Writes a plan of block precisions as the judge's format, into a scratch folder."""
+
+    def __init__(self, source: str, fmt: str, n: int, tmp: Path):
+        self.source, self.format, self.n, self.tmp = source, fmt, n, tmp
+
+    def __call__(self, name: str, precision: dict[int, Precision], *sides):
+        out = fresh_dir(self.tmp / (f"{name}.gguf" if self.format == "gguf" else name))
+        doc = plan_doc(self.n, precision, *sides)
+        return api.quantize(self.source, doc, out, format=self.format)
+
+
+def _measure_variants(judge, variants: list[BenchVariant], write: _Writer, step):
+    """Each variant written and measured; a plan met twice (FastEWQ's forests often
+    agree) is measured once."""
+    measured: dict[tuple, BenchVariant] = {}
+    for v in variants:
+        same = measured.get(_key(v.precision))
+        if same is not None:
+            v.metrics = judge.reuse(v, same)
+        else:
+            v.metrics = judge.measure(v, write("v", v.precision))
+            measured[_key(v.precision)] = v
+        step(f"variant {v.name}")
+
+
+def _measure_sizes(judge, sizes, write: _Writer, step) -> list[dict[str, Any]]:
+    """The equal-size comparison: each order's blocks at 4-bit, embedding and head
+    raw; a point met by two orders is measured once."""
+    points: dict[tuple, dict[str, Any]] = {}
+    comparison = []
+    for key, order, precision in sizes:
+        if _key(precision) not in points:
+            q = write("eq", precision, Precision.RAW, Precision.RAW)
+            points[_key(precision)] = {
+                "bytes": q.predicted_bytes,
+                "blocks_4bit": sum(1 for p in precision.values() if p is Precision.Q4),
+            } | judge.measure_size(q)
+        point = key | {"order": order} | points[_key(precision)]
+        comparison.append(point)
+        step(f"equal size, {point['blocks_4bit']} blocks at 4-bit, {order}")
+    return comparison
+
+
 def bench(
     source: str,
     cfg: BenchConfig,
@@ -340,40 +384,10 @@ def bench(
         if progress is not None:
             progress(done, total, what)
 
-    comparison = []
-    # a plan met twice (FastEWQ's forests often agree) is measured once
-    measured: dict[tuple, BenchVariant] = {}
-    points: dict[tuple, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="ewq-bench-") as tmp:
-        for v in variants:
-            same = measured.get(_key(v.precision))
-            if same is not None:
-                v.metrics = judge.reuse(v, same)
-            else:
-                out = fresh_dir(
-                    Path(tmp) / ("v.gguf" if judge.format == "gguf" else "v")
-                )
-                doc = plan_doc(n, v.precision)
-                q = api.quantize(source, doc, out, format=judge.format)
-                v.metrics = judge.measure(v, q)
-                measured[_key(v.precision)] = v
-            step(f"variant {v.name}")
-        for key, order, precision in sizes:
-            if _key(precision) not in points:
-                out = fresh_dir(
-                    Path(tmp) / ("eq.gguf" if judge.format == "gguf" else "eq")
-                )
-                doc = plan_doc(n, precision, Precision.RAW, Precision.RAW)
-                q = api.quantize(source, doc, out, format=judge.format)
-                points[_key(precision)] = {
-                    "bytes": q.predicted_bytes,
-                    "blocks_4bit": sum(
-                        1 for p in precision.values() if p is Precision.Q4
-                    ),
-                } | judge.measure_size(q)
-            point = key | {"order": order} | points[_key(precision)]
-            comparison.append(point)
-            step(f"equal size, {point['blocks_4bit']} blocks at 4-bit, {order}")
+        written = _Writer(source, judge.format, n, Path(tmp))
+        _measure_variants(judge, variants, written, step)
+        comparison = _measure_sizes(judge, sizes, written, step)
     result = BenchRecord(
         source=str(source),
         model_name=api.features(source).model_name,

@@ -181,6 +181,9 @@ def stats_q5_k(raw, nblocks, out, f16, exp16):  # pragma: no cover - jitted
     _qk(raw, nblocks, out, f16, exp16, 176, 16, 48, True)
 
 
+# Over 60 lines, kept whole: one jitted loop over the file's blocks that decodes each
+# as ggml lays Q6_K out (ggml-quants.c, dequantize_row_q6_K) and reduces it in place;
+# its steps read the same local buffers, which helper calls would pass back and forth.
 @numba.njit(**_JIT)
 def stats_q6_k(raw, nblocks, out, f16, exp16):  # pragma: no cover - jitted
     """Q6_K: 16 sub-blocks of 16 elements, 6-bit codes (low 4 bits in ql, high 2 in

@@ -225,43 +225,46 @@ def sample_profile(
             done += t.nbytes
             if progress is not None:
                 progress(done, total, t.name)
-    blocks = []
-    for block in layout.blocks:
-        parts = est.get(block.exec_index, [])
-        n = sum(k for k, _ in parts)
-        if not parts or n == 0:
-            if block.kind is BlockKind.TRANSFORMER:
-                raise FormatError(
-                    f"{src.index.source}: transformer block {block.exec_index} holds no "
-                    "float weight matrix to analyse"
-                )
-            h, var = None, 0.0
-        else:
-            h = math.fsum(k / n * e.entropy for k, e in parts)
-            var = math.fsum((k / n) ** 2 * e.variance for k, e in parts)
-        counted = [
-            t
-            for t, k in zip(block.tensors, block.keys, strict=True)
-            if counts_as_matrix(t, k)
-        ]
-        blocks.append(
-            BlockEstimate(
-                block.exec_index,
-                block.kind,
-                block.num_parameters,
-                n,
-                h,
-                math.sqrt(var),
-                sum(e.bytes_read for _, e in parts),
-                sum(t.nbytes for t in counted),
-            )
-        )
+    blocks = [
+        _block(src, block, est.get(block.exec_index, [])) for block in layout.blocks
+    ]
     return SampledProfile(
         tuple(blocks),
         fraction,
         seed,
         sum(b.bytes_read for b in blocks),
         total,
+    )
+
+
+def _block(src: TensorSource, block, parts) -> BlockEstimate:
+    """A block's entropy from its matrices' estimates (``parts``: per matrix its
+    parameters and estimate), weighed by parameters, with its variance."""
+    n = sum(k for k, _ in parts)
+    if not parts or n == 0:
+        if block.kind is BlockKind.TRANSFORMER:
+            raise FormatError(
+                f"{src.index.source}: transformer block {block.exec_index} holds no "
+                "float weight matrix to analyse"
+            )
+        h, var = None, 0.0
+    else:
+        h = math.fsum(k / n * e.entropy for k, e in parts)
+        var = math.fsum((k / n) ** 2 * e.variance for k, e in parts)
+    counted = [
+        t
+        for t, k in zip(block.tensors, block.keys, strict=True)
+        if counts_as_matrix(t, k)
+    ]
+    return BlockEstimate(
+        block.exec_index,
+        block.kind,
+        block.num_parameters,
+        n,
+        h,
+        math.sqrt(var),
+        sum(e.bytes_read for _, e in parts),
+        sum(t.nbytes for t in counted),
     )
 
 

@@ -204,56 +204,70 @@ def plan_cmd(
     predicted damage (per block: its precision and machine)."""
     from ewq import api
     from ewq.analysis.decision import check_alpha
-    from ewq.planning import Machine, load_cluster, single_machine
-    from ewq.reports.fit import idle_reasons
-    from ewq.reports.plan import (
-        broken_warning,
-        export_lines,
-        placement_table,
-        plan_json,
-        plan_table,
-        unfit_message,
-    )
+    from ewq.reports.plan import plan_json, unfit_message
 
-    if memory is not None and cluster is not None:
-        raise typer.BadParameter("give either --memory (one machine) or --cluster FILE")
-    if memory is None and cluster is None and config.bpw is None:
-        raise typer.BadParameter(
-            "give --memory (one machine), --cluster FILE or --bpw BITS"
-        )
     inputs = (source, cluster, config.calibration, config.classifier, config.imatrix)
     outputs(inputs, json_path=json_path)
-    if disk is not None and memory is None:
-        raise typer.BadParameter("--disk goes with --memory")
+    machines = _budget(memory, disk, cluster, reserve, config.bpw)
     check_alpha(config.alpha)
-    if cluster is not None:
-        machines = load_cluster(cluster, reserve)
-    elif memory is not None:
-        machines = (single_machine(memory, disk, reserve),)
-    else:  # --bpw alone: the bits per weight are the budget
-        machines = (Machine("local", 1 << 62),)
     reads = config.method.value == "ewq"
     bar = progress_bar("analysing") if reads else contextlib.nullcontext(None)
     with bar as progress:
         planned = api.plan(source, machines, config, progress=progress)
     if not planned.result.fits:
         raise EwqError(unfit_message(planned, source))
-    if (
-        json_path is not None
-        and planned.imatrix is not None
-        and not planned.imatrix.file
-    ):
-        # computed from --calibration: written beside the plan, which names it, so
-        # that `ewq quantize` (and llama-quantize) can use it
-        from ewq.imatrix import write_imatrix
+    if json_path is not None:
+        planned = _imatrix_beside(planned, json_path, inputs)
+    _show_plan(planned)
+    if json_path is not None:
+        write_json(json_path, plan_json(planned, __version__))
 
-        path = json_path.with_name(json_path.stem + ".imatrix.gguf")
-        outputs(inputs, json_path=path)
-        write_imatrix(planned.imatrix, path)
-        planned = dataclasses.replace(
-            planned, imatrix=dataclasses.replace(planned.imatrix, file=path.name)
+
+def _budget(memory, disk, cluster: Path | None, reserve, bpw: float | None):
+    """The machines --memory/--disk, --cluster or --bpw alone describe."""
+    from ewq.planning import Machine, load_cluster, single_machine
+
+    if memory is not None and cluster is not None:
+        raise typer.BadParameter("give either --memory (one machine) or --cluster FILE")
+    if memory is None and cluster is None and bpw is None:
+        raise typer.BadParameter(
+            "give --memory (one machine), --cluster FILE or --bpw BITS"
         )
-        err.print(f"wrote the importance matrix {path}")
+    if disk is not None and memory is None:
+        raise typer.BadParameter("--disk goes with --memory")
+    if cluster is not None:
+        return load_cluster(cluster, reserve)
+    if memory is not None:
+        return (single_machine(memory, disk, reserve),)
+    return (Machine("local", 1 << 62),)  # --bpw alone: the bits are the budget
+
+
+def _imatrix_beside(planned, json_path: Path, inputs: tuple):
+    """An importance matrix computed from --calibration, written beside the plan
+    (which names it) so that `ewq quantize` and llama-quantize can use it."""
+    if planned.imatrix is None or planned.imatrix.file:
+        return planned
+    from ewq.imatrix import write_imatrix
+
+    path = json_path.with_name(json_path.stem + ".imatrix.gguf")
+    outputs(inputs, json_path=path)
+    write_imatrix(planned.imatrix, path)
+    err.print(f"wrote the importance matrix {path}")
+    return dataclasses.replace(
+        planned, imatrix=dataclasses.replace(planned.imatrix, file=path.name)
+    )
+
+
+def _show_plan(planned) -> None:
+    """The plan's table, its warnings, its placement and the runtimes' commands."""
+    from ewq.reports.fit import idle_reasons
+    from ewq.reports.plan import (
+        broken_warning,
+        export_lines,
+        placement_table,
+        plan_table,
+    )
+
     out.print(plan_table(planned))
     warning = broken_warning(planned)
     if warning is not None:
@@ -266,8 +280,6 @@ def plan_cmd(
             out.print(one_line(f"{name} has no block: {why}"), markup=False)
     for line in export_lines(planned):
         out.print(line)
-    if json_path is not None:
-        write_json(json_path, plan_json(planned, __version__))
 
 
 @app.command(

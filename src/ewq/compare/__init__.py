@@ -35,6 +35,7 @@ from ewq.evaluate.data import load_text
 from ewq.formats import tensor_bytes
 from ewq.imatrix import Imatrix, write_imatrix
 from ewq.reports.compare import write_compare
+from ewq.sampling import Sampling
 from ewq.sensitivity import Sensitivity
 from ewq.types import Precision
 
@@ -192,7 +193,8 @@ def _gptq(cfg: CompareConfig) -> dict[str, Any] | None:
 
 def _options(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
     """`ewq plan`'s options for the error (data-free) and kl (calibrated) plans."""
-    out: dict[str, dict[str, Any]] = {"ewq error": {"criterion": "error", "context": 0}}
+    error = {"criterion": "error", "context": 0, "sample": cfg.sample}
+    out: dict[str, dict[str, Any]] = {"ewq error": error}
     if cfg.calibration is not None and "kl" in cfg.criteria_list():
         out["ewq kl"] = {
             "criterion": "kl",
@@ -224,6 +226,7 @@ def _record(source, index, cfg: CompareConfig, im, ref) -> dict[str, Any]:
             "documents": cfg.documents.value,
             "tokens": int(sum(len(s) for s in ref.seqs)),
         },
+        "error_sample": cfg.sample,  # the error criterion's share of rows (None: all)
         "calibration": {
             "text": Path(cfg.calibration).name if cfg.calibration else None,
             "tokens": cfg.calib_tokens,
@@ -246,6 +249,7 @@ def _sensitivities(
     """The criteria by plan name (random once per seed). error is data-free (the user
     without calibration); kl is calibrated, with the importance matrix."""
     sens: dict[str, Sensitivity] = {}
+    sample = Sampling(fraction=cfg.sample) if cfg.sample is not None else None
     for c in criteria:
         if c == "random":
             for k in range(cfg.seeds):
@@ -264,5 +268,8 @@ def _sensitivities(
                 type_probes=cfg.type_probes,
             )
             continue
-        sens[f"ewq {c}"] = api.sensitivity(source, c, analysis=analysis)
+        sample_c = sample if c == "error" else None
+        sens[f"ewq {c}"] = api.sensitivity(
+            source, c, analysis=analysis, sample=sample_c
+        )
     return sens

@@ -33,29 +33,18 @@ def compare_encoder(
     from ewq.bench import is_encoder
     from ewq.evaluate import tasks
     from ewq.evaluate.backends import TransformersEncoder
-    from ewq.planning import block_specs
 
     started = time.perf_counter()
     if not is_encoder(source):
         raise EwqError(f"{source}: not a Hugging Face encoder folder")
     sentences_text = load_text(text)
     analysis = api.analyze(source)
-    layout = analysis.layout
-    specs = {s.exec_index: s for s in block_specs("hf", layout)}
-    blocks = [b.exec_index for b in layout.transformer_blocks]
-    sens: dict[str, Sensitivity] = {
-        f"ewq {c}": api.sensitivity(source, c, analysis=analysis)
-        for c in ("error", "entropy", "position")
-    }
-    for k in range(seeds):
-        sens[f"ewq random seed {k}"] = api.sensitivity(source, "random", seed=k)
     reference = TransformersEncoder(Path(analysis.index.files[0]).parent)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ewq-compare-") as tmp:
-
-        def measure(
-            name: str, size_of: str, doc: dict, nbytes: int, types: str
-        ) -> None:
+        for name, size_of, doc, nbytes, types in _encoder_plans(
+            source, analysis, seeds
+        ):
             out = fresh_dir(Path(tmp) / "m")
             api.quantize(source, doc, out, format="hf")
             m = tasks.embedding_fidelity(
@@ -68,21 +57,6 @@ def compare_encoder(
                 f"  at {size_of} {name}: {nbytes / 1e6:.2f} MB, "
                 f"cosine {m['cosine_mean']:.5f}"
             )
-
-        for p in (Precision.Q8, Precision.Q4, Precision.Q3):
-            uniform = {i: (p if i in blocks else Precision.RAW) for i in specs}
-            budget = sum(specs[i].bytes[uniform[i]] for i in specs)
-            label = f"uniform {p.value}"
-            measure(label, label, _doc(layout, uniform), budget, label)
-            for name, sv in sens.items():
-                r = api.fit_tensors(
-                    "hf", layout, sv, None, None, [Machine("m", budget)], None, None
-                )
-                if r.fits:
-                    types = {n: str(o.precision) for n, o in r.tensors.items()}
-                    doc = _doc(layout, {i: Precision.RAW for i in specs})
-                    doc["tensors"] = [{"name": n, "type": t} for n, t in types.items()]
-                    measure(name, label, doc, r.total_bytes, _counts(types))
     result = {
         "schema_version": 2,
         "kind": "ewq-compare-encoder",
@@ -94,3 +68,33 @@ def compare_encoder(
     }
     write_compare_encoder(result, Path(out_dir), Path(text).name)
     return result
+
+
+def _encoder_plans(source: str, analysis, seeds: int):
+    """Uniform 8-, 4- and 3-bit blocks, and at each one's bytes every criterion's
+    per-tensor plan: (plan, the size it is held to, plan doc, bytes, types)."""
+    from ewq.planning import block_specs
+
+    layout = analysis.layout
+    specs = {s.exec_index: s for s in block_specs("hf", layout)}
+    blocks = [b.exec_index for b in layout.transformer_blocks]
+    sens: dict[str, Sensitivity] = {
+        f"ewq {c}": api.sensitivity(source, c, analysis=analysis)
+        for c in ("error", "entropy", "position")
+    }
+    for k in range(seeds):
+        sens[f"ewq random seed {k}"] = api.sensitivity(source, "random", seed=k)
+    for p in (Precision.Q8, Precision.Q4, Precision.Q3):
+        uniform = {i: (p if i in blocks else Precision.RAW) for i in specs}
+        budget = sum(specs[i].bytes[uniform[i]] for i in specs)
+        label = f"uniform {p.value}"
+        yield label, label, _doc(layout, uniform), budget, label
+        for name, sv in sens.items():
+            r = api.fit_tensors(
+                "hf", layout, sv, None, None, [Machine("m", budget)], None, None
+            )
+            if r.fits:
+                types = {n: str(o.precision) for n, o in r.tensors.items()}
+                doc = _doc(layout, {i: Precision.RAW for i in specs})
+                doc["tensors"] = [{"name": n, "type": t} for n, t in types.items()]
+                yield name, label, doc, r.total_bytes, _counts(types)

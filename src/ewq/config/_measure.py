@@ -79,6 +79,14 @@ class CompareConfig(Config):
     type_probes: int | None = Field(
         4, ge=0, description="Tensors whose KL is measured at every type (kl)."
     )
+    sample: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Estimate the error criterion from this share of each tensor's "
+        "rows, as `ewq plan --sample` does (the kl criterion measures every row). "
+        "Default: every row.",
+    )
     gptq: bool = Field(
         True,
         description="Also write the calibrated plan as `ewq quantize --calibration` "

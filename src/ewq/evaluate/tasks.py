@@ -175,53 +175,58 @@ def mmlu(
         by_subject[q.subject].append(q)
     letters = _letter_ids(model)
     chosen = list(questions[:limit] if limit else questions)
-    right: dict[str, list[int]] = defaultdict(list)
-    cloze_right: dict[str, list[int]] = defaultdict(list)
-    nlls: list[float] = []
-    details: list[dict[str, Any]] = []
-    for k, q in enumerate(chosen):
-        prompt = format_prompt(q, list(by_subject.get(q.subject, []))[:shots])
-        ids = _with_bos(model, model.tokenize(prompt))
-        lp = model.logprobs(ids, slice(-1, None))[0]
-        top = set(np.argpartition(lp, -TOP_K)[-TOP_K:].tolist())
-        best = {L: max(lp[i] for i in letters[L]) for L in LETTERS}
-        found = {
-            L: max((lp[i] for i in letters[L] if i in top), default=None)
-            for L in LETTERS
-        }
-        nll = paper_question_nll(found, q.letter)
-        nlls.append(nll)
-        correct = int(max(best, key=best.get) == q.letter)
-        cloze = int(_cloze(model, q) == q.answer)
-        right[q.subject].append(correct)
-        cloze_right[q.subject].append(cloze)
-        details.append(
-            {
-                "subject": q.subject,
-                "correct": correct,
-                "nll": nll,
-                "cloze_correct": cloze,
-            }
-        )
-        if progress is not None:
-            progress(k + 1, len(chosen), q.subject)
     if not chosen:
         raise EwqError("no MMLU questions to evaluate")
-    flat = [v for vs in right.values() for v in vs]
-    flat_cloze = [v for vs in cloze_right.values() for v in vs]
+    details: list[dict[str, Any]] = []
+    for k, q in enumerate(chosen):
+        examples = list(by_subject.get(q.subject, []))[:shots]
+        details.append(_scored(model, q, examples, letters))
+        if progress is not None:
+            progress(k + 1, len(chosen), q.subject)
+    return _accuracies(details, shots)
+
+
+def _scored(
+    model: LanguageModel,
+    q: Question,
+    examples: list[Question],
+    letters: dict[str, list[int]],
+) -> dict[str, Any]:
+    """One question, both ways: the letter the model puts most probability on (and
+    the paper's NLL from the top-100 tokens), and the likeliest answer text."""
+    ids = _with_bos(model, model.tokenize(format_prompt(q, examples)))
+    lp = model.logprobs(ids, slice(-1, None))[0]
+    top = set(np.argpartition(lp, -TOP_K)[-TOP_K:].tolist())
+    best = {L: max(lp[i] for i in letters[L]) for L in LETTERS}
+    found = {
+        L: max((lp[i] for i in letters[L] if i in top), default=None) for L in LETTERS
+    }
     return {
-        "accuracy": float(np.mean(flat)),
-        "paper_perplexity": paper_perplexity(nlls),
-        "cloze_accuracy": float(np.mean(flat_cloze)),
-        "questions": len(chosen),
+        "subject": q.subject,
+        "correct": int(max(best, key=best.get) == q.letter),
+        "nll": paper_question_nll(found, q.letter),
+        "cloze_correct": int(_cloze(model, q) == q.answer),
+    }
+
+
+def _accuracies(details: list[dict[str, Any]], shots: int) -> dict[str, Any]:
+    """Accuracy overall and per subject, both scorings, and the paper's perplexity."""
+    subjects: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for d in details:
+        subjects[d["subject"]].append(d)
+    return {
+        "accuracy": float(np.mean([d["correct"] for d in details])),
+        "paper_perplexity": paper_perplexity([d["nll"] for d in details]),
+        "cloze_accuracy": float(np.mean([d["cloze_correct"] for d in details])),
+        "questions": len(details),
         "shots": shots,
         "per_subject": {
             s: {
-                "accuracy": float(np.mean(v)),
-                "cloze_accuracy": float(np.mean(cloze_right[s])),
-                "questions": len(v),
+                "accuracy": float(np.mean([d["correct"] for d in ds])),
+                "cloze_accuracy": float(np.mean([d["cloze_correct"] for d in ds])),
+                "questions": len(ds),
             }
-            for s, v in sorted(right.items())
+            for s, ds in sorted(subjects.items())
         },
         "per_question": details,
     }

@@ -140,18 +140,7 @@ def study(
     rows: Sequence[Mapping[str, Any]], *, seed: int = 42, test_size: float = 0.3
 ) -> Study:
     """Train and evaluate the six classifiers; fit the two stored forests."""
-    from sklearn.metrics import (
-        accuracy_score,
-        classification_report,
-        confusion_matrix,
-        roc_auc_score,
-        roc_curve,
-    )
-    from sklearn.model_selection import (
-        LeaveOneGroupOut,
-        cross_val_predict,
-        train_test_split,
-    )
+    from sklearn.model_selection import train_test_split
 
     x, y = _xy(rows)
     if len(set(y.tolist())) < 2:
@@ -173,38 +162,7 @@ def study(
         },
     )
     for name in CLASSIFIERS:
-        model = _pipeline(name, seed).fit(x[train], y[train])
-        pred = model.predict(x[test])
-        proba = (
-            model.predict_proba(x[test])[:, 1]
-            if hasattr(model, "predict_proba")
-            else model.decision_function(x[test])
-        )
-        fpr, tpr, _ = roc_curve(y[test], proba)
-        ablation = {}
-        for k, feature in enumerate(FEATURES):
-            keep = [j for j in range(len(FEATURES)) if j != k]
-            m = _pipeline(name, seed).fit(x[train][:, keep], y[train])
-            ablation[feature] = float(
-                accuracy_score(y[test], m.predict(x[test][:, keep]))
-            )
-        lomo_pred = cross_val_predict(
-            _pipeline(name, seed), x, y, groups=groups, cv=LeaveOneGroupOut()
-        )
-        out.results[name] = Result(
-            report=classification_report(
-                y[test],
-                pred,
-                output_dict=True,
-                zero_division=0,
-                target_names=["raw", "quantized"],
-            ),
-            confusion=confusion_matrix(y[test], pred, labels=[0, 1]).tolist(),
-            roc=(fpr.tolist(), tpr.tolist()),
-            auc=float(roc_auc_score(y[test], proba)),
-            ablation=ablation,
-            lomo=float(accuracy_score(y, lomo_pred)),
-        )
+        out.results[name], model = _evaluated(name, seed, x, y, train, test, groups)
         if name == "random forest":
             forest = model.named_steps["clf"]
             out.importances = dict(
@@ -213,6 +171,51 @@ def study(
             out.forests["fast-train"] = model
     out.forests["fast"] = _pipeline("random forest", seed).fit(x, y)
     return out
+
+
+def _evaluated(name: str, seed: int, x, y, train, test, groups) -> tuple[Result, Any]:
+    """One classifier trained on ``train`` and measured on ``test``: its report,
+    confusion, ROC, each feature's ablation, and leave-one-model-out accuracy."""
+    from sklearn.metrics import (
+        accuracy_score,
+        classification_report,
+        confusion_matrix,
+        roc_auc_score,
+        roc_curve,
+    )
+    from sklearn.model_selection import LeaveOneGroupOut, cross_val_predict
+
+    model = _pipeline(name, seed).fit(x[train], y[train])
+    pred = model.predict(x[test])
+    proba = (
+        model.predict_proba(x[test])[:, 1]
+        if hasattr(model, "predict_proba")
+        else model.decision_function(x[test])
+    )
+    fpr, tpr, _ = roc_curve(y[test], proba)
+    ablation = {}
+    for k, feature in enumerate(FEATURES):
+        keep = [j for j in range(len(FEATURES)) if j != k]
+        m = _pipeline(name, seed).fit(x[train][:, keep], y[train])
+        ablation[feature] = float(accuracy_score(y[test], m.predict(x[test][:, keep])))
+    lomo_pred = cross_val_predict(
+        _pipeline(name, seed), x, y, groups=groups, cv=LeaveOneGroupOut()
+    )
+    result = Result(
+        report=classification_report(
+            y[test],
+            pred,
+            output_dict=True,
+            zero_division=0,
+            target_names=["raw", "quantized"],
+        ),
+        confusion=confusion_matrix(y[test], pred, labels=[0, 1]).tolist(),
+        roc=(fpr.tolist(), tpr.tolist()),
+        auc=float(roc_auc_score(y[test], proba)),
+        ablation=ablation,
+        lomo=float(accuracy_score(y, lomo_pred)),
+    )
+    return result, model
 
 
 def versions() -> dict[str, str]:

@@ -144,6 +144,24 @@ def assign(
     return machine_of, tuple(assignments)
 
 
+def _highest_rung(
+    order, steps, before, totals, level, size, room, params, machines, route
+):
+    """Walk the ladder down from its top (``level`` is the top's levels; promotions
+    undone in place) to the highest rung whose total fits ``room`` and whose blocks
+    place on the machines: (rung, placement), or (0, None)."""
+    for rung in range(len(steps), -1, -1):
+        if rung < len(steps):
+            level[steps[rung][0]] = before[rung]  # undo promotion `rung`
+        if totals[rung] > room:
+            continue
+        sizes = {i: size(i, level[i]) for i in order}
+        placed = place(order, sizes, params, machines, route)
+        if placed is not None:
+            return rung, placed
+    return 0, None
+
+
 def fit(
     blocks: Sequence[BlockSpec],
     embedding: BlockSpec,
@@ -186,17 +204,10 @@ def fit(
         level[i] = new
     capacity = sum(m.capacity for m in machines)
     params = {i: specs[i].num_parameters for i in order}
-    chosen, placement = 0, None
-    for rung in range(len(steps), -1, -1):
-        if rung < len(steps):
-            level[steps[rung][0]] = before[rung]  # undo promotion `rung`
-        if totals[rung] > capacity - (route.last_bytes if route else 0):
-            continue
-        sizes = {i: size(i, level[i]) for i in order}
-        placed = place(order, sizes, params, machines, route)
-        if placed is not None:
-            chosen, placement = rung, placed
-            break
+    room = capacity - (route.last_bytes if route else 0)
+    chosen, placement = _highest_rung(
+        order, steps, before, totals, level, size, room, params, machines, route
+    )
     if placement is None:
         level = dict(start)
         chosen = 0

@@ -68,12 +68,7 @@ def fit_optimal(
     chosen = {k: problem.items[n][found.choice[n]] for n, k in enumerate(keys)}
     sizes = problem.block_sizes(found.choice)
     machine_of, assignments = assign(problem.order, sizes, machines, placement)
-    if view is None:
-        precision = {problem.block_of[k]: o.precision for k, o in chosen.items()}
-        tensors: dict[str, Option] = {}
-    else:
-        precision = _dominant(chosen, problem.block_of, problem.order, view)
-        tensors = {str(k): o for k, o in chosen.items()}
+    precision, tensors = _views(chosen, problem, view)
     return FitResult(
         fits=placement is not None,
         mode=None,  # a ladder's precision pair; this is no ladder
@@ -91,6 +86,17 @@ def fit_optimal(
         tensors=tensors,
         bound=found.bound,
     )
+
+
+def _views(chosen, problem, view):
+    """Per block its precision, and per tensor its option (tensor items only): a
+    block item's precision is its option's; a block of tensors shows the
+    precision ``view`` gives the option holding most of its bytes."""
+    if view is None:
+        precision = {problem.block_of[k]: o.precision for k, o in chosen.items()}
+        return precision, {}
+    precision = _dominant(chosen, problem.block_of, problem.order, view)
+    return precision, {str(k): o for k, o in chosen.items()}
 
 
 class _Problem:

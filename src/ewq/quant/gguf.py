@@ -87,6 +87,25 @@ def quantize_gguf(
         metadata |= imatrix_metadata(imatrix)
     else:
         _refuse_without_imatrix(targets)
+    params.ftype = lc.LLAMA_FTYPE_MOSTLY_Q8_0  # unused: every tensor is overridden
+    params.allow_requantize = True
+    params.pure = True
+    params.nthread = threads or 0
+    params.tt_overrides = _type_table(lc, targets, keep)
+    if metadata:
+        params.kv_overrides = _kv_table(lc, metadata, keep)
+
+    with _lock, atomic_path_for_native(out) as tmp:
+        _run(lc, source, tmp, params, progress)
+        written = _check_written(tmp, targets)
+        if before_commit is not None:
+            before_commit(tmp, written)
+    return written
+
+
+def _type_table(lc, targets: list[TensorTarget], keep: list):
+    """llama.cpp's per-tensor type overrides (``--tensor-type`` patterns), ended by
+    an empty pattern; the C strings are kept alive in ``keep``."""
     pairs = overrides(targets)
     table = (lc.llama_model_tensor_override * (len(pairs) + 1))()
     for i, (pattern, qtype) in enumerate(pairs):
@@ -95,35 +114,24 @@ def quantize_gguf(
         table[i].pattern = raw
         table[i].type = _ggml_type(qtype)
     table[len(pairs)].pattern = None
-    params.ftype = lc.LLAMA_FTYPE_MOSTLY_Q8_0  # unused: every tensor is overridden
-    params.allow_requantize = True
-    params.pure = True
-    params.nthread = threads or 0
-    params.tt_overrides = ctypes.cast(
-        table, ctypes.POINTER(lc.llama_model_tensor_override)
-    )
-    if metadata:
-        kv = (lc.llama_model_kv_override * (len(metadata) + 1))()
-        for i, (key, value) in enumerate(metadata.items()):
-            kv[i].key = _cut(key)
-            if isinstance(value, int):
-                kv[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_INT
-                kv[i].value.val_i64 = value
-            else:
-                kv[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_STR
-                kv[i].value.val_str = _cut(value)
-        kv[len(metadata)].key = b""  # the end of the list
-        keep.append(kv)
-        params.kv_overrides = ctypes.cast(
-            kv, ctypes.POINTER(lc.llama_model_kv_override)
-        )
+    keep.append(table)
+    return ctypes.cast(table, ctypes.POINTER(lc.llama_model_tensor_override))
 
-    with _lock, atomic_path_for_native(out) as tmp:
-        _run(lc, source, tmp, params, progress)
-        written = _check_written(tmp, targets)
-        if before_commit is not None:
-            before_commit(tmp, written)
-    return written
+
+def _kv_table(lc, metadata: Mapping[str, str | int], keep: list):
+    """llama.cpp's metadata overrides (``--override-kv``), ended by an empty key."""
+    kv = (lc.llama_model_kv_override * (len(metadata) + 1))()
+    for i, (key, value) in enumerate(metadata.items()):
+        kv[i].key = _cut(key)
+        if isinstance(value, int):
+            kv[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_INT
+            kv[i].value.val_i64 = value
+        else:
+            kv[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_STR
+            kv[i].value.val_str = _cut(value)
+    kv[len(metadata)].key = b""  # the end of the list
+    keep.append(kv)
+    return ctypes.cast(kv, ctypes.POINTER(lc.llama_model_kv_override))
 
 
 def imatrix_metadata(imatrix: Imatrix) -> dict[str, str | int]:

@@ -87,6 +87,17 @@ def write_compare(result: dict[str, Any], out: Path) -> None:
     """compare.json, README.md and size_vs_kl.png of a decoder's comparison."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    md = [
+        *_intro(result),
+        *_head_to_head_section(result),
+        *_every_plan_section(result),
+    ]
+    _plot(result, out / "size_vs_kl.png")
+    atomic_write_text(out / "README.md", "\n".join(md) + "\n")
+
+
+def _intro(result: dict[str, Any]) -> list[str]:
+    """What was compared, how, on which text."""
     src_mb = result["source_tensor_bytes"] / 1e6
     ev, cal, im = result["eval"], result["calibration"], result["imatrix"]
     docs = "one document per line" if ev["documents"] == "lines" else "a token stream"
@@ -106,8 +117,18 @@ def write_compare(result: dict[str, Any], out: Path) -> None:
             f"; the importance matrix ({im['chunks']} chunks) and the kl criterion "
             f"(probes on {cal['tokens']:,} tokens) used `{cal['text']}`, another text."
         )
+    if result.get("error_sample"):
+        md[-1] += (
+            f" The error criterion was estimated from {result['error_sample']:.0%} "
+            "of each tensor's rows (`--sample`)."
+        )
     md[-1] += " KL is from the source model, in nats per token. MB = 10^6 bytes."
-    md += [
+    return md
+
+
+def _head_to_head_section(result: dict[str, Any]) -> list[str]:
+    """The plot, and each preset's size: its KL beside ewq's plans'."""
+    md = [
         "",
         "![size against KL](size_vs_kl.png)",
         "",
@@ -125,7 +146,12 @@ def write_compare(result: dict[str, Any], out: Path) -> None:
             f"{_f(h['gptq_ratio'], 2)} | {_f(h['ewq_error'])} | "
             f"{_f(h['error_ratio'], 2)} |"
         )
-    md += [
+    return md
+
+
+def _every_plan_section(result: dict[str, Any]) -> list[str]:
+    """Every plan measured, and the criteria's times."""
+    md = [
         "",
         "## Every plan",
         "",
@@ -149,8 +175,7 @@ def write_compare(result: dict[str, Any], out: Path) -> None:
         + ", ".join(f"{k} {v:.1f}" for k, v in result["criterion_seconds"].items())
         + f"; whole run {result['seconds'] / 60:.1f} min.",
     ]
-    _plot(result, out / "size_vs_kl.png")
-    atomic_write_text(out / "README.md", "\n".join(md) + "\n")
+    return md
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:

@@ -177,27 +177,7 @@ def kl_sensitivity(
     imatrix-weighted relative errors (error.relative_errors with ``imatrix``)."""
     started = time.perf_counter()
     cands = tensor_candidates("gguf", layout, imatrix)
-    probes = {
-        n: probe_type(info, encs, errors.get(n, {}))
-        for n, (info, _, encs) in cands.items()
-    }
-    # type factors are measured on tensors the source stores as floats only: against
-    # a quantized source the written model's KL adds the change of llama.cpp's
-    # kernels (SmolLM2's Q4_1 ffn_down written as Q5_1, the same values: 0.004 nats),
-    # which does not add up over tensors (every tensor as Q8_0: 0.0057), and the
-    # factors fitted from it broke the ranking of plans (Spearman 0.08 against 0.997
-    # without them, benchmarks/damage_model.py)
-    sampled = _sampled(
-        {n: c for n, c in cands.items() if probes[n] and c[0].dtype in FLOAT_TYPES},
-        type_probes,
-    )
-    swaps = [(n, t) for n, t in probes.items() if t is not None]
-    files = [
-        (n, e.type)
-        for n in sampled
-        for e in cands[n][2][1:]
-        if errors.get(n, {}).get(e.type, 0) > 0
-    ]
+    swaps, files, sampled = _probes(cands, errors, type_probes)
     window = {"tokens": tokens, "ctx": ctx, "documents": documents}
     swapped, written, bench = _measure(
         index, layout, text, swaps, files, imatrix, window, progress
@@ -233,6 +213,33 @@ def kl_sensitivity(
             "median_sensitivity": median_slope,
         },
     )
+
+
+def _probes(cands, errors, type_probes: int | None):
+    """What is measured: one type swapped into each tensor (its sensitivity), and
+    every type of a few float tensors written whole (the types' factors)."""
+    probes = {
+        n: probe_type(info, encs, errors.get(n, {}))
+        for n, (info, _, encs) in cands.items()
+    }
+    # type factors are measured on tensors the source stores as floats only: against
+    # a quantized source the written model's KL adds the change of llama.cpp's
+    # kernels (SmolLM2's Q4_1 ffn_down written as Q5_1, the same values: 0.004 nats),
+    # which does not add up over tensors (every tensor as Q8_0: 0.0057), and the
+    # factors fitted from it broke the ranking of plans (Spearman 0.08 against 0.997
+    # without them, benchmarks/damage_model.py)
+    sampled = _sampled(
+        {n: c for n, c in cands.items() if probes[n] and c[0].dtype in FLOAT_TYPES},
+        type_probes,
+    )
+    swaps = [(n, t) for n, t in probes.items() if t is not None]
+    files = [
+        (n, e.type)
+        for n in sampled
+        for e in cands[n][2][1:]
+        if errors.get(n, {}).get(e.type, 0) > 0
+    ]
+    return swaps, files, sampled
 
 
 def _type_factors(

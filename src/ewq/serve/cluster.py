@@ -6,6 +6,7 @@ every buffer's size), beside what the plan said."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 import time
@@ -103,18 +104,7 @@ class ClusterModel:
 
         self.stages = list(stages)
         endpoints = [s.endpoint for s in stages if s.endpoint]
-        by_endpoint = {s.endpoint: s.machine for s in stages if s.endpoint}
-
-        def describe(message: str) -> str:
-            message = re.sub(r"^\S+\.(?:c|cpp|h):\d+: ", "", message)  # the source line
-            time.sleep(0.3)  # a worker that just died may still be closing its port
-            lost = [ep for ep in endpoints if rpc.check_reachable(ep, 1.0) is not None]
-            names = ", ".join(f"{by_endpoint[ep]} ({ep})" for ep in lost)
-            if lost:
-                return f"lost the worker(s) {names}: {message}"
-            return f"llama.cpp stopped: {message}"
-
-        rpc.on_abort(describe)
+        rpc.on_abort(_describer(stages))
         rpc.add_workers(endpoints)
         blocks = range(2, num_blocks + 2)  # exec_index 2.. are llama.cpp's layers 0..
         ngl, split = llama_cpp_split(
@@ -135,32 +125,9 @@ class ClusterModel:
                 verbose=False,
             )
 
-        lines: list[str] = []
-        lock = threading.Lock()
-
-        @llama_cpp.llama_log_callback
-        def collect(level: int, text: bytes, user: object) -> None:
-            beat()
-            with lock:
-                lines.append(text.decode("utf-8", "replace"))
-
-        @llama_cpp.llama_progress_callback
-        def loaded(fraction: float, user: object) -> bool:
-            beat()  # llama.cpp calls it as it loads tensors (over RPC: sends them)
-            return True
-
-        _KEEP.extend((collect, loaded))  # C keeps the pointers for the process's life
-        llama_cpp.llama_log_set(collect, None)
-        try:
-            with model_params(use_extra_bufts=repack, progress_callback=loaded):
-                self.model = (build or llama)(ngl, tensor_split)
-        except (ValueError, RuntimeError) as exc:
-            raise EwqError(f"{model}: llama.cpp cannot load it ({exc})") from None
-        finally:  # quiet from here on, as verbose=False (the callback stays alive)
-            quiet = llama_cpp.llama_log_callback(lambda level, text, user: None)
-            _KEEP.append(quiet)
-            llama_cpp.llama_log_set(quiet, None)
-        self.layout = _read_layout("".join(lines))
+        make = functools.partial(build or llama, ngl, tensor_split)
+        self.model, log = _load_logged(model, make, repack, beat)
+        self.layout = _read_layout(log)
         self.n_gpu_layers, self.tensor_split = ngl, tensor_split
 
     def report(self) -> list[dict[str, Any]]:
@@ -243,6 +210,58 @@ def cache_params(kv_cache: str) -> dict[str, Any]:
 
     qtype = int(gguf.GGMLQuantizationType[kv_cache.upper()])
     return {"type_k": qtype, "type_v": qtype, "flash_attn": True}
+
+
+def _describer(stages: Sequence[Stage]) -> Callable[[str], str]:
+    """What a llama.cpp abort message becomes: the workers no longer reachable, by
+    name, or llama.cpp's own reason."""
+    by_endpoint = {s.endpoint: s.machine for s in stages if s.endpoint}
+
+    def describe(message: str) -> str:
+        message = re.sub(r"^\S+\.(?:c|cpp|h):\d+: ", "", message)  # the source line
+        time.sleep(0.3)  # a worker that just died may still be closing its port
+        lost = [ep for ep in by_endpoint if rpc.check_reachable(ep, 1.0) is not None]
+        names = ", ".join(f"{by_endpoint[ep]} ({ep})" for ep in lost)
+        if lost:
+            return f"lost the worker(s) {names}: {message}"
+        return f"llama.cpp stopped: {message}"
+
+    return describe
+
+
+def _load_logged(
+    model: str | Path, make: Callable[[], Any], repack: bool, beat: Callable[[], None]
+) -> tuple[Any, str]:
+    """``make()`` with llama.cpp's log collected (the layout is read from it) and
+    ``beat`` called as it loads and logs; quiet afterwards."""
+    import llama_cpp
+
+    lines: list[str] = []
+    lock = threading.Lock()
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user: object) -> None:
+        beat()
+        with lock:
+            lines.append(text.decode("utf-8", "replace"))
+
+    @llama_cpp.llama_progress_callback
+    def loaded(fraction: float, user: object) -> bool:
+        beat()  # llama.cpp calls it as it loads tensors (over RPC: sends them)
+        return True
+
+    _KEEP.extend((collect, loaded))  # C keeps the pointers for the process's life
+    llama_cpp.llama_log_set(collect, None)
+    try:
+        with model_params(use_extra_bufts=repack, progress_callback=loaded):
+            held = make()
+    except (ValueError, RuntimeError) as exc:
+        raise EwqError(f"{model}: llama.cpp cannot load it ({exc})") from None
+    finally:  # quiet from here on, as verbose=False (the callback stays alive)
+        quiet = llama_cpp.llama_log_callback(lambda level, text, user: None)
+        _KEEP.append(quiet)
+        llama_cpp.llama_log_set(quiet, None)
+    return held, "".join(lines)
 
 
 def load(
