@@ -83,7 +83,8 @@ def model(tmp_path_factory) -> Path:
 
 
 def test_the_plan_file_and_table(model, monkeypatch):
-    from ewq.reports.plan import plan_json, plan_table
+    from ewq.reports.plan import plan_json
+    from ewq.reports.plan_view import plan_table
 
     monkeypatch.chdir(model.parent)  # a source name of fixed length: fixed wrapping
     p = api.plan(
@@ -102,7 +103,8 @@ def test_the_plan_file_and_table(model, monkeypatch):
 def test_a_per_tensor_plan_file_and_table(model, monkeypatch):
     """The default criterion (error, data-free) through the per-tensor allocator:
     every tensor's type, bytes and predicted damage, the derived block view."""
-    from ewq.reports.plan import plan_json, plan_table
+    from ewq.reports.plan import plan_json
+    from ewq.reports.plan_view import plan_table
 
     monkeypatch.chdir(model.parent)
     p = api.plan(model.name, [Machine("m", 120_000)], context=0)

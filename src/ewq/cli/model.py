@@ -204,7 +204,8 @@ def plan_cmd(
     predicted damage (per block: its precision and machine)."""
     from ewq import api
     from ewq.analysis.decision import check_alpha
-    from ewq.reports.plan import plan_json, unfit_message
+    from ewq.reports.plan import plan_json
+    from ewq.reports.plan_view import unfit_message
 
     inputs = (source, cluster, config.calibration, config.classifier, config.imatrix)
     outputs(inputs, json_path=json_path)
@@ -261,12 +262,8 @@ def _imatrix_beside(planned, json_path: Path, inputs: tuple):
 def _show_plan(planned) -> None:
     """The plan's table, its warnings, its placement and the runtimes' commands."""
     from ewq.reports.fit import idle_reasons
-    from ewq.reports.plan import (
-        broken_warning,
-        export_lines,
-        placement_table,
-        plan_table,
-    )
+    from ewq.reports.plan import broken_warning
+    from ewq.reports.plan_view import export_lines, placement_table, plan_table
 
     out.print(plan_table(planned))
     warning = broken_warning(planned)
