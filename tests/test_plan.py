@@ -11,7 +11,7 @@ import sys
 
 import gguf
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from models import shared_data
 from test_cli import run
@@ -300,8 +300,7 @@ def test_llama_cpp_export_puts_every_layer_where_the_plan_does(raws, caps):
         Machine(f"m{k}", c, host=f"10.0.0.{k}:5005{k}") for k, c in enumerate(caps)
     ]
     r, _ = run_fit(entropies, raws, machines, side=3)
-    if not r.fits:
-        return
+    assume(r.fits)  # hypothesis counts the examples it drops (too many fail)
     n = len(raws)
     transformer = list(range(2, n + 2))
     ex = exports(r, machines, transformer, "gguf")["llama_cpp"]
