@@ -215,7 +215,9 @@ def _range(url: str, start: int, stop: int, headers: dict[str, str]) -> bytes:
 class HubGGUFSource(TensorSource):
     """A GGUF model on the hub (one file or llama.cpp's splits) seen through its
     headers only: each read by range requests, 1 MiB first (64 KiB for later
-    splits) and doubled while the header (vocabulary included) runs on. No tensor data is downloaded."""
+    splits) and doubled while the header (vocabulary included) runs on, into the
+    commit's sparse mirror (ewq.sources.ranged), where a sampled pass of the same
+    run, or a later run, finds them. No tensor data is downloaded."""
 
     def __init__(
         self,
@@ -229,23 +231,32 @@ class HubGGUFSource(TensorSource):
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers
 
+        from ewq.sources.ranged import RemoteFile, gguf_header, mirror_root
+
         headers = build_hf_headers()
+        root = mirror_root(repo_id, revision)
         parsed = []
         for no, name in enumerate(files):
             url = hf_hub_url(repo_id, name, revision=revision, endpoint=endpoint)
             size = sizes.get(name) or 0
             # the first file holds the vocabulary; later splits, tensor infos only
-            buf, want = b"", _HEADER_CHUNK if no == 0 else _HEADER_CHUNK // 16
-            while True:
-                start, stop = len(buf), min(want, size) if size else want
-                buf += within_deadline(
+            first = _HEADER_CHUNK if no == 0 else _HEADER_CHUNK // 16
+            if size:  # into the commit's sparse mirror: a sampled pass reuses it
+                f = RemoteFile(url, size, root / name, headers, endpoint)
+                parsed.append(gguf_header(f, first))
+                continue
+            buf, want = b"", first
+            while True:  # a size the hub did not list: read until the header ends
+                start, stop = len(buf), want
+                got = within_deadline(
                     lambda a=start, b=stop, u=url: _range(u, a, b, headers), endpoint
                 )
+                buf += got
                 try:
                     parsed.append(parse_header(buf, f"{repo_id}/{name}"))
                     break
                 except HeaderTruncated:
-                    if size and len(buf) >= size:
+                    if len(got) < stop - start:  # the file ended inside its header
                         raise
                     want *= 2
         if len(files) > 1:
@@ -295,8 +306,9 @@ def open_hub(
         sha, sizes = _repo_files(repo_id, revision, endpoint)
         ggufs = choose_gguf(repo_id, list(sizes), file)
         if ggufs is not None and not download:
+            commit = sha or revision or "main"  # the mirror open_ranged uses
             return HubGGUFSource(
-                repo_id, ggufs, sizes, revision=sha or "main", endpoint=endpoint
+                repo_id, ggufs, sizes, revision=commit, endpoint=endpoint
             )
     except hub_exceptions() as exc:
         raise hub_error(repo_id, endpoint, exc) from exc

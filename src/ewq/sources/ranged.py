@@ -202,8 +202,18 @@ class RangedSafetensorsSource(_Ranged, SafetensorsSource):
     pass
 
 
-def _gguf_header(f: RemoteFile) -> None:
-    want = 1 << 20
+def mirror_root(repo_id: str, commit: str) -> Path:
+    """Where a hub commit's files are mirrored (sparsely) in ewq's cache."""
+    from ewq.cache import cache_dir
+
+    return cache_dir() / "hub-ranges" / repo_id / re.sub(r"[^\w.-]", "_", commit)
+
+
+def gguf_header(f: RemoteFile, first: int = 1 << 20):
+    """A GGUF file's parsed header, its bytes fetched into the mirror (``first``
+    bytes, doubled while the header runs on), so a later reader of the same commit
+    fetches none of them again."""
+    want = first
     while True:
         f.ensure([(0, min(want, f.size))])
         with open(f.local, "rb") as fh:
@@ -216,6 +226,7 @@ def _gguf_header(f: RemoteFile) -> None:
                 raise
             want *= 2
     f.ensure([(0, min(header.data_offset, f.size))])
+    return header
 
 
 def _safetensors_header(f: RemoteFile) -> None:
@@ -233,7 +244,6 @@ def open_ranged(spec: str, *, revision: str | None = None, endpoint: str | None 
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    from ewq.cache import cache_dir
     from ewq.sources.hub import _repo_files, choose_gguf, split_spec
     from ewq.sources.hub_http import (
         endpoint_of,
@@ -250,7 +260,7 @@ def open_ranged(spec: str, *, revision: str | None = None, endpoint: str | None 
         sha, sizes = _repo_files(repo_id, revision, endpoint)
         ggufs = choose_gguf(repo_id, list(sizes), file)
         commit = sha or revision or "main"
-        root = cache_dir() / "hub-ranges" / repo_id / re.sub(r"[^\w.-]", "_", commit)
+        root = mirror_root(repo_id, commit)
 
         def remote(name: str) -> RemoteFile:
             url = hf_hub_url(repo_id, name, revision=commit, endpoint=endpoint)
@@ -259,7 +269,7 @@ def open_ranged(spec: str, *, revision: str | None = None, endpoint: str | None 
         if ggufs is not None:
             files = {n: remote(n) for n in ggufs}
             for f in files.values():
-                _gguf_header(f)
+                gguf_header(f)
             src = RangedGGUFSource(root / ggufs[0], source=f"{repo_id}:{ggufs[0]}")
         else:
             files = {}
