@@ -2,9 +2,13 @@
 bytes, the data-free plan from sampled rows against the plan from every row, both
 measured by llama.cpp (KL from the source on an evaluation text), in one run.
 
-A plan identical to the full one is not measured again (ratio 1 by construction).
-Printed per size: the rows read, the widest interval, whether the plans differ,
-both KLs and their ratio; and the seconds of each criterion from an empty cache.
+Two sampled rules: ``width`` (the rule before decision-driven growth, as a
+baseline: rows doubled while a type's interval is wider than 5%, no growth) and
+``decision`` (ewq's: wider than 25%, then the tensors the plan cannot decide
+sampled again, ewq.api._grow). A plan identical to the full one is not measured
+again (ratio 1 by construction). Printed per size and rule: the rows read, whether
+the plan differs from the full one, the KLs and the ratio; and each rule's seconds
+of planning summed over the sizes, from an empty cache.
 
     .venv/bin/python benchmarks/sampled_plans.py MODEL.gguf EVAL.txt \
         [--fraction 0.02] [--ctx 64 --windows 512 --documents lines] [--json OUT]
@@ -13,9 +17,11 @@ both KLs and their ratio; and the seconds of each criterion from an empty cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from ewq import api
@@ -28,6 +34,27 @@ from ewq.planning import Machine
 from ewq.quant.gguf import preset_recipes
 from ewq.reports.plan import plan_json
 from ewq.sources.gguf import read_header
+
+MODES = ("full", "width", "decision")
+
+
+@contextlib.contextmanager
+def _rule(mode: str, fraction: float):
+    """The sample for ``mode``; ``width`` is the rule before decision-driven growth
+    (intervals to 5%, no growth rounds), reproduced by patching the two knobs."""
+    from ewq.api import _grow, _plan
+    from ewq.sampling import Sampling
+
+    if mode != "width":
+        yield None if mode == "full" else fraction
+        return
+    rounds, sampling = _grow.ROUNDS, _plan._sampling
+    _grow.ROUNDS = 0
+    _plan._sampling = lambda cfg: Sampling(fraction=cfg.sample, relative=0.05)
+    try:
+        yield fraction
+    finally:
+        _grow.ROUNDS, _plan._sampling = rounds, sampling
 
 
 def main() -> None:
@@ -62,47 +89,50 @@ def main() -> None:
                 for n, t in recipe.items()
             )
             plans = {}
-            for mode, sample in (("full", None), ("sampled", args.fraction)):
-                p = api.plan(
-                    args.model, [Machine("m", budget)], context=0, sample=sample
-                )
-                seconds.setdefault(mode, p.sensitivity.seconds)
+            for mode in MODES:
+                with _rule(mode, args.fraction) as sample:
+                    started = time.perf_counter()
+                    p = api.plan(
+                        args.model, [Machine("m", budget)], context=0, sample=sample
+                    )
+                    seconds[mode] = seconds.get(mode, 0.0) + (
+                        time.perf_counter() - started
+                    )
                 plans[mode] = p
-            kls = {}
+            kls, measured = {}, {}
             for mode, p in plans.items():
                 types = {n: str(o.precision) for n, o in p.result.tensors.items()}
-                if mode == "sampled" and types == kls.get("full_types"):
-                    kls["sampled"] = kls["full"]
-                    continue
-                out = Path(tmp) / f"{mode}.gguf"
-                api.quantize(args.model, plan_json(p, "bench"), out)
-                kls[mode] = text_metrics(LlamaCppModel(out, args.ctx), ref)["kl_mean"]
-                kls[f"{mode}_types"] = types
-            rec = plans["sampled"].sensitivity.details["sampling"]
-            widths = [
-                t["widest_relative_halfwidth"] or 0.0 for t in rec["tensors"].values()
-            ]
-            row = {
-                "size_of": preset,
-                "bytes": budget,
-                "rows_read": rec["rows_read"] / max(1, rec["rows_total"]),
-                "widest_halfwidth": max(widths, default=0.0),
-                "same_plan": kls["sampled_types"] == kls["full_types"]
-                if "sampled_types" in kls
-                else True,
-                "kl_full": kls["full"],
-                "kl_sampled": kls["sampled"],
-                "ratio": kls["sampled"] / kls["full"] if kls["full"] > 0 else 1.0,
-            }
-            rows.append(row)
-            print(
-                f"{preset:8s} rows {row['rows_read']:6.1%}  widest +-"
-                f"{row['widest_halfwidth']:5.1%}  same plan {row['same_plan']!s:5s} "
-                f"KL full {row['kl_full']:.5f} sampled {row['kl_sampled']:.5f} "
-                f"ratio {row['ratio']:.3f}"
-            )
+                key = tuple(sorted(types.items()))
+                if key not in measured:
+                    out = Path(tmp) / f"{mode}.gguf"
+                    api.quantize(args.model, plan_json(p, "bench"), out)
+                    model = LlamaCppModel(out, args.ctx)
+                    measured[key] = text_metrics(model, ref)["kl_mean"]
+                kls[mode] = (measured[key], types)
+            full_kl, full_types = kls["full"]
+            for mode in MODES[1:]:
+                rec = plans[mode].sensitivity.details["sampling"]
+                kl, types = kls[mode]
+                row = {
+                    "size_of": preset,
+                    "rule": mode,
+                    "bytes": budget,
+                    "rows_read": rec["rows_read"] / max(1, rec["rows_total"]),
+                    "rounds": rec.get("rounds"),
+                    "undecided_left": len(rec.get("undecided") or ()),
+                    "same_plan": types == full_types,
+                    "kl_full": full_kl,
+                    "kl_sampled": kl,
+                    "ratio": kl / full_kl if full_kl > 0 else 1.0,
+                }
+                rows.append(row)
+                print(
+                    f"{preset:8s} {mode:8s} rows {row['rows_read']:6.1%}  same plan "
+                    f"{row['same_plan']!s:5s} KL full {full_kl:.5f} sampled {kl:.5f} "
+                    f"ratio {row['ratio']:.3f}  undecided left {row['undecided_left']}"
+                )
     print(
-        "criterion seconds from an empty cache: "
+        "planning seconds over every size, from an empty cache: "
         + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
     )
     if args.json:

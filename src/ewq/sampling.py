@@ -41,16 +41,20 @@ Z95 = 1.959963984540054
 @dataclass(frozen=True)
 class Sampling:
     """How many rows to read of each tensor: ``fraction`` of them, at least
-    ``min_rows``, doubled while some type's 95% interval is wider than
-    ``relative`` of its estimate (up to every row)."""
+    ``min_rows`` (and at least what ``rows`` names for it), doubled while some
+    type's 95% interval is wider than ``relative`` of its estimate (up to every
+    row)."""
 
     fraction: float = 0.02
     min_rows: int = 64
-    relative: float = 0.05
+    relative: float = 0.25
     seed: int = 0
+    #: tensors sampled further than the rule gives: (name, rows) pairs
+    rows: tuple[tuple[str, int], ...] = ()
 
-    def first(self, total: int) -> int:
-        return min(total, max(self.min_rows, math.ceil(self.fraction * total)))
+    def first(self, total: int, name: str = "") -> int:
+        more = dict(self.rows).get(name, 0)
+        return min(total, max(self.min_rows, math.ceil(self.fraction * total), more))
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ def sampled(
     every type's interval is within ``spec.relative`` of its estimate, or every row
     is read."""
     order = row_order(name, total, spec.seed)
-    n, done = spec.first(total), 0
+    n, done = spec.first(total, name), 0
     errs: dict[str, list[np.ndarray]] = {}
     energy: list[np.ndarray] = []
     while True:

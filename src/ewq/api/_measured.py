@@ -34,10 +34,20 @@ def cache_key(index: ModelIndex, kind: str, params: dict, content: bool = True) 
 
 
 def measured_errors(
-    source, index, layout, fmt, imatrix, revision, progress, sample=None, threads=None
+    source,
+    index,
+    layout,
+    fmt,
+    imatrix,
+    revision,
+    progress,
+    sample=None,
+    threads=None,
+    only=None,
 ):
     """The relative errors per tensor and type (cached): (errors, seconds, cached,
-    the sample's intervals per tensor: {} when every row was read)."""
+    the sample's intervals per tensor: {} when every row was read). ``only``: of
+    these tensors alone."""
     from ewq.sensitivity.error import relative_errors
 
     params = {
@@ -45,6 +55,8 @@ def measured_errors(
         "imatrix": imatrix.digest() if imatrix else None,
         "sample": dataclasses.asdict(sample) if sample is not None else None,
     }
+    if only is not None:
+        params["only"] = sorted(only)
     with _error_source(source, index, layout, fmt, revision) as (src, m_layout):
         # a sampled pass names the files without reading them all (see ewq.cache)
         k = cache_key(src.index, "error", params, content=sample is None)
@@ -64,6 +76,7 @@ def measured_errors(
             "sample": sample,
             "intervals": intervals,
             "threads": threads or os.cpu_count() or 1,
+            "only": only,
         }
         w = imatrix if fmt == "gguf" else None
         errors = relative_errors(src, m_layout, fmt, imatrix=w, **how)

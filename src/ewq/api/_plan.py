@@ -259,6 +259,43 @@ def _with_kv(s: BlockSpec, runtime: Runtime) -> BlockSpec:
     )
 
 
+def _grown(t: _Target, cfg: PlanConfig, sens, im, fit_with):
+    """The plan of a sampled error criterion, its tensors sampled again where the
+    plan cannot tell their type (ewq.api._grow); the rounds go into the
+    criterion's sampling record."""
+    from ewq.api._grow import grow, undecided
+    from ewq.api._sensitivity import regrown
+
+    sample = _sampling(cfg)
+
+    def regrow(s, rows):
+        return regrown(
+            t.source,
+            s,
+            rows,
+            fmt=t.fmt,
+            imatrix=im,
+            sample=sample,
+            revision=cfg.revision,
+            threads=cfg.threads,
+        )
+
+    result, sens, rounds = grow(
+        lambda s: fit_with(criterion_=s),
+        regrow,
+        lambda s, r: undecided(t.fmt, t.layout, s, im, r),
+        sens,
+    )
+    left = undecided(t.fmt, t.layout, sens, im, result)
+    record = {**sens.details["sampling"], "rounds": rounds, "undecided": left}
+    return result, replace(sens, details={**sens.details, "sampling": record})
+
+
+def _sampling(cfg: PlanConfig):
+    """The row sample --sample asks for."""
+    return Sampling(fraction=cfg.sample) if cfg.sample is not None else None
+
+
 def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
     """The per-tensor plan: the criterion's damage, the optimal allocation, held
     against the runtime's own recipe (ewq.api._anchor) and, with calibration text,
@@ -280,16 +317,27 @@ def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
         analysis=analysis,
         revision=cfg.revision,
         progress=progress,
-        sample=Sampling(fraction=cfg.sample) if cfg.sample is not None else None,
+        sample=_sampling(cfg),
         threads=cfg.threads,
     )
 
-    def fit_with(allow=None):
+    def fit_with(allow=None, criterion_=None):
         return fit_tensors(
-            t.fmt, t.layout, sens, im, t.runtime, t.machines, t.route, cfg.bpw, allow
+            t.fmt,
+            t.layout,
+            criterion_ or sens,
+            im,
+            t.runtime,
+            t.machines,
+            t.route,
+            cfg.bpw,
+            allow,
         )
 
-    result = fit_with()
+    if sens.intervals is not None:  # sampled: grown where the plan depends on it
+        result, sens = _grown(t, cfg, sens, im, fit_with)
+    else:
+        result = fit_with()
     model_damage, smallest, found, selection = (
         result.damage,
         result.smallest_bytes,

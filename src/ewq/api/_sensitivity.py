@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from ewq.api._measured import as_gguf, cache_key, damage_of, measured_errors
@@ -113,9 +114,42 @@ def _error(
         "prior": table()["fitted"],
         "cached": cached,
     }
-    if sample is not None:
-        details["sampling"] = sampling_record(sample, intervals)
-    return Sensitivity("error", damage, seconds, details)
+    if sample is None:
+        return Sensitivity("error", damage, seconds, details)
+    details["sampling"] = sampling_record(sample, intervals)
+    return Sensitivity("error", damage, seconds, details, intervals)
+
+
+def regrown(
+    source: str | Path,
+    sens: Sensitivity,
+    rows: Mapping[str, int],
+    *,
+    fmt: str,
+    imatrix: Imatrix | None,
+    sample: Sampling,
+    revision: str | None = None,
+    threads: int | None = None,
+) -> Sensitivity:
+    """A sampled error criterion with the tensors of ``rows`` measured again from
+    that many rows each (the same rows first: a sample grows as a prefix of its
+    tensor's fixed order); the others as they were."""
+    with open_source(source, download=False, revision=revision) as src:
+        index, layout = src.index, resolve(src.index)
+    grown = dataclasses.replace(sample, rows=tuple(sorted(rows.items())))
+    errors, seconds, _, intervals = measured_errors(
+        source, index, layout, fmt, imatrix, revision, None, grown, threads, set(rows)
+    )
+    damage = dict(sens.damage)
+    damage.update(
+        error_damage(
+            _gguf_layout(source, index, layout, fmt), errors, imatrix is not None
+        )
+    )
+    merged = {**(sens.intervals or {}), **intervals}
+    details = dict(sens.details)
+    details["sampling"] = sampling_record(sample, merged)
+    return Sensitivity("error", damage, sens.seconds + seconds, details, merged)
 
 
 def _kl(

@@ -118,9 +118,10 @@ class AnalysisConfig(SourceConfig):
         description="Read this share of each tensor's rows (seeded, random), with "
         "stated intervals: the entropy analysis samples every matrix and samples "
         "again the blocks whose side of a decision boundary it cannot tell; the "
-        "error criterion reads at least 64 rows and doubles them while a type's 95% "
-        "interval is wider than 5%. A hub id is then read by range requests, the "
-        "sampled rows only. Default: every row.",
+        "error criterion reads at least 64 rows (doubled while a type's 95% interval "
+        "is wider than 25%), and a plan samples again (4x, up to 3 rounds) the "
+        "tensors whose type it cannot tell within their intervals. A hub id is then "
+        "read by range requests, the sampled rows only. Default: every row.",
     )
 
 

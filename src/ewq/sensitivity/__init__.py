@@ -147,6 +147,9 @@ class Sensitivity:
     damage: Mapping[str, Mapping[str, float]]
     seconds: float = 0.0
     details: Mapping[str, Any] = field(default_factory=dict)
+    #: a sampled measurement's per tensor rows read ("rows", "of") and each type's
+    #: relative half width of its 95% interval ("relative_halfwidth")
+    intervals: Mapping[str, Mapping[str, Any]] | None = None
 
     def of(self, name: str, type_name: str) -> float:
         return self.damage.get(name, {}).get(type_name, 0.0)

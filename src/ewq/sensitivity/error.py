@@ -21,7 +21,7 @@ round to nearest with symmetric max-abs scales per group, the rule compressed-te
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import gguf
 import numpy as np
@@ -81,13 +81,16 @@ def relative_errors(
     progress: Callable[[int, int, str], None] | None = None,
     sample: Sampling | None = None,
     intervals: dict[str, dict] | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """E per tensor (by name) and type, for every tensor the format can write in more
     than one way (its own type: 0, not listed). With ``sample``, each E is estimated
     from a random sample of the tensor's rows (ewq.sampling), and
     ``intervals`` (if given) receives, per tensor, the rows read and each type's
-    relative half width of its 95% interval."""
+    relative half width of its 95% interval. ``only``: these tensors alone."""
     cands = tensor_candidates(fmt, layout, imatrix)
+    if only is not None:
+        cands = {n: c for n, c in cands.items() if n in only}
     total = sum(info.nbytes for info, _, _ in cands.values()) or 1
     done = 0
     out: dict[str, dict[str, float]] = {}
