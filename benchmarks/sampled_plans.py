@@ -88,17 +88,17 @@ def main() -> None:
                 tensor_bytes(shapes[n], gguf.GGMLQuantizationType[t])
                 for n, t in recipe.items()
             )
-            plans = {}
+            plans, took_by = {}, {}
             for mode in MODES:
                 with _rule(mode, args.fraction) as sample:
                     started = time.perf_counter()
                     p = api.plan(
                         args.model, [Machine("m", budget)], context=0, sample=sample
                     )
-                    seconds[mode] = seconds.get(mode, 0.0) + (
-                        time.perf_counter() - started
-                    )
+                    took = time.perf_counter() - started
+                    seconds[mode] = seconds.get(mode, 0.0) + took
                 plans[mode] = p
+                took_by[mode] = took
             kls, measured = {}, {}
             for mode, p in plans.items():
                 types = {n: str(o.precision) for n, o in p.result.tensors.items()}
@@ -124,12 +124,15 @@ def main() -> None:
                     "kl_full": full_kl,
                     "kl_sampled": kl,
                     "ratio": kl / full_kl if full_kl > 0 else 1.0,
+                    "seconds": took_by[mode],
+                    "seconds_full": took_by["full"],
                 }
                 rows.append(row)
                 print(
                     f"{preset:8s} {mode:8s} rows {row['rows_read']:6.1%}  same plan "
                     f"{row['same_plan']!s:5s} KL full {full_kl:.5f} sampled {kl:.5f} "
-                    f"ratio {row['ratio']:.3f}  undecided left {row['undecided_left']}"
+                    f"ratio {row['ratio']:.3f}  undecided left {row['undecided_left']}  "
+                    f"plan {took_by[mode]:.1f} s (full {took_by['full']:.1f} s)"
                 )
     print(
         "planning seconds over every size, from an empty cache: "

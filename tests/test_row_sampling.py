@@ -118,6 +118,8 @@ def test_the_budget_rate_lies_between_the_best_upgrade_left_and_the_cheapest_dow
     edges += [("c", -1, 5.0, 2.0)]
     assert budget_rate(edges) == pytest.approx((2.0 * 5.0) ** 0.5)
     assert budget_rate([("a", 1, 3.0, 0.0)]) == 3.0  # nothing to give back
+    # no upgrade left: the budget does not bind, no choice depends on a sample
+    assert budget_rate([("a", -1, 8.0, 0.1)]) is None
     assert budget_rate([]) is None
 
 

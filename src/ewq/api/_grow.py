@@ -63,15 +63,15 @@ def _edges(fmt, layout, sens: Sensitivity, imatrix_, result):
 
 def budget_rate(edges) -> float | None:
     """The budget's marginal damage per byte: between the best upgrade not taken
-    and the cheapest downgrade taken (their geometric mean)."""
+    and the cheapest downgrade taken (their geometric mean). None when no upgrade
+    is left (every tensor at its least damage: the budget does not bind, a byte
+    more buys nothing, and no choice depends on an estimate)."""
     ups = [r for _, side, r, _ in edges if side > 0]
     downs = [r for _, side, r, _ in edges if side < 0]
     lo, hi = max(ups, default=0.0), min(downs, default=math.inf)
-    if lo > 0 and math.isfinite(hi):
-        return math.sqrt(lo * hi)
-    if lo > 0:
-        return lo
-    return hi if math.isfinite(hi) else None
+    if lo <= 0:
+        return None
+    return math.sqrt(lo * hi) if math.isfinite(hi) else lo
 
 
 def undecided(fmt, layout, sens: Sensitivity, imatrix_, result) -> list[str]:
