@@ -161,6 +161,7 @@ def test_a_sampled_plan_keeps_the_full_measurements_quality(f16):
     found undecided tensors sampled them again."""
     from ewq import api
     from ewq.planning import Machine
+    from ewq.reports.plan_view import plan_table
 
     machines = [Machine("local", 1 << 62)]
     for bpw in (3.0, 4.5, 6.0):
@@ -175,3 +176,9 @@ def test_a_sampled_plan_keeps_the_full_measurements_quality(f16):
             full.sensitivity.of(n, o.precision) for n, o in part.result.tensors.items()
         )
         assert scored <= 1.02 * full.result.damage + 1e-12, (bpw, rec["rounds"])
+        caption = plan_table(part).caption
+        assert (
+            f"errors from {rec['rows_read'] / rec['rows_total']:.1%} of the rows"
+            in (caption.replace("\n", " "))
+        )
+        assert "of the rows" not in plan_table(full).caption

@@ -118,7 +118,29 @@ def _caption(planned: PlanResult) -> str:
         )
     if planned.anchor is not None:
         extra.append(anchor_line(planned.anchor))
+    sampled = _sampled_line(planned)
+    if sampled:
+        extra.append(sampled)
     return f"{caption}; " + "; ".join(extra)
+
+
+def _sampled_line(planned: PlanResult) -> str | None:
+    """How much of the model a sampled error criterion read, what it sampled again
+    and what it could not decide (ewq.api._grow)."""
+    sens = planned.sensitivity
+    rec = sens.details.get("sampling") if sens is not None else None
+    if not rec:
+        return None
+    read = rec["rows_read"] / max(1, rec["rows_total"])
+    rounds = [r for r in rec.get("rounds") or () if r["rows_added"]]
+    line = f"errors from {read:.1%} of the rows"
+    if rounds:
+        added = sum(r["rows_added"] for r in rounds)
+        line += f" ({added:,} added in {len(rounds)} round(s) where the plan was close)"
+    left = rec.get("undecided") or []
+    if left:
+        line += f"; {len(left)} tensor(s) whose type the sample cannot decide"
+    return line
 
 
 def placement_table(planned: PlanResult) -> Table | None:
