@@ -25,8 +25,11 @@ but no Python view of ``struct ggml_tensor``; its layout is declared here from
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,6 +120,8 @@ class _Collector:
         )
 
     def __call__(self, ptr, ask: bool, user) -> bool:
+        if self.interrupted:  # a held signal (_held_signals): stop the graph
+            return False
         try:
             return self._call(ptr, ask)
         except KeyboardInterrupt:
@@ -282,6 +287,50 @@ def _imatrix_of(collector: _Collector, n: int, ctx: int, dataset: str) -> Imatri
     return Imatrix(entries, (dataset,), n, ctx)
 
 
+def _decode_all(lc, lctx, batch, seqs, collector, progress, started) -> None:
+    """Each window through llama.cpp, the callback collecting."""
+    for k, seq in enumerate(seqs):
+        try:
+            _decode(lc, lctx, batch, seq)
+        finally:
+            if collector.interrupted:
+                raise KeyboardInterrupt
+        if collector.error:
+            raise EwqError(f"collecting activations failed: {collector.error}")
+        if progress is not None:
+            progress(k + 1, len(seqs), _eta(started, k + 1, len(seqs)))
+
+
+@contextlib.contextmanager
+def _held_signals(collector: _Collector):
+    """While llama.cpp computes, Ctrl-C or SIGTERM only marks the pass stopped: a
+    KeyboardInterrupt raised inside the ctypes callback can land outside its try
+    (ctypes prints it and drops it, and the pass runs on; a full test run caught
+    it once). After the window the previous handler gets the signal (ewq.cli's turns
+    it into 128 + the signal)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        got.append(signum)
+        collector.interrupted = True
+
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {n: signal.signal(n, hold) for n in wanted}
+    try:
+        yield
+    finally:
+        for n, h in previous.items():
+            signal.signal(n, h)
+        if got:
+            handler = previous[got[0]]
+            if callable(handler):
+                handler(got[0], None)
+            raise KeyboardInterrupt
+
+
 def _collect(
     path, text, ctx, documents, chunks, threads, process_output, full, progress
 ) -> tuple[_Collector, int]:
@@ -311,16 +360,8 @@ def _collect(
     batch = lc.llama_batch_init(ctx, 0, 1)
     started = time.perf_counter()
     try:
-        for k, seq in enumerate(seqs):
-            try:
-                _decode(lc, lctx, batch, seq)
-            finally:
-                if collector.interrupted:
-                    raise KeyboardInterrupt
-            if collector.error:
-                raise EwqError(f"collecting activations failed: {collector.error}")
-            if progress is not None:
-                progress(k + 1, len(seqs), _eta(started, k + 1, len(seqs)))
+        with _held_signals(collector):
+            _decode_all(lc, lctx, batch, seqs, collector, progress, started)
         collector.flush()
     finally:
         lc.llama_batch_free(batch)
