@@ -271,6 +271,8 @@ def _grown(t: _Target, cfg: PlanConfig, sens, im, fit_with):
     def regrow(s, rows):
         return regrown(
             t.source,
+            t.index,
+            t.src_layout,
             s,
             rows,
             fmt=t.fmt,

@@ -122,6 +122,8 @@ def _error(
 
 def regrown(
     source: str | Path,
+    index: ModelIndex,
+    layout: ModelLayout,
     sens: Sensitivity,
     rows: Mapping[str, int],
     *,
@@ -133,9 +135,8 @@ def regrown(
 ) -> Sensitivity:
     """A sampled error criterion with the tensors of ``rows`` measured again from
     that many rows each (the same rows first: a sample grows as a prefix of its
-    tensor's fixed order); the others as they were."""
-    with open_source(source, download=False, revision=revision) as src:
-        index, layout = src.index, resolve(src.index)
+    tensor's fixed order); the others as they were. ``index`` and ``layout`` are
+    the source's, as the first measurement opened it."""
     grown = dataclasses.replace(sample, rows=tuple(sorted(rows.items())))
     errors, seconds, _, intervals = measured_errors(
         source, index, layout, fmt, imatrix, revision, None, grown, threads, set(rows)
