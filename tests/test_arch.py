@@ -113,6 +113,14 @@ EXPECTED = {
         | {R.MOE_SHARED_ROUTER},
         {R.FINAL_NORM, R.LM_HEAD},
     ),
+    "qwen3_moe": (
+        "qwen_moe",
+        2,
+        (LLAMA_BLOCK - {R.MLP_GATE, R.MLP_UP, R.MLP_DOWN})
+        | {R.ATTN_Q_NORM, R.ATTN_K_NORM, R.MOE_ROUTER}
+        | {R.MOE_EXPERT_GATE, R.MOE_EXPERT_UP, R.MOE_EXPERT_DOWN},
+        {R.FINAL_NORM, R.LM_HEAD},
+    ),
     "deepseek_v2": (
         "deepseek_v2",
         3,
@@ -248,6 +256,22 @@ def test_every_shipped_table_loads_and_compiles():
     for name in tables:
         assert compiled(name).lookup
     assert generic_table().keywords
+
+
+def test_every_family_table_is_checked_by_a_tiny_model():
+    """A family table no fixture model resolves to is untested; GGUF's names are
+    checked by the tiny GGUF files (test_gguf_names)."""
+    covered = {table for table, *_ in EXPECTED.values()}
+    assert set(load_tables()) - {"gguf"} <= covered
+
+
+def test_a_child_table_adds_to_its_parents_entry():
+    """Qwen2 gives Llama's q_proj a bias shape and keeps its role; Phi-3 drops a
+    weight shape its parent declares."""
+    q = compiled("qwen2").table.tensors["layers.{N}.self_attn.q_proj"]
+    assert q.role is R.ATTN_Q and q.weight and q.bias
+    assert compiled("phi3").table.tensors["layers.{N}.self_attn.q_proj"].weight is False
+    assert compiled("gemma3").table.shapes.defaults["tie_word_embeddings"] == "True"
 
 
 def test_gguf_table_uses_llama_cpp_names():

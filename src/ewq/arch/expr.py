@@ -1,4 +1,4 @@
-"""Arithmetic over config values, for the shape tables (``shape_tables/*.toml``).
+"""Arithmetic over config values, for the shapes in the architecture tables (``tables/*.toml``).
 
 Hand-written on ``ast`` because the tables must not run code: only names, numbers,
 ``+ - * //``, comparisons (``is None`` included), ``and or not`` and ``x if c else y``
@@ -101,4 +101,6 @@ def _eval(node: ast.expr, names: Mapping[str, Any], text: str) -> Any:
     if isinstance(node, ast.IfExp):
         branch = node.body if _eval(node.test, names, text) else node.orelse
         return _eval(branch, names, text)
-    raise ExprError(f"{text!r}: {type(node).__name__} is not allowed in a shape table")
+    raise ExprError(
+        f"{text!r}: {type(node).__name__} is not allowed in a shape expression"
+    )

@@ -1,9 +1,12 @@
 """Architecture tables: loaded on first use, validated strictly, compiled to flat dicts.
 
-Each ``tables/*.toml`` lists module-path templates (``layers.{N}.self_attn.q_proj``)
-with their role. Compiling expands every template under each of the table's prefixes
-and adds the ``.weight`` / ``.bias`` suffixes, so resolving a tensor name is: replace
-its numeric path parts by ``{N}`` (block) and ``{E}`` (expert), then one dict lookup.
+One ``tables/*.toml`` per family lists module-path templates
+(``layers.{N}.self_attn.q_proj``), each with its role and, for families whose shapes
+follow from config.json, the shape of its ``.weight`` / ``.bias`` as expressions over
+the config (read by :mod:`ewq.arch.shapes`). Compiling expands every template under
+each of the table's prefixes and adds the suffixes, so resolving a tensor name is:
+replace its numeric path parts by ``{N}`` (block) and ``{E}`` (expert), then one dict
+lookup.
 """
 
 from __future__ import annotations
@@ -14,14 +17,18 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ewq.types import ParamKind, Role
 
 __all__ = [
     "ArchTable",
     "CompiledTable",
+    "Shape",
+    "ShapeRule",
+    "TensorEntry",
     "GenericTable",
     "compiled",
     "find_table",
@@ -35,8 +42,50 @@ _NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 _SUFFIXES = {".weight": ParamKind.WEIGHT, ".bias": ParamKind.BIAS}
 
 
+class Shape(BaseModel):
+    """One tensor's shape as expressions over the config (:mod:`ewq.arch.expr`);
+    ``when`` keeps the tensor only where it is true, ``experts`` repeats it per
+    expert (``{E}`` in the template)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    shape: list[str]
+    when: str | None = None
+    experts: str | None = None
+
+
+# a shape: its expressions alone, with conditions, or ``false``: the family has no
+# such tensor although the table it extends does
+ShapeField = list[str] | Shape | Literal[False] | None
+
+
+class TensorEntry(BaseModel):
+    """A module (or, with ``tensor``, a bare parameter or buffer) of one family."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Role | None = None
+    weight: ShapeField = None
+    bias: ShapeField = None
+    tensor: ShapeField = None  # the template names the tensor itself (no suffix)
+    top: bool = False  # outside the base model (lm_head): no shapes.prefix
+
+
+class ShapeRule(BaseModel):
+    """How a family's config gives its shapes: the prefix transformers writes the
+    base model under, and values the config may lack or leave null (``defaults``,
+    as transformers' config classes fill them) or computes (``derived``; those naming
+    ``N`` are evaluated per layer)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prefix: str | None = None
+    defaults: dict[str, str] = Field(default_factory=dict)
+    derived: dict[str, str] = Field(default_factory=dict)
+
+
 class ArchTable(BaseModel):
-    """One model family's tensor names, as written in its TOML file."""
+    """One model family's tensors, as written in its TOML file."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -48,7 +97,18 @@ class ArchTable(BaseModel):
     formats: list[str] = Field(default_factory=list)
     num_blocks_keys: list[str] = Field(default_factory=list)
     prefixes: list[str] = Field(default_factory=list)
-    tensors: dict[str, Role] = Field(default_factory=dict)
+    shapes: ShapeRule | None = None
+    tensors: dict[str, TensorEntry] = Field(default_factory=dict)
+
+    @field_validator("tensors", mode="before")
+    @classmethod
+    def _bare_roles(cls, value: object) -> object:
+        """``"template" = "role"``: an entry with a role and no shape."""
+        if isinstance(value, dict):
+            return {
+                k: {"role": v} if isinstance(v, str) else v for k, v in value.items()
+            }
+        return value
 
 
 class GenericTable(BaseModel):
@@ -68,6 +128,11 @@ class CompiledTable:
 
     table: ArchTable
     lookup: Mapping[str, tuple[Role, ParamKind]]
+
+    @property
+    def analytic(self) -> bool:
+        """Whether config.json alone gives this family's shapes."""
+        return self.table.shapes is not None
 
     @property
     def name(self) -> str:
@@ -125,18 +190,40 @@ def generic_table() -> GenericTable:
     return GenericTable.model_validate(_read("generic.toml"))
 
 
+def _merged(parent: BaseModel | None, child: BaseModel | None) -> BaseModel | None:
+    """``child`` over ``parent``, field by field: what the child sets wins."""
+    if parent is None or child is None:
+        return child or parent
+    return parent.model_copy(
+        update={k: getattr(child, k) for k in child.model_fields_set}
+    )
+
+
 def _resolved(name: str) -> ArchTable:
-    """The table with its ancestors' fields filled in (the child wins)."""
+    """The table with its ancestors' fields filled in (the child wins, per tensor
+    field: a child may add a bias to its parent's module and keep its role)."""
     tables = load_tables()
     table = tables[name]
     if table.extends is None:
         return table
     parent = _resolved(table.extends)
+    tensors = dict(parent.tensors)
+    for template, entry in table.tensors.items():
+        tensors[template] = _merged(tensors.get(template), entry)
+    shapes = _merged(parent.shapes, table.shapes)
+    if shapes is not None and parent.shapes is not None and table.shapes is not None:
+        shapes = shapes.model_copy(
+            update={
+                "defaults": {**parent.shapes.defaults, **table.shapes.defaults},
+                "derived": {**parent.shapes.derived, **table.shapes.derived},
+            }
+        )
     return table.model_copy(
         update={
             "num_blocks_keys": table.num_blocks_keys or parent.num_blocks_keys,
             "prefixes": table.prefixes or parent.prefixes,
-            "tensors": {**parent.tensors, **table.tensors},
+            "shapes": shapes,
+            "tensors": tensors,
         }
     )
 
@@ -145,12 +232,16 @@ def _resolved(name: str) -> ArchTable:
 def compiled(name: str) -> CompiledTable:
     table = _resolved(name)
     lookup: dict[str, tuple[Role, ParamKind]] = {}
-    for prefix in table.prefixes:
-        for template, role in table.tensors.items():
+    for template, entry in table.tensors.items():
+        if entry.role is None:
+            raise ValueError(
+                f"table {name!r}: {template} has a shape but no role (none inherited)"
+            )
+        for prefix in table.prefixes:
             key = prefix + template
-            lookup[key] = (role, ParamKind.OTHER)
+            lookup[key] = (entry.role, ParamKind.OTHER)
             for suffix, kind in _SUFFIXES.items():
-                lookup[key + suffix] = (role, kind)
+                lookup[key + suffix] = (entry.role, kind)
     return CompiledTable(table, lookup)
 
 

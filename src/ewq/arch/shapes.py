@@ -1,25 +1,20 @@
 """Tensor shapes from config.json alone: what FastEWQ needs without any weight.
 
-One ``shape_tables/*.toml`` per family (keyed like the architecture tables) lists every
-tensor a checkpoint of that family holds, with its shape as expressions over the
-config (:mod:`ewq.arch.expr`). :func:`index_from_config` turns a config into a
-metadata-only :class:`ModelIndex`, which the architecture map then groups into
-blocks like any other source: per-block parameter counts follow exactly.
+A family's table (``tables/*.toml``, :mod:`ewq.arch.registry`) gives each tensor
+its shape as expressions over the config (:mod:`ewq.arch.expr`).
+:func:`index_from_config` turns a config into a metadata-only :class:`ModelIndex`,
+which the architecture map then groups into blocks like any other source: per-block
+parameter counts follow exactly.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
-import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from math import prod
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from ewq.arch.expr import ExprError, evaluate, names_in
-from ewq.arch.registry import find_table
+from ewq.arch.registry import ArchTable, Shape, compiled, find_table, load_tables
 from ewq.errors import FormatError, UnknownArchitectureError
 from ewq.types import MAX_BLOCKS, ModelIndex, TensorInfo
 
@@ -30,61 +25,25 @@ __all__ = ["analytic_families", "index_from_config"]
 
 _DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
-
-
-class Entry(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    shape: list[str] = Field(default_factory=list)
-    when: str | None = None
-    experts: str | None = None
-    drop: bool = False
-
-
-class ShapeTable(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    family: str
-    extends: str | None = None
-    layers: str | None = None
-    defaults: dict[str, str] = Field(default_factory=dict)
-    derived: dict[str, str] = Field(default_factory=dict)
-    tensors: dict[str, Entry | list[str]] = Field(default_factory=dict)
-
-
-@functools.cache
-def _tables() -> dict[str, ShapeTable]:
-    out = {}
-    for entry in importlib.resources.files("ewq.arch.shape_tables").iterdir():
-        if entry.name.endswith(".toml"):
-            table = ShapeTable.model_validate(tomllib.loads(entry.read_text("utf-8")))
-            out[table.family] = table
-    return out
-
-
-@functools.cache
-def _resolved(family: str) -> ShapeTable:
-    table = _tables()[family]
-    if table.extends is None:
-        return table
-    parent = _resolved(table.extends)
-    tensors = dict(parent.tensors)
-    for name, entry in table.tensors.items():
-        if isinstance(entry, Entry) and entry.drop:
-            tensors.pop(name, None)
-        else:
-            tensors[name] = entry
-    return ShapeTable(
-        family=family,
-        layers=table.layers or parent.layers,
-        defaults={**parent.defaults, **table.defaults},
-        derived={**parent.derived, **table.derived},
-        tensors=tensors,
-    )
+_FIELDS = (("weight", ".weight"), ("bias", ".bias"), ("tensor", ""))
 
 
 def analytic_families() -> list[str]:
-    return sorted(_tables())
+    """The families whose tables give shapes from config.json."""
+    return sorted(name for name in load_tables() if compiled(name).analytic)
+
+
+def _shapes(table: ArchTable) -> Iterator[tuple[str, Shape]]:
+    """Every (full tensor name template, shape) the table declares, in table order."""
+    prefix = (table.shapes.prefix or "") if table.shapes else ""
+    for template, entry in table.tensors.items():
+        for field, suffix in _FIELDS:
+            shape = getattr(entry, field)
+            if shape is None or shape is False:
+                continue
+            if isinstance(shape, list):
+                shape = Shape(shape=shape)
+            yield ("" if entry.top else prefix) + template + suffix, shape
 
 
 def _plain(v: Any) -> bool:
@@ -95,12 +54,12 @@ def _plain(v: Any) -> bool:
     return not isinstance(v, dict)
 
 
-def _names(config: Mapping[str, Any], table: ShapeTable) -> dict[str, Any]:
+def _names(config: Mapping[str, Any], table: ArchTable) -> dict[str, Any]:
     names = {k: v for k, v in config.items() if _plain(v)}
     text_config = config.get("text_config")  # multimodal wrappers (Gemma-3, Llava)
     if isinstance(text_config, dict):
         names = {**names, **{k: v for k, v in text_config.items() if _plain(v)}}
-    for key, expr in table.defaults.items():
+    for key, expr in table.shapes.defaults.items():
         if names.get(key) is None:
             names[key] = evaluate(expr, names)
     return names
@@ -109,11 +68,11 @@ def _names(config: Mapping[str, Any], table: ShapeTable) -> dict[str, Any]:
 def index_from_config(config: Mapping[str, Any], source: str) -> ModelIndex:
     """A metadata-only index of every tensor ``config`` implies (shapes, sizes).
 
-    Raises :class:`UnknownArchitectureError` for a family without a shape table and
+    Raises :class:`UnknownArchitectureError` for a family whose table gives no shapes and
     :class:`FormatError` for a config missing a key its family needs.
     """
     family = _family(config, source)
-    table = _resolved(family)
+    table = compiled(family).table
     dtype = _DTYPES.get(
         str(config.get("torch_dtype") or config.get("dtype") or ""), "BF16"
     )
@@ -146,7 +105,7 @@ def _family(config: Mapping[str, Any], source: str) -> str:
     family = find_table(
         archs, model_type if isinstance(model_type, str) else None, "config"
     )
-    if family is None or family not in _tables():
+    if family is None or not compiled(family).analytic:
         raise UnknownArchitectureError(
             f"{source}: no analytic parameter rule for "
             f"{(archs or [model_type or 'this model'])[0]} (rules exist for "
@@ -156,12 +115,22 @@ def _family(config: Mapping[str, Any], source: str) -> str:
     return family
 
 
+def _layers(table: ArchTable, names: Mapping[str, Any]) -> int:
+    for key in table.num_blocks_keys:
+        if names.get(key) is not None:
+            return int(evaluate(key, names))
+    raise ExprError(
+        f"no {' or '.join(table.num_blocks_keys)}", table.num_blocks_keys[0]
+    )
+
+
 def _tensors(
-    config: Mapping[str, Any], table: Any, dtype: str, source: str
+    config: Mapping[str, Any], table: ArchTable, dtype: str, source: str
 ) -> list[TensorInfo]:
     """Every tensor the table's templates give for this config, in table order."""
     names = _names(config, table)
-    n_layers = int(evaluate(table.layers or "num_hidden_layers", names))
+    derived = table.shapes.derived
+    n_layers = _layers(table, names)
     if not 1 <= n_layers <= MAX_BLOCKS:
         raise FormatError(
             f"config.json declares {n_layers} layers; ewq plans models of 1 to "
@@ -169,16 +138,15 @@ def _tensors(
         )
     # names that change from layer to layer: N and what is derived from it
     per_layer = {"N"}
-    for key, expr in table.derived.items():
+    for key, expr in derived.items():
         if names_in(expr) & per_layer:
             per_layer.add(key)
     base = dict(names, N=-1)
-    for key, expr in table.derived.items():
+    for key, expr in derived.items():
         if key not in per_layer:
             base[key] = evaluate(expr, base)
     tensors = []
-    for template, raw in table.tensors.items():
-        entry = raw if isinstance(raw, Entry) else Entry(shape=raw)
+    for template, entry in _shapes(table):
         exprs = [*entry.shape, entry.when or "True", entry.experts or "1"]
         varies = any(names_in(e) & per_layer for e in exprs)
         cached = None
@@ -187,9 +155,9 @@ def _tensors(
                 scope = base
                 if varies:
                     scope = dict(base, N=n if n is not None else -1)
-                    for key in table.derived:
+                    for key in derived:
                         if key in per_layer:
-                            scope[key] = evaluate(table.derived[key], scope)
+                            scope[key] = evaluate(derived[key], scope)
                 cached = _shape(template, entry, scope, source)
             keep, shape, count = cached
             if not keep:
@@ -202,7 +170,7 @@ def _tensors(
 
 
 def _shape(
-    template: str, entry: Entry, scope: Mapping[str, Any], source: str
+    template: str, entry: Shape, scope: Mapping[str, Any], source: str
 ) -> tuple[bool, tuple[int, ...], int]:
     """Whether the tensor exists in ``scope``, its shape, and its count of experts."""
     keep = entry.when is None or bool(evaluate(entry.when, scope))

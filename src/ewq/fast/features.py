@@ -4,7 +4,7 @@ Two ways to the parameter counts, both exact:
 
 * ``headers``: the tensor index of a safetensors checkpoint (local, or a hub id in
   metadata-only mode: only the headers are fetched) or of a GGUF file;
-* ``config``: config.json alone, through the family's shape table
+* ``config``: config.json alone, through the shapes in the family's architecture table
   (:mod:`ewq.arch.shapes`).
 """
 
