@@ -125,3 +125,27 @@ def test_analyze_with_a_sample_reports_what_it_read(monkeypatch, capsys, tmp_pat
         monkeypatch, capsys, "analyze", "default", "--sample", "0.05", "--eps", "0.01"
     )
     assert code != 0 and "eps 0" in err and "Traceback" not in err
+
+
+def test_how_units_are_read_does_not_change_the_estimate(monkeypatch):
+    """On the default model (Q4_1, Q8_0): units read in runs of one unit, or one
+    float value at a time instead of from the quant blocks, or grown from an earlier
+    round's units, give the estimates one plain read per unit gives."""
+    import ewq.analysis.sampled as sampled
+
+    with open_source("default") as src:
+        layout = resolve(src.index)
+        first = sample_profile(src, layout, fraction=0.05, seed=3)
+        memo: dict = {}
+        sample_profile(src, layout, fraction=0.01, seed=3, memo=memo)
+        grown = sample_profile(src, layout, fraction=0.05, seed=3, memo=memo)
+        monkeypatch.setattr(sampled, "RUN_ELEMENTS", 1)  # every run one unit
+        monkeypatch.setattr(sampled, "FAST", False)  # dequantized floats
+        plain = sample_profile(src, layout, fraction=0.05, seed=3)
+    for x, y, z in zip(first.blocks, grown.blocks, plain.blocks, strict=True):
+        if x.entropy is None:
+            continue
+        assert x.entropy == pytest.approx(z.entropy, rel=1e-12)
+        assert x.stderr == pytest.approx(z.stderr, rel=1e-6, abs=1e-15)
+        assert (y.entropy, y.stderr) == (x.entropy, x.stderr)
+    assert first.bytes_read == grown.bytes_read == plain.bytes_read

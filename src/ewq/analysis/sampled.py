@@ -43,8 +43,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ewq.analysis._units import RUN_ELEMENTS, block_stats, run_stats, runs, unit_shape
 from ewq.analysis.decision import Decision, decide
-from ewq.analysis.quantized import BLOCK, quant_stats, supported
+from ewq.analysis.quantized import supported
 from ewq.analysis.scan import FAST, counts_as_matrix, default_workers, matrices_of
 from ewq.arch import ModelLayout
 from ewq.errors import FormatError, InvalidParameterError
@@ -66,9 +67,7 @@ __all__ = [
 ]
 
 Z = 2.576  # half-width of the stated intervals in standard errors (99%, normal)
-UNIT_BYTES = 64 << 10
 MIN_UNITS = 8
-_RUN_ELEMENTS = 1 << 22  # 16 MB of float32 at most in one read
 
 
 @dataclass(frozen=True)
@@ -111,56 +110,6 @@ class SampledProfile:
         return tuple(b for b in self.blocks if b.kind is BlockKind.TRANSFORMER)
 
 
-def _units(info: TensorInfo, granule: int) -> tuple[int, int, int, int]:
-    """(rows per matrix, row elements, rows per unit, units per matrix)."""
-    cols = max(info.shape[-1], granule) if info.shape else 1
-    n_mat = matrices_of(info)
-    rows = info.num_elements // n_mat // cols
-    row_bytes = max(1, info.nbytes // max(1, n_mat * rows))
-    b = max(1, min(UNIT_BYTES // row_bytes, rows // 256))
-    return rows, cols, b, -(-rows // b)
-
-
-def _unit_stats(values: np.ndarray) -> tuple[float, float, float]:
-    """(max, sum exp(w - max), sum exp(w - max)(w - max)) of one unit, in float64."""
-    w = np.asarray(values, dtype=np.float64)
-    m = float(w.max())
-    d = w - m
-    e = np.exp(d)
-    return m, float(e.sum()), float(np.einsum("i,i->", e, d))
-
-
-def _run_stats(values: np.ndarray, unit: int) -> list[tuple[float, float, float]]:
-    """:func:`_unit_stats` of consecutive units of ``unit`` values each (the last
-    may be shorter: a matrix's last unit), computed for all full units at once."""
-    full = len(values) // unit
-    w = values[: full * unit].reshape(full, unit).astype(np.float64)
-    m = w.max(axis=1)
-    w -= m[:, None]
-    e = np.exp(w)
-    sums, terms = e.sum(axis=1), np.einsum("ij,ij->i", e, w)
-    out = list(zip(m.tolist(), sums.tolist(), terms.tolist(), strict=True))
-    if full * unit < len(values):
-        out.append(_unit_stats(values[full * unit :]))
-    return out
-
-
-def _block_stats(
-    qtype: str, raw: np.ndarray, unit: int
-) -> list[tuple[float, float, float]] | None:
-    """The units' statistics from their quant blocks (shift 0: S and T themselves);
-    None when a sum is not finite (the float path then says where and why)."""
-    per, size = BLOCK[qtype]
-    step = unit // per * size
-    out = []
-    for a in range(0, len(raw), step):
-        part = quant_stats(qtype, raw[a : a + step])
-        if part is None:
-            return None
-        out.append((part.m, part.s, part.t))
-    return out
-
-
 def estimate(
     stats: Sequence[tuple[float, float, float]], units: int
 ) -> tuple[float, float]:
@@ -178,22 +127,6 @@ def estimate(
     return h, max(0.0, float(g @ cov @ g))
 
 
-def _runs(units, longest: int) -> list[tuple[int, int]]:
-    """Sorted unit numbers as runs of consecutive units [first, stop), at most
-    ``longest`` units each: one read per run (a unit alone is tiny on a small model,
-    where per-read overhead dominated: 51,501 reads for a 5% analysis of SmolLM2,
-    8x the time of reading it whole), and a run's values never exceed
-    ``_RUN_ELEMENTS`` floats whatever the model's size."""
-    runs: list[tuple[int, int]] = []
-    for u in units:
-        u = int(u)
-        if runs and runs[-1][1] == u and u - runs[-1][0] < longest:
-            runs[-1] = (runs[-1][0], u + 1)
-        else:
-            runs.append((u, u + 1))
-    return runs
-
-
 def sample_matrix(
     src: TensorSource,
     info: TensorInfo,
@@ -209,10 +142,10 @@ def sample_matrix(
     units: ``fraction`` of them, at least ``MIN_UNITS``, all of them when fewer.
     ``seen`` holds the statistics of units read before (by unit number); only the
     others are read, and the new ones are added to it."""
-    rows, cols, b, units = _units(info, src.granule(info))
-    k = min(units, max(MIN_UNITS, math.ceil(fraction * units)))
-    order = row_order(f"{info.name}#{matrix}", units, seed)
-    chosen = np.sort(order[:k]) if k < units else np.arange(units)
+    rows, cols, b, n_units = unit_shape(info, src.granule(info))
+    k = min(n_units, max(MIN_UNITS, math.ceil(fraction * n_units)))
+    order = row_order(f"{info.name}#{matrix}", n_units, seed)
+    chosen = np.sort(order[:k]) if k < n_units else np.arange(n_units)
     seen = {} if seen is None else seen
     base = matrix * rows * cols
 
@@ -223,24 +156,24 @@ def sample_matrix(
         first, stop = run
         start, end = base + first * b * cols, base + min(rows, stop * b) * cols
         if qtype is not None:  # the sums straight from the quant blocks, as scan's
-            found = _block_stats(qtype, src.read_blocks(info, start, end), b * cols)
+            found = block_stats(qtype, src.read_blocks(info, start, end), b * cols)
             if found is not None:
                 return found
         values = src.read_range(info, start, end).reshape(-1)
         check_finite(info, values)
-        return _run_stats(values, b * cols)
+        return run_stats(values, b * cols)
 
-    runs = _runs(
+    todo = runs(
         [u for u in chosen.tolist() if u not in seen],
-        max(1, _RUN_ELEMENTS // (b * cols)),
+        max(1, RUN_ELEMENTS // (b * cols)),
     )
-    done = pool.map(one, runs) if pool is not None else map(one, runs)
-    for (first, stop), part in zip(runs, done, strict=True):
+    done = pool.map(one, todo) if pool is not None else map(one, todo)
+    for (first, stop), part in zip(todo, done, strict=True):
         seen.update(zip(range(first, stop), part, strict=True))
-    h, var = estimate([seen[u] for u in chosen.tolist()], units)
+    h, var = estimate([seen[u] for u in chosen.tolist()], n_units)
     row_bytes = info.nbytes / (matrices_of(info) * rows)
     read_rows = sum(min(rows, (u + 1) * b) - u * b for u in chosen)
-    return MatrixEstimate(h, var, units, k, round(read_rows * row_bytes))
+    return MatrixEstimate(h, var, n_units, k, round(read_rows * row_bytes))
 
 
 def sample_profile(
