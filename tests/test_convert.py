@@ -259,6 +259,7 @@ def test_a_transformers_copy_of_the_default_model_converts(
     assert sorted(runs) == ["convert", "layout"], runs
     out = tmp_path / "q.gguf"
     api.quantize(folder, plan, out, format="gguf")
+    assert sorted(runs) == ["convert", "layout"], runs  # written from that GGUF
     assert planned_block_bytes(doc) == written_block_bytes(out)
     from ewq.sources.gguf import GGUFSource
 
@@ -359,8 +360,12 @@ def test_a_scratch_conversion_serves_the_whole_process(monkeypatch, tmp_path):
     with store.use("a", a, None):
         assert len(made) == 2 and not made[0].exists()
     b = _checkpoint(tmp_path / "b")
+    with store.held(b) as found:
+        assert found is None and len(made) == 2  # held: never converts
     with store.use("a", a, None), store.use("b", b, None):
         assert made[1].is_file() and made[2].is_file()  # both in use: both kept
+    with store.held(b) as found:
+        assert found[0] is b
     store.clear()
     assert not any(p.exists() for p in made)
 

@@ -143,22 +143,32 @@ class _Scratch:
         self._made = 0
         atexit.register(self.clear)
 
-    @contextlib.contextmanager
     def use(self, source, index: ModelIndex, layout: ModelLayout):
-        from ewq.quant.convert import checkpoint_identity
+        """A context giving the conversion of ``index``'s checkpoint (its GGUF
+        index and layout), made now unless this process holds it."""
+        return self._entry(index, lambda: self._convert(source, index, layout))
 
-        which = (checkpoint_identity(Path(index.files[0]).parent), index.files)
+    def held(self, index: ModelIndex):
+        """A context giving the conversion of ``index``'s checkpoint this process
+        holds, as the checkpoint is now, or None (nothing is converted)."""
+        return self._entry(index, None)
+
+    @contextlib.contextmanager
+    def _entry(self, index: ModelIndex, make):
         with self._lock:
-            if which not in self._held:
+            which = _which(index)
+            if which not in self._held and make is not None:
                 self._evict()
-                self._held[which] = [*self._convert(source, index, layout), 0]
-            entry = self._held[which]
-            entry[2] += 1
+                self._held[which] = [*make(), 0]
+            entry = self._held.get(which)
+            if entry is not None:
+                entry[2] += 1  # in use: not evicted until released
         try:
-            yield entry[1]
+            yield entry[1] if entry is not None else None
         finally:
-            with self._lock:
-                entry[2] -= 1
+            if entry is not None:
+                with self._lock:
+                    entry[2] -= 1
 
     def _convert(self, source, index, layout):
         from ewq.cache import cache_dir
@@ -185,6 +195,19 @@ class _Scratch:
         """Remove every scratch file no caller is reading."""
         with self._lock:
             self._evict()
+
+
+def _which(index: ModelIndex) -> tuple:
+    from ewq.quant.convert import checkpoint_identity
+
+    return (checkpoint_identity(Path(index.files[0]).parent), index.files)
+
+
+def held_conversion(index: ModelIndex):
+    """The scratch conversion of ``index``'s checkpoint this process made for its
+    measurements (a context giving its index and layout), or None: `api.quantize`
+    after `api.plan` in one process writes from it instead of converting again."""
+    return _SCRATCH.held(index)
 
 
 def _remove_orphans(where: Path) -> None:

@@ -78,11 +78,16 @@ def quantize(
         return _quantize_hf(job, index, layout)
     if index.container == "gguf":
         return _quantize_gguf(job, index, layout, imatrix)
+    from ewq.api._measured import held_conversion
     from ewq.quant.convert import converted
 
+    shown = f"{Path(str(source)).name}-converted.gguf"
+    with held_conversion(index) as held:
+        if held is not None:  # planned in this process: converted already
+            check_plan(plan, held[1], str(source))
+            return _quantize_gguf(job, *held, imatrix, shown)
     with converted(source, index, layout, out.parent) as (index, layout):
         check_plan(plan, layout, str(source))
-        shown = f"{Path(str(source)).name}-converted.gguf"
         return _quantize_gguf(job, index, layout, imatrix, shown)
 
 
