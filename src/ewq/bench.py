@@ -38,6 +38,7 @@ from ewq.evaluate import tasks
 from ewq.evaluate.data import load_mmlu, load_text
 from ewq.evaluate.stats import paired
 from ewq.fileio import fresh_dir
+from ewq.formats import output_format
 from ewq.planfile import plan_doc
 from ewq.planning import BlockSpec, Machine, block_specs, fit
 from ewq.records import Analysis, BenchRecord
@@ -322,7 +323,7 @@ class _Writer:
         self.source, self.format, self.n, self.tmp = source, fmt, n, tmp
 
     def __call__(self, name: str, precision: dict[int, Precision], *sides):
-        out = fresh_dir(self.tmp / (f"{name}.gguf" if self.format == "gguf" else name))
+        out = fresh_dir(self.tmp / f"{name}{output_format(self.format).suffix}")
         doc = plan_doc(self.n, precision, *sides)
         return api.quantize(self.source, doc, out, format=self.format)
 

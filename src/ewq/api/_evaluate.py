@@ -8,6 +8,7 @@ from pathlib import Path
 from ewq.api._quantize import quantize
 from ewq.config import EvalConfig, configure
 from ewq.errors import EwqError
+from ewq.formats import format_for, output_format
 from ewq.records import EvalRecord
 from ewq.sources import open_source
 from ewq.types import Progress
@@ -54,13 +55,14 @@ def evaluate(
     inputs = _inputs(cfg.task.value, data, cfg.split, cfg.shots)
     with open_source(source, download=True) as src:
         base_path = Path(src.index.files[0])
-        base = base_path if src.index.container == "gguf" else base_path.parent
+        container = src.index.container
+        base = base_path if container == "gguf" else base_path.parent
     with tempfile.TemporaryDirectory(prefix="ewq-eval-") as tmp:
         model = quantized
         if plan is not None:
-            fmt = "gguf" if base.is_file() else "hf"
-            out = Path(tmp) / ("model.gguf" if fmt == "gguf" else "model")
-            model = quantize(source, plan, out, format=fmt).out
+            form = output_format(format_for(container))
+            out = Path(tmp) / f"model{form.suffix}"
+            model = quantize(source, plan, out, format=form.name).out
         metrics = _metrics(cfg, base, model, inputs, progress)
     task = cfg.task.value
     windows = task != "embedding"  # sentences, not windows of text

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ewq.config import QuantizeConfig, Rounding
 from ewq.errors import EwqError
+from ewq.formats import output_format
 
 __all__ = ["HESSIAN_LIMIT", "gptq_then", "rounds", "second_moments"]
 
@@ -24,7 +25,7 @@ def rounds(cfg: QuantizeConfig, format: str) -> bool:
         if cfg.rounding is Rounding.GPTQ:
             raise EwqError("--rounding gptq needs a calibration text (--calibration)")
         return False
-    if format != "gguf":
+    if not output_format(format).calibrated:
         if cfg.rounding is Rounding.GPTQ:
             raise EwqError("--rounding gptq writes GGUF files (--format gguf)")
         return False

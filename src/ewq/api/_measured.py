@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ewq.arch import ModelLayout, resolve
 from ewq.cache import code_digest, key, load_entry, runtime_id, store_entry
+from ewq.formats import output_format
 from ewq.sensitivity import criterion as criterion_spec
 from ewq.sources import open_source
 from ewq.types import ModelIndex
@@ -81,7 +82,7 @@ def measured_errors(
             "threads": threads or os.cpu_count() or 1,
             "only": only,
         }
-        w = imatrix if fmt == "gguf" else None
+        w = imatrix if output_format(fmt).calibrated else None
         errors = relative_errors(src, m_layout, fmt, imatrix=w, **how)
         seconds = time.perf_counter() - started
         fetched = getattr(src, "bytes_fetched", None)
@@ -98,13 +99,14 @@ def _error_source(source, index, layout, fmt, revision):
     its headers only (a sampled pass) is read through a sparse mirror filled by
     range requests (ewq.sources.ranged), the rows it samples and nothing else;
     GGUF output from a Hugging Face checkpoint, through the converted GGUF."""
-    if index.metadata_only and (fmt == "gguf") == (index.container == "gguf"):
+    form = output_format(fmt)
+    if index.metadata_only and form.container == index.container:
         from ewq.sources.ranged import open_ranged
 
         with open_ranged(source, revision=revision) as src:
             yield src, resolve(src.index)
         return
-    if fmt == "gguf":
+    if form.needs_conversion(index.container):
         if index.metadata_only:  # the converter needs the whole checkpoint
             with open_source(source, download=True, revision=revision) as full:
                 index, layout = full.index, resolve(full.index)

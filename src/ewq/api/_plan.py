@@ -26,6 +26,7 @@ from ewq.config import (
 )
 from ewq.errors import EwqError
 from ewq.fast.features import features as _features
+from ewq.formats import format_for, output_format
 from ewq.planning import (
     MODES,
     BlockSpec,
@@ -223,9 +224,9 @@ class _Target:
 
 def _target(cfg: PlanConfig, source, index, layout, machines) -> _Target:
     fmt = cfg.format.value if cfg.format else None
-    fmt = fmt or ("gguf" if index.container == "gguf" else "hf")
+    fmt = fmt or format_for(index.container)
     out_index, out_layout = index, layout
-    if fmt == "gguf" and index.container != "gguf":
+    if output_format(fmt).needs_conversion(index.container):
         from ewq.quant.convert import gguf_layout
 
         out_index, out_layout = gguf_layout(source, index, layout)
@@ -373,10 +374,10 @@ def _imatrix(cfg: PlanConfig, source, index, layout, fmt: str, progress):
     --calibration (cached), else none."""
     if cfg.imatrix is None and cfg.calibration is None:
         return None
-    if fmt != "gguf":
+    if not output_format(fmt).calibrated:
         raise EwqError(
-            "an importance matrix weighs GGUF output; for --format hf plan without "
-            "--imatrix and --calibration"
+            f"an importance matrix weighs GGUF output; for --format {fmt} plan "
+            "without --imatrix and --calibration"
         )
     if cfg.imatrix is not None:
         return load_imatrix(cfg.imatrix, index, layout, source)

@@ -13,7 +13,7 @@ from ewq.api._gptq import gptq_then, rounds, second_moments
 from ewq.arch import resolve
 from ewq.config import Format, QuantizeConfig, configure
 from ewq.errors import EwqError
-from ewq.formats import offered
+from ewq.formats import FORMATS, hook, offered, output_format
 from ewq.imatrix import Imatrix, read_imatrix
 from ewq.outputs import check_output
 from ewq.planfile import Plan, load_plan, plan_from_doc
@@ -67,26 +67,40 @@ def quantize(
         layout = resolve(index)
     check_plan(plan, layout, str(source))
     imatrix = _plan_imatrix(plan, cfg.imatrix, plan_path)
-    if imatrix is not None and format != "gguf":
-        raise EwqError("an importance matrix is for GGUF output (--format gguf)")
+    form = output_format(format)
+    if imatrix is not None and not form.calibrated:
+        raise EwqError(
+            f"an importance matrix is for calibrated output ({_calibrated_formats()})"
+        )
     inputs = (*index.files, plan_path, str(source))
-    check_output(out, inputs, folder=format == "hf", force=cfg.force)
+    check_output(out, inputs, folder=form.folder, force=cfg.force)
     _check_offered(plan, format)
     rounds(cfg, format)  # one line now, before anything is written
     job = _Job(source, plan, out, cfg, _with_provenance(out, inputs, record), progress)
-    if format == "hf":
-        return _quantize_hf(job, index, layout)
-    if index.container == "gguf":
-        return _quantize_gguf(job, index, layout, imatrix)
+    return hook(form.writer)(job, index, layout, imatrix)
+
+
+def _calibrated_formats() -> str:
+    return ", ".join(f"--format {f.name}" for f in FORMATS.values() if f.calibrated)
+
+
+def write_gguf(job: _Job, index, layout, imatrix: Imatrix | None) -> Quantized:
+    """The GGUF format's writer (ewq.formats): a GGUF source as it is; a Hugging
+    Face checkpoint converted by llama.cpp's converter first (the plan's scratch
+    conversion when this process made one, else a temporary file beside the
+    output)."""
     from ewq.api._measured import held_conversion
     from ewq.quant.convert import converted
 
+    if index.container == "gguf":
+        return _quantize_gguf(job, index, layout, imatrix)
+    source, plan = job.source, job.plan
     shown = f"{Path(str(source)).name}-converted.gguf"
     with held_conversion(index) as held:
         if held is not None:  # planned in this process: converted already
             check_plan(plan, held[1], str(source))
             return _quantize_gguf(job, *held, imatrix, shown)
-    with converted(source, index, layout, out.parent) as (index, layout):
+    with converted(source, index, layout, job.out.parent) as (index, layout):
         check_plan(plan, layout, str(source))
         return _quantize_gguf(job, index, layout, imatrix, shown)
 
@@ -280,8 +294,6 @@ def _recorder(job: _Job, fmt: str, targets, llama_quantize_args: tuple[str, ...]
     def commit(tmp: Path, written: Mapping[str, object]) -> None:
         fields["rounding"] = dict(commit.rounding)
         files = [tmp] if tmp.is_file() else [f for f in tmp.iterdir() if f.is_file()]
-        if fields["format"] == "hf":
-            written = {t.name: t.type for t in fields["targets"] if t.name in written}
         made.append(
             Quantized(
                 written=dict(written),
@@ -295,7 +307,9 @@ def _recorder(job: _Job, fmt: str, targets, llama_quantize_args: tuple[str, ...]
     return commit, made
 
 
-def _quantize_hf(job: _Job, index, layout) -> Quantized:
+def write_hf(job: _Job, index, layout, imatrix: Imatrix | None) -> Quantized:
+    """The Hugging Face format's writer (ewq.formats): compressed-tensors from a
+    Hugging Face model folder (it takes no importance matrix)."""
     from ewq.quant.hf import quantize_hf
 
     folder = Path(index.files[0]).parent
@@ -323,7 +337,11 @@ def _quantize_hf(job: _Job, index, layout) -> Quantized:
         ewq_version=__version__,
         record=f"{job.out.name}.ewq.json",
     )
+
+    def typed(tmp: Path, written: Mapping[str, int]) -> None:  # bytes -> types
+        commit(tmp, {t.name: t.type for t in targets if t.name in written})
+
     quantize_hf(
-        folder, targets, job.out, progress=job.progress, before_commit=commit, card=card
+        folder, targets, job.out, progress=job.progress, before_commit=typed, card=card
     )
     return made[0]

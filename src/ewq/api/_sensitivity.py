@@ -14,6 +14,7 @@ from ewq.api._model import analyze
 from ewq.arch import ModelLayout, resolve
 from ewq.cache import load_entry, store_entry
 from ewq.errors import EwqError
+from ewq.formats import format_for, output_format
 from ewq.imatrix import Imatrix, read_imatrix
 from ewq.records import Analysis
 from ewq.sampling import Sampling
@@ -62,7 +63,7 @@ def sensitivity(
     with open_source(source, download=download, revision=revision) as src:
         index = src.index
         layout = resolve(index)
-        fmt = fmt or ("gguf" if index.container == "gguf" else "hf")
+        fmt = fmt or format_for(index.container)
         if criterion in ("random", "position"):
             return modelled(criterion, fmt, layout, seed=seed)
         if criterion == "entropy":
@@ -75,10 +76,10 @@ def sensitivity(
         )
     if calibration is None:
         raise EwqError("the kl criterion needs a calibration text (--calibration FILE)")
-    if fmt != "gguf":
+    if not output_format(fmt).calibrated:
         raise EwqError(
-            "the kl criterion measures GGUF output through llama.cpp; for --format hf "
-            "use --criterion error"
+            "the kl criterion measures GGUF output through llama.cpp; for --format "
+            f"{fmt} use --criterion error"
         )
     from ewq.evaluate.data import load_text
 
@@ -100,7 +101,7 @@ def _error(
     source, index, layout, fmt, imatrix, revision, progress, sample, threads
 ) -> Sensitivity:
     """The error criterion: relative squared errors (sampled or whole), cached."""
-    if imatrix is not None and fmt != "gguf":
+    if imatrix is not None and not output_format(fmt).calibrated:
         raise EwqError("an importance matrix weighs GGUF output (--format gguf)")
     errors, seconds, cached, intervals = measured_errors(
         source, index, layout, fmt, imatrix, revision, progress, sample, threads
@@ -200,7 +201,7 @@ def _kl(
 def _gguf_layout(source, index, layout, fmt: str) -> ModelLayout:
     """The layout the errors are measured on (for GGUF from a checkpoint: the file
     llama.cpp's converter writes)."""
-    if fmt == "gguf" and index.container != "gguf":
+    if output_format(fmt).needs_conversion(index.container):
         from ewq.quant.convert import gguf_layout
 
         return gguf_layout(source, index, layout)[1]

@@ -73,6 +73,7 @@ __all__ = [
     "GgmlType",
     "OutputFormat",
     "encoding",
+    "format_for",
     "gguf_quantizable",
     "gguf_target",
     "hf_group_size",
@@ -117,14 +118,40 @@ class OutputFormat:
     """One output format (a registry entry)."""
 
     name: str
+    label: str  # what a message calls its output
     folder: bool  # the output is a folder, not a file
     suffix: str  # of an output file ("" for folders)
-    #: lazy "module:function" of the writer and of the runtime that loads an output
+    #: the source container its writer reads as it is, and those converted to it
+    #: first (by llama.cpp's converter, ewq.quant.convert)
+    container: str
+    converts: tuple[str, ...] = ()
+    #: lazy "module:function" (ewq.api._quantize) writing a plan in this format:
+    #: (job, index, layout, imatrix) -> Quantized
     writer: str
-    loader: str
+    #: what quantizes it, as the provenance record says
+    quantizer: str
+    #: lazy "module:function": (rows, type, *, threads, imatrix) -> the rows
+    #: quantized to ``type`` and back, as the writer would (the error criterion)
+    roundtrip: str
+    #: its quantizer and runtime take calibration data: an importance matrix,
+    #: GPTQ rounding, the kl criterion's probes
+    calibrated: bool = False
+    #: the export (ewq.planning.exports) whose runtime serves it, and whether that
+    #: runtime relays hidden states through the main machine and returns logits
+    #: (llama.cpp's RPC) or sends one sampled token back (vLLM's pipeline)
+    served_by: str
+    relay: bool = False
     #: lazy "module:function" giving a runtime's own recipes for a source (a
     #: plan's anchor, ewq.api._anchor), or None where the runtime has none
     recipes: str | None = None
+
+    def reads(self, container: str) -> bool:
+        """Whether its writer takes a source of ``container`` (as it is, or
+        converted first)."""
+        return container == self.container or container in self.converts
+
+    def needs_conversion(self, container: str) -> bool:
+        return container != self.container and container in self.converts
 
     def offered(self) -> tuple[Precision, ...]:
         """The precisions it writes, raw first, then most precise first."""
@@ -155,10 +182,14 @@ class OutputFormat:
 
 
 class _Gguf(OutputFormat):
-    name, folder, suffix = "gguf", False, ".gguf"
-    writer = "ewq.quant.gguf:write_planned"
+    name, label, folder, suffix = "gguf", "GGUF files", False, ".gguf"
+    container, converts = "gguf", ("safetensors",)
+    writer = "ewq.api._quantize:write_gguf"
+    quantizer = "llama.cpp llama_model_quantize (pure, allow_requantize)"
+    roundtrip = "ewq.quant.ggml:roundtrip_type"
+    calibrated = True
+    served_by, relay = "llama_cpp", True
     recipes = "ewq.quant.gguf:preset_recipes"
-    loader = "ewq.evaluate.backends:LlamaCppModel"
 
     def offered(self) -> tuple[Precision, ...]:
         return (Precision.RAW, *PRECISIONS)
@@ -210,9 +241,12 @@ class _Gguf(OutputFormat):
 
 
 class _Hf(OutputFormat):
-    name, folder, suffix = "hf", True, ""
-    writer = "ewq.quant.hf:write_planned"
-    loader = "ewq.evaluate.backends:TransformersModel"
+    name, label, folder, suffix = "hf", "the Hugging Face output", True, ""
+    container = "safetensors"
+    writer = "ewq.api._quantize:write_hf"
+    quantizer = "compressed-tensors pack-quantized, symmetric round-to-nearest"
+    roundtrip = "ewq.quant.rtn:roundtrip"
+    served_by = "vllm"
 
     def offered(self) -> tuple[Precision, ...]:
         return (Precision.RAW, *HF_BITS)
@@ -283,6 +317,15 @@ def output_format(name: str | OutputFormat) -> OutputFormat:
         raise EwqError(
             f"unknown format {name!r} (one of {', '.join(FORMATS)})"
         ) from None
+
+
+def format_for(container: str) -> str:
+    """The format a source of ``container`` is written in unless told: the one
+    whose writer reads it as it is (a GGUF stays GGUF), else Hugging Face output."""
+    for form in FORMATS.values():
+        if form.container == container:
+            return form.name
+    return "hf"
 
 
 def offered(fmt: str) -> tuple[Precision, ...]:

@@ -32,6 +32,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ewq.formats import FORMATS, output_format
 from ewq.planning.budget import Machine
 from ewq.planning.ladder import FitResult
 from ewq.types import Precision
@@ -43,6 +44,9 @@ RPC_PORT = 50052  # llama.cpp rpc-server's default
 
 #: what vLLM's compressed-tensors WNA16 kernels serve: 4- and 8-bit integer weights
 VLLM_SERVES = frozenset({Precision.RAW, Precision.Q8, Precision.Q4})
+
+#: the runtime behind each export, as a refusal names it
+_RUNTIMES = {"llama_cpp": "llama.cpp", "vllm": "vLLM"}
 
 
 def _stages(result: FitResult, transformer: Sequence[int]) -> list[tuple[str, int]]:
@@ -91,21 +95,20 @@ def exports(
     unserved = sorted(
         {p.value for p in result.precision.values()} - {p.value for p in VLLM_SERVES}
     )
-    if fmt != "hf":
-        out["vllm"] = {
-            "command": None,
-            "refused": "vLLM serves the Hugging Face output (plan with --format hf)",
-        }
-    elif unserved:
+    serves = output_format(fmt).served_by
+    for name in out:
+        if name != serves:
+            form = next(f for f in FORMATS.values() if f.served_by == name)
+            out[name] = {
+                "command": None,
+                "refused": f"{_RUNTIMES[name]} serves {form.label} (plan with "
+                f"--format {form.name})",
+            }
+    if serves == "vllm" and unserved:
         out["vllm"] = {
             "command": None,
             "refused": f"vLLM's compressed-tensors kernels serve 4- and 8-bit weights, "
             f"not {', '.join(unserved)}",
-        }
-    if fmt != "gguf":
-        out["llama_cpp"] = {
-            "command": None,
-            "refused": "llama.cpp serves GGUF files (plan with --format gguf)",
         }
     return out
 

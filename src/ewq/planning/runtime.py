@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ewq.arch import ModelLayout
+from ewq.formats import output_format
 from ewq.planning.placement import Route
 from ewq.types import ModelIndex, Role
 
@@ -214,10 +215,11 @@ def route_for(
     Metadata without the sizes gives a route without bytes (latency only)."""
     tied = not any(k.role is Role.LM_HEAD for k in layout.blocks[-1].keys)
     last = runtime.head_bytes if runtime is not None else 0
+    relay = output_format(fmt).relay
     try:
         d = model_dims(index, layout)
     except ValueError:
-        return Route(relay=fmt == "gguf", tied=tied, last_bytes=last)
-    if fmt == "gguf":
+        return Route(relay=relay, tied=tied, last_bytes=last)
+    if relay:
         return Route(4 * d["n_embd"], 4 * d["n_vocab"], True, tied, last)
     return Route(4 * d["n_embd"], 8, False, tied, last)

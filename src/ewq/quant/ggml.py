@@ -173,3 +173,18 @@ def roundtrip(
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(work, starts))
     return out
+
+
+def roundtrip_type(
+    rows: np.ndarray,
+    type_name: str,
+    *,
+    threads: int = 1,
+    imatrix: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`roundtrip` by GGML type name (the GGUF format's round trip, as
+    ewq.formats names it)."""
+    import gguf
+
+    qtype = int(gguf.GGMLQuantizationType[type_name])
+    return roundtrip(rows, qtype, threads=threads, imatrix=imatrix)

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
+from ewq.formats import output_format
 from ewq.records import Quantized
 from ewq.reports.inspect import human_bytes
 
@@ -30,12 +31,8 @@ def provenance_json(q: Quantized, ewq_version: str) -> dict[str, Any]:
         "source": q.source,
         "output": str(q.out),
         "format": q.format,
-        "quantizer": (
-            "llama.cpp llama_model_quantize (pure, allow_requantize)"
-            + (", then GPTQ rounding (ewq.quant.gptq)" if q.rounding else "")
-            if q.format == "gguf"
-            else "compressed-tensors pack-quantized, symmetric round-to-nearest"
-        ),
+        "quantizer": output_format(q.format).quantizer
+        + (", then GPTQ rounding (ewq.quant.gptq)" if q.rounding else ""),
         "plan": q.plan.to_doc(),
         "predicted_tensor_bytes": q.predicted_bytes,
         "file_bytes": q.file_bytes,

@@ -101,6 +101,7 @@ CRITERIA: dict[str, CriterionSpec] = {
                 "ewq.sensitivity.error",
                 "ewq.sampling",
                 "ewq.quant.ggml",
+                "ewq.quant.rtn",
             ),
             "round trip through the real quantizer, data-free",
         ),

@@ -23,11 +23,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection
 
-import gguf
 import numpy as np
 
 from ewq.arch import ModelLayout
-from ewq.formats import Encoding, hf_group_size
+from ewq.formats import hook, output_format
 from ewq.imatrix import Imatrix
 from ewq.quant import ggml
 from ewq.sampling import Sampling, sampled
@@ -40,35 +39,24 @@ __all__ = ["relative_errors"]
 _CHUNK_ELEMENTS = 1 << 22  # rows per round trip: about 16 MB of float32 at a time
 
 
-def _sse_gguf(
+def _sse(
     values: np.ndarray,
+    roundtrip: Callable,
     type_name: str,
     weights: np.ndarray,
     threads: int,
     imatrix: np.ndarray | None,
 ) -> float:
-    import gguf
-
-    from ewq.quant import ggml
-
-    qtype = int(gguf.GGMLQuantizationType[type_name])
+    """The importance-weighted squared error of ``values`` at ``type_name``
+    through the format's round trip, a bounded number of rows at a time."""
     rows_per = max(1, _CHUNK_ELEMENTS // values.shape[1])
     sse = 0.0
     for a in range(0, values.shape[0], rows_per):
         part = values[a : a + rows_per]
-        back = ggml.roundtrip(part, qtype, threads=threads, imatrix=imatrix)
+        back = roundtrip(part, type_name, threads=threads, imatrix=imatrix)
         d = (back - part).astype(np.float64)
         sse += float(np.einsum("ij,ij,j->", d, d, weights))
     return sse
-
-
-def _sse_hf(values: np.ndarray, bits: int, weights: np.ndarray) -> float:
-    d = _hf_roundtrip(values, bits) - values.astype(np.float64)
-    return float(np.einsum("ij,ij,j->", d, d, weights))
-
-
-def _bits_of(e: Encoding) -> int:
-    return int(e.type[3 : e.type.index("/")])
 
 
 def relative_errors(
@@ -89,6 +77,8 @@ def relative_errors(
     ``intervals`` (if given) receives, per tensor, the rows read and each type's
     relative half width of its 95% interval. ``only``: these tensors alone."""
     cands = tensor_candidates(fmt, layout, imatrix)
+    roundtrip = hook(output_format(fmt).roundtrip)
+    gguf_source = src.index.container == "gguf"  # values as llama.cpp decodes them
     if only is not None:
         cands = {n: c for n, c in cands.items() if n in only}
     total = sum(info.nbytes for info, _, _ in cands.values()) or 1
@@ -99,7 +89,7 @@ def relative_errors(
         done += info.nbytes
         if sample is not None:
             found = _sampled(
-                src, info, encs, fmt, weights_of.get(name), threads, sample
+                src, info, encs, roundtrip, weights_of.get(name), threads, sample
             )
             if intervals is not None:
                 first = next(iter(found.values()), None)
@@ -113,7 +103,7 @@ def relative_errors(
             if progress is not None:
                 progress(done, total, name)
             continue
-        if fmt == "gguf":
+        if gguf_source:
             values = ggml.tensor_values(info)
         else:
             values = src.read(info).astype(np.float32).reshape(-1, info.shape[-1])
@@ -130,10 +120,7 @@ def relative_errors(
             p64 = part.astype(np.float64)
             energy += float(np.einsum("ij,ij,j->", p64, p64, weights))
             for e in encs[1:]:
-                if fmt == "gguf":
-                    errs[e.type] += _sse_gguf(part, e.type, weights, threads, w)
-                else:
-                    errs[e.type] += _sse_hf(part, _bits_of(e), weights)
+                errs[e.type] += _sse(part, roundtrip, e.type, weights, threads, w)
         if energy > 0 and math.isfinite(energy):
             out[name] = {t: v / energy for t, v in errs.items()}
         if progress is not None:
@@ -141,7 +128,7 @@ def relative_errors(
     return out
 
 
-def _sampled(src, info, encs, fmt, w_all, threads, spec: Sampling):
+def _sampled(src, info, encs, roundtrip, w_all, threads, spec: Sampling):
     """Per type, the sampled estimate of the tensor's E (rows of stacked experts
     are weighed by their expert's importance)."""
     cols = info.shape[-1]
@@ -150,7 +137,7 @@ def _sampled(src, info, encs, fmt, w_all, threads, spec: Sampling):
     per = total // matrices
 
     def measure(rows: np.ndarray):
-        values = _rows(src, info, rows, fmt)
+        values = _rows(src, info, rows)
         errs = {e.type: np.zeros(len(rows)) for e in encs[1:]}
         energy = np.zeros(len(rows))
         experts = rows // per
@@ -162,11 +149,7 @@ def _sampled(src, info, encs, fmt, w_all, threads, spec: Sampling):
             p64 = part.astype(np.float64)
             energy[at] = np.einsum("ij,ij,j->i", p64, p64, weights)
             for e in encs[1:]:
-                if fmt == "gguf":
-                    qtype = int(gguf.GGMLQuantizationType[e.type])
-                    back = ggml.roundtrip(part, qtype, threads=threads, imatrix=w)
-                else:
-                    back = _hf_roundtrip(part, _bits_of(e))
+                back = roundtrip(part, e.type, threads=threads, imatrix=w)
                 d = (back - part).astype(np.float64)
                 errs[e.type][at] = np.einsum("ij,ij,j->i", d, d, weights)
         return errs, energy
@@ -174,25 +157,13 @@ def _sampled(src, info, encs, fmt, w_all, threads, spec: Sampling):
     return sampled(info.name, total, measure, spec)
 
 
-def _rows(src, info, rows: np.ndarray, fmt: str) -> np.ndarray:
+def _rows(src, info, rows: np.ndarray) -> np.ndarray:
     """The float32 values of sorted rows ``rows`` of a tensor, reading only them."""
     src.prefetch(info, rows)
-    if fmt == "gguf":
+    if src.index.container == "gguf":
         return ggml.tensor_rows(info, rows)
     cols = info.shape[-1]
     out = np.empty((len(rows), cols), dtype=np.float32)
     for k, r in enumerate(rows):
         out[k] = src.read_range(info, int(r) * cols, (int(r) + 1) * cols)
     return out
-
-
-def _hf_roundtrip(values: np.ndarray, bits: int) -> np.ndarray:
-    """Round to nearest with symmetric max-abs scales per group (compressed-tensors'
-    ``calculate_qparams``), and back, in float64."""
-    cols = values.shape[1]
-    group = hf_group_size(cols) or cols
-    g = values.reshape(values.shape[0], cols // group, group).astype(np.float64)
-    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
-    scale = np.abs(g).max(axis=2, keepdims=True) / ((qmax - qmin) / 2)
-    scale[scale == 0] = 1.0
-    return (np.clip(np.round(g / scale), qmin, qmax) * scale).reshape(values.shape)
