@@ -341,6 +341,38 @@ def test_hf_llama_mixed_plan_loads_and_sizes_are_exact(tiny_models, tmp_path):
         a, b = ref(ids).logits, model(ids).logits
     assert ((a - b).norm() / a.norm()).item() < 0.5
     assert torch.isfinite(b).all()
+    # the error criterion's round trip for this format (ewq.formats' entry) is what
+    # compressed-tensors decompresses from the written folder, value for value
+    from compressed_tensors.compressors.pack_quantized.helpers import (
+        unpack_from_int32,
+    )
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    from ewq.formats import hook, output_format
+
+    roundtrip = hook(output_format("hf").roundtrip)
+    written, modules = model.state_dict(), dict(model.named_modules())
+    original = ref.state_dict()
+    checked = 0
+    for name, form in forms.items():
+        if not form.startswith("int"):
+            continue
+        ours = roundtrip(original[name].numpy(), form)
+        if name in written:  # decompressed as it was loaded (the head)
+            assert np.array_equal(
+                written[name].float().numpy(), ours.astype(np.float32)
+            )
+            checked += 1
+            continue
+        stem = name.removesuffix(".weight")
+        packed = written[f"{name}_packed"]
+        shape = torch.Size(written[f"{name}_shape"].tolist())
+        values = unpack_from_int32(packed, int(form[3 : form.index("/")]), shape)
+        args = modules[stem].quantization_scheme.weights
+        got = dequantize(values, written[f"{name}_scale"], None, args=args)
+        assert np.array_equal(got.float().numpy(), ours.astype(np.float32)), name
+        checked += 1
+    assert checked >= 14  # 7 matrices x 2 blocks, at int8 and int3
 
 
 def test_hf_ternary_is_a_recorded_2bit_fallback(tiny_models, tmp_path):

@@ -24,7 +24,8 @@ def roundtrip(
     threads: int = 1,
     imatrix: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``rows`` (2-D) at ``type_name`` (``int4/g128``...) and back, in float64.
+    """``rows`` (2-D) at ``type_name`` (``int4/g128``...) and back (float32
+    arithmetic, returned as float64).
     ``threads`` and ``imatrix`` are the GGUF round trip's: this rule takes neither."""
     del threads
     if imatrix is not None:
@@ -34,8 +35,12 @@ def roundtrip(
     bits = bits_of(type_name)
     cols = rows.shape[1]
     group = hf_group_size(cols) or cols
-    g = rows.reshape(rows.shape[0], cols // group, group).astype(np.float64)
+    # float32 throughout, as compressed-tensors computes: in float64 a group's
+    # largest value can land a hair inside the half-way point its float32 quotient
+    # sits on, and round the other way
+    g = rows.reshape(rows.shape[0], cols // group, group).astype(np.float32)
     qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
-    scale = np.abs(g).max(axis=2, keepdims=True) / ((qmax - qmin) / 2)
+    scale = np.abs(g).max(axis=2, keepdims=True) / np.float32((qmax - qmin) / 2)
     scale[scale == 0] = 1.0
-    return (np.clip(np.round(g / scale), qmin, qmax) * scale).reshape(rows.shape)
+    q = np.clip(np.round(g / scale), qmin, qmax)
+    return (q * scale).reshape(rows.shape).astype(np.float64)
