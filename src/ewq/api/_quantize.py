@@ -69,9 +69,7 @@ def quantize(
     imatrix = _plan_imatrix(plan, cfg.imatrix, plan_path)
     form = output_format(format)
     if imatrix is not None and not form.calibrated:
-        raise EwqError(
-            f"an importance matrix is for calibrated output ({_calibrated_formats()})"
-        )
+        raise EwqError(f"an importance matrix is for {_calibrated_formats()}")
     inputs = (*index.files, plan_path, str(source))
     check_output(out, inputs, folder=form.folder, force=cfg.force)
     _check_offered(plan, format)
@@ -81,7 +79,9 @@ def quantize(
 
 
 def _calibrated_formats() -> str:
-    return ", ".join(f"--format {f.name}" for f in FORMATS.values() if f.calibrated)
+    """``GGUF files (--format gguf)``: the formats whose quantizer takes one."""
+    forms = [f for f in FORMATS.values() if f.calibrated]
+    return " or ".join(f"{f.label} (--format {f.name})" for f in forms)
 
 
 def write_gguf(job: _Job, index, layout, imatrix: Imatrix | None) -> Quantized:
