@@ -322,3 +322,27 @@ def test_a_signal_stops_the_imatrix_pass(tmp_path, signum):
     assert took < 5.0, took
     assert "Traceback" not in err.decode()
     assert not out.exists() and not list(tmp_path.glob(".m.imatrix*"))
+
+
+def test_an_imatrix_for_output_that_takes_none_is_one_line(
+    monkeypatch, capsys, tmp_path, byte_llama
+):
+    """The Hugging Face output's quantizer takes no importance matrix: quantize
+    says which format does, in one line, and writes nothing."""
+    plan = tmp_path / "plan.json"
+    doc = {
+        "schema_version": 1,
+        "blocks": [{"exec_index": i, "precision": "8-bit"} for i in range(2, 4)],
+        "embedding": {"precision": "8-bit"},
+        "head": {"precision": "8-bit"},
+    }
+    plan.write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    code, _, err = run(
+        monkeypatch, capsys, "quantize", str(byte_llama), "--plan", str(plan),
+        "--out", str(out), "--format", "hf", "--imatrix", str(TOOL_GGUF),
+    )  # fmt: skip
+    lines = [x for x in err.splitlines() if x.startswith("ewq: error:")]
+    assert code == 1 and len(lines) == 1, err
+    assert "an importance matrix is for GGUF files (--format gguf)" in lines[0]
+    assert not out.exists()
