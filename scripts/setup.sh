@@ -18,12 +18,22 @@ pip install torch==2.13.0
 # build is kept in a wheel folder of its own and installed from there: once per
 # machine, then seconds.
 LLAMA=llama-cpp-python==0.3.36
-WHEELS=${EWQ_WHEELS:-$HOME/.cache/ewq/wheels}
+# llama.cpp's CPU backend is compiled for this processor (-march=native), and where
+# the processor has AMX tiles it repacks quantized weights for them; where the OS or
+# a sandbox does not hand the tile state to the process, the first quantized matrix
+# product dies of SIGILL (this workplace's Xeons: every GGUF model). The compiler is
+# told to leave AMX out (an explicit -mno-* wins over -march=native); AVX-512 and
+# AVX2 kernels do the same work. The wheel folder is named by the build's flags, so
+# a build made with other flags is never reused.
+NOAMX=""
+case "$(uname -m)" in x86_64|amd64) NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" ;; esac
+WHEELS=${EWQ_WHEELS:-$HOME/.cache/ewq/wheels-rpc${NOAMX:+-noamx}}
 rpc_lib() { ls .venv/lib/python3*/site-packages/llama_cpp/lib/libggml-rpc.so* >/dev/null 2>&1; }
-if ! rpc_lib; then
+amx_lib() { grep -qa "amx repack" .venv/lib/python3*/site-packages/llama_cpp/lib/libggml-cpu.so* 2>/dev/null; }
+if ! rpc_lib || { [ -n "$NOAMX" ] && amx_lib; }; then
   if ! ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
     echo "setup: building $LLAMA with the RPC backend (about 9 minutes)" >&2
-    CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_RPC=on" \
+    CMAKE_ARGS="${CMAKE_ARGS:-} -DGGML_RPC=on${NOAMX:+ -DCMAKE_C_FLAGS='$NOAMX' -DCMAKE_CXX_FLAGS='$NOAMX'}" \
       CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
       pip wheel --no-cache-dir --no-deps -w "$WHEELS" "$LLAMA"
   fi
