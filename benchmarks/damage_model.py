@@ -50,6 +50,7 @@ def main() -> None:
     from ewq.evaluate.backends import LlamaCppModel
     from ewq.evaluate.data import load_text
     from ewq.evaluate.reference import Reference, text_metrics
+    from ewq.formats import GGUF
     from ewq.imatrix import write_imatrix
     from ewq.sensitivity import tensor_candidates
 
@@ -69,7 +70,7 @@ def main() -> None:
     free = api.sensitivity(a.model, "error")
     weighted = api.sensitivity(a.model, "error", imatrix=m)
     layout = api.inspect(a.model).layout
-    cands = tensor_candidates("gguf", layout, m)
+    cands = tensor_candidates(GGUF, layout, m)
     ref = Reference(
         Path(api.inspect(a.model).index.files[0]),
         load_text(a.eval_text),

@@ -63,7 +63,7 @@ def child(mode: str, source: str, fmt: str, fraction: float) -> None:
         from ewq.sampling import Sampling
 
         sample = Sampling(fraction=fraction) if mode == "sampled" else None
-        s = api.sensitivity(source, "error", fmt=fmt, sample=sample)
+        s = api.sensitivity(source, "error", format=fmt, sample=sample)
         out["params"] = sum(b.num_parameters for b in api.inspect(source).layout.blocks)
         rec = s.details.get("sampling")
         if rec:

@@ -10,7 +10,7 @@ from models import byte_vocab_llama, shared_data
 
 from ewq import api
 from ewq.api._anchor import RESOLUTION
-from ewq.formats import tensor_bytes
+from ewq.formats import GGUF, tensor_bytes
 from ewq.planning import Machine
 from ewq.sensitivity import tensor_candidates
 from ewq.sources.gguf import read_header
@@ -75,7 +75,7 @@ def test_at_a_presets_bytes_the_recipe_stays_unless_clearly_beaten(
     if a["chosen"]:
         assert a["model_damage"] > RESOLUTION * a["recipe_damage"]
         recipe = recipes[a["preset"]]
-        cands = tensor_candidates("gguf", p.layout)
+        cands = tensor_candidates(GGUF, p.layout)
         sens = p.sensitivity
         for name, t in types.items():  # the recipe's type, or a better, bigger one
             if t == recipe[name]:

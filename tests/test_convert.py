@@ -319,7 +319,6 @@ def test_a_hub_checkpoint_to_a_per_block_quantized_gguf(tmp_path, monkeypatch, c
 def _fake_conversions(monkeypatch, tmp_path):
     """The scratch store with llama.cpp's converter replaced by a file write."""
     import ewq.quant.convert as qc
-    from ewq.api import _measured
 
     made = []
 
@@ -333,7 +332,7 @@ def _fake_conversions(monkeypatch, tmp_path):
         qc, "_folder", lambda source, index: Path(index.files[0]).parent
     )
     monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "cache"))
-    return _measured._Scratch(), made
+    return qc._Scratch(), made
 
 
 def _checkpoint(folder: Path):

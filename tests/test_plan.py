@@ -18,6 +18,7 @@ from test_cli import run
 
 from ewq import api
 from ewq.analysis import decide
+from ewq.formats import GGUF, HF
 from ewq.planning import MODES, BlockSpec, BudgetError, Machine, fit, parse_size
 from ewq.planning.budget import cluster_from_doc
 from ewq.planning.exports import exports
@@ -303,7 +304,7 @@ def test_llama_cpp_export_puts_every_layer_where_the_plan_does(raws, caps):
     assume(r.fits)  # hypothesis counts the examples it drops (too many fail)
     n = len(raws)
     transformer = list(range(2, n + 2))
-    ex = exports(r, machines, transformer, "gguf")["llama_cpp"]
+    ex = exports(r, machines, transformer, GGUF)["llama_cpp"]
     where = llama_cpp_devices(n, ex["n_gpu_layers"], ex["tensor_split"], ex["rpc"])
     host = {m.name: m.host for m in machines}
     main = next(a.name for a in r.assignments if a.exec_indices)
@@ -328,7 +329,7 @@ def test_vllm_export_names_each_rank():
     machines = [Machine("a", 350), Machine("b", 350), Machine("c", 350)]
     r, _ = run_fit(entropies, [100] * 6, machines, side=10)
     assert {p.value for p in r.precision.values()} <= {"raw", "8-bit", "4-bit"}
-    ex = exports(r, machines, list(range(2, 8)), "hf")["vllm"]
+    ex = exports(r, machines, list(range(2, 8)), HF)["vllm"]
     assert ex["command"] is not None and not ex.get("refused")
     stages = [a for a in r.assignments if a.exec_indices]
     assert [x["machine"] for x in ex["ranks"]] == [a.name for a in stages]
@@ -567,9 +568,9 @@ def test_exports_refuse_what_the_runtime_cannot_serve():
     }
     r = fit_optimal(options, dict.fromkeys(options, 1), [Machine("m", 200)])
     assert Precision.Q3 in r.precision.values()
-    hf = exports(r, [Machine("m", 200)], [2, 3], "hf")
+    hf = exports(r, [Machine("m", 200)], [2, 3], HF)
     assert hf["vllm"]["command"] is None and "not 3-bit" in hf["vllm"]["refused"]
     assert hf["llama_cpp"]["command"] is None
-    gg = exports(r, [Machine("m", 200)], [2, 3], "gguf")
+    gg = exports(r, [Machine("m", 200)], [2, 3], GGUF)
     assert gg["vllm"]["command"] is None and "--format hf" in gg["vllm"]["refused"]
     assert gg["llama_cpp"]["command"].startswith("llama-server")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ewq import api
+from ewq.formats import GGUF, HF
 from ewq.sensitivity import tensor_candidates
 from ewq.sensitivity.prior import family, prior, table
 from ewq.types import BlockKind, Role
@@ -13,10 +14,10 @@ from ewq.types import BlockKind, Role
 def _families(path) -> dict[str, str]:
     layout = api.inspect(path).layout
     tied = not any(k.role is Role.LM_HEAD for b in layout.blocks for k in b.keys)
-    fmt = "gguf" if str(path).endswith(".gguf") else "hf"
+    form = GGUF if str(path).endswith(".gguf") else HF
     return {
         name: family(key.role, tied)
-        for name, (_, key, _) in tensor_candidates(fmt, layout).items()
+        for name, (_, key, _) in tensor_candidates(form, layout).items()
         if key.block_kind is BlockKind.TRANSFORMER
     }
 

@@ -83,16 +83,17 @@ def test_sampled_errors_agree_with_the_full_measurement(f16):
     for at least 90% of the pairs, within 3 half widths for all; with every row
     sampled it is the full measurement."""
     from ewq.arch import resolve
+    from ewq.formats import GGUF
     from ewq.sensitivity.error import relative_errors
     from ewq.sources import open_source
 
     with open_source(f16) as src:
         layout = resolve(src.index)
-        full = relative_errors(src, layout, "gguf")
+        full = relative_errors(src, layout, GGUF)
         intervals: dict = {}
         spec = Sampling(fraction=0.05, min_rows=32, relative=0.2)
-        part = relative_errors(src, layout, "gguf", sample=spec, intervals=intervals)
-        whole = relative_errors(src, layout, "gguf", sample=Sampling(fraction=1.0))
+        part = relative_errors(src, layout, GGUF, sample=spec, intervals=intervals)
+        whole = relative_errors(src, layout, GGUF, sample=Sampling(fraction=1.0))
     pairs = inside = 0
     for name, row in full.items():
         rec = intervals[name]

@@ -35,15 +35,16 @@ from ewq.analysis import decide
 from ewq.config import BenchConfig
 from ewq.errors import EwqError
 from ewq.evaluate import tasks
+from ewq.evaluate.backends import offload
 from ewq.evaluate.data import load_mmlu, load_text
 from ewq.evaluate.stats import paired
 from ewq.fileio import fresh_dir
-from ewq.formats import output_format
+from ewq.formats import GGUF, HF, OutputFormat
 from ewq.planfile import plan_doc
 from ewq.planning import BlockSpec, Machine, block_specs, fit
 from ewq.records import Analysis, BenchRecord
 from ewq.reports.bench import write_bench, write_bench_encoder
-from ewq.types import Precision, Progress
+from ewq.types import Container, Precision, Progress
 
 __all__ = ["BenchConfig", "BenchVariant", "bench", "is_encoder", "paired"]
 
@@ -82,7 +83,7 @@ def _orders(analysis: Analysis, seeds: int) -> dict[str, list[int]]:
 class _Decoder:
     """GGUF decoders through llama.cpp: MMLU and the text against the raw model."""
 
-    format = "gguf"
+    format = GGUF
 
     def __init__(self, source: str, cfg: BenchConfig):
         if cfg.mmlu is None:
@@ -101,7 +102,7 @@ class _Decoder:
     def start(self, analysis: Analysis) -> None:
         from ewq.evaluate.reference import Reference
 
-        if analysis.index.container != "gguf":
+        if analysis.index.container != Container.GGUF:
             raise EwqError(
                 f"{self.source}: ewq bench runs GGUF decoders (llama.cpp) and Hugging "
                 "Face encoders"
@@ -168,7 +169,7 @@ class _Decoder:
         walks to 4-bit in the order's sequence, so at a budget each order quantizes
         the same number of blocks, only different ones."""
         layout = analysis.layout
-        specs = {s.exec_index: s for s in block_specs("gguf", layout)}
+        specs = {s.exec_index: s for s in block_specs(GGUF, layout)}
         blocks = [b.exec_index for b in layout.transformer_blocks]
         emb, head = layout.blocks[0].exec_index, layout.blocks[-1].exec_index
 
@@ -227,7 +228,7 @@ class _Decoder:
 class _Encoder:
     """Hugging Face encoders through transformers: embedding cosine to the raw model."""
 
-    format = "hf"
+    format = HF
 
     def __init__(self, source: str, cfg: BenchConfig):
         self.text = load_text(cfg.text)
@@ -319,13 +320,13 @@ def is_encoder(source: str | Path) -> bool:
 class _Writer:
     """Writes a plan of block precisions as the judge's format, into a scratch folder."""
 
-    def __init__(self, source: str, fmt: str, n: int, tmp: Path):
-        self.source, self.format, self.n, self.tmp = source, fmt, n, tmp
+    def __init__(self, source: str, form: OutputFormat, n: int, tmp: Path):
+        self.source, self.format, self.n, self.tmp = source, form, n, tmp
 
     def __call__(self, name: str, precision: dict[int, Precision], *sides):
-        out = fresh_dir(self.tmp / f"{name}{output_format(self.format).suffix}")
+        out = fresh_dir(self.tmp / f"{name}{self.format.suffix}")
         doc = plan_doc(self.n, precision, *sides)
-        return api.quantize(self.source, doc, out, format=self.format)
+        return api.quantize(self.source, doc, out, format=self.format.name)
 
 
 def _measure_variants(judge, variants: list[BenchVariant], write: _Writer, step):
@@ -370,6 +371,11 @@ def bench(
     """Run every variant and the equal-size comparison; write the results folder
     (nothing is written until every measurement is in). ``progress(done, total,
     what)`` follows the steps."""
+    with offload(cfg.gpu_layers):
+        return _benched(source, cfg, out_dir, progress)
+
+
+def _benched(source, cfg: BenchConfig, out_dir, progress) -> BenchRecord:
     judge = (_Encoder if is_encoder(source) else _Decoder)(source, cfg)
     analysis = api.analyze(source, alpha=cfg.alpha)
     judge.start(analysis)

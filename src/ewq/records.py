@@ -15,6 +15,7 @@ from ewq._version import __version__
 from ewq.analysis import Decision, EntropyProfile
 from ewq.arch import ModelLayout
 from ewq.config import BenchConfig, PlanConfig, Task
+from ewq.formats import OutputFormat
 from ewq.imatrix import Imatrix
 from ewq.planfile import Plan
 from ewq.planning import FitResult, Machine, Runtime
@@ -59,7 +60,7 @@ class Quantized:
 
     source: str
     out: Path
-    format: str
+    format: OutputFormat
     plan: Plan
     targets: tuple[TensorTarget, ...]  # per tensor: planned type and exact bytes
     written: dict[str, str]  # per tensor: the type (gguf) or form (hf) read back
@@ -85,7 +86,7 @@ class PlanResult:
     index: ModelIndex
     layout: ModelLayout
     config: PlanConfig
-    format: str
+    format: OutputFormat
     machines: tuple[Machine, ...]
     decision: Mapping[int, Precision]
     priority: tuple[int, ...]

@@ -25,6 +25,7 @@ __all__ = [
     "ModelIndex",
     "ParamKind",
     "Precision",
+    "Container",
     "Progress",
     "Role",
     "TensorInfo",
@@ -116,6 +117,14 @@ class Precision(StrEnum):
         return len(Precision) - 1 - list(Precision).index(self)
 
 
+class Container(StrEnum):
+    """What a model's files are: how ewq reads them."""
+
+    SAFETENSORS = "safetensors"
+    GGUF = "gguf"
+    CONFIG = "config"  # config.json alone: shapes, no weights
+
+
 class BlockKind(StrEnum):
     EMBEDDING = "embedding"
     TRANSFORMER = "transformer"
@@ -169,7 +178,7 @@ class ModelIndex:
     """
 
     source: str
-    container: str  # the files' kind: "safetensors" | "gguf" | "config" (shapes only)
+    container: str  # the files' kind: a Container
     files: tuple[str, ...]
     tensors: tuple[TensorInfo, ...]
     config: Mapping[str, Any] = field(default_factory=dict)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 
 from ewq.cache import code_digest, key, load_entry, runtime_id, store_entry
 from ewq.config import ANCHOR_PRESETS
-from ewq.formats import hook, output_format
+from ewq.formats import OutputFormat, hook
 from ewq.types import ModelIndex
 
 __all__ = ["RESOLUTION", "anchor_for", "anchored", "recipes"]
@@ -37,17 +37,16 @@ __all__ = ["RESOLUTION", "anchor_for", "anchored", "recipes"]
 RESOLUTION = 0.94
 
 
-def recipes(source, index: ModelIndex, layout, fmt: str, imatrix) -> dict:
+def recipes(source, index: ModelIndex, layout, form: OutputFormat, imatrix) -> dict:
     """The output format's own recipes for ``source`` ({} for a format without),
     by preset: {tensor name: type}. Cached by the model's content, the importance
     matrix's presence (some of llama.cpp's rules look at it) and the code."""
-    from ewq.api._measured import as_gguf as _as_gguf
+    from ewq.quant.convert import as_gguf as _as_gguf
 
-    form = output_format(fmt)
     if form.recipes is None:
         return {}
     params = {
-        "format": fmt,
+        "format": form.name,
         "presets": list(ANCHOR_PRESETS),
         "imatrix": imatrix.digest() if imatrix is not None else None,
     }
@@ -108,12 +107,12 @@ def anchored(recipes_: Mapping[str, Mapping[str, str]], fit, candidates, sens):
     return best[1], fit(best[2])
 
 
-def anchor_for(source, index, layout, fmt, out_layout, sens, im, fit_with):
+def anchor_for(source, index, layout, form, out_layout, sens, im, fit_with):
     """The runtime's own recipe that fits, upgraded with the bytes left
     (ewq.api._anchor), as (preset, result), or None."""
     from ewq.sensitivity import tensor_candidates
 
-    found = recipes(source, index, layout, fmt, im)
+    found = recipes(source, index, layout, form, im)
     if not found:
         return None
-    return anchored(found, fit_with, tensor_candidates(fmt, out_layout, im), sens)
+    return anchored(found, fit_with, tensor_candidates(form, out_layout, im), sens)

@@ -27,10 +27,10 @@ ROUNDS = 3
 GROWTH = 4
 
 
-def _edges(fmt, layout, sens: Sensitivity, imatrix_, result):
+def _edges(form, layout, sens: Sensitivity, imatrix_, result):
     """Per chosen tensor, its upgrade and downgrade along the options no cheaper
     option beats: (name, +1 up / -1 down, damage per byte, half width)."""
-    cands = tensor_candidates(fmt, layout, imatrix_)
+    cands = tensor_candidates(form, layout, imatrix_)
     intervals = sens.intervals or {}
     out = []
     for name, chosen in result.tensors.items():
@@ -74,9 +74,9 @@ def budget_rate(edges) -> float | None:
     return math.sqrt(lo * hi) if math.isfinite(hi) else lo
 
 
-def undecided(fmt, layout, sens: Sensitivity, imatrix_, result) -> list[str]:
+def undecided(form, layout, sens: Sensitivity, imatrix_, result) -> list[str]:
     """The tensors whose chosen type the sample cannot decide (module docstring)."""
-    edges = _edges(fmt, layout, sens, imatrix_, result)
+    edges = _edges(form, layout, sens, imatrix_, result)
     rate = budget_rate(edges)
     if rate is None:
         return []

@@ -25,8 +25,9 @@ from ewq.config import (
     configure,
 )
 from ewq.errors import EwqError
+from ewq.evaluate.backends import offload
 from ewq.fast.features import features as _features
-from ewq.formats import format_for, output_format
+from ewq.formats import OutputFormat, format_for, output_format
 from ewq.planning import (
     MODES,
     BlockSpec,
@@ -113,6 +114,11 @@ def plan(
     every machine (planning/runtime.py).
     """
     cfg = resolved(configure(PlanConfig, config, options))
+    with offload(cfg.gpu_layers):
+        return _planned(source, machines, cfg, progress)
+
+
+def _planned(source, machines, cfg: PlanConfig, progress) -> PlanResult:
     if not machines:
         raise EwqError("no machine to plan for")
     source = cfg.spec(source)
@@ -131,12 +137,12 @@ def plan(
         index,
         layout,
         cfg,
-        t.fmt,
+        t.form,
         t.machines,
         decision,
         tuple(priority),
         result,
-        exports(result, t.machines, transformer, t.fmt, cfg.kv_cache.value),
+        exports(result, t.machines, transformer, t.form, cfg.kv_cache.value),
         analysis,
         predicted[2] if predicted is not None else None,
         sens,
@@ -149,7 +155,7 @@ def plan(
 
 def _ladder(t: _Target, cfg: PlanConfig, decision, priority):
     """The paper's Algorithm 1 over whole blocks (planning/ladder.py)."""
-    specs = {s.exec_index: s for s in block_specs(t.fmt, t.layout)}
+    specs = {s.exec_index: s for s in block_specs(t.form, t.layout)}
     if t.runtime is not None:  # each block holds its layers' KV cache too
         specs = {i: _with_kv(s, t.runtime) for i, s in specs.items()}
     result = fit(
@@ -162,7 +168,7 @@ def _ladder(t: _Target, cfg: PlanConfig, decision, priority):
         mode=cfg.mode.value,
         route=t.route,
     )
-    return replace(result, tensors=_block_types(t.fmt, t.layout, result))
+    return replace(result, tensors=_block_types(t.form, t.layout, result))
 
 
 def _weights_only(result, runtime: Runtime | None):
@@ -216,17 +222,16 @@ class _Target:
     index: ModelIndex  # the source's
     layout: ModelLayout  # the output's
     src_layout: ModelLayout
-    fmt: str
+    form: OutputFormat
     runtime: Runtime | None
     machines: tuple[Machine, ...]
     route: Route
 
 
 def _target(cfg: PlanConfig, source, index, layout, machines) -> _Target:
-    fmt = cfg.format.value if cfg.format else None
-    fmt = fmt or format_for(index.container)
+    form = output_format(cfg.format) if cfg.format else format_for(index.container)
     out_index, out_layout = index, layout
-    if output_format(fmt).needs_conversion(index.container):
+    if form.needs_conversion(index.container):
         from ewq.quant.convert import gguf_layout
 
         out_index, out_layout = gguf_layout(source, index, layout)
@@ -244,9 +249,9 @@ def _target(cfg: PlanConfig, source, index, layout, machines) -> _Target:
         machines = [
             replace(m, reserve=m.reserve + runtime.stage_bytes) for m in machines
         ]
-    route = route_for(out_index, out_layout, fmt, runtime)
+    route = route_for(out_index, out_layout, form, runtime)
     return _Target(
-        source, index, out_layout, layout, fmt, runtime, tuple(machines), route
+        source, index, out_layout, layout, form, runtime, tuple(machines), route
     )
 
 
@@ -276,7 +281,7 @@ def _grown(t: _Target, cfg: PlanConfig, sens, im, fit_with):
             t.src_layout,
             s,
             rows,
-            fmt=t.fmt,
+            form=t.form,
             imatrix=im,
             sample=sample,
             revision=cfg.revision,
@@ -286,10 +291,10 @@ def _grown(t: _Target, cfg: PlanConfig, sens, im, fit_with):
     result, sens, rounds = grow(
         lambda s: fit_with(criterion_=s),
         regrow,
-        lambda s, r: undecided(t.fmt, t.layout, s, im, r),
+        lambda s, r: undecided(t.form, t.layout, s, im, r),
         sens,
     )
-    left = undecided(t.fmt, t.layout, sens, im, result)
+    left = undecided(t.form, t.layout, sens, im, result)
     record = {**sens.details["sampling"], "rounds": rounds, "undecided": left}
     return result, replace(sens, details={**sens.details, "sampling": record})
 
@@ -306,11 +311,11 @@ def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
     anchor record)."""
     source, index, layout = t.source, t.index, t.src_layout
     criterion = cfg.criterion.value
-    im = _imatrix(cfg, source, index, layout, t.fmt, progress)
+    im = _imatrix(cfg, source, index, layout, t.form, progress)
     sens = sensitivity(
         source,
         criterion,
-        fmt=t.fmt,
+        format=t.form,
         calibration=cfg.calibration,
         imatrix=im,
         tokens=cfg.calibration_tokens,
@@ -326,7 +331,7 @@ def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
 
     def fit_with(allow=None, criterion_=None):
         return fit_tensors(
-            t.fmt,
+            t.form,
             t.layout,
             criterion_ or sens,
             im,
@@ -348,7 +353,7 @@ def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
         None,
     )
     if cfg.anchor and criterion in ("error", "kl") and result.fits:
-        found = anchor_for(source, index, layout, t.fmt, t.layout, sens, im, fit_with)
+        found = anchor_for(source, index, layout, t.form, t.layout, sens, im, fit_with)
     if criterion == "kl" and cfg.select and result.fits:
         result, selection = select(
             cfg, source, index, layout, t.layout, im, fit_with, result, found, progress
@@ -369,14 +374,14 @@ def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
     return result, sens, im, selection, anchor
 
 
-def _imatrix(cfg: PlanConfig, source, index, layout, fmt: str, progress):
+def _imatrix(cfg: PlanConfig, source, index, layout, form: OutputFormat, progress):
     """The importance matrix the plan rests on: --imatrix FILE, else one computed on
     --calibration (cached), else none."""
     if cfg.imatrix is None and cfg.calibration is None:
         return None
-    if not output_format(fmt).calibrated:
+    if not form.calibrated:
         raise EwqError(
-            f"an importance matrix weighs GGUF output; for --format {fmt} plan "
+            f"an importance matrix weighs GGUF output; for --format {form.name} plan "
             "without --imatrix and --calibration"
         )
     if cfg.imatrix is not None:

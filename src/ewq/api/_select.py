@@ -4,7 +4,7 @@ llama.cpp; the least KL kept."""
 
 from __future__ import annotations
 
-from ewq.formats import FLOAT_TYPES
+from ewq.formats import FLOAT_TYPES, GGUF
 
 __all__ = ["MODEL_PLAN", "recipe_label", "select"]
 
@@ -27,7 +27,7 @@ def _restrictions(layout, imatrix_) -> list[tuple[str, object]]:
     per-tensor damages can see)."""
     from ewq.sensitivity import tensor_candidates
 
-    cands = tensor_candidates("gguf", layout, imatrix_)
+    cands = tensor_candidates(GGUF, layout, imatrix_)
     levels = sorted(
         {
             round(8 * e.nbytes / i.num_elements, 4)
@@ -69,8 +69,8 @@ def select(
     or None) and the plan's restrictions (``_restrictions``; ``fit(allow)`` plans each) on
     the calibration text with llama.cpp, and keep the one of least measured KL: a
     sum of per-tensor damages ranks plans well but misses how tensors interact."""
-    from ewq.api._measured import as_gguf as _as_gguf
     from ewq.evaluate.data import load_text
+    from ewq.quant.convert import as_gguf as _as_gguf
     from ewq.sensitivity.kl import Calibration
 
     found = [(MODEL_PLAN, result)]

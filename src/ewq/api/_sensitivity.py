@@ -4,18 +4,21 @@ importance matrices the calibrated criteria rest on."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from ewq.api._measured import as_gguf, cache_key, damage_of, measured_errors
+from ewq.api._measured import cache_key, damage_of, measured_errors
 from ewq.api._model import analyze
 from ewq.arch import ModelLayout, resolve
 from ewq.cache import load_entry, store_entry
+from ewq.calibration.imatrix import cached_imatrix, checked_imatrix
+from ewq.calibration.text import calibration_text
 from ewq.errors import EwqError
-from ewq.formats import format_for, output_format
-from ewq.imatrix import Imatrix, read_imatrix
+from ewq.evaluate.backends import offload
+from ewq.formats import GGUF, OutputFormat, format_for, output_format
+from ewq.imatrix import Imatrix
+from ewq.quant.convert import as_gguf, measured_layout
 from ewq.records import Analysis
 from ewq.sampling import Sampling
 from ewq.sensitivity import Sensitivity, modelled
@@ -32,7 +35,7 @@ def sensitivity(
     source: str | Path,
     criterion: str,
     *,
-    fmt: str | None = None,
+    format: OutputFormat | str | None = None,
     calibration: str | Path | None = None,
     imatrix: Imatrix | None = None,
     tokens: int = 1024,
@@ -51,11 +54,15 @@ def sensitivity(
     ``sample``: the error criterion estimates each tensor's error from a random
     sample of its rows (ewq.sampling), with intervals in its details.
 
+    ``format``: the output format whose types are measured (an entry of
+    ewq.formats.FORMATS or its name; default: the one the source is written in).
+
     error and kl are measured once per model content and setting, then cached (the
     key: ewq.cache). error is weighted by ``imatrix`` when one is given; kl needs
     ``calibration`` (any text `ewq eval` reads) and computes an importance matrix
     from it unless ``imatrix`` is given.
     """
+    form = output_format(format) if format is not None else None
     spec = criterion_spec(criterion)
     # a sampled error pass over a hub model reads only the rows it samples
     ranged = criterion == "error" and sample is not None
@@ -63,30 +70,28 @@ def sensitivity(
     with open_source(source, download=download, revision=revision) as src:
         index = src.index
         layout = resolve(index)
-        fmt = fmt or format_for(index.container)
+        form = form or format_for(index.container)
         if criterion in ("random", "position"):
-            return modelled(criterion, fmt, layout, seed=seed)
+            return modelled(criterion, form, layout, seed=seed)
         if criterion == "entropy":
             a = analysis or analyze(source, progress=progress)
             h = {b.exec_index: b.entropy for b in a.profile.transformer}
-            return modelled("entropy", fmt, layout, h)
+            return modelled("entropy", form, layout, h)
     if criterion == "error":
         return _error(
-            source, index, layout, fmt, imatrix, revision, progress, sample, threads
+            source, index, layout, form, imatrix, revision, progress, sample, threads
         )
     if calibration is None:
         raise EwqError("the kl criterion needs a calibration text (--calibration FILE)")
-    if not output_format(fmt).calibrated:
+    if not form.calibrated:
         raise EwqError(
             "the kl criterion measures GGUF output through llama.cpp; for --format "
-            f"{fmt} use --criterion error"
+            f"{form.name} use --criterion error"
         )
-    from ewq.evaluate.data import load_text
-
-    text = load_text(calibration)
+    text = calibration_text(calibration)
     if imatrix is None:
-        imatrix = _imatrix_for(
-            source, index, layout, text, calibration, documents, revision, progress
+        imatrix = cached_imatrix(
+            source, index, layout, text, documents=documents, progress=progress
         )
     setting = {
         "tokens": tokens,
@@ -98,16 +103,16 @@ def sensitivity(
 
 
 def _error(
-    source, index, layout, fmt, imatrix, revision, progress, sample, threads
+    source, index, layout, form, imatrix, revision, progress, sample, threads
 ) -> Sensitivity:
     """The error criterion: relative squared errors (sampled or whole), cached."""
-    if imatrix is not None and not output_format(fmt).calibrated:
+    if imatrix is not None and not form.calibrated:
         raise EwqError("an importance matrix weighs GGUF output (--format gguf)")
     errors, seconds, cached, intervals = measured_errors(
-        source, index, layout, fmt, imatrix, revision, progress, sample, threads
+        source, index, layout, form, imatrix, revision, progress, sample, threads
     )
     damage = error_damage(
-        _gguf_layout(source, index, layout, fmt), errors, imatrix is not None
+        measured_layout(source, index, layout, form), errors, imatrix is not None
     )
     details = {
         "measure": "prior x type factor x relative squared error"
@@ -128,7 +133,7 @@ def regrown(
     sens: Sensitivity,
     rows: Mapping[str, int],
     *,
-    fmt: str,
+    form: OutputFormat,
     imatrix: Imatrix | None,
     sample: Sampling,
     revision: str | None = None,
@@ -140,12 +145,12 @@ def regrown(
     the source's, as the first measurement opened it."""
     grown = dataclasses.replace(sample, rows=tuple(sorted(rows.items())))
     errors, seconds, _, intervals = measured_errors(
-        source, index, layout, fmt, imatrix, revision, None, grown, threads, set(rows)
+        source, index, layout, form, imatrix, revision, None, grown, threads, set(rows)
     )
     damage = dict(sens.damage)
     damage.update(
         error_damage(
-            _gguf_layout(source, index, layout, fmt), errors, imatrix is not None
+            measured_layout(source, index, layout, form), errors, imatrix is not None
         )
     )
     merged = {**(sens.intervals or {}), **intervals}
@@ -159,10 +164,10 @@ def _kl(
 ) -> Sensitivity:
     """The kl criterion: measured once per model, text and setting, then cached."""
     errors, _, _, _ = measured_errors(
-        source, index, layout, "gguf", imatrix, revision, progress
+        source, index, layout, GGUF, imatrix, revision, progress
     )
     params = {
-        "text": hashlib.sha256(text.encode()).hexdigest(),
+        "text": text.sha256,
         "imatrix": imatrix.digest(),
         **setting,
         "documents": str(setting["documents"]),
@@ -185,7 +190,7 @@ def _kl(
         result = kl_sensitivity(
             g_index,
             g_layout,
-            text,
+            text.text,
             errors,
             imatrix=imatrix,
             progress=progress,
@@ -196,16 +201,6 @@ def _kl(
     return Sensitivity(
         "kl", result.damage, result.seconds, {**result.details, "cached": False}
     )
-
-
-def _gguf_layout(source, index, layout, fmt: str) -> ModelLayout:
-    """The layout the errors are measured on (for GGUF from a checkpoint: the file
-    llama.cpp's converter writes)."""
-    if output_format(fmt).needs_conversion(index.container):
-        from ewq.quant.convert import gguf_layout
-
-        return gguf_layout(source, index, layout)[1]
-    return layout
 
 
 def sampling_record(sample: Sampling, intervals: dict[str, dict]) -> dict:
@@ -238,60 +233,8 @@ def _finite(x: float) -> float | None:
 def load_imatrix(
     path: str | Path, index: ModelIndex, layout: ModelLayout, source
 ) -> Imatrix:
-    """An importance matrix file, checked against the GGUF ``source`` is (or, for a
-    Hugging Face checkpoint, the GGUF llama.cpp's converter will write)."""
-    m = read_imatrix(path)
-    if index.container != "gguf":
-        from ewq.quant.convert import gguf_layout
-
-        index, _ = gguf_layout(source, index, layout)
-    m.check({t.name: t.shape for t in index.tensors}, str(path))
-    return m
-
-
-def _imatrix_for(
-    source,
-    index,
-    layout,
-    text,
-    calibration,
-    documents,
-    revision,
-    progress,
-    ctx: int = 512,
-    chunks: int | None = None,
-) -> Imatrix:
-    """The importance matrix of ``source`` on ``text``, cached (as a GGUF imatrix
-    file) by the content of model and text."""
-    from ewq.cache import cache_dir
-    from ewq.imatrix import ImatrixError, write_imatrix
-
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    params = {"text": digest, "ctx": ctx, "documents": str(documents), "chunks": chunks}
-    stored = cache_dir() / "imatrix" / f"{cache_key(index, 'imatrix', params)}.gguf"
-    if stored.is_file():
-        try:
-            # computed, not a user's file: no file name in the plan's record
-            return dataclasses.replace(read_imatrix(stored), file=None)
-        except (ImatrixError, OSError):
-            pass
-    from ewq.evaluate.activations import compute_imatrix
-
-    with as_gguf(source, index, layout) as (g_index, _):
-        m = compute_imatrix(
-            g_index.files[0],
-            text,
-            ctx=ctx,
-            documents=documents,
-            chunks=chunks,
-            dataset=Path(str(calibration)).name,
-            progress=progress,
-        )
-    try:
-        write_imatrix(m, stored)
-    except OSError:
-        pass  # a read-only cache only costs a new computation next time
-    return m
+    """An importance matrix file, checked against the model (ewq.calibration)."""
+    return checked_imatrix(path, index, layout, source)
 
 
 def imatrix(
@@ -302,27 +245,26 @@ def imatrix(
     documents: str = "stream",
     chunks: int | None = None,
     revision: str | None = None,
+    gpu_layers: int | None = None,
     progress: Progress | None = None,
 ) -> Imatrix:
     """The importance matrix of ``source`` (a GGUF file, or a Hugging Face checkpoint
     through llama.cpp's converter) on the text ``calibration``, computed in-process
-    by llama.cpp as its llama-imatrix tool computes one (ewq.evaluate.activations),
-    cached by the content of model and text."""
-    from ewq.evaluate.data import load_text
-
-    text = load_text(calibration)
+    by llama.cpp as its llama-imatrix tool computes one (ewq.calibration.collect),
+    cached by the content of model and text; ``gpu_layers`` as
+    ewq.evaluate.backends.offload takes them."""
+    text = calibration_text(calibration)
     with open_source(source, download=True, revision=revision) as src:
         index = src.index
         layout = resolve(index)
-    return _imatrix_for(
-        source,
-        index,
-        layout,
-        text,
-        calibration,
-        documents,
-        revision,
-        progress,
-        ctx=ctx,
-        chunks=chunks,
-    )
+    with offload(gpu_layers):
+        return cached_imatrix(
+            source,
+            index,
+            layout,
+            text,
+            documents=documents,
+            ctx=ctx,
+            chunks=chunks,
+            progress=progress,
+        )

@@ -21,6 +21,7 @@ from ewq.errors import FormatError, UnknownArchitectureError
 from ewq.types import (
     MAX_BLOCKS,
     BlockKind,
+    Container,
     ModelIndex,
     ParamKind,
     Role,
@@ -81,7 +82,7 @@ class ModelLayout:
 
 def _architecture(index: ModelIndex) -> tuple[str, list[str], str | None]:
     config = index.config
-    if index.container == "gguf":
+    if index.container == Container.GGUF:
         arch = str(config.get("general.architecture", "unknown"))
         return arch, [], arch
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]

@@ -94,7 +94,7 @@ class ArchTable(BaseModel):
     extends: str | None = None
     architectures: list[str] = Field(default_factory=list)
     model_types: list[str] = Field(default_factory=list)
-    formats: list[str] = Field(default_factory=list)
+    containers: list[str] = Field(default_factory=list)  # a source container it names
     num_blocks_keys: list[str] = Field(default_factory=list)
     prefixes: list[str] = Field(default_factory=list)
     shapes: ShapeRule | None = None
@@ -246,12 +246,13 @@ def compiled(name: str) -> CompiledTable:
 
 
 def find_table(
-    architectures: list[str], model_type: str | None, fmt: str
+    architectures: list[str], model_type: str | None, container: str
 ) -> str | None:
-    """Name of the table for a model, by format, then architecture class, then model_type."""
+    """Name of the table for a model, by its source container, then architecture
+    class, then model_type."""
     tables = load_tables()
     for table in tables.values():
-        if fmt in table.formats:
+        if container in table.containers:
             return table.name
     for arch in architectures:
         for table in tables.values():

@@ -16,7 +16,7 @@ from typing import Any
 from ewq.arch.expr import ExprError, evaluate, names_in
 from ewq.arch.registry import ArchTable, Shape, compiled, find_table, load_tables
 from ewq.errors import FormatError, UnknownArchitectureError
-from ewq.types import MAX_BLOCKS, ModelIndex, TensorInfo
+from ewq.types import MAX_BLOCKS, Container, ModelIndex, TensorInfo
 
 _MAX_DIM = 2**40  # no tensor dimension of a real model comes near
 _MAX_EXPERTS = 4096
@@ -103,7 +103,7 @@ def _family(config: Mapping[str, Any], source: str) -> str:
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     model_type = config.get("model_type")
     family = find_table(
-        archs, model_type if isinstance(model_type, str) else None, "config"
+        archs, model_type if isinstance(model_type, str) else None, Container.CONFIG
     )
     if family is None or not compiled(family).analytic:
         raise UnknownArchitectureError(

@@ -1,4 +1,5 @@
-"""An importance matrix computed in-process by llama.cpp, as its ``llama-imatrix``
+"""What a pass of llama.cpp over a text gives: an importance matrix computed
+in-process by llama.cpp, as its ``llama-imatrix``
 tool computes one (``tools/imatrix/imatrix.cpp``, ``collect_imatrix``).
 
 llama.cpp calls back for every node of its compute graph (the context's
@@ -7,6 +8,11 @@ or a stack of experts (``MUL_MAT_ID``), the squares of its input activations are
 summed per input column (per expert, for the tokens routed to it), and the tokens
 counted. Every position's logits are asked for, so the last layer computes every
 row (llama.cpp skips rows whose output nobody reads).
+
+In the same pass, the second moments X^T X that GPTQ rounds against
+(:func:`compute_moments`): one per graph node that feeds dense ``blk.*`` weights
+(llama.cpp multiplies q, k and v by one node, gate and up by another), of the
+blocks asked for, in float32.
 
 Windows, with ``documents``:
 
@@ -31,7 +37,8 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +49,7 @@ from ewq.imatrix import Entry, Imatrix
 from ewq.native import ggml
 from ewq.types import Progress
 
-__all__ = ["compute_hessians", "compute_imatrix", "imatrix_windows"]
+__all__ = ["Moments", "compute_imatrix", "compute_moments", "imatrix_windows"]
 
 _MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
 
@@ -88,20 +95,62 @@ def _view(t: _GgmlTensor, dims: int) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(flat, shape=ne[::-1], strides=nb[::-1])
 
 
-#: inputs held for the second moments before they are multiplied out
-PENDING_BYTES = 256 << 20
+#: rows of one input held before they are multiplied into its second moment: a
+#: window's own product is a small matrix product (BLAS is slow there); the
+#: threshold is per input, so the sums' order, and so their bits, do not depend on
+#: which other inputs are collected in the same pass
+FLUSH_ROWS = 512
+#: the second moments' type: float32 halves their memory (a 7B block's take 0.7 GB);
+#: benchmarks/gptq_memory.py measures it against float64
+MOMENTS_DTYPE = np.float32
+
+
+@dataclass
+class Moments:
+    """The inputs' second moments X^T X of dense ``blk.*`` weights, one per distinct
+    input: llama.cpp multiplies q, k and v (and gate and up) by the same input
+    tensor, which the collector sees as one node of the graph, so they share one
+    matrix (float32, columns x columns, symmetric). ``groups`` maps every weight
+    seen to the weight whose matrix it shares (its group's first)."""
+
+    matrices: dict[str, np.ndarray]
+    groups: dict[str, str]
+    rows: dict[str, int]
+
+    def of(self, name: str) -> np.ndarray | None:
+        """The second moment of ``name``'s inputs, or None if not collected."""
+        return self.matrices.get(self.groups.get(name, name))
+
+    def names(self) -> list[str]:
+        """Every weight whose second moment is held."""
+        return [n for n, g in self.groups.items() if g in self.matrices]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.matrices.values())
 
 
 class _Collector:
-    """The callback's state: per weight, float64 sums (matrices, columns) and counts."""
+    """The callback's state: per weight, float64 sums (matrices, columns) and counts;
+    per distinct input of the weights ``moments`` selects, float32 second moments."""
 
-    def __init__(self, lib, process_output: bool, full: bool = False):
+    def __init__(
+        self,
+        lib,
+        process_output: bool,
+        moments: Callable[[str], bool] | None = None,
+        sums: bool = True,
+    ):
         self.lib = lib
         self.process_output = process_output
-        self.full = full  # also the full second moments X^T X of dense weights
-        self.hessians: dict[str, np.ndarray] = {}
+        self.moments = moments  # which weights' inputs get second moments
+        self.collect_sums = sums
+        self.hessians: dict[str, np.ndarray] = {}  # F-ordered, upper triangle
+        self.groups: dict[str, str] = {}  # weight -> first weight of its input
+        self.window_inputs: dict[tuple[int, int], str] = {}
         self.pending: dict[str, list[np.ndarray]] = {}
-        self.pending_bytes = 0
+        self.pending_rows: dict[str, int] = {}
+        self.rows: dict[str, int] = {}
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, np.ndarray] = {}
         self.error: str | None = None
@@ -113,6 +162,10 @@ class _Collector:
                 self.mul_mat = op
             elif name == b"MUL_MAT_ID":
                 self.mul_mat_id = op
+
+    def new_window(self) -> None:
+        """A new graph: input nodes are told apart per window."""
+        self.window_inputs.clear()
 
     def wanted(self, name: str) -> bool:
         return name.startswith("blk.") or (
@@ -142,12 +195,13 @@ class _Collector:
         name = _weight_name(src0.name)
         if ask:
             if t.op == self.mul_mat_id:
-                return True
+                return self.collect_sums
             return src1.type == 0 and self.wanted(name)  # GGML_TYPE_F32
         if not self.lib.ggml_backend_buffer_is_host(src1.buffer):
             raise EwqError("activations outside host memory (ewq runs on the CPU)")
         if t.op == self.mul_mat_id:
-            self._experts(name, t, src0, src1)
+            if self.collect_sums:
+                self._experts(name, t, src0, src1)
         else:
             self._dense(name, src0, src1)
         return True
@@ -164,37 +218,77 @@ class _Collector:
     def _dense(self, name: str, src0: _GgmlTensor, src1: _GgmlTensor) -> None:
         n_mat = int(src0.ne[2]) * int(src0.ne[3])
         x = _view(src1, 4)  # (ne3, ne2, ne1, ne0)
+        if n_mat == 1 and name.startswith("blk."):
+            self._moments(name, src1, x)
+        if not self.collect_sums:
+            return
         sums, counts = self._acc(name, n_mat, int(src1.ne[0]))
         for i3 in range(x.shape[0]):
             for i2 in range(x.shape[1]):
                 m = (i3 % int(src0.ne[3])) * int(src0.ne[2]) + (i2 % int(src0.ne[2]))
                 rows = x[i3, i2].astype(np.float64)
                 sums[m] += np.einsum("ij,ij->j", rows, rows)
-                if self.full and n_mat == 1:
-                    self._pend(name, np.array(x[i3, i2], dtype=np.float32))
         if not np.isfinite(sums).all():
             raise EwqError(f"non-finite activations in {name}")
         counts += x.shape[0] * x.shape[1] * x.shape[2] // n_mat
 
-    def _pend(self, name: str, rows: np.ndarray) -> None:
-        """Hold a window's inputs until enough are held: one float32 product over
-        many windows, then summed in float64 (a product and a float64 sum of the
-        cols x cols matrix per 64-token window cost IgLM 76 s, most of it the sum)."""
+    def _moments(self, name: str, src1: _GgmlTensor, x: np.ndarray) -> None:
+        """The input's group (the graph node llama.cpp multiplies, told apart by its
+        address in this window), and its rows held for the group's second moment."""
+        node = (ctypes.addressof(src1), int(src1.data or 0))
+        first = self.window_inputs.setdefault(node, name)
+        if self.groups.setdefault(name, first) != first:
+            raise EwqError(f"llama.cpp fed {name} another weight's input than before")
+        if first != name or self.moments is None or not self.moments(name):
+            return
+        rows = np.array(x.reshape(-1, x.shape[-1]), dtype=np.float32)
         self.pending.setdefault(name, []).append(rows)
-        self.pending_bytes += rows.nbytes
-        if self.pending_bytes > PENDING_BYTES:
-            self.flush()
+        self.pending_rows[name] = self.pending_rows.get(name, 0) + len(rows)
+        self.rows[name] = self.rows.get(name, 0) + len(rows)
+        if self.pending_rows[name] >= FLUSH_ROWS:
+            self._flush(name)
 
-    def flush(self) -> None:
-        """Add every held window's inputs to the second moments."""
-        for name, parts in self.pending.items():
-            x = np.concatenate(parts)
-            h = self.hessians.get(name)
-            if h is None:
-                h = self.hessians[name] = np.zeros((x.shape[1],) * 2)
-            h += x.T @ x
-        self.pending.clear()
-        self.pending_bytes = 0
+    def _flush(self, name: str) -> None:
+        """The held rows of one input multiplied into its second moment (BLAS's
+        symmetric rank-k update in place: half a product's work, no copy)."""
+        from scipy.linalg.blas import get_blas_funcs
+
+        parts = self.pending.pop(name, None)
+        self.pending_rows[name] = 0
+        if not parts:
+            return
+        x = np.ascontiguousarray(np.concatenate(parts), dtype=MOMENTS_DTYPE)
+        if not np.isfinite(x).all():
+            raise EwqError(f"non-finite activations in {name}")
+        h = self.hessians.get(name)
+        if h is None:
+            n = x.shape[1]
+            h = self.hessians[name] = np.zeros((n, n), dtype=x.dtype, order="F")
+        # x^T (F-ordered view of the C-ordered rows) times its transpose, into h's
+        # upper triangle
+        syrk = get_blas_funcs("syrk", (h,))
+        self.hessians[name] = syrk(1.0, x.T, beta=1.0, c=h, trans=0, overwrite_c=1)
+
+    def finish(self) -> Moments:
+        """Every held row multiplied out; the matrices made whole (symmetric)."""
+        for name in list(self.pending):
+            self._flush(name)
+        out = {name: _symmetric(h) for name, h in self.hessians.items()}
+        self.hessians.clear()
+        return Moments(out, dict(self.groups), dict(self.rows))
+
+
+def _symmetric(h: np.ndarray, step: int = 1024) -> np.ndarray:
+    """``h`` (F-ordered, upper triangle filled) made symmetric in place, a band of
+    rows at a time (no second matrix: they may be hundreds of megabytes); returned
+    as its C-ordered view (the same values: it is symmetric)."""
+    n = h.shape[0]
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        h[a:b, :a] = h[:a, a:b].T
+        d = h[a:b, a:b]
+        d[np.tril_indices(b - a, -1)] = d.T[np.tril_indices(b - a, -1)]
+    return h.T
 
     def _experts(self, name, t, src0, src1) -> None:
         ids_t = t.src[2].contents
@@ -255,12 +349,12 @@ def compute_imatrix(
     """The importance matrix of the GGUF model at ``path`` on ``text`` (windows of
     ``ctx`` tokens, at most ``chunks`` of them), named ``dataset`` in its metadata."""
     collector, n = _collect(
-        path, text, ctx, documents, chunks, threads, process_output, False, progress
+        path, text, ctx, documents, chunks, threads, progress, process_output
     )
     return _imatrix_of(collector, n, ctx, dataset)
 
 
-def compute_hessians(
+def compute_moments(
     path: str | Path,
     text: str,
     *,
@@ -268,15 +362,44 @@ def compute_hessians(
     documents: Documents | str = Documents.STREAM,
     chunks: int | None = None,
     threads: int | None = None,
+    blocks: Collection[int] | None = None,
+    sums: bool = True,
     progress: Progress | None = None,
-) -> tuple[Imatrix, dict[str, np.ndarray]]:
-    """The importance matrix and, per dense ``blk.*`` weight, the full second moment
-    of its inputs, X^T X (float64, columns x columns), in one pass over ``text``
-    (what GPTQ-style rounding needs: ewq.quant.gptq)."""
+) -> tuple[Imatrix | None, Moments]:
+    """In one pass over ``text``: the importance matrix (with ``sums``) and the
+    second moments X^T X of the inputs of dense ``blk.*`` weights (of ``blocks``
+    alone, when given): what GPTQ-style rounding needs (ewq.quant.gptq)."""
+
+    def chosen(name: str) -> bool:
+        return blocks is None or _block_of(name) in blocks
+
     collector, n = _collect(
-        path, text, ctx, documents, chunks, threads, False, True, progress
+        path, text, ctx, documents, chunks, threads, progress, moments=chosen, sums=sums
     )
-    return _imatrix_of(collector, n, ctx, ""), collector.hessians
+    moments = collector.finish()
+    return (_imatrix_of(collector, n, ctx, "") if sums else None), moments
+
+
+def input_groups(
+    path: str | Path,
+    text: str,
+    *,
+    ctx: int = 512,
+    documents: Documents | str = Documents.STREAM,
+    threads: int | None = None,
+) -> dict[str, str]:
+    """Which dense ``blk.*`` weights llama.cpp multiplies by the same input (weight
+    -> the first of its group), from the first tokens of the first window: a pass
+    that plans its memory asks this first (it costs one short decode)."""
+    collector, _ = _collect(
+        path, text, ctx, documents, 1, threads, None, sums=False, first=8
+    )
+    return dict(collector.groups)
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
 
 
 def _imatrix_of(collector: _Collector, n: int, ctx: int, dataset: str) -> Imatrix:
@@ -290,6 +413,7 @@ def _imatrix_of(collector: _Collector, n: int, ctx: int, dataset: str) -> Imatri
 def _decode_all(lc, lctx, batch, seqs, collector, progress, started) -> None:
     """Each window through llama.cpp, the callback collecting."""
     for k, seq in enumerate(seqs):
+        collector.new_window()
         try:
             _decode(lc, lctx, batch, seq)
         finally:
@@ -332,9 +456,21 @@ def _held_signals(collector: _Collector):
 
 
 def _collect(
-    path, text, ctx, documents, chunks, threads, process_output, full, progress
+    path,
+    text,
+    ctx,
+    documents,
+    chunks,
+    threads,
+    progress,
+    process_output: bool = False,
+    *,
+    moments: Callable[[str], bool] | None = None,
+    sums: bool = True,
+    first: int | None = None,
 ) -> tuple[_Collector, int]:
-    """Run llama.cpp over the windows of ``text`` with the collecting callback."""
+    """Run llama.cpp over the windows of ``text`` (their ``first`` tokens alone,
+    when given) with the collecting callback."""
     import llama_cpp as lc
 
     from ewq.evaluate.backends import LlamaCppModel
@@ -345,7 +481,9 @@ def _collect(
     if not seqs:
         raise EwqError("the calibration text holds no window of at least 2 tokens")
     readable(seqs, model.unknown, "calibration text")
-    collector = _Collector(lib, process_output, full)
+    if first is not None:
+        seqs = [s[:first] for s in seqs]
+    collector = _Collector(lib, process_output, moments, sums)
     callback = lc.ggml_backend_sched_eval_callback(collector)
     params = lc.llama_context_default_params()
     params.n_ctx = params.n_batch = params.n_ubatch = ctx
@@ -362,12 +500,11 @@ def _collect(
     try:
         with _held_signals(collector):
             _decode_all(lc, lctx, batch, seqs, collector, progress, started)
-        collector.flush()
     finally:
         lc.llama_batch_free(batch)
         lc.llama_free(lctx)
         del model
-    if not collector.sums:
+    if sums and not collector.sums:
         raise EwqError(f"{path}: no matrix product of a blk.* weight was seen")
     return collector, len(seqs)
 

@@ -31,13 +31,14 @@ from ewq.compare._plans import _plans
 from ewq.compare._plans import _shared as _shared  # tests/test_bench.py
 from ewq.config import IMATRIX_PRESETS, PRESETS, CompareConfig
 from ewq.errors import EwqError
+from ewq.evaluate.backends import offload
 from ewq.evaluate.data import load_text
 from ewq.formats import tensor_bytes
 from ewq.imatrix import Imatrix, write_imatrix
 from ewq.reports.compare import write_compare
 from ewq.sampling import Sampling
 from ewq.sensitivity import Sensitivity
-from ewq.types import Precision
+from ewq.types import Container, Precision
 
 __all__ = ["IMATRIX_PRESETS", "PRESETS", "compare", "compare_encoder"]
 
@@ -128,6 +129,11 @@ def compare(
     With a calibration text and ``config.gptq``, the calibrated plan is also written
     as `ewq quantize --calibration` writes it (GPTQ rounding, row "ewq kl +
     GPTQ")."""
+    with offload(config.gpu_layers):
+        return _compared(source, out_dir, config, log)
+
+
+def _compared(source, out_dir, config: CompareConfig, log: Log) -> dict[str, Any]:
     from ewq.evaluate.reference import Reference, text_metrics
 
     started = time.perf_counter()
@@ -143,7 +149,7 @@ def compare(
     eval_text = load_text(cfg.text)
     analysis = api.analyze(source)
     index, layout = analysis.index, analysis.layout
-    if index.container != "gguf":
+    if index.container != Container.GGUF:
         raise EwqError(
             f"{source}: ewq compare runs GGUF decoders (use compare_encoder)"
         )

@@ -13,6 +13,7 @@ from ewq.compare._common import Log, _counts, _doc
 from ewq.errors import EwqError
 from ewq.evaluate.data import load_text
 from ewq.fileio import fresh_dir
+from ewq.formats import HF
 from ewq.planning import Machine
 from ewq.reports.compare import write_compare_encoder
 from ewq.sensitivity import Sensitivity
@@ -46,7 +47,7 @@ def compare_encoder(
             source, analysis, seeds
         ):
             out = fresh_dir(Path(tmp) / "m")
-            api.quantize(source, doc, out, format="hf")
+            api.quantize(source, doc, out, format=HF.name)
             m = tasks.embedding_fidelity(
                 reference, TransformersEncoder(out), sentences_text, limit=sentences
             )
@@ -76,7 +77,7 @@ def _encoder_plans(source: str, analysis, seeds: int):
     from ewq.planning import block_specs
 
     layout = analysis.layout
-    specs = {s.exec_index: s for s in block_specs("hf", layout)}
+    specs = {s.exec_index: s for s in block_specs(HF, layout)}
     blocks = [b.exec_index for b in layout.transformer_blocks]
     sens: dict[str, Sensitivity] = {
         f"ewq {c}": api.sensitivity(source, c, analysis=analysis)
@@ -91,7 +92,7 @@ def _encoder_plans(source: str, analysis, seeds: int):
         yield label, label, _doc(layout, uniform), budget, label
         for name, sv in sens.items():
             r = api.fit_tensors(
-                "hf", layout, sv, None, None, [Machine("m", budget)], None, None
+                HF, layout, sv, None, None, [Machine("m", budget)], None, None
             )
             if r.fits:
                 types = {n: str(o.precision) for n, o in r.tensors.items()}

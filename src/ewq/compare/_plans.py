@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ewq import api
 from ewq.compare._common import _counts
+from ewq.formats import GGUF
 from ewq.planning import Machine, fit
 from ewq.reports.plan import predicted_kl
 
@@ -31,7 +32,7 @@ def _plans(
                 planned = api.plan(source, machines, **plan_options[name])
                 r, predicted = planned.result, predicted_kl(planned)
             else:
-                r = api.fit_tensors("gguf", layout, s, uses, None, machines, None, None)
+                r = api.fit_tensors(GGUF, layout, s, uses, None, machines, None, None)
             if not r.fits:
                 rows.append(
                     {"size_of": size_of, "plan": name, "bytes": None, "budget": budget}
@@ -93,14 +94,13 @@ def _own(layout, name: str) -> str:
 
 def _ladder_plans(analysis, budgets) -> dict[int, tuple[int, dict[str, str]]]:
     """The paper's Algorithm 1 at each budget: (bytes, per-tensor types)."""
-    from ewq.formats import output_format
     from ewq.planning import block_specs
 
     layout = analysis.layout
-    specs = {s.exec_index: s for s in block_specs("gguf", layout)}
+    specs = {s.exec_index: s for s in block_specs(GGUF, layout)}
     blocks = [b.exec_index for b in layout.transformer_blocks]
     emb, head = layout.blocks[0].exec_index, layout.blocks[-1].exec_index
-    form = output_format("gguf")
+    form = GGUF
     out = {}
     for budget in budgets:
         d = analysis.decision

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +17,8 @@ from ewq.errors import EwqError
 from ewq.evaluate.metrics import log_softmax
 
 __all__ = [
+    "gpu_layers",
+    "offload",
     "LanguageModel",
     "LlamaCppEncoder",
     "LlamaCppModel",
@@ -45,6 +49,40 @@ class LanguageModel(Protocol):
         ...
 
 
+#: layers llama.cpp offloads to a GPU in this call (None: the default)
+_GPU_LAYERS: ContextVar[int | None] = ContextVar("ewq_gpu_layers", default=None)
+
+
+@contextlib.contextmanager
+def offload(layers: int | None) -> Iterator[None]:
+    """Every llama.cpp model loaded inside offloads ``layers`` layers to the GPU
+    (-1: all; None: as the caller's context says, else :func:`gpu_layers`'s
+    default). The API's calls set it from their config (--gpu-layers), so that
+    every pass they run (importance matrix, second moments, kl criterion,
+    evaluation) takes it."""
+    if layers is None:
+        yield
+        return
+    token = _GPU_LAYERS.set(layers)
+    try:
+        yield
+    finally:
+        _GPU_LAYERS.reset(token)
+
+
+def gpu_layers() -> int:
+    """The layers a model loaded now offloads: as :func:`offload` says, else all
+    where llama.cpp was built with a GPU backend (CUDA, Metal, Vulkan), else none."""
+    layers = _GPU_LAYERS.get()
+    if layers is not None:
+        return layers
+    try:
+        import llama_cpp
+    except ImportError:
+        return 0
+    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+
+
 def _silent(level: int, text: bytes, user: object) -> None:
     pass
 
@@ -68,7 +106,8 @@ def _quiet_llama(llama_cpp):
 
 
 class LlamaCppModel:
-    """A GGUF model run by llama.cpp (llama-cpp-python), on the CPU."""
+    """A GGUF model run by llama.cpp (llama-cpp-python), its layers on a GPU as
+    :func:`gpu_layers` says."""
 
     def __init__(self, path: str | Path, n_ctx: int = 512, threads: int | None = None):
         try:
@@ -89,6 +128,7 @@ class LlamaCppModel:
                     logits_all=True,
                     verbose=False,
                     n_threads=threads,
+                    n_gpu_layers=gpu_layers(),
                 )
         except (ValueError, RuntimeError) as exc:
             raise EwqError(f"{path}: llama.cpp cannot load it ({exc})") from None
@@ -239,6 +279,7 @@ class LlamaCppEncoder:
                     n_ctx=max(512, max_tokens),
                     n_batch=max(512, max_tokens),
                     n_ubatch=max(512, max_tokens),
+                    n_gpu_layers=gpu_layers(),
                     verbose=False,
                 )
         except (ValueError, RuntimeError) as exc:

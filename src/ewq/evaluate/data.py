@@ -279,11 +279,25 @@ def _wikipedia_dump(path: Path) -> str:
     return "\n\n".join(articles)
 
 
+def _kind(p: Path) -> str:
+    if p.is_dir():
+        return "a directory"
+    if p.is_fifo():
+        return "a FIFO"
+    if p.is_char_device() or p.is_block_device():
+        return "a device"
+    if p.is_socket():
+        return "a socket"
+    return "not a file"
+
+
 def load_text(path: str | Path) -> str:
     """A UTF-8 text file, or the articles of a Wikipedia XML dump (``.bz2``)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise SourceNotFoundError(f"no such text file: {p}")
+    if not p.is_file():  # never opened: a FIFO would block, a device never end
+        raise DataError(f"{p}: not a regular file ({_kind(p)}), not a text")
     if p.suffix == ".bz2":
         text = _wikipedia_dump(p)
         if not text.strip():

@@ -20,35 +20,12 @@ from ewq.evaluate.metrics import (
     paper_question_nll,
     summarize_kl,
 )
-from ewq.evaluate.windows import readable
+from ewq.evaluate.windows import readable, windows
 from ewq.types import Progress
 
 __all__ = ["embedding_fidelity", "kld", "mmlu", "perplexity", "sentences", "windows"]
 
 TOP_K = 100  # the paper's top-100 next tokens
-
-
-def windows(
-    n_tokens: int, size: int, stride: int, limit: int | None
-) -> list[tuple[int, int, int]]:
-    """(start, stop, score_from) of each window of the text's tokens.
-
-    Windows of ``size`` tokens start every ``stride`` tokens. A window scores the
-    tokens in ``[score_from, stop)``: the ones no earlier window scored, so every
-    token is counted once and, after the first window, with at least
-    ``size - stride`` tokens of context.
-    """
-    if not 0 < stride <= size:
-        raise EwqError(f"stride must be in 1..{size}, got {stride}")
-    out, start, scored = [], 0, 0
-    while start < n_tokens and (limit is None or len(out) < limit):
-        stop = min(start + size, n_tokens)
-        out.append((start, stop, scored))
-        scored = stop
-        if stop == n_tokens:
-            break
-        start += stride
-    return out
 
 
 def _with_bos(model: LanguageModel, tokens: list[int]) -> list[int]:

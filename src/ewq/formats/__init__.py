@@ -65,6 +65,8 @@ __all__ = [
     "FLOAT_TYPES",
     "FORMATS",
     "GGML_TYPES",
+    "GGUF",
+    "HF",
     "hook",
     "GGUF_FALLBACK",
     "HF_BITS",
@@ -297,6 +299,11 @@ class _Hf(OutputFormat):
 
 #: the registry: adding a format is one entry
 FORMATS: dict[str, OutputFormat] = {f.name: f for f in (_Gguf(), _Hf())}
+#: llama.cpp's format, named where only it will do: the kl criterion and the
+#: importance matrix run the model through llama.cpp, whatever is written
+GGUF: OutputFormat = FORMATS["gguf"]
+#: the Hugging Face output (what the encoder comparisons write)
+HF: OutputFormat = FORMATS["hf"]
 
 
 def hook(spec: str):
@@ -319,13 +326,13 @@ def output_format(name: str | OutputFormat) -> OutputFormat:
         ) from None
 
 
-def format_for(container: str) -> str:
+def format_for(container: str) -> OutputFormat:
     """The format a source of ``container`` is written in unless told: the one
     whose writer reads it as it is (a GGUF stays GGUF), else Hugging Face output."""
     for form in FORMATS.values():
         if form.container == container:
-            return form.name
-    return "hf"
+            return form
+    return FORMATS["hf"]
 
 
 def offered(fmt: str) -> tuple[Precision, ...]:

@@ -32,7 +32,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ewq.formats import FORMATS, output_format
+from ewq.formats import FORMATS, GGUF, OutputFormat
 from ewq.planning.budget import Machine
 from ewq.planning.ladder import FitResult
 from ewq.types import Precision
@@ -80,7 +80,7 @@ def exports(
     result: FitResult,
     machines: Sequence[Machine],
     transformer: Sequence[int],
-    fmt: str = "gguf",
+    form: OutputFormat | None = None,
     kv_cache: str = "f16",
 ) -> dict[str, Any]:
     """The commands that run the plan on llama.cpp (GGUF) and vLLM (Hugging Face),
@@ -95,14 +95,14 @@ def exports(
     unserved = sorted(
         {p.value for p in result.precision.values()} - {p.value for p in VLLM_SERVES}
     )
-    serves = output_format(fmt).served_by
+    serves = (form or GGUF).served_by
     for name in out:
         if name != serves:
-            form = next(f for f in FORMATS.values() if f.served_by == name)
+            other = next(f for f in FORMATS.values() if f.served_by == name)
             out[name] = {
                 "command": None,
-                "refused": f"{_RUNTIMES[name]} serves {form.label} (plan with "
-                f"--format {form.name})",
+                "refused": f"{_RUNTIMES[name]} serves {other.label} (plan with "
+                f"--format {other.name})",
             }
     if serves == "vllm" and unserved:
         out["vllm"] = {

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ewq.arch import ModelLayout
-from ewq.formats import output_format
+from ewq.formats import OutputFormat
 from ewq.planning.placement import Route
-from ewq.types import ModelIndex, Role
+from ewq.types import Container, ModelIndex, Role
 
 __all__ = ["UBATCH", "Runtime", "model_dims", "route_for", "runtime_memory"]
 
@@ -104,7 +104,7 @@ def model_dims(index: ModelIndex, layout: ModelLayout) -> dict[str, Any]:
         None,
     )
     shapes = {t.name: t.shape for t in index.tensors}
-    if index.container == "gguf":
+    if index.container == Container.GGUF:
         arch = cfg.get("general.architecture")
         get = lambda key, default=None: cfg.get(f"{arch}.{key}", default)  # noqa: E731
         n_embd = _int(get("embedding_length"), "embedding_length")
@@ -207,15 +207,18 @@ def _row_bytes(elements: int, cache_type: str) -> int:
 
 
 def route_for(
-    index: ModelIndex, layout: ModelLayout, fmt: str, runtime: Runtime | None = None
+    index: ModelIndex,
+    layout: ModelLayout,
+    form: OutputFormat,
+    runtime: Runtime | None = None,
 ) -> Route:
-    """What crosses the network per token when ``fmt`` runs on its runtime:
+    """What crosses the network per token when ``form`` runs on its runtime:
     llama.cpp for GGUF (float32 hidden states and logits, relayed through the main
     machine), vLLM for Hugging Face output (hidden states, one sampled token back).
     Metadata without the sizes gives a route without bytes (latency only)."""
     tied = not any(k.role is Role.LM_HEAD for k in layout.blocks[-1].keys)
     last = runtime.head_bytes if runtime is not None else 0
-    relay = output_format(fmt).relay
+    relay = form.relay
     try:
         d = model_dims(index, layout)
     except ValueError:

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 from ewq.arch import ModelLayout
-from ewq.formats import encoding, offered
+from ewq.formats import OutputFormat
 from ewq.planning.ladder import BlockSpec
 
 __all__ = ["block_specs"]
 
 
-def block_specs(fmt: str, layout: ModelLayout) -> list[BlockSpec]:
+def block_specs(form: OutputFormat, layout: ModelLayout) -> list[BlockSpec]:
     """One :class:`BlockSpec` per block (embedding, transformer blocks, head).
 
-    Sizes are what the quantizer of ``fmt`` writes (``formats.encoding``), so a plan's
+    Sizes are what the quantizer of ``form`` writes (``formats.encoding``), so a plan's
     totals are the output's tensor bytes.
     """
     specs = []
     for block in layout.blocks:
         sizes = {}
-        for p in offered(fmt):
+        for p in form.offered():
             total = 0
             for info, key in zip(block.tensors, block.keys, strict=True):
-                t = encoding(fmt, info, key, p)
+                t = form.encoding(info, key, p)
                 total += t.nbytes if t is not None else 0
             sizes[p] = total
         specs.append(BlockSpec(block.exec_index, block.num_parameters, sizes))

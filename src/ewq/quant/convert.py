@@ -12,6 +12,7 @@ transformers, numpy, yaml) come from ewq's environment.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -24,10 +25,13 @@ from pathlib import Path
 from ewq.arch import ModelLayout, resolve
 from ewq.errors import EwqError
 from ewq.sources.gguf import MAX_CONFIG_ARRAY
-from ewq.types import ModelIndex, TensorInfo
+from ewq.types import Container, ModelIndex, TensorInfo
 
 __all__ = [
     "CONVERTER_PIN",
+    "as_gguf",
+    "held_conversion",
+    "measured_layout",
     "convert",
     "convert_checked",
     "converted",
@@ -155,7 +159,7 @@ def _converted_index(folder: Path, outtype: str, timeout: float) -> ModelIndex:
         offset += -(-nbytes // align) * align
     return ModelIndex(
         source=str(folder),
-        container="gguf",
+        container=Container.GGUF,
         files=(name,),
         tensors=tuple(infos),
         config=doc["kv"],
@@ -242,3 +246,123 @@ def converted(source, index: ModelIndex, layout: ModelLayout, where: Path):
         yield convert_checked(source, index, layout, tmp)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# The scratch conversions the criteria, the importance matrix and the writer share
+
+
+@contextlib.contextmanager
+def as_gguf(source, index: ModelIndex, layout: ModelLayout):
+    """The GGUF the criteria measure: the source itself, or a Hugging Face checkpoint
+    converted to a scratch GGUF in ewq's cache folder (:data:`_SCRATCH`)."""
+    if index.container == Container.GGUF:
+        yield index, layout
+        return
+    with _SCRATCH.use(source, index, layout) as found:
+        yield found
+
+
+class _Scratch:
+    """Scratch conversions of Hugging Face checkpoints, kept while this process
+    needs them: one plan measures the converted GGUF several times (the errors, each
+    growth round, the anchor's recipes) and each conversion reads and writes the
+    whole model. The last one stays until another checkpoint is converted or the
+    process ends; files a killed ewq left behind are removed when a new one is
+    made."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._held: dict[tuple, list] = {}  # key -> [path, (index, layout), users]
+        self._made = 0
+        atexit.register(self.clear)
+
+    def use(self, source, index: ModelIndex, layout: ModelLayout):
+        """A context giving the conversion of ``index``'s checkpoint (its GGUF
+        index and layout), made now unless this process holds it."""
+        return self._entry(index, lambda: self._convert(source, index, layout))
+
+    def held(self, index: ModelIndex):
+        """A context giving the conversion of ``index``'s checkpoint this process
+        holds, as the checkpoint is now, or None (nothing is converted)."""
+        return self._entry(index, None)
+
+    @contextlib.contextmanager
+    def _entry(self, index: ModelIndex, make):
+        with self._lock:
+            which = _which(index)
+            if which not in self._held and make is not None:
+                self._evict()
+                self._held[which] = [*make(), 0]
+            entry = self._held.get(which)
+            if entry is not None:
+                entry[2] += 1  # in use: not evicted until released
+        try:
+            yield entry[1] if entry is not None else None
+        finally:
+            if entry is not None:
+                with self._lock:
+                    entry[2] -= 1
+
+    def _convert(self, source, index, layout):
+        from ewq.cache import cache_dir
+
+        where = cache_dir() / "scratch"
+        where.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(where)
+        self._made += 1
+        path = where / scratch_name(source, index, self._made)
+        try:
+            return path, convert_checked(source, index, layout, path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+    def _evict(self) -> None:
+        for held, (path, _, users) in list(self._held.items()):
+            if users == 0:
+                path.unlink(missing_ok=True)
+                del self._held[held]
+
+    def clear(self) -> None:
+        """Remove every scratch file no caller is reading."""
+        with self._lock:
+            self._evict()
+
+
+def _which(index: ModelIndex) -> tuple:
+    return (checkpoint_identity(Path(index.files[0]).parent), index.files)
+
+
+def held_conversion(index: ModelIndex):
+    """The scratch conversion of ``index``'s checkpoint this process made for its
+    measurements (a context giving its index and layout), or None: `api.quantize`
+    after `api.plan` in one process writes from it instead of converting again."""
+    return _SCRATCH.held(index)
+
+
+def _remove_orphans(where: Path) -> None:
+    """Scratch conversions whose process is gone (killed before it cleaned up)."""
+    for path in where.glob(".*.converted.gguf"):
+        pid = path.name.rsplit(".", 3)[-3].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive, or another user's
+
+
+_SCRATCH = _Scratch()
+
+
+def measured_layout(
+    source, index: ModelIndex, layout: ModelLayout, form
+) -> ModelLayout:
+    """The layout a format's errors are measured on: for an output format that
+    converts the source first (GGUF from a checkpoint), the file llama.cpp's
+    converter writes; else the source's own."""
+    if form.needs_conversion(index.container):
+        return gguf_layout(source, index, layout)[1]
+    return layout

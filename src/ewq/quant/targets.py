@@ -6,15 +6,13 @@ import re
 from dataclasses import dataclass
 
 from ewq.arch import ModelLayout
-from ewq.formats import output_format
+from ewq.formats import OutputFormat
 from ewq.planfile import Plan, PlanError
 from ewq.types import ModelIndex, Precision
 
 __all__ = [
     "TensorTarget",
     "check_plan",
-    "gguf_targets",
-    "hf_targets",
     "plan_targets",
     "llama_quantize_args",
     "overrides",
@@ -66,7 +64,7 @@ class TensorTarget:
 
 
 def plan_targets(
-    fmt: str, index: ModelIndex, layout: ModelLayout, plan: Plan
+    form: OutputFormat, index: ModelIndex, layout: ModelLayout, plan: Plan
 ) -> list[TensorTarget]:
     """Every written tensor's type and exact size under ``plan``, in file order: the
     plan's own type for a tensor it lists, else its block's precision.
@@ -76,7 +74,6 @@ def plan_targets(
     type the format cannot write for that tensor (a K-quant on rows of 576, a type
     of the other format) is refused, naming the tensor.
     """
-    form = output_format(fmt)
     chosen = plan.types()
     known = {info.name for info in index.tensors}
     stray = [n for n in chosen if n not in known]
@@ -98,7 +95,7 @@ def plan_targets(
             t = form.of_type(info, key, chosen[info.name])
             if t is None:
                 raise PlanError(
-                    f"the {fmt} format cannot write tensor '{info.name}' "
+                    f"the {form.name} format cannot write tensor '{info.name}' "
                     f"({'x'.join(map(str, info.shape))}, {info.dtype}) as "
                     f"{chosen[info.name]}"
                 )
@@ -120,18 +117,6 @@ def plan_targets(
                 )
             )
     return out
-
-
-def gguf_targets(
-    index: ModelIndex, layout: ModelLayout, plan: Plan
-) -> list[TensorTarget]:
-    return plan_targets("gguf", index, layout, plan)
-
-
-def hf_targets(
-    index: ModelIndex, layout: ModelLayout, plan: Plan
-) -> list[TensorTarget]:
-    return plan_targets("hf", index, layout, plan)
 
 
 def overrides(targets: list[TensorTarget]) -> list[tuple[str, str]]:

@@ -29,7 +29,7 @@ def plan_table(planned: PlanResult) -> Table:
         else f"{planned.method} (Algorithm 2)"
     )
     table = Table(
-        title=f"{planned.index.source}: {how}, {planned.format} sizes",
+        title=f"{planned.index.source}: {how}, {planned.format.name} sizes",
         caption=_caption(planned),
     )
     per_tensor = bool(r.tensors)

@@ -9,7 +9,6 @@ from typing import Any
 
 from rich.table import Table
 
-from ewq.formats import output_format
 from ewq.records import Quantized
 from ewq.reports.inspect import human_bytes
 
@@ -30,8 +29,8 @@ def provenance_json(q: Quantized, ewq_version: str) -> dict[str, Any]:
         "ewq_version": ewq_version,
         "source": q.source,
         "output": str(q.out),
-        "format": q.format,
-        "quantizer": output_format(q.format).quantizer
+        "format": q.format.name,
+        "quantizer": q.format.quantizer
         + (", then GPTQ rounding (ewq.quant.gptq)" if q.rounding else ""),
         "plan": q.plan.to_doc(),
         "predicted_tensor_bytes": q.predicted_bytes,
@@ -58,7 +57,7 @@ def provenance_json(q: Quantized, ewq_version: str) -> dict[str, Any]:
 
 def quantize_table(q: Quantized) -> Table:
     table = Table(
-        title=f"{q.source} -> {q.out} ({q.format})",
+        title=f"{q.source} -> {q.out} ({q.format.name})",
         caption=f"tensor data {human_bytes(q.predicted_bytes)} predicted and written; "
         f"file {human_bytes(q.file_bytes)} with metadata",
     )

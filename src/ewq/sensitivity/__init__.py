@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ewq.arch import ModelLayout
-from ewq.formats import Encoding, output_format
+from ewq.formats import Encoding, OutputFormat
 from ewq.types import Precision, TensorInfo, TensorKey
 
 __all__ = [
@@ -156,10 +156,13 @@ class Sensitivity:
         return self.damage.get(name, {}).get(type_name, 0.0)
 
     def block(
-        self, fmt: str, layout: ModelLayout, exec_index: int, precision: Precision
+        self,
+        form: OutputFormat,
+        layout: ModelLayout,
+        exec_index: int,
+        precision: Precision,
     ) -> float:
         """A block's damage at one precision for all its tensors (the block view)."""
-        form = output_format(fmt)
         b = layout.block(exec_index)
         total = 0.0
         for info, key in zip(b.tensors, b.keys, strict=True):
@@ -170,12 +173,11 @@ class Sensitivity:
 
 
 def tensor_candidates(
-    fmt: str, layout: ModelLayout, imatrix: Any = None
+    form: OutputFormat, layout: ModelLayout, imatrix: Any = None
 ) -> dict[str, tuple[TensorInfo, TensorKey, list[Encoding]]]:
     """Every tensor of the model's blocks that the format can write in more than one
     way, with its candidates (its own type first). Types that need an importance
     matrix are offered for a tensor only when ``imatrix`` has an entry for it."""
-    form = output_format(fmt)
     covered = set(imatrix.entries) if imatrix is not None else set()
     out = {}
     for block in layout.blocks:
@@ -190,7 +192,7 @@ def tensor_candidates(
 
 def modelled(
     criterion: str,
-    fmt: str,
+    form: OutputFormat,
     layout: ModelLayout,
     entropy: Mapping[int, float] | None = None,
     seed: int = 0,
@@ -211,7 +213,7 @@ def modelled(
     scale = {i: math.exp(v) for i, v in zip(blocks, z, strict=True)}
     top = max(scale.values(), default=1.0)
     damage: dict[str, dict[str, float]] = {}
-    for name, (info, key, cands) in tensor_candidates(fmt, layout).items():
+    for name, (info, key, cands) in tensor_candidates(form, layout).items():
         s = scale.get(key.exec_index, top)
         damage[name] = {
             e.type: s * 4.0 ** -(8.0 * e.nbytes / info.num_elements)

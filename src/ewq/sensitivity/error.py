@@ -26,13 +26,14 @@ from collections.abc import Callable, Collection
 import numpy as np
 
 from ewq.arch import ModelLayout
-from ewq.formats import hook, output_format
+from ewq.formats import OutputFormat, hook
 from ewq.imatrix import Imatrix
 from ewq.quant import ggml
 from ewq.sampling import Sampling, sampled
 from ewq.sensitivity import tensor_candidates
 from ewq.sensitivity.probe import expert_weights
 from ewq.sources.base import TensorSource
+from ewq.types import Container
 
 __all__ = ["relative_errors"]
 
@@ -62,7 +63,7 @@ def _sse(
 def relative_errors(
     src: TensorSource,
     layout: ModelLayout,
-    fmt: str,
+    form: OutputFormat,
     *,
     imatrix: Imatrix | None = None,
     threads: int = 2,
@@ -76,9 +77,11 @@ def relative_errors(
     from a random sample of the tensor's rows (ewq.sampling), and
     ``intervals`` (if given) receives, per tensor, the rows read and each type's
     relative half width of its 95% interval. ``only``: these tensors alone."""
-    cands = tensor_candidates(fmt, layout, imatrix)
-    roundtrip = hook(output_format(fmt).roundtrip)
-    gguf_source = src.index.container == "gguf"  # values as llama.cpp decodes them
+    cands = tensor_candidates(form, layout, imatrix)
+    roundtrip = hook(form.roundtrip)
+    gguf_source = (
+        src.index.container == Container.GGUF
+    )  # values as llama.cpp decodes them
     if only is not None:
         cands = {n: c for n, c in cands.items() if n in only}
     total = sum(info.nbytes for info, _, _ in cands.values()) or 1
@@ -160,7 +163,7 @@ def _sampled(src, info, encs, roundtrip, w_all, threads, spec: Sampling):
 def _rows(src, info, rows: np.ndarray) -> np.ndarray:
     """The float32 values of sorted rows ``rows`` of a tensor, reading only them."""
     src.prefetch(info, rows)
-    if src.index.container == "gguf":
+    if src.index.container == Container.GGUF:
         return ggml.tensor_rows(info, rows)
     cols = info.shape[-1]
     out = np.empty((len(rows), cols), dtype=np.float32)

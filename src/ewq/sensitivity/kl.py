@@ -41,14 +41,14 @@ from ewq.errors import EwqError
 from ewq.evaluate.backends import LlamaCppModel
 from ewq.evaluate.metrics import kl_logits, logsumexp_rows
 from ewq.evaluate.windows import readable, text_windows
-from ewq.formats import FLOAT_TYPES, Encoding
+from ewq.formats import FLOAT_TYPES, GGUF, Encoding
 from ewq.imatrix import Imatrix
 from ewq.planfile import plan_from_doc
 from ewq.quant.gguf import quantize_gguf
-from ewq.quant.targets import gguf_targets
+from ewq.quant.targets import plan_targets
 from ewq.sensitivity import Sensitivity, tensor_candidates
 from ewq.sensitivity.probe import Probes
-from ewq.types import ModelIndex, Precision
+from ewq.types import Container, ModelIndex, Precision
 
 __all__ = ["PROBE_BITS", "Calibration", "kl_sensitivity", "probe_type"]
 
@@ -118,7 +118,7 @@ class Calibration:
         ctx: int,
         documents: str,
     ):
-        if index.container != "gguf":
+        if index.container != Container.GGUF:
             raise EwqError("plans are measured as GGUF files through llama.cpp")
         self.index, self.layout, self.ctx = index, layout, ctx
         self.path = Path(index.files[0])
@@ -148,7 +148,8 @@ class Calibration:
         """Mean KL of the model with ``types`` (tensor -> type; the rest as it is)."""
         assert self._tmp is not None, "use Calibration as a context manager"
         out = Path(self._tmp.name) / "probe.gguf"
-        targets = gguf_targets(self.index, self.layout, _plan(self.layout, dict(types)))
+        plan = _plan(self.layout, dict(types))
+        targets = plan_targets(GGUF, self.index, self.layout, plan)
         quantize_gguf(self.path, targets, out, imatrix=imatrix)
         model = LlamaCppModel(out, self.ctx)
         kls = []
@@ -176,7 +177,7 @@ def kl_sensitivity(
     ``ctx`` tokens of ``text`` holding ``tokens`` tokens in all; ``errors`` are the
     imatrix-weighted relative errors (error.relative_errors with ``imatrix``)."""
     started = time.perf_counter()
-    cands = tensor_candidates("gguf", layout, imatrix)
+    cands = tensor_candidates(GGUF, layout, imatrix)
     swaps, files, sampled = _probes(cands, errors, type_probes)
     window = {"tokens": tokens, "ctx": ctx, "documents": documents}
     swapped, written, bench = _measure(

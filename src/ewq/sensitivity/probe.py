@@ -38,7 +38,7 @@ from ewq.evaluate.backends import LlamaCppModel
 from ewq.evaluate.metrics import kl_logits, logsumexp_rows
 from ewq.evaluate.windows import readable, text_windows
 from ewq.imatrix import Imatrix
-from ewq.types import ModelIndex, TensorInfo
+from ewq.types import Container, ModelIndex, TensorInfo
 
 __all__ = ["Probes", "expert_weights", "quantized_values"]
 
@@ -96,7 +96,7 @@ class Probes:
         imatrix: Imatrix | None,
         threads: int = 2,
     ):
-        if index.container != "gguf":
+        if index.container != Container.GGUF:
             raise EwqError("probes run GGUF models through llama.cpp")
         self.index, self.layout, self.ctx = index, layout, ctx
         self.names, self.text = list(names), text
@@ -117,8 +117,9 @@ class Probes:
         return self
 
     def _open(self, work: Path) -> None:
+        from ewq.formats import GGUF
         from ewq.quant.gguf import quantize_gguf
-        from ewq.quant.targets import gguf_targets
+        from ewq.quant.targets import plan_targets
         from ewq.sensitivity.kl import _plan
         from ewq.sources.gguf import GGUFSource
 
@@ -135,7 +136,9 @@ class Probes:
                 )
                 if t.name in wanted
                 else t
-                for t in gguf_targets(self.index, self.layout, _plan(self.layout, {}))
+                for t in plan_targets(
+                    GGUF, self.index, self.layout, _plan(self.layout, {})
+                )
             ]
             quantize_gguf(self.index.files[0], targets, work)
         copy = GGUFSource(work)

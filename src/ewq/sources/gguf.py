@@ -27,7 +27,7 @@ from ewq.sources.gguf_header import (
     parse_header,
     read_header,
 )
-from ewq.types import ModelIndex, TensorInfo
+from ewq.types import Container, ModelIndex, TensorInfo
 
 __all__ = [
     "MAX_CONFIG_ARRAY",
@@ -184,7 +184,7 @@ class GGUFSource(TensorSource):
         self.version = headers[0].version
         self.index = ModelIndex(
             source=source or str(path),
-            container="gguf",
+            container=Container.GGUF,
             files=tuple(str(f) for f in files),
             tensors=tuple(infos),
             config=headers[0].metadata,

@@ -60,11 +60,11 @@ class _Cursor:
     def __init__(self, buf: Any):
         self.buf, self.pos, self.size = buf, 0, len(buf)
 
-    def unpack(self, fmt: str) -> Any:
-        n = struct.calcsize(fmt)
+    def unpack(self, code: str) -> Any:
+        n = struct.calcsize(code)
         if self.pos + n > self.size:
             raise _Truncated
-        value = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        value = struct.unpack_from("<" + code, self.buf, self.pos)
         self.pos += n
         return value[0] if len(value) == 1 else value
 

@@ -36,7 +36,7 @@ from ewq.sources.hub_http import (
     within_deadline,
 )
 from ewq.sources.safetensors import SafetensorsSource, tensor_infos_from_header
-from ewq.types import ModelIndex, TensorInfo
+from ewq.types import Container, ModelIndex, TensorInfo
 
 __all__ = [
     "HubGGUFSource",
@@ -266,7 +266,7 @@ class HubGGUFSource(TensorSource):
             infos.extend(tensor_infos(header, name, sizes.get(name) or 1 << 62))
         self.index = ModelIndex(
             source=repo_id,
-            container="gguf",
+            container=Container.GGUF,
             files=tuple(files),
             tensors=tuple(infos),
             config=parsed[0].metadata,

@@ -1,0 +1,212 @@
+"""Second moments for GPTQ rounding, in memory that does not grow with the model.
+
+GPTQ rounds a weight against the second moment H = X^T X of its inputs (a
+columns x columns matrix). Held for every weight of a model at once they outgrow
+any machine (a 7B model's, one per weight in float64: about 56 GB). Here:
+
+* one matrix per distinct input, not per weight: llama.cpp multiplies q, k and v
+  (gate and up) by one input tensor, and the collector sees it as one graph node
+  (:func:`ewq.calibration.collect.input_groups` asks llama.cpp, with one short
+  decode, which weights share one);
+* float32 (BLAS's symmetric update, half a product's work);
+* as many consecutive blocks per pass over the text as ``limit`` bytes hold
+  (:func:`plan_passes`), each pass's group rounded and freed before the next pass;
+  the first pass also gives the importance matrix llama.cpp's quantizer needs.
+
+A weight's matrix is summed in the same order whatever the grouping (the collector
+multiplies each input's rows out at a fixed count of its own), so one pass and
+several give the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from ewq.calibration.collect import FLUSH_ROWS, Moments, compute_moments, input_groups
+from ewq.calibration.text import CalibrationText
+from ewq.errors import EwqError
+from ewq.imatrix import Imatrix
+from ewq.types import ModelIndex, Progress
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_SHARE",
+    "MomentPasses",
+    "PassPlan",
+    "available_memory",
+    "memory_limit",
+    "plan_passes",
+]
+
+#: the share of the machine's available memory the second moments may take unless
+#: told (--memory-limit): llama.cpp's own buffers, the model's mapped pages and the
+#: rounding's working copies need the rest
+DEFAULT_SHARE = 0.25
+
+
+def available_memory() -> int:
+    """The memory the kernel says is available now (MemAvailable), else the
+    physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_limit(given: int | None) -> int:
+    """The bytes the second moments may hold: ``given``, else a share of the
+    available memory."""
+    return int(given) if given else int(DEFAULT_SHARE * available_memory())
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """Which blocks each pass over the text holds the second moments of."""
+
+    passes: tuple[tuple[int, ...], ...]
+    held: tuple[int, ...]  # bytes each pass holds
+    limit: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.held, default=0)
+
+
+def block_bytes(index: ModelIndex, groups: dict[str, str]) -> dict[int, int]:
+    """Bytes one block's second moments take while collected: per distinct input
+    its float32 matrix and the rows held before they are multiplied out."""
+    cols = {t.name: t.shape[-1] for t in index.tensors if len(t.shape) == 2}
+    out: dict[int, int] = {}
+    for name in sorted(set(groups.values())):
+        block = _block_of(name)
+        if block is None or name not in cols:
+            continue
+        c = cols[name]
+        out[block] = out.get(block, 0) + 4 * c * c + 4 * FLUSH_ROWS * c
+    return out
+
+
+def plan_passes(sizes: dict[int, int], limit: int) -> PassPlan:
+    """Consecutive blocks, as many per pass as ``limit`` holds (a block larger than
+    the limit alone in its pass)."""
+    passes: list[tuple[int, ...]] = []
+    held: list[int] = []
+    cur: list[int] = []
+    total = 0
+    for block in sorted(sizes):
+        if cur and total + sizes[block] > limit:
+            passes.append(tuple(cur))
+            held.append(total)
+            cur, total = [], 0
+        cur.append(block)
+        total += sizes[block]
+    if cur:
+        passes.append(tuple(cur))
+        held.append(total)
+    return PassPlan(tuple(passes), tuple(held), limit)
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+
+
+class MomentPasses:
+    """The passes over a calibration text that give a GGUF model's second moments,
+    one group of blocks at a time: :meth:`first` (with the importance matrix), then
+    :meth:`rest`, each computed when asked (hold one group at a time)."""
+
+    def __init__(
+        self,
+        path: str,
+        index: ModelIndex,
+        text: CalibrationText,
+        *,
+        ctx: int,
+        documents: str,
+        threads: int | None,
+        limit: int,
+        progress: Progress | None = None,
+    ):
+        self.path, self.text = path, text
+        self.how = {"ctx": ctx, "documents": documents, "threads": threads}
+        groups = input_groups(path, text.text, **self.how)
+        if not groups:
+            raise EwqError(f"{path}: llama.cpp multiplied no dense blk.* weight")
+        self.groups = groups
+        self.plan = plan_passes(block_bytes(index, groups), limit)
+        if self.plan.peak > limit:
+            log.warning(
+                "one block's second moments take %.2f GiB, over the %.2f GiB limit",
+                self.plan.peak / 2**30,
+                limit / 2**30,
+            )
+        self._progress = progress
+        self._started = time.perf_counter()
+        self.seconds: list[float] = []
+
+    def _pass(self, k: int, sums: bool) -> tuple[Imatrix | None, Moments]:
+        blocks = set(self.plan.passes[k])
+        n = len(self.plan.passes)
+
+        def told(done: int, total: int, what: str) -> None:
+            if self._progress is not None:
+                self._progress(k * total + done, n * total, f"pass {k + 1}/{n}: {what}")
+
+        started = time.perf_counter()
+        found = compute_moments(
+            self.path,
+            self.text.text,
+            blocks=blocks,
+            sums=sums,
+            progress=told,
+            **self.how,
+        )
+        self.seconds.append(time.perf_counter() - started)
+        return found
+
+    def first(self) -> tuple[Imatrix, Moments]:
+        """The importance matrix and the first group's second moments."""
+        imatrix, moments = self._pass(0, sums=True)
+        assert imatrix is not None
+        return imatrix, moments
+
+    def rest(self) -> Iterator[Moments]:
+        """Each later group's second moments, one pass each."""
+        for k in range(1, len(self.plan.passes)):
+            yield self._pass(k, sums=False)[1]
+
+    def record(self) -> dict:
+        """What the provenance records of the passes."""
+        return {
+            "passes": len(self.plan.passes),
+            "blocks_per_pass": [len(p) for p in self.plan.passes],
+            "memory_limit": self.plan.limit,
+            "peak_moment_bytes": self.plan.peak,
+            "distinct_inputs": len(set(self.groups.values())),
+            "weights": len(self.groups),
+        }
+
+
+def round_in_groups(
+    first: Moments,
+    rest: Iterator[Moments],
+    round_group: Callable[[Moments], list[str]],
+) -> list[str]:
+    """Round the first group, then each later one as its pass completes (the
+    previous group's matrices freed before the next pass)."""
+    names = round_group(first)
+    del first
+    for moments in rest:
+        names += round_group(moments)
+        del moments
+    return names
