@@ -7,9 +7,11 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ewq import api
-from ewq.evaluate.activations import compute_hessians
+from ewq.calibration.collect import compute_moments, input_groups
 from ewq.quant import ggml
 from ewq.quant.gptq import rounded
 from ewq.sources.gguf import GGUFSource
@@ -39,12 +41,12 @@ def test_gptq_bytes_decode_to_less_output_error(model_and_text, type_name):
     src, text = model_and_text
     from ewq.evaluate.data import load_text
 
-    _, hessians = compute_hessians(src, load_text(text), ctx=64, chunks=8)
+    _, moments = compute_moments(src, load_text(text), ctx=64, chunks=8)
     qtype = int(gguf.GGMLQuantizationType[type_name])
     with GGUFSource(src) as s:
         info = next(t for t in s.index.tensors if t.name == "blk.1.ffn_down.weight")
     w = ggml.tensor_values(info)
-    h = hessians[info.name]
+    h = moments.of(info.name).astype(np.float64)
     ours = rounded(w, h, qtype)
     plain = ggml.quantize(w, qtype, imatrix=np.diag(h).astype(np.float32))
     assert ours.nbytes == plain.nbytes == w.shape[0] * ggml.row_bytes(qtype, w.shape[1])
@@ -114,20 +116,161 @@ def test_gptq_needs_a_calibration_text(model_and_text, tmp_path, monkeypatch, ca
 
 
 def test_second_moments_agree_with_the_importance_matrix(model_and_text):
-    """X^T X of each weight's inputs, summed over windows held and multiplied out
-    together: its diagonal is the importance matrix's per-column sums of squared
+    """X^T X of each distinct input, summed in float32 over rows held and multiplied
+    out together: its diagonal is the importance matrix's per-column sums of squared
     activations (computed per window in float64), and it is symmetric."""
-    from ewq.evaluate import activations
+    from ewq.calibration import collect
     from ewq.evaluate.data import load_text
 
     src, text = model_and_text
-    limit = activations.PENDING_BYTES
-    activations.PENDING_BYTES = 1 << 16  # multiplied out many times on the way
+    limit = collect.FLUSH_ROWS
+    collect.FLUSH_ROWS = 100  # multiplied out many times on the way
     try:
-        m, hessians = compute_hessians(src, load_text(text), ctx=64, chunks=8)
+        m, moments = compute_moments(src, load_text(text), ctx=64, chunks=8)
     finally:
-        activations.PENDING_BYTES = limit
-    assert len(hessians) == 14  # 7 dense weights in each of 2 blocks
-    for name, h in hessians.items():
-        np.testing.assert_allclose(np.diag(h), m.entries[name].sums[0], rtol=1e-5)
-        np.testing.assert_allclose(h, h.T, rtol=1e-6)
+        collect.FLUSH_ROWS = limit
+    assert len(moments.names()) == 14  # 7 dense weights in each of 2 blocks
+    assert len(moments.matrices) == 8  # 4 distinct inputs in each block
+    for name in moments.names():
+        h = moments.of(name)
+        assert h.dtype == np.float32
+        np.testing.assert_allclose(np.diag(h), m.entries[name].sums[0], rtol=1e-4)
+        np.testing.assert_array_equal(h, h.T)
+    assert set(moments.rows.values()) == {8 * 64}
+
+
+def test_weights_that_llama_cpp_feeds_one_input_share_its_second_moment(
+    model_and_text,
+):
+    """The groups are llama.cpp's own graph: q, k and v multiply the attention
+    norm's output, gate and up the feed-forward norm's; the attention output and
+    down each their own input (llama.cpp's build_attn and build_ffn)."""
+    from ewq.evaluate.data import load_text
+
+    src, text = model_and_text
+    groups = input_groups(src, load_text(text), ctx=64)
+    for b in range(2):
+        p = f"blk.{b}."
+        assert {n: g for n, g in groups.items() if n.startswith(p)} == {
+            p + "attn_q.weight": p + "attn_q.weight",
+            p + "attn_k.weight": p + "attn_q.weight",
+            p + "attn_v.weight": p + "attn_q.weight",
+            p + "attn_output.weight": p + "attn_output.weight",
+            p + "ffn_gate.weight": p + "ffn_gate.weight",
+            p + "ffn_up.weight": p + "ffn_gate.weight",
+            p + "ffn_down.weight": p + "ffn_down.weight",
+        }
+
+
+def test_one_pass_and_a_pass_per_block_write_the_same_bytes(model_and_text, tmp_path):
+    """A memory limit that holds one block's second moments makes a pass over the
+    text per block, rounding each block as its pass completes; the file is the one
+    a single pass writes, byte for byte, and the record says how it was made."""
+    src, text = model_and_text
+    plan = _q3k_plan(src)
+    one, many = tmp_path / "one.gguf", tmp_path / "many.gguf"
+    a = api.quantize(src, plan, one, calibration=text, calibration_ctx=64)
+    b = api.quantize(
+        src, plan, many, calibration=text, calibration_ctx=64, memory_limit="5MiB"
+    )
+    assert a.rounding["passes"] == 1 and b.rounding["passes"] == 2
+    assert b.rounding["blocks_per_pass"] == [1, 1]
+    assert a.rounding["distinct_inputs"] == 8 and a.rounding["weights"] == 14
+    assert one.read_bytes() == many.read_bytes()
+
+
+def test_a_memory_limit_that_cannot_be_read_is_one_line(model_and_text, tmp_path):
+    from ewq.errors import EwqError
+
+    src, text = model_and_text
+    with pytest.raises(EwqError, match="--memory-limit"):
+        api.quantize(
+            src,
+            _q3k_plan(src),
+            tmp_path / "q.gguf",
+            calibration=text,
+            memory_limit="lots",
+        )
+    assert not (tmp_path / "q.gguf").exists()
+
+
+def _q3k_plan(src) -> dict:
+    layout = api.inspect(src).layout
+    return {
+        "schema_version": 2,
+        "num_blocks": layout.num_blocks,
+        "blocks": [
+            {"exec_index": b.exec_index, "precision": "raw"}
+            for b in layout.transformer_blocks
+        ],
+        "tensors": [
+            {"name": info.name, "type": "Q3_K"}
+            for b in layout.transformer_blocks
+            for info in b.tensors
+            if len(info.shape) == 2
+        ],
+    }
+
+
+def test_the_inverse_factor_is_the_cholesky_factor_of_the_inverse():
+    """U from one Cholesky of the reversed matrix and a triangular inverse is the
+    upper factor of H^-1 (damped; an unreached column kept at the damped unit)."""
+    from ewq.quant.gptq import DAMP, _inverse_factor
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 64))
+    x[:, 5] = 0.0  # a column no input reached
+    h = x.T @ x
+    u = _inverse_factor(h.astype(np.float32))
+    assert np.allclose(u, np.triu(u))
+    ref = h.copy()
+    ref[5, 5] = 1.0
+    ref[np.diag_indices(64)] += DAMP * np.mean(np.diag(ref))
+    want = np.linalg.cholesky(np.linalg.inv(ref)).T
+    np.testing.assert_allclose(u, want, rtol=1e-4, atol=1e-7)
+
+
+def test_lazy_batches_round_as_column_by_column_updates(model_and_text, monkeypatch):
+    """Updating the columns beyond a batch once per batch is the same arithmetic as
+    updating them after every ggml block: the same output error (and nearly every
+    byte the same: sums in another order round differently in the last bit)."""
+    from ewq.evaluate.data import load_text
+    from ewq.quant import gptq
+
+    src, text = model_and_text
+    _, moments = compute_moments(src, load_text(text), ctx=64, chunks=4)
+    with GGUFSource(src) as s:
+        info = next(t for t in s.index.tensors if t.name == "blk.0.ffn_down.weight")
+    w = ggml.tensor_values(info)
+    h = moments.of(info.name)
+    qtype = int(gguf.GGMLQuantizationType["Q4_0"])  # blocks of 32: 8 per batch
+    lazy = gptq.rounded(w, h, qtype)
+    monkeypatch.setattr(gptq, "BATCH", 32)
+    eager = gptq.rounded(w, h, qtype)
+    assert np.mean(lazy == eager) > 0.99
+    errs = [
+        _output_error(
+            w, ggml.dequantize(q, qtype, w.size).reshape(w.shape), h.astype(np.float64)
+        )
+        for q in (lazy, eager)
+    ]
+    assert errs[0] == pytest.approx(errs[1], rel=1e-3)
+
+
+@given(
+    sizes=st.lists(st.integers(1, 10**9), min_size=1, max_size=80),
+    limit=st.integers(1, 4 * 10**9),
+)
+def test_passes_hold_consecutive_blocks_within_the_limit(sizes, limit):
+    """Every block in exactly one pass, in order; a pass over the limit holds one
+    block alone; no two neighbouring passes could have been one."""
+    from ewq.calibration.moments import plan_passes
+
+    blocks = dict(enumerate(sizes))
+    p = plan_passes(blocks, limit)
+    assert [b for group in p.passes for b in group] == sorted(blocks)
+    for group, held in zip(p.passes, p.held, strict=True):
+        assert held == sum(blocks[b] for b in group)
+        assert held <= limit or len(group) == 1
+    for held, nxt in zip(p.held, p.passes[1:], strict=False):
+        assert held + blocks[nxt[0]] > limit

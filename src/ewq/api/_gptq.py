@@ -1,23 +1,22 @@
 """GPTQ rounding of a GGUF file llama.cpp wrote (ewq.quant.gptq): whether it
-applies, the inputs' second moments on the calibration text, and the step that
-rounds before the output is committed."""
+applies, the passes over the calibration text that give the inputs' second moments
+(ewq.calibration.moments: memory bounded, one group of blocks per pass), and the
+step that rounds each group before the output is committed."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from ewq.calibration.moments import MomentPasses, memory_limit
+from ewq.calibration.text import CalibrationText, calibration_text
 from ewq.config import QuantizeConfig, Rounding
 from ewq.errors import EwqError
-from ewq.formats import output_format
+from ewq.formats import OutputFormat
 
-__all__ = ["HESSIAN_LIMIT", "gptq_then", "rounds", "second_moments"]
-
-#: the inputs' second moments GPTQ rounding may hold in memory at once
-HESSIAN_LIMIT = 4 << 30
+__all__ = ["Calibrated", "calibrated", "gptq_then", "rounds"]
 
 
-def rounds(cfg: QuantizeConfig, format: str) -> bool:
+def rounds(cfg: QuantizeConfig, form: OutputFormat) -> bool:
     """Whether to round by GPTQ (ewq.quant.gptq); one line when it cannot be done."""
     if cfg.rounding is Rounding.NEAREST:
         return False
@@ -25,63 +24,88 @@ def rounds(cfg: QuantizeConfig, format: str) -> bool:
         if cfg.rounding is Rounding.GPTQ:
             raise EwqError("--rounding gptq needs a calibration text (--calibration)")
         return False
-    if not output_format(format).calibrated:
+    if not form.calibrated:
         if cfg.rounding is Rounding.GPTQ:
             raise EwqError("--rounding gptq writes GGUF files (--format gguf)")
         return False
+    if cfg.memory_limit is not None:
+        _limit(cfg)  # one line now for a size that cannot be read
     return True
 
 
-def second_moments(index, cfg: QuantizeConfig, threads, progress):
-    """The importance matrix and the inputs' second moments on the calibration text."""
-    from ewq.evaluate.activations import compute_hessians
-    from ewq.evaluate.data import load_text
-    from ewq.quant.gptq import hessian_bytes
+def _limit(cfg: QuantizeConfig) -> int:
+    from ewq.planning.budget import parse_size
 
-    cols = {
-        t.name: t.shape[-1]
-        for t in index.tensors
-        if t.name.startswith("blk.") and len(t.shape) == 2
-    }
-    need = hessian_bytes(cols)
-    if need > HESSIAN_LIMIT:
-        raise EwqError(
-            f"GPTQ rounding would hold {need / 2**30:.1f} GiB of second moments for "
-            f"this model (at most {HESSIAN_LIMIT / 2**30:.0f} GiB): quantize with "
-            "--rounding nearest"
-        )
+    given = None
+    if cfg.memory_limit is not None:
+        given = parse_size(cfg.memory_limit, "--memory-limit")
+        if given <= 0:
+            raise EwqError("--memory-limit: must be more than 0 bytes")
+    return memory_limit(given)
+
+
+class Calibrated:
+    """A GPTQ run's calibration: the text, the passes over it, the importance
+    matrix and the first group's second moments (computed by :func:`calibrated`
+    before llama.cpp quantizes, which needs the importance matrix)."""
+
+    def __init__(self, text: CalibrationText, passes: MomentPasses):
+        self.text, self.passes = text, passes
+        self.imatrix, self._first = passes.first()
+        #: one pass holds the whole model's: kept for the next quantize of the same
+        #: model and text in this process (ewq compare writes a dozen plans)
+        self.whole = len(passes.plan.passes) == 1
+
+    def groups(self):
+        """Each group's second moments in turn: the first's (computed already; let
+        go once handed over unless it is the whole model's), then one pass per
+        later group."""
+        first = self._first
+        if not self.whole:
+            self._first = None
+        if first is not None:
+            yield first
+        del first
+        yield from self.passes.rest()
+
+
+def calibrated(index, cfg: QuantizeConfig, threads, progress) -> Calibrated:
+    """The importance matrix and the first group's second moments on the calibration
+    text (ewq.calibration.moments), the memory bound planned from llama.cpp's own
+    sharing of inputs."""
     from ewq.cache import file_digest
 
-    text = load_text(cfg.calibration)
-    key = (
-        file_digest(index.files[0]),
-        hashlib.sha256(text.encode()).hexdigest(),
-        cfg.calibration_ctx,
-        str(cfg.documents),
+    text = calibration_text(cfg.calibration)
+    limit = _limit(cfg)
+    key = (file_digest(index.files[0]), text.sha256, cfg.calibration_ctx)
+    key += (str(cfg.documents), limit)
+    if key in _HELD:
+        return _HELD[key]
+    _HELD.clear()  # one model's at a time: they may take gigabytes
+    passes = MomentPasses(
+        str(index.files[0]),
+        index,
+        text,
+        ctx=cfg.calibration_ctx,
+        documents=str(cfg.documents),
+        threads=threads,
+        limit=limit,
+        progress=progress,
     )
-    if _HESSIANS.get("key") != key:
-        _HESSIANS.clear()  # one model's at a time: they may take gigabytes
-        _HESSIANS["value"] = compute_hessians(
-            index.files[0],
-            text,
-            ctx=cfg.calibration_ctx,
-            documents=cfg.documents,
-            threads=threads,
-            progress=progress,
-        )
-        _HESSIANS["key"] = key
-    return _HESSIANS["value"]
+    run = Calibrated(text, passes)
+    if run.whole:
+        _HELD[key] = run
+    return run
 
 
-#: the last second moments computed, by model content, text and windows: quantizing
-#: the same model at several plans in one process (ewq compare) passes over the text
-#: once (IgLM: 56 s of each GPTQ quantize)
-_HESSIANS: dict = {}
+#: the last calibration whose second moments were the whole model's, by model
+#: content, text, windows and limit (IgLM: 56 s a pass saved per later quantize)
+_HELD: dict[tuple, Calibrated] = {}
 
 
-def gptq_then(commit, index, hessians, cfg: QuantizeConfig, progress):
-    """``commit`` preceded by GPTQ rounding of the file llama.cpp wrote (recorded in
-    the result's ``rounding``)."""
+def gptq_then(commit, index, run: Calibrated, cfg: QuantizeConfig, progress):
+    """``commit`` preceded by GPTQ rounding of the file llama.cpp wrote, one group of
+    blocks at a time (recorded in the result's ``rounding``)."""
     from ewq.quant import ggml
     from ewq.quant.gptq import DAMP, patch
 
@@ -91,18 +115,21 @@ def gptq_then(commit, index, hessians, cfg: QuantizeConfig, progress):
         info = by_name.get(name)
         return None if info is None else ggml.tensor_values(info)
 
-    def run(tmp: Path, written: dict[str, str]) -> None:
-        names = patch(Path(tmp), values, hessians, progress)
+    def rounded(tmp: Path, written: dict[str, str]) -> None:
+        names: list[str] = []
+        for moments in run.groups():
+            names += patch(Path(tmp), values, moments, progress)
+            del moments
         commit.rounding.update(
             method="gptq",
-            calibration_sha256=hashlib.sha256(
-                Path(cfg.calibration).read_bytes()
-            ).hexdigest(),
+            calibration_sha256=run.text.sha256,
             calibration_ctx=cfg.calibration_ctx,
             documents=str(cfg.documents),
             damp=DAMP,
             tensors=len(names),
+            second_moments="float32, one per distinct input",
+            **run.passes.record(),
         )
         commit(tmp, written)
 
-    return run
+    return rounded

@@ -9,19 +9,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ewq.api._gptq import gptq_then, rounds, second_moments
+from ewq.api._gptq import calibrated, gptq_then, rounds
 from ewq.arch import resolve
 from ewq.config import Format, QuantizeConfig, configure
 from ewq.errors import EwqError
-from ewq.formats import FORMATS, hook, offered, output_format
+from ewq.evaluate.backends import offload
+from ewq.formats import FORMATS, OutputFormat, hook, output_format
 from ewq.imatrix import Imatrix, read_imatrix
 from ewq.outputs import check_output
 from ewq.planfile import Plan, load_plan, plan_from_doc
 from ewq.quant.targets import (
     check_plan,
-    gguf_targets,
-    hf_targets,
     llama_quantize_args,
+    plan_targets,
 )
 from ewq.records import Quantized
 from ewq.sources import open_source
@@ -59,7 +59,7 @@ def quantize(
     source = cfg.spec(source)
     plan_path = plan if isinstance(plan, (str, Path)) else None
     plan = _read_plan(plan)
-    format = _output_format(cfg, plan)
+    form = _output_format(cfg, plan)
     out = Path(out)
     # a hub id is downloaded into the hub cache: quantizing reads every weight
     with open_source(source, download=True, revision=cfg.revision) as src:
@@ -67,15 +67,16 @@ def quantize(
         layout = resolve(index)
     check_plan(plan, layout, str(source))
     imatrix = _plan_imatrix(plan, cfg.imatrix, plan_path)
-    form = output_format(format)
     if imatrix is not None and not form.calibrated:
         raise EwqError(f"an importance matrix is for {_calibrated_formats()}")
     inputs = (*index.files, plan_path, str(source))
     check_output(out, inputs, folder=form.folder, force=cfg.force)
-    _check_offered(plan, format)
-    rounds(cfg, format)  # one line now, before anything is written
-    job = _Job(source, plan, out, cfg, _with_provenance(out, inputs, record), progress)
-    return hook(form.writer)(job, index, layout, imatrix)
+    _check_offered(plan, form)
+    rounds(cfg, form)  # one line now, before anything is written
+    recorded = _with_provenance(out, inputs, record)
+    job = _Job(source, plan, form, out, cfg, recorded, progress)
+    with offload(cfg.gpu_layers):  # GPTQ's passes over the calibration text
+        return hook(form.writer)(job, index, layout, imatrix)
 
 
 def _calibrated_formats() -> str:
@@ -89,10 +90,9 @@ def write_gguf(job: _Job, index, layout, imatrix: Imatrix | None) -> Quantized:
     Face checkpoint converted by llama.cpp's converter first (the plan's scratch
     conversion when this process made one, else a temporary file beside the
     output)."""
-    from ewq.api._measured import held_conversion
-    from ewq.quant.convert import converted
+    from ewq.quant.convert import converted, held_conversion
 
-    if index.container == "gguf":
+    if not job.form.needs_conversion(index.container):
         return _quantize_gguf(job, index, layout, imatrix)
     source, plan = job.source, job.plan
     shown = f"{Path(str(source)).name}-converted.gguf"
@@ -111,6 +111,7 @@ class _Job:
 
     source: str | Path
     plan: Plan
+    form: OutputFormat
     out: Path
     cfg: QuantizeConfig
     record: Callable[[Quantized], None]
@@ -125,30 +126,30 @@ def _read_plan(plan: Plan | dict | str | Path) -> Plan:
     return plan
 
 
-def _output_format(cfg: QuantizeConfig, plan: Plan) -> str:
+def _output_format(cfg: QuantizeConfig, plan: Plan) -> OutputFormat:
     """The format the plan was sized for, unless told otherwise (then a warning:
     the sizes will differ)."""
-    format = (cfg.format or plan.format or Format.GGUF).value
-    if plan.format is not None and plan.format != format:
+    form = output_format(cfg.format or plan.format or Format.GGUF)
+    if plan.format is not None and plan.format != form.name:
         log.warning(
             "the plan sized its blocks as %s; writing %s, the sizes will differ",
             plan.format,
-            format,
+            form.name,
         )
-    return format
+    return form
 
 
-def _check_offered(plan: Plan, format: str) -> None:
+def _check_offered(plan: Plan, form: OutputFormat) -> None:
     """One line when the plan asks for a precision the format does not offer."""
     wanted = {b.precision for b in plan.blocks} | {
         plan.embedding.precision,
         plan.head.precision,
     }
-    missing = sorted(p.value for p in wanted - set(offered(format)))
+    missing = sorted(p.value for p in wanted - set(form.offered()))
     if missing:
         raise EwqError(
-            f"the {format} format does not offer {', '.join(missing)} (it offers "
-            f"{', '.join(p.value for p in offered(format))})"
+            f"the {form.name} format does not offer {', '.join(missing)} (it offers "
+            f"{', '.join(p.value for p in form.offered())})"
         )
 
 
@@ -224,22 +225,22 @@ def _quantize_gguf(
             f"{job.source}: its metadata declares {arch}.block_count = {declared!r}, but "
             f"its tensors hold {layout.num_blocks} blocks; llama.cpp cannot load it"
         )
-    targets = gguf_targets(index, layout, job.plan)
+    targets = plan_targets(job.form, index, layout, job.plan)
     path = index.files[0]
     cfg, progress = job.cfg, job.progress
-    hessians: dict = {}
-    if rounds(cfg, "gguf"):
-        found, hessians = second_moments(index, cfg, cfg.threads, progress)
-        imatrix = imatrix or found
+    run = None
+    if rounds(cfg, job.form):
+        run = calibrated(index, cfg, cfg.threads, progress)
+        imatrix = imatrix or run.imatrix
     args = tuple(
         llama_quantize_args(
             targets, shown or path, str(job.out), imatrix.file if imatrix else None
         )
     )
-    commit, made = _recorder(job, "gguf", targets, args)
+    commit, made = _recorder(job, targets, args)
     meta = _gguf_provenance(job.source, job.plan)
-    if hessians:
-        commit = gptq_then(commit, index, hessians, cfg, progress)
+    if run is not None:
+        commit = gptq_then(commit, index, run, cfg, progress)
         meta["ewq.rounding"] = "gptq"
     quantize_gguf(
         path,
@@ -275,7 +276,7 @@ def _gguf_provenance(source, plan: Plan) -> dict[str, str]:
     }
 
 
-def _recorder(job: _Job, fmt: str, targets, llama_quantize_args: tuple[str, ...] = ()):
+def _recorder(job: _Job, targets, llama_quantize_args: tuple[str, ...] = ()):
     """The hook a quantizer calls between its check and its rename: the result
     record (types written, file bytes of the temporary output), handed to
     ``record`` before the output appears."""
@@ -283,7 +284,7 @@ def _recorder(job: _Job, fmt: str, targets, llama_quantize_args: tuple[str, ...]
     fields = {
         "source": str(job.source),
         "out": job.out,
-        "format": fmt,
+        "format": job.form,
         "plan": job.plan,
         "targets": tuple(targets),
         "predicted_bytes": sum(t.nbytes for t in targets),
@@ -318,8 +319,8 @@ def write_hf(job: _Job, index, layout, imatrix: Imatrix | None) -> Quantized:
             f"{job.source}: Hugging Face output needs a Hugging Face model folder "
             "(config.json and safetensors weights)"
         )
-    targets = hf_targets(index, layout, job.plan)
-    commit, made = _recorder(job, "hf", targets)
+    targets = plan_targets(job.form, index, layout, job.plan)
+    commit, made = _recorder(job, targets)
     from ewq import __version__
     from ewq.reports.card import hub_revision, model_card
     from ewq.sources.hub import is_hub_id, split_spec

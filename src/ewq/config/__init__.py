@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ewq.config._base import Config, cli, configure
+from ewq.config._base import Config, cli, configure, gpu_layers_field
 from ewq.config._choices import (
     ANCHOR_PRESETS,
     DEFAULT_ALPHA,
@@ -196,6 +196,7 @@ class PlanConfig(AnalysisConfig):
     threads: int | None = Field(
         None, ge=1, description="Threads for the error criterion (default: all cores)."
     )
+    gpu_layers: int | None = gpu_layers_field()
     bpw: float | None = Field(
         None,
         gt=0,
@@ -244,6 +245,7 @@ class QuantizeConfig(SourceConfig):
     threads: int | None = Field(
         None, ge=1, description="Quantizer threads (default: all cores)."
     )
+    gpu_layers: int | None = gpu_layers_field()
     imatrix: Path | None = Field(
         None,
         description="The importance matrix for llama.cpp's quantizer (default: the one "
@@ -269,4 +271,10 @@ class QuantizeConfig(SourceConfig):
         Rounding.AUTO,
         description="gptq (the default with --calibration) or nearest (llama.cpp's "
         "own rounding, per row).",
+    )
+    memory_limit: str | None = Field(
+        None,
+        description="At most this much memory for GPTQ's second moments (8GB, "
+        "1.5GiB): as many blocks per pass over the calibration text as it holds. "
+        "Default: a quarter of the memory available.",
     )

@@ -24,7 +24,7 @@ ggml's (quant/ggml.py).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,56 +33,99 @@ from ewq.errors import EwqError
 from ewq.formats import FLOAT_TYPES
 from ewq.quant import ggml
 
-__all__ = ["DAMP", "hessian_bytes", "patch", "rounded"]
+__all__ = ["BATCH", "DAMP", "Factor", "patch", "rounded", "rounded_with"]
 
 #: H is damped by this share of its mean diagonal before inversion (GPTQ's 1%)
 DAMP = 0.01
 
 
-def hessian_bytes(cols: Mapping[str, int]) -> int:
-    """Memory the second moments of tensors with these column counts take."""
-    return sum(8 * c * c for c in cols.values())
+def _inverse_factor(hessian: np.ndarray) -> np.ndarray:
+    """U, upper triangular, with U^T U = H^-1 (H damped), in float64.
+
+    With J the reversal of the columns: H^-1 = J (J H J)^-1 J, and for the Cholesky
+    factor L of J H J, U = J L^-1 J is upper triangular with U^T U = H^-1. One
+    Cholesky and one triangular inverse (2n^3/3 operations), where inverting H
+    and factoring the inverse take about 3n^3."""
+    from scipy.linalg import lapack
+
+    cols = hessian.shape[0]
+    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")
+    diag = np.diag(h).copy()
+    dead = diag <= 0  # columns no input reached: nothing to keep there
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    diag[dead] = 1.0
+    diag += DAMP * float(np.mean(diag))
+    h[np.diag_indices(cols)] = diag
+    low, info = lapack.dpotrf(h, lower=1, clean=1, overwrite_a=1)
+    if info != 0:
+        raise EwqError("the inputs' second moments are not positive definite")
+    inv, info = lapack.dtrtri(low, lower=1, overwrite_c=1)
+    if info != 0:
+        raise EwqError("the inputs' second moments are not positive definite")
+    return inv[::-1, ::-1]
+
+
+#: columns rounded between two updates of the columns beyond them (GPTQ's lazy
+#: batches: the same result, the big update done as one product per batch)
+BATCH = 256
 
 
 def rounded(values: np.ndarray, hessian: np.ndarray, qtype: int) -> np.ndarray:
     """The bytes of ``values`` (rows x cols float32) stored as ``qtype``, rounded
-    block by block against ``hessian`` (cols x cols)."""
+    block by block against ``hessian`` (cols x cols, any float type)."""
+    return rounded_with(values, Factor(hessian), qtype)
+
+
+class Factor:
+    """What rounding against one second moment needs, computed once for every weight
+    that shares it (q, k and v; gate and up): the inverse factor U and H's diagonal
+    (the importance ggml's quantizer is given)."""
+
+    def __init__(self, hessian: np.ndarray):
+        self.hessian = hessian  # the matrix it factors (not a copy)
+        self.u = _inverse_factor(hessian)
+        self.diag = np.diag(hessian).astype(np.float32)
+        self.cols = hessian.shape[0]
+
+
+def rounded_with(values: np.ndarray, factor: Factor, qtype: int) -> np.ndarray:
+    """:func:`rounded` with the second moment's factor computed already."""
     rows, cols = values.shape
     group = ggml.block_size(qtype)
     if cols % group:
         raise EwqError(f"rows of {cols} are not whole blocks of {group}")
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0  # columns no input reached: nothing to keep there
-    h[dead, dead] = 1.0
-    h[np.diag_indices(cols)] += DAMP * float(np.mean(np.diag(h)))
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(h)).T  # H^-1 = U^T U, U upper
-    except np.linalg.LinAlgError:
-        raise EwqError("the inputs' second moments are not positive definite") from None
+    u, diag = factor.u, factor.diag
     w = values.astype(np.float64)
-    diag = np.diag(h).astype(np.float32)
     parts = []
-    for a in range(0, cols, group):
-        b = a + group
-        block = np.ascontiguousarray(w[:, a:b], dtype=np.float32)
-        packed = ggml.quantize(block, qtype, imatrix=diag[a:b])
-        parts.append(packed.reshape(rows, -1))
-        if b < cols:
+    step = max(group, BATCH // group * group)
+    for start in range(0, cols, step):
+        stop = min(cols, start + step)
+        errs = []
+        for a in range(start, stop, group):
+            b = a + group
+            block = np.ascontiguousarray(w[:, a:b], dtype=np.float32)
+            packed = ggml.quantize(block, qtype, imatrix=diag[a:b])
+            parts.append(packed.reshape(rows, -1))
             back = ggml.dequantize(packed, qtype, block.size).reshape(block.shape)
             err = np.linalg.solve(u[a:b, a:b].T, (w[:, a:b] - back).T).T
-            w[:, b:] -= err @ u[a:b, b:]
+            errs.append(err)
+            if b < stop:  # within the batch at once
+                w[:, b:stop] -= err @ u[a:b, b:stop]
+        if stop < cols:  # beyond the batch, once per batch
+            w[:, stop:] -= np.concatenate(errs, axis=1) @ u[start:stop, stop:]
     return np.concatenate(parts, axis=1).reshape(-1)
 
 
 def patch(
     path: Path,
     source_values: Callable[[str], np.ndarray | None],
-    hessians: Mapping[str, np.ndarray],
+    moments,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[str]:
     """Re-round, in the GGUF at ``path`` (llama.cpp's quantizer wrote it; not yet
-    committed), every quantized tensor with a second moment in ``hessians``, from its
-    source values; return the names re-rounded."""
+    committed), every quantized tensor whose inputs' second moment ``moments.of``
+    gives, from its source values; return the names re-rounded."""
     import gguf
 
     from ewq.sources.gguf import GGUFSource
@@ -91,17 +134,26 @@ def patch(
         infos = [
             i
             for i in out.index.tensors
-            if i.name in hessians and i.dtype not in FLOAT_TYPES and len(i.shape) == 2
+            if i.dtype not in FLOAT_TYPES
+            and len(i.shape) == 2
+            and moments.of(i.name) is not None
         ]
+    # the weights that share a second moment one after another: its factor once
+    infos.sort(key=lambda i: (id(moments.of(i.name)), i.offset))
     done = []
     fd = os.open(path, os.O_RDWR)
+    factor: Factor | None = None
     try:
         for k, info in enumerate(infos):
             values = source_values(info.name)
-            h = hessians[info.name]
+            h = moments.of(info.name)
             if values is None or h.shape != (values.shape[1],) * 2:
                 continue
-            data = rounded(values, h, int(gguf.GGMLQuantizationType[info.dtype]))
+            if factor is None or factor.hessian is not h:
+                factor = None  # the previous one's memory first
+                factor = Factor(h)
+            qtype = int(gguf.GGMLQuantizationType[info.dtype])
+            data = rounded_with(values, factor, qtype)
             if data.nbytes != info.nbytes:
                 raise EwqError(f"{info.name}: re-rounded to {data.nbytes} bytes")
             os.pwrite(fd, data.tobytes(), info.offset)

@@ -1,0 +1,359 @@
+"""GPTQ rounding in memory flat in model size (ewq.calibration.moments): what it
+costs and what it keeps, in one run per part.
+
+``quality MODEL.gguf EVAL CALIBRATION``: at llama.cpp's preset types, GPTQ
+rounding with float32 second moments shared per input (today's) against float64
+(the collector's type switched in process), and one pass over the text against a
+pass per block (``--memory-limit`` of one block): KL from the source on the
+evaluation text, the ratio float32 / float64, and whether the per-block passes
+wrote the same bytes.
+
+``scale``: synthetic GGUFs with Llama-2-7B's layer shapes (width 4096, MLP 11008,
+32 heads; F16, random weights: time and memory only, never quality) and the
+default model's tokenizer, at ``--blocks`` (2 and 6): `ewq quantize
+--calibration` with llama.cpp's own Q4_K_M recipe as the plan, against
+llama.cpp's ``llama-imatrix`` + ``llama-quantize Q4_K_M`` on the same text
+(benchmarks/llama_tools.sh builds them): wall seconds and each command's peak RSS
+(the largest process), the ratio, the passes, and peak RSS growth from the first
+size to the last against the file's growth.
+
+    python benchmarks/gptq_memory.py quality MODEL EVAL CALIB [--presets ...]
+    python benchmarks/gptq_memory.py scale [--blocks 2,6] [--chunks 8] \\
+        [--memory-limit 2GiB] [--work DIR] [--json OUT]
+
+Run alone: llama.cpp's threads spin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HIDDEN, FFN, HEADS = 4096, 11008, 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quality(a) -> dict:
+    import numpy as np
+
+    from ewq import api
+    from ewq.calibration import collect
+    from ewq.evaluate.backends import LlamaCppModel
+    from ewq.evaluate.data import load_text
+    from ewq.evaluate.reference import Reference, text_metrics
+    from ewq.quant.gguf import quantize_preset
+
+    layout = api.inspect(a.model).layout
+    ref = Reference(
+        a.model,
+        load_text(a.eval_text),
+        ctx=a.ctx,
+        windows=a.windows,
+        documents=a.documents,
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in a.presets.split(","):
+            types = quantize_preset(a.model, preset, Path(tmp) / "p.gguf")
+            plan = {
+                "schema_version": 2,
+                "num_blocks": layout.num_blocks,
+                "blocks": [
+                    {"exec_index": b.exec_index, "precision": "raw"}
+                    for b in layout.transformer_blocks
+                ],
+                "tensors": [{"name": n, "type": t} for n, t in types.items()],
+            }
+            row = {"preset": preset}
+            for name, dtype, limit in (
+                ("float32", np.float32, None),
+                ("float32_per_block", np.float32, "1"),
+                ("float64", np.float64, None),
+            ):
+                collect.MOMENTS_DTYPE = dtype
+                out = Path(tmp) / f"{preset}.{name}.gguf"
+                started = time.perf_counter()
+                q = api.quantize(
+                    a.model,
+                    plan,
+                    out,
+                    calibration=a.calibration,
+                    documents=a.documents,
+                    calibration_ctx=a.calib_ctx,
+                    memory_limit=limit,
+                )
+                row[f"{name}_seconds"] = time.perf_counter() - started
+                row[f"{name}_passes"] = q.rounding["passes"]
+                row[f"kl_{name}"] = text_metrics(LlamaCppModel(out, a.ctx), ref)[
+                    "kl_mean"
+                ]
+            collect.MOMENTS_DTYPE = np.float32
+            one = (Path(tmp) / f"{preset}.float32.gguf").read_bytes()
+            many = (Path(tmp) / f"{preset}.float32_per_block.gguf").read_bytes()
+            row["per_block_same_bytes"] = one == many
+            row["kl_ratio_float32_to_float64"] = row["kl_float32"] / row["kl_float64"]
+            rows.append(row)
+            print(
+                f"{preset}: KL float32 {row['kl_float32']:.6f}, float64 "
+                f"{row['kl_float64']:.6f} ({row['kl_ratio_float32_to_float64']:.4f}x); "
+                f"{row['float32_per_block_passes']} passes: same bytes "
+                f"{row['per_block_same_bytes']}",
+                flush=True,
+            )
+    return {"model": str(a.model), "eval_tokens": sum(map(len, ref.seqs)), "rows": rows}
+
+
+def synthetic(path: Path, blocks: int) -> int:
+    """An F16 GGUF with Llama-2-7B's layer shapes and the default model's tokenizer
+    (random weights, written tensor by tensor); returns its bytes."""
+    import gguf
+    import numpy as np
+
+    from ewq.sources import default_model_path
+
+    if path.is_file():
+        return path.stat().st_size
+    tok = gguf.GGUFReader(default_model_path())
+    vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
+    rng = np.random.default_rng(blocks)
+    tmp = path.with_suffix(".part")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_block_count(blocks)
+    w.add_context_length(4096)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(HEADS)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for key, field in tok.fields.items():
+        if key.startswith("tokenizer."):
+            _copy_field(w, key, field)
+
+    def mat(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(
+            np.float16
+        )
+
+    shapes = {"token_embd.weight": (vocab, HIDDEN)}
+    for b in range(blocks):
+        p = f"blk.{b}."
+        shapes[p + "attn_norm.weight"] = (HIDDEN,)
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            shapes[p + n + ".weight"] = (HIDDEN, HIDDEN)
+        shapes[p + "ffn_norm.weight"] = (HIDDEN,)
+        shapes[p + "ffn_gate.weight"] = (FFN, HIDDEN)
+        shapes[p + "ffn_up.weight"] = (FFN, HIDDEN)
+        shapes[p + "ffn_down.weight"] = (HIDDEN, FFN)
+    shapes["output_norm.weight"] = (HIDDEN,)
+    shapes["output.weight"] = (vocab, HIDDEN)
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])
+        else:
+            w.add_tensor_info(
+                name, shape, np.dtype(np.float16), 2 * shape[0] * shape[1]
+            )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for shape in shapes.values():
+        if len(shape) == 1:
+            w.write_tensor_data(np.ones(shape, np.float32))
+        else:
+            w.write_tensor_data(mat(*shape))
+    w.close()
+    tmp.rename(path)
+    return path.stat().st_size
+
+
+def _copy_field(w, key: str, field) -> None:
+    import gguf
+
+    T = gguf.GGUFValueType
+    kind = field.types[0]
+    if kind == T.ARRAY:
+        sub = field.types[-1]
+        values = [field.parts[i] for i in field.data]
+        if sub == T.STRING:
+            w.add_array(key, [bytes(v).decode("utf-8", "replace") for v in values])
+        else:
+            w.add_array(key, [v.tolist()[0] for v in values])
+    elif kind == T.STRING:
+        w.add_string(key, bytes(field.parts[field.data[0]]).decode("utf-8"))
+    else:
+        w.add_key_value(key, field.parts[field.data[0]].tolist()[0], kind)
+
+
+def timed(cmd: list[str], log: Path) -> dict:
+    """One command as a child process: wall seconds and the peak RSS of the largest
+    process it ran (the kernel's accounting of the waited-for children)."""
+    runner = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        "rc = subprocess.run(sys.argv[1:]).returncode\n"
+        "print(time.perf_counter() - t, rc,"
+        " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+    )
+    with open(log, "a") as fh:
+        done = subprocess.run(
+            [sys.executable, "-c", runner, *cmd], stdout=subprocess.PIPE, stderr=fh
+        )
+    seconds, rc, rss = done.stdout.decode().split()[-3:]
+    if int(rc) != 0:
+        raise SystemExit(f"{cmd[0]} failed (exit {rc}); see {log}")
+    return {"seconds": float(seconds), "peak_rss": int(rss)}
+
+
+def scale(a) -> dict:
+    from ewq.evaluate.data import load_text
+    from ewq.quant.gguf import preset_recipes
+
+    tools = Path(
+        subprocess.run(
+            ["bash", str(ROOT / "benchmarks" / "llama_tools.sh")],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()[-1]
+    )
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    text = work / "calibration.txt"
+    wiki = Path(os.environ.get("EWQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    text.write_text(load_text(wiki / "wikitext-2" / "train.txt")[: a.chars])
+    ewq = str(ROOT / ".venv" / "bin" / "ewq")
+    log = work / "log.txt"
+    rows = []
+    for n in (int(x) for x in a.blocks.split(",")):
+        src = work / f"llama2-7b-shapes-{n}.f16.gguf"
+        size = synthetic(src, n)
+        types = preset_recipes(src, ("Q4_K_M",))["Q4_K_M"]
+        plan = work / f"plan-{n}.json"
+        plan.write_text(
+            json.dumps(
+                {
+                    "schema_version": 2,
+                    "num_blocks": n + 2,
+                    "blocks": [
+                        {"exec_index": i, "precision": "raw"} for i in range(1, n + 1)
+                    ],
+                    "tensors": [{"name": k, "type": t} for k, t in types.items()],
+                }
+            )
+        )
+        out = work / f"ewq-{n}.gguf"
+        for f in (out, Path(str(out) + ".ewq.json")):
+            f.unlink(missing_ok=True)
+        cmd = [ewq, "quantize", str(src), "--plan", str(plan), "--out", str(out)]
+        cmd += ["--calibration", str(text), "--calibration-ctx", str(a.ctx)]
+        if a.memory_limit:
+            cmd += ["--memory-limit", a.memory_limit]
+        env_cache = tempfile.mkdtemp(prefix="ewq-cache-")
+        os.environ["EWQ_CACHE"] = env_cache  # from an empty cache
+        ours = timed(cmd, log)
+        record = json.loads(Path(str(out) + ".ewq.json").read_text())
+        im = work / f"imatrix-{n}.gguf"
+        theirs_im = timed(
+            [
+                str(tools / "llama-imatrix"),
+                "-m",
+                str(src),
+                "-f",
+                str(text),
+                "-c",
+                str(a.ctx),
+                "-o",
+                str(im),
+                "-t",
+                str(os.cpu_count()),
+            ],
+            log,
+        )
+        q = work / f"llama-{n}.gguf"
+        theirs_q = timed(
+            [
+                str(tools / "llama-quantize"),
+                "--imatrix",
+                str(im),
+                str(src),
+                str(q),
+                "Q4_K_M",
+            ],
+            log,
+        )
+        theirs = theirs_im["seconds"] + theirs_q["seconds"]
+        row = {
+            "blocks": n,
+            "file_bytes": size,
+            "ewq_seconds": ours["seconds"],
+            "ewq_peak_rss": ours["peak_rss"],
+            "llama_imatrix_seconds": theirs_im["seconds"],
+            "llama_quantize_seconds": theirs_q["seconds"],
+            "llama_peak_rss": max(theirs_im["peak_rss"], theirs_q["peak_rss"]),
+            "ratio": ours["seconds"] / theirs,
+            "rounding": record.get("rounding", {}),
+            "same_size": out.stat().st_size == q.stat().st_size,
+        }
+        rows.append(row)
+        print(
+            f"{n} blocks ({size / 2**30:.2f} GiB): ewq {ours['seconds']:.0f} s, peak "
+            f"{ours['peak_rss'] / 2**30:.2f} GiB, {row['rounding'].get('passes')} "
+            f"passes; llama.cpp {theirs:.0f} s (imatrix {theirs_im['seconds']:.0f}), "
+            f"peak {row['llama_peak_rss'] / 2**30:.2f} GiB; {row['ratio']:.2f}x",
+            flush=True,
+        )
+        for f in (out, q, im):
+            f.unlink(missing_ok=True)
+    doc = {"chars": a.chars, "ctx": a.ctx, "memory_limit": a.memory_limit}
+    doc["rows"] = rows
+    if len(rows) >= 2:
+        first, last = rows[0], rows[-1]
+        growth = last["file_bytes"] - first["file_bytes"]
+        doc["rss_growth_over_file_growth"] = (
+            last["ewq_peak_rss"] - first["ewq_peak_rss"]
+        ) / growth
+        print(
+            f"peak RSS growth / file growth: {doc['rss_growth_over_file_growth']:.2f}"
+        )
+    return doc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="part", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("model", type=Path)
+    q.add_argument("eval_text", type=Path)
+    q.add_argument("calibration", type=Path)
+    q.add_argument("--presets", default="IQ4_XS,Q4_K_M,Q3_K_S")
+    q.add_argument("--documents", default="stream")
+    q.add_argument("--ctx", type=int, default=512)
+    q.add_argument("--windows", type=int, default=8)
+    q.add_argument("--calib-ctx", type=int, default=512)
+    s = sub.add_parser("scale")
+    s.add_argument("--blocks", default="2,6")
+    s.add_argument("--ctx", type=int, default=512)
+    s.add_argument("--chars", type=int, default=20000, help="of WikiText-2 train")
+    s.add_argument("--memory-limit", default=None)
+    s.add_argument("--work", default=Path.home() / ".cache" / "ewq" / "synthetic7b")
+    for p in (q, s):
+        p.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    doc = quality(a) if a.part == "quality" else scale(a)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    main()
