@@ -8,10 +8,11 @@ from pathlib import Path
 from ewq.api._quantize import quantize
 from ewq.config import EvalConfig, configure
 from ewq.errors import EwqError
-from ewq.formats import format_for, output_format
+from ewq.evaluate.backends import offload
+from ewq.formats import format_for
 from ewq.records import EvalRecord
 from ewq.sources import open_source
-from ewq.types import Progress
+from ewq.types import Container, Progress
 
 log = logging.getLogger("ewq.api")
 
@@ -56,11 +57,14 @@ def evaluate(
     with open_source(source, download=True) as src:
         base_path = Path(src.index.files[0])
         container = src.index.container
-        base = base_path if container == "gguf" else base_path.parent
-    with tempfile.TemporaryDirectory(prefix="ewq-eval-") as tmp:
+        base = base_path if container == Container.GGUF else base_path.parent
+    with (
+        offload(cfg.gpu_layers),
+        tempfile.TemporaryDirectory(prefix="ewq-eval-") as tmp,
+    ):
         model = quantized
         if plan is not None:
-            form = output_format(format_for(container))
+            form = format_for(container)
             out = Path(tmp) / f"model{form.suffix}"
             model = quantize(source, plan, out, format=form.name).out
         metrics = _metrics(cfg, base, model, inputs, progress)

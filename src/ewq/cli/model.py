@@ -152,10 +152,14 @@ def quantize(
     out.print(quantize_table(result))
     err.print(f"wrote {result.out}")
     if result.rounding.get("method") == "gptq":
+        r = result.rounding
+        passes = r.get("passes", 1)
         err.print(
-            f"{result.rounding['tensors']} tensors rounded against the calibration "
-            f"text (GPTQ); {record.name} has the llama-quantize command for the same "
-            "types with llama.cpp's own rounding"
+            f"{r['tensors']} tensors rounded against the calibration text (GPTQ; "
+            f"{passes} pass{'es' if passes != 1 else ''} over it, second moments of "
+            f"at most {r.get('peak_moment_bytes', 0) / 2**30:.2f} GiB at once); "
+            f"{record.name} has the llama-quantize command for the same types with "
+            "llama.cpp's own rounding"
         )
     elif result.llama_quantize_args:
         err.print(f"the llama-quantize command doing the same is in {record.name}")
@@ -300,6 +304,14 @@ def imatrix_cmd(
     chunks: Annotated[
         int | None, typer.Option(min=1, help="Stop after this many chunks.")
     ] = None,
+    gpu_layers: Annotated[
+        int | None,
+        typer.Option(
+            min=-1,
+            help="Layers llama.cpp offloads to a GPU (-1: all). Default: all where "
+            "llama.cpp was built with a GPU backend, else none.",
+        ),
+    ] = None,
 ) -> None:
     """The importance matrix of a model on a text, computed in-process by llama.cpp
     as its llama-imatrix tool computes one, in the file format llama.cpp reads."""
@@ -316,6 +328,7 @@ def imatrix_cmd(
             ctx=ctx,
             documents=documents,
             chunks=chunks,
+            gpu_layers=gpu_layers,
             progress=progress,
         )
     write_imatrix(m, out_path, legacy=out_path.suffix == ".dat")

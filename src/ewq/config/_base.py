@@ -5,16 +5,27 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ewq.errors import EwqError
 
-__all__ = ["Config", "cli", "configure"]
+__all__ = ["Config", "cli", "configure", "gpu_layers_field"]
 
 
 def cli(flag: str | None = None, **extra: Any) -> dict[str, Any]:
     """How the CLI spells a field, where not ``--field-name``."""
     return {"cli": {"flag": flag, **extra}}
+
+
+def gpu_layers_field() -> Any:
+    """The --gpu-layers option, the same for every command that runs llama.cpp."""
+    return Field(
+        None,
+        ge=-1,
+        description="Layers llama.cpp offloads to a GPU in its passes (-1: all). "
+        "Default: all where llama.cpp was built with a GPU backend (CMAKE_ARGS, see "
+        "the README), else none.",
+    )
 
 
 class Config(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from ewq.config._base import Config
+from ewq.config._base import Config, gpu_layers_field
 from ewq.config._choices import DEFAULT_ALPHA, PRESETS, Documents, Task
 
 __all__ = ["BenchConfig", "CompareConfig", "EvalConfig"]
@@ -37,6 +37,7 @@ class EvalConfig(Config):
         ge=1,
         description="Perplexity window stride (default: the window, no overlap).",
     )
+    gpu_layers: int | None = gpu_layers_field()
 
     @field_validator("data", mode="before")
     @classmethod
@@ -92,6 +93,7 @@ class CompareConfig(Config):
         description="Also write the calibrated plan as `ewq quantize --calibration` "
         "does (GPTQ rounding).",
     )
+    gpu_layers: int | None = gpu_layers_field()
 
     def criteria_list(self) -> list[str]:
         return [c.strip() for c in self.criteria.split(",") if c.strip()]
@@ -117,3 +119,4 @@ class BenchConfig(Config):
         DEFAULT_ALPHA, description="EWQ's threshold: mean - alpha * std."
     )
     sentences: int = Field(128, ge=1, description="Sentences per variant (encoders).")
+    gpu_layers: int | None = gpu_layers_field()

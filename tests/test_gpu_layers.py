@@ -1,0 +1,82 @@
+"""--gpu-layers reaches every llama.cpp pass (only the CPU build runs here: the
+setting is checked in llama.cpp's own model parameters, not its effect)."""
+
+from __future__ import annotations
+
+import llama_cpp
+import pytest
+from models import byte_vocab_llama, shared_data
+from test_cli import run
+
+from ewq.evaluate.backends import LlamaCppModel, gpu_layers, offload
+
+
+@pytest.fixture(scope="module")
+def model_and_text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu")
+    text = root / "t.txt"
+    text.write_text((shared_data() / "wikitext-2" / "valid.txt").read_text()[:3000])
+    return byte_vocab_llama(root / "m.gguf"), text
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """The n_gpu_layers of every llama.cpp model loaded."""
+    seen: list[int] = []
+    real = llama_cpp.Llama
+
+    def llama(*args, **kw):
+        model = real(*args, **kw)
+        seen.append(int(model.model_params.n_gpu_layers))
+        return model
+
+    monkeypatch.setattr(llama_cpp, "Llama", llama)
+    return seen
+
+
+def test_the_default_is_all_layers_where_llama_cpp_has_a_gpu(model_and_text):
+    src, _ = model_and_text
+    want = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    assert gpu_layers() == want
+    with offload(5):
+        assert LlamaCppModel(src, 64).llm.model_params.n_gpu_layers == 5
+        with offload(None):  # a nested call without the option keeps the caller's
+            assert gpu_layers() == 5
+    assert gpu_layers() == want
+
+
+@pytest.mark.parametrize("command", ["eval", "imatrix", "quantize"])
+def test_the_option_reaches_each_pass(
+    command, model_and_text, loads, monkeypatch, capsys, tmp_path, fresh_cache
+):
+    from ewq.api import inspect
+
+    src, text = model_and_text
+    if command == "eval":
+        argv = ["eval", str(src), "--task", "perplexity", "--data", str(text)]
+        argv += ["--limit", "1", "--ctx", "64"]
+    elif command == "imatrix":
+        argv = ["imatrix", str(src), "--calibration", str(text), "--ctx", "64"]
+        argv += ["--out", str(tmp_path / "m.imatrix.gguf")]
+    else:
+        import json
+
+        layout = inspect(src).layout
+        plan = tmp_path / "p.json"
+        plan.write_text(
+            json.dumps(
+                {
+                    "schema_version": 1,
+                    "blocks": [
+                        {"exec_index": b.exec_index, "precision": "4-bit"}
+                        for b in layout.transformer_blocks
+                    ],
+                }
+            )
+        )
+        argv = ["quantize", str(src), "--plan", str(plan), "--out"]
+        argv += [str(tmp_path / "q.gguf"), "--calibration", str(text)]
+        argv += ["--calibration-ctx", "64"]
+    code, _, err = run(monkeypatch, capsys, *argv, "--gpu-layers", "3")
+    assert code == 0, err
+    assert loads and set(loads) == {3}
