@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -156,16 +157,28 @@ def test_cli_writes_model_and_provenance(monkeypatch, capsys, tmp_path, llama_f1
     assert "blk.1" not in stdout or "4-bit" in stdout
 
 
-def test_an_analysis_json_is_not_a_plan():
+def test_an_analysis_json_is_a_plan_of_ewqs_decision():
+    """The JSON of `ewq analyze` plans each block at EWQ's decision for it (the
+    paper's unbudgeted result); the embedding and the head stay as they are."""
     doc = {
         "schema_version": 1,
         "kind": "ewq-analysis",
         "source": "x",
-        "num_blocks": 2,
-        "blocks": [{"exec_index": 2, "decision": "4-bit", "num_parameters": 10}],
+        "num_blocks": 3,
+        "alpha": 0.5,
+        "blocks": [
+            {"exec_index": 2, "decision": "4-bit", "num_parameters": 10},
+            {"exec_index": 3, "decision": "raw", "num_parameters": 10},
+        ],
     }
-    with pytest.raises(PlanError, match="'ewq-analysis' document, not a plan"):
-        plan_from_doc(doc)
+    plan = plan_from_doc(doc)
+    assert [(b.exec_index, b.precision.value) for b in plan.blocks] == [
+        (2, "4-bit"),
+        (3, "raw"),
+    ]
+    assert plan.embedding.precision.value == "raw" and plan.alpha == 0.5
+    with pytest.raises(PlanError, match="decision|precision"):
+        plan_from_doc({**doc, "blocks": [{"exec_index": 2, "decision": "5-bit?"}]})
 
 
 def bad_quantize(monkeypatch, capsys, tmp_path, source, plan_doc, *extra) -> str:
@@ -708,3 +721,33 @@ def test_the_tensors_ewq_never_quantizes_are_those_llama_cpp_keeps(
         ours = {n for n, shape, _, _ in header if not gguf_quantizable(n, shape)}
         assert kept == ours
         assert ours and len(ours) < len(header)
+
+
+@pytest.mark.parametrize("which", ["default", "minilm-gguf", "minilm-hf"])
+def test_the_analysis_json_quantizes_as_documented(
+    which, monkeypatch, capsys, tmp_path, minilm
+):
+    """The example of `ewq quantize --help` and the README: `ewq analyze SRC --json
+    a.json`, then `ewq quantize SRC --plan a.json --out X` writes each block at
+    EWQ's decision for it (GGUF from a GGUF and from a Hugging Face folder; the
+    Hugging Face output from a folder)."""
+    from test_cli import run
+
+    src = "default" if which == "default" else str(minilm)
+    analysis = tmp_path / "a.json"
+    code, _, err = run(monkeypatch, capsys, "analyze", src, "--json", str(analysis))
+    assert code == 0, err
+    out = tmp_path / ("model.gguf" if which != "minilm-hf" else "model")
+    extra = ["--format", "hf"] if which == "minilm-hf" else []
+    args = ["quantize", src, "--plan", str(analysis), "--out", str(out), *extra]
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 0, err
+    record = json.loads(Path(f"{out}.ewq.json").read_text())
+    decided = {
+        b["exec_index"]: b["decision"]
+        for b in json.loads(analysis.read_text())["blocks"]
+    }
+    planned = {t["exec_index"]: t["precision"] for t in record["tensors"]}
+    for i, p in decided.items():
+        assert planned[i] == p
+    assert set(decided.values()) - {"raw"}  # something was quantized

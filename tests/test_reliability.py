@@ -113,7 +113,7 @@ def test_an_analysis_json_given_as_a_plan(monkeypatch, capsys, tmp_path):
         json.dumps({"schema_version": 1, "kind": "ewq-analysis", "blocks": 7})
     )
     line = quantize_error(monkeypatch, capsys, src, plan, tmp_path / "o.gguf")
-    assert "'ewq-analysis' document, not a plan" in line
+    assert "an ewq analysis whose blocks are not a list" in line
     deep = tmp_path / "deep.json"
     deep.write_text('{"schema_version": 1, "blocks": ' + "[" * 5000 + "]" * 5000 + "}")
     line = quantize_error(monkeypatch, capsys, src, deep, tmp_path / "o.gguf")
@@ -289,3 +289,92 @@ def test_a_cluster_memory_of_absurd_size_is_one_line(
         "position",
     )
     assert message in line
+
+
+@pytest.mark.parametrize("budget", ["memory", "cluster"])
+@pytest.mark.parametrize("source", ["float", "quantized"])
+def test_a_budget_that_holds_the_model_whole(
+    monkeypatch, capsys, tmp_path, budget, source
+):
+    """A small model with room to spare is planned as it is: exit 0 and the plan
+    table, no ZeroDivisionError comparing damages with llama.cpp's recipe (which
+    does none either)."""
+    from ewq.quant.gguf import quantize_preset
+
+    src = f16_gguf(tmp_path / "m.gguf")
+    if source == "quantized":
+        src = tmp_path / "q.gguf"
+        quantize_preset(tmp_path / "m.gguf", "Q8_0", src)
+    where = ["--memory", "1GB"]
+    if budget == "cluster":
+        c = tmp_path / "c.yaml"
+        c.write_text(
+            "machines:\n  - {name: a, memory: 1GB}\n  - {name: b, memory: 1GB}\n"
+        )
+        where = ["--cluster", str(c)]
+    out = tmp_path / "plan.json"
+    code, stdout, err = run(
+        monkeypatch, capsys, "plan", str(src), *where, "--json", str(out)
+    )
+    assert code == 0 and "Traceback" not in err, err
+    doc = json.loads(out.read_text())
+    assert doc["fits"] and doc["predicted_kl"] == 0
+
+
+def test_an_importance_matrix_with_an_absurd_value(monkeypatch, capsys, tmp_path):
+    """A legacy .dat whose bytes were overwritten into a finite but absurd value is
+    refused when read, naming the tensor (it reached the allocator as NaN)."""
+    from ewq.imatrix import Entry, Imatrix, write_imatrix
+
+    src = f16_gguf(tmp_path / "m.gguf")
+    name = "blk.0.attn_q.weight"
+    vals = np.ones((1, 64), np.float32)
+    vals[0, 3] = 3e38
+    m = write_imatrix(
+        Imatrix({name: Entry(vals, np.array([4]))}), tmp_path / "m.dat", legacy=True
+    )
+    line = one_error(
+        monkeypatch, capsys, "plan", str(src), "--bpw", "4", "--imatrix", str(m)
+    )
+    assert name in line and "mean squared activation" in line
+
+
+def test_a_damage_that_is_no_number_is_one_line_before_the_allocator():
+    from ewq.api._fit import fit_tensors
+    from ewq.arch import resolve
+    from ewq.errors import EwqError
+    from ewq.formats import GGUF
+    from ewq.planning import Machine
+    from ewq.sensitivity import Sensitivity
+    from ewq.sources import open_source
+
+    with open_source("default") as s:
+        layout = resolve(s.index)
+    bad = Sensitivity("error", {"blk.3.ffn_down.weight": {"Q5_0": float("nan")}})
+    with pytest.raises(EwqError, match=r"blk\.3\.ffn_down\.weight.*nan.*Q5_0"):
+        fit_tensors(GGUF, layout, bad, None, None, [Machine("m", 10**9)], None, None)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_calibration_text_that_is_no_regular_file(
+    monkeypatch, capsys, tmp_path, kind
+):
+    """Said as what it is, and never opened (a FIFO would block)."""
+    import os
+
+    src = f16_gguf(tmp_path / "m.gguf")
+    text = {"directory": tmp_path, "device": "/dev/zero"}.get(kind)
+    if kind == "fifo":
+        text = tmp_path / "pipe"
+        os.mkfifo(text)
+    line = one_error(
+        monkeypatch,
+        capsys,
+        "plan",
+        str(src),
+        "--bpw",
+        "4",
+        "--calibration",
+        str(text),
+    )
+    assert "not a regular file" in line

@@ -115,11 +115,22 @@ class Imatrix:
                 )
 
 
+#: the largest mean squared activation an importance matrix may hold: activations of
+#: 1e15 are no model's (float32 products of such weights overflow on the way)
+MAX_WEIGHT = 1e30
+
+
 def _finite(name: str, sums: np.ndarray, counts: np.ndarray, origin: str) -> None:
     if not (np.isfinite(sums).all() and np.isfinite(counts).all()):
         raise ImatrixError(f"{origin}: '{name}' holds NaN or infinite values")
     if (sums < 0).any() or (counts < 0).any():
         raise ImatrixError(f"{origin}: '{name}' holds negative sums of squares")
+    means = sums.astype(np.float64) / np.maximum(counts.reshape(-1, 1), 1)
+    if means.size and float(means.max()) > MAX_WEIGHT:
+        raise ImatrixError(
+            f"{origin}: '{name}' holds a mean squared activation of "
+            f"{float(means.max()):.3g}, which no model computes (a damaged file?)"
+        )
 
 
 def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
@@ -199,14 +210,14 @@ def _read_dat(path: Path) -> Imatrix:
     data = path.read_bytes()
     pos = 0
 
-    def take(fmt: str, what: str):
+    def take(code: str, what: str):
         nonlocal pos
-        size = struct.calcsize(fmt)
+        size = struct.calcsize(code)
         if pos + size > len(data):
             raise ImatrixError(
                 f"{path}: not an importance matrix, or cut short (in {what})"
             )
-        out = struct.unpack_from(fmt, data, pos)
+        out = struct.unpack_from(code, data, pos)
         pos += size
         return out
 

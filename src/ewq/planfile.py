@@ -23,6 +23,9 @@ plan was made for; a plan whose blocks or tensors do not match the model is refu
 The planner adds fields of its own (bytes, machines, exports, the resolved config,
 the importance matrix it used, the predicted KL), each declared here; an unknown
 field (a misspelled "embeding") is refused, not ignored.
+
+The JSON of `ewq analyze` (kind ``ewq-analysis``) is read as a plan too: each block
+at EWQ's decision for it, with no budget (the paper's unbudgeted result).
 """
 
 from __future__ import annotations
@@ -246,6 +249,8 @@ def plan_from_doc(doc: Any, origin: str = "plan") -> Plan:
             f"{origin}: schema_version {version!r} is not supported (this ewq reads "
             f"{', '.join(map(str, _READS))})"
         )
+    if doc.get("kind") == "ewq-analysis":
+        doc = _from_analysis(doc, origin)
     if doc.get("kind", "ewq-plan") != "ewq-plan":
         raise PlanError(
             f"{origin}: a {doc.get('kind')!r} document, not a plan (make one with "
@@ -268,6 +273,34 @@ def plan_from_doc(doc: Any, origin: str = "plan") -> Plan:
             raise PlanError(f"{origin}: tensor '{t.name}' is planned twice")
         names.add(t.name)
     return plan
+
+
+def _from_analysis(doc: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The JSON of `ewq analyze` as a plan: EWQ's own decision per block, with no
+    budget (the paper's result: each block at the precision its entropy gives it;
+    the embedding and the head as they are)."""
+    blocks = doc.get("blocks")
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+        raise PlanError(f"{origin}: an ewq analysis whose blocks are not a list")
+    out: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "ewq-plan",
+        "method": "ewq",
+        "blocks": [
+            {
+                "exec_index": b.get("exec_index"),
+                "precision": b.get("decision"),
+                "num_parameters": b.get("num_parameters"),
+                "entropy": b.get("entropy"),
+                "decision": b.get("decision"),
+            }
+            for b in blocks
+        ],
+    }
+    for key in ("source", "num_blocks", "variant", "alpha", "eps"):
+        if doc.get(key) is not None:
+            out[key] = doc[key]
+    return out
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:

@@ -61,11 +61,13 @@ def plan_record(planned: PlanResult, ewq_version: str) -> Plan:
         method=planned.method,
         criterion=planned.criterion,
         allocator=planned.allocator,
-        # threads change the speed, not the plan: left out, so plans made with
-        # different thread counts are the same file
-        config=planned.config.model_dump(mode="json", exclude={"threads"}),
+        # threads and GPU offload change the speed, not the plan: left out, so
+        # plans made with different thread counts or devices are the same file
+        config=planned.config.model_dump(
+            mode="json", exclude={"threads", "gpu_layers"}
+        ),
         **made,
-        format=planned.format,
+        format=planned.format.name,
         fits=r.fits,
         total_bytes=r.total_bytes,
         capacity_bytes=r.capacity_bytes,
@@ -164,8 +166,10 @@ def anchor_line(anchor: Mapping[str, Any]) -> str:
         return f"{name} measured too" + (" and kept" if anchor["chosen"] else "")
     if anchor["chosen"]:
         return f"{name} kept (the damage model's plan was not clearly better)"
-    ratio = anchor["model_damage"] / anchor["recipe_damage"]
-    return f"{ratio:.2f}x the predicted damage of {name}"
+    model, recipe = anchor["model_damage"], anchor["recipe_damage"]
+    if recipe <= 0:  # a budget that holds the model as it is: nothing to compare
+        return f"no predicted damage, as {name}"
+    return f"{model / recipe:.2f}x the predicted damage of {name}"
 
 
 def broken_warning(planned: PlanResult) -> str | None:
