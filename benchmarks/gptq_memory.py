@@ -229,7 +229,7 @@ def scale(a) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     text = work / "calibration.txt"
     wiki = Path(os.environ.get("EWQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
-    text.write_text(load_text(wiki / "wikitext-2" / "train.txt")[: a.chars])
+    text.write_text(load_text(wiki / "wikitext-2" / "valid.txt")[: a.chars])
     ewq = str(ROOT / ".venv" / "bin" / "ewq")
     log = work / "log.txt"
     rows = []
@@ -242,9 +242,9 @@ def scale(a) -> dict:
             json.dumps(
                 {
                     "schema_version": 2,
-                    "num_blocks": n + 2,
+                    "num_blocks": n,
                     "blocks": [
-                        {"exec_index": i, "precision": "raw"} for i in range(1, n + 1)
+                        {"exec_index": i, "precision": "raw"} for i in range(2, n + 2)
                     ],
                     "tensors": [{"name": k, "type": t} for k, t in types.items()],
                 }
@@ -342,7 +342,9 @@ def main() -> None:
     s = sub.add_parser("scale")
     s.add_argument("--blocks", default="2,6")
     s.add_argument("--ctx", type=int, default=512)
-    s.add_argument("--chars", type=int, default=20000, help="of WikiText-2 train")
+    s.add_argument(
+        "--chars", type=int, default=20000, help="of WikiText-2 (validation)"
+    )
     s.add_argument("--memory-limit", default=None)
     s.add_argument("--work", default=Path.home() / ".cache" / "ewq" / "synthetic7b")
     for p in (q, s):

@@ -32,7 +32,7 @@ OPTS=(--documents lines --calib-ctx 64 --calib-tokens 8192)
 # the Hugging Face folder plans as the GGUF llama.cpp's converter makes of it
 for src in "$HF" "$GGUF"; do
   .venv/bin/ewq plan "$src" --format gguf --bpw 4.5 --context 0 --calibration "$CAL" \
-    --documents lines --calibration-ctx 64 --calibration-tokens 8192 \
+    --documents lines --calibration-ctx 64 --probe-tokens 8192 \
     --json "$WORK/plan-$(basename "$src").json" >/dev/null
 done
 .venv/bin/python - "$WORK/plan-$(basename "$HF").json" "$WORK/plan-$(basename "$GGUF").json" <<'PY'

@@ -111,7 +111,7 @@ def test_the_measured_selection_measures_the_recipe(llama, tmp_path):
         [Machine("m", _bytes(llama, recipe) + 4096)],
         context=0,
         calibration=text,
-        calibration_tokens=64,
+        probe_tokens=64,
         calibration_ctx=64,
         type_probes=1,
     )

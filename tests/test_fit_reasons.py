@@ -45,7 +45,8 @@ def _error(monkeypatch, capsys, tmp_path, cluster: str, context: str) -> str:
         "--context", context, "--json", str(js),
     )  # fmt: skip
     assert code == 1 and not js.exists()
-    lines = err.strip().splitlines()
+    # stderr is not a terminal here: the stage lines ([ewq] ...) come first
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith("[ewq] ")]
     assert len(lines) == 1 and "Traceback" not in err
     return lines[0]
 

@@ -274,3 +274,66 @@ def test_passes_hold_consecutive_blocks_within_the_limit(sizes, limit):
         assert held <= limit or len(group) == 1
     for held, nxt in zip(p.held, p.passes[1:], strict=False):
         assert held + blocks[nxt[0]] > limit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "when,signum",
+    [
+        ("importance matrix and second moments, pass 1/", 2),
+        ("second moments, pass 2/", 15),
+        ("GPTQ rounding: ", 2),
+        ("GPTQ rounding: ", 15),
+    ],
+    ids=[
+        "first pass-SIGINT",
+        "second pass-SIGTERM",
+        "rounding-SIGINT",
+        "rounding-SIGTERM",
+    ],
+)
+def test_a_signal_ends_gptq_at_every_stage_and_leaves_nothing(tmp_path, when, signum):
+    """SIGINT or SIGTERM inside the passes over the calibration text (llama.cpp
+    computing, the callback collecting) or while GPTQ rounds (numpy and LAPACK):
+    128 + the signal within two seconds, no traceback, nothing left beside the
+    inputs. The stage lines (stderr is a pipe) say when each stage is under way."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from models import byte_vocab_llama, shared_data
+    from test_quantize import uniform_plan
+
+    src = byte_vocab_llama(tmp_path / "m.gguf", n_blocks=4, hidden=1024)
+    text = tmp_path / "t.txt"
+    text.write_text((shared_data() / "wikitext-2" / "valid.txt").read_text()[:16_000])
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(uniform_plan("4-bit", 4)))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cmd = [sys.executable, "-m", "ewq", "quantize", str(src), "--plan", str(plan)]
+    cmd += ["--calibration", str(text), "--memory-limit", "40MiB"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "o.gguf")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    seen = b""
+    while when.encode() not in seen:
+        line = proc.stderr.readline()
+        assert line, (seen + proc.communicate()[1]).decode()
+        seen += line
+    time.sleep(0.1)  # into the stage
+    assert proc.poll() is None, (seen + proc.communicate()[1]).decode()
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    err = (seen + err).decode()
+    assert proc.returncode == 128 + signum, err
+    assert took < 2.0, (took, err)
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert signal.Signals(signum).name in ("SIGINT", "SIGTERM")

@@ -312,11 +312,19 @@ def test_a_signal_stops_the_imatrix_pass(tmp_path, signum):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    time.sleep(8)  # past the start-up, into the pass
+    # into the pass: its stage line (stderr is a pipe, so ewq prints one)
+    assert proc.stderr is not None
+    seen = b""
+    while b"importance matrix: " not in seen:
+        line = proc.stderr.readline()
+        assert line, (seen + proc.communicate()[1]).decode()
+        seen += line
+    time.sleep(1)  # a few windows in
     assert proc.poll() is None, proc.communicate()
     sent = time.monotonic()
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
+    err = seen + err
     took = time.monotonic() - sent
     assert proc.returncode == 128 + signum, err.decode()
     assert took < 5.0, took

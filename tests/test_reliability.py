@@ -378,3 +378,35 @@ def test_a_calibration_text_that_is_no_regular_file(
         str(text),
     )
     assert "not a regular file" in line
+
+
+def test_stages_say_what_they_do_where_no_progress_bar_is_seen(
+    monkeypatch, capsys, tmp_path
+):
+    """stderr is not a terminal here (a pipe, a job queue): each long stage is a line
+    with its size when it starts and one with its time when it ends, as llama.cpp's
+    tools print theirs; what ewq says otherwise is unchanged."""
+    import re
+
+    js = tmp_path / "plan.json"
+    code, _, err = run(
+        monkeypatch, capsys, "plan", "default", "--bpw", "4.5", "--context", "0",
+        "--json", str(js),
+    )  # fmt: skip
+    assert code == 0, err
+    stages = [x for x in err.splitlines() if x.startswith("[ewq] ")]
+    started = [x for x in stages if not re.search(r": done in [0-9.]+ s$", x)]
+    ended = [x for x in stages if x not in started]
+    assert any(re.match(r"\[ewq\] entropy analysis: 272 tensors, ", x) for x in started)
+    assert any(x.startswith("[ewq] error criterion: 272 tensors") for x in started)
+    assert len(started) == len(ended) >= 2, stages
+    assert f"wrote {js}" in err
+
+
+def test_no_stage_lines_on_a_terminal_without_verbose(monkeypatch, capsys, tmp_path):
+    """On a terminal the progress bars say it: no stage lines unless -v."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, _, err = run(monkeypatch, capsys, "analyze", "default")
+    assert code == 0 and "[ewq] " not in err, err

@@ -12,6 +12,7 @@ from ewq.calibration.text import CalibrationText, calibration_text
 from ewq.config import QuantizeConfig, Rounding
 from ewq.errors import EwqError
 from ewq.formats import OutputFormat
+from ewq.stages import stage
 
 __all__ = ["Calibrated", "calibrated", "gptq_then", "rounds"]
 
@@ -78,7 +79,7 @@ def calibrated(index, cfg: QuantizeConfig, threads, progress) -> Calibrated:
     text = calibration_text(cfg.calibration)
     limit = _limit(cfg)
     key = (file_digest(index.files[0]), text.sha256, cfg.calibration_ctx)
-    key += (str(cfg.documents), limit)
+    key += (str(cfg.documents), limit, cfg.calibration_tokens)
     if key in _HELD:
         return _HELD[key]
     _HELD.clear()  # one model's at a time: they may take gigabytes
@@ -90,6 +91,7 @@ def calibrated(index, cfg: QuantizeConfig, threads, progress) -> Calibrated:
         documents=str(cfg.documents),
         threads=threads,
         limit=limit,
+        tokens=cfg.calibration_tokens or None,
         progress=progress,
     )
     run = Calibrated(text, passes)
@@ -118,12 +120,15 @@ def gptq_then(commit, index, run: Calibrated, cfg: QuantizeConfig, progress):
     def rounded(tmp: Path, written: dict[str, str]) -> None:
         names: list[str] = []
         for moments in run.groups():
-            names += patch(Path(tmp), values, moments, progress)
+            size = f"{len(moments.names())} tensors, {moments.nbytes / 2**30:.2f} GiB"
+            with stage("GPTQ rounding", size + " of second moments"):
+                names += patch(Path(tmp), values, moments, progress)
             del moments
         commit.rounding.update(
             method="gptq",
             calibration_sha256=run.text.sha256,
             calibration_ctx=cfg.calibration_ctx,
+            calibration_tokens=cfg.calibration_tokens or None,
             documents=str(cfg.documents),
             damp=DAMP,
             tensors=len(names),

@@ -14,6 +14,7 @@ from ewq.fast.features import Features
 from ewq.fast.features import features as _features
 from ewq.records import Analysis, Inspection
 from ewq.sources import open_source
+from ewq.stages import stage
 from ewq.types import Progress
 
 __all__ = ["analyze", "features", "inspect"]
@@ -97,10 +98,18 @@ def analyze(
         return _sampled(spec, cfg, progress)
     with open_source(spec, download=cfg.download, revision=cfg.revision) as src:
         layout = resolve(src.index)
-        prof = profile(src, layout, eps=cfg.eps, workers=cfg.workers, progress=progress)
+        size = f"{len(src.index.tensors)} tensors, {_gb(src.index)} GB"
+        with stage("entropy analysis", size):
+            prof = profile(
+                src, layout, eps=cfg.eps, workers=cfg.workers, progress=progress
+            )
     entropies = {b.exec_index: b.entropy for b in prof.transformer}
     decision = decide(entropies, alpha=cfg.alpha, variant=cfg.variant)
     return Analysis(src.index, layout, prof, decision)
+
+
+def _gb(index) -> str:
+    return f"{sum(t.nbytes for t in index.tensors) / 1e9:.2f}"
 
 
 def _sampled(spec, cfg: AnalysisConfig, progress) -> Analysis:

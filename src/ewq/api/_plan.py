@@ -318,7 +318,7 @@ def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
         format=t.form,
         calibration=cfg.calibration,
         imatrix=im,
-        tokens=cfg.calibration_tokens,
+        tokens=cfg.probe_tokens,
         ctx=cfg.calibration_ctx,
         type_probes=cfg.type_probes,
         documents=cfg.documents.value,
@@ -390,6 +390,7 @@ def _imatrix(cfg: PlanConfig, source, index, layout, form: OutputFormat, progres
         source,
         cfg.calibration,
         documents=cfg.documents.value,
+        tokens=cfg.calibration_tokens or None,
         revision=cfg.revision,
         progress=progress,
     )

@@ -25,6 +25,7 @@ from ewq.quant.targets import (
 )
 from ewq.records import Quantized
 from ewq.sources import open_source
+from ewq.stages import stage
 from ewq.types import Progress
 
 log = logging.getLogger("ewq.api")
@@ -242,16 +243,17 @@ def _quantize_gguf(
     if run is not None:
         commit = gptq_then(commit, index, run, cfg, progress)
         meta["ewq.rounding"] = "gptq"
-    quantize_gguf(
-        path,
-        targets,
-        job.out,
-        threads=cfg.threads,
-        progress=progress,
-        before_commit=commit,
-        metadata=meta,
-        imatrix=imatrix,
-    )
+    with stage("writing", f"{len(targets)} tensors by llama.cpp's quantizer"):
+        quantize_gguf(
+            path,
+            targets,
+            job.out,
+            threads=cfg.threads,
+            progress=progress,
+            before_commit=commit,
+            metadata=meta,
+            imatrix=imatrix,
+        )
     return made[0]
 
 
@@ -342,7 +344,13 @@ def write_hf(job: _Job, index, layout, imatrix: Imatrix | None) -> Quantized:
     def typed(tmp: Path, written: Mapping[str, int]) -> None:  # bytes -> types
         commit(tmp, {t.name: t.type for t in targets if t.name in written})
 
-    quantize_hf(
-        folder, targets, job.out, progress=job.progress, before_commit=typed, card=card
-    )
+    with stage("writing", f"{len(targets)} tensors as compressed-tensors"):
+        quantize_hf(
+            folder,
+            targets,
+            job.out,
+            progress=job.progress,
+            before_commit=typed,
+            card=card,
+        )
     return made[0]

@@ -5,6 +5,7 @@ llama.cpp; the least KL kept."""
 from __future__ import annotations
 
 from ewq.formats import FLOAT_TYPES, GGUF
+from ewq.stages import stage
 
 __all__ = ["MODEL_PLAN", "recipe_label", "select"]
 
@@ -94,10 +95,11 @@ def select(
             g_index,
             g_layout,
             load_text(cfg.calibration),
-            tokens=cfg.calibration_tokens,
+            tokens=cfg.probe_tokens,
             ctx=cfg.calibration_ctx,
             documents=cfg.documents.value,
         ) as bench,
+        stage("selection", f"{len(found)} plans measured on the calibration text"),
     ):
         for k, (label, r) in enumerate(found):
             types = {n: str(o.precision) for n, o in r.tensors.items()}

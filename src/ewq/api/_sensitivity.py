@@ -26,6 +26,7 @@ from ewq.sensitivity import criterion as criterion_spec
 from ewq.sensitivity.prior import damage as error_damage
 from ewq.sensitivity.prior import table
 from ewq.sources import open_source
+from ewq.stages import stage
 from ewq.types import ModelIndex, Progress
 
 __all__ = ["imatrix", "load_imatrix", "sensitivity"]
@@ -108,9 +109,12 @@ def _error(
     """The error criterion: relative squared errors (sampled or whole), cached."""
     if imatrix is not None and not form.calibrated:
         raise EwqError("an importance matrix weighs GGUF output (--format gguf)")
-    errors, seconds, cached, intervals = measured_errors(
-        source, index, layout, form, imatrix, revision, progress, sample, threads
-    )
+    share = "every row" if sample is None else f"{sample.fraction:.0%} of the rows"
+    size = f"{len(index.tensors)} tensors, {share}, each type's round trip"
+    with stage("error criterion", size):
+        errors, seconds, cached, intervals = measured_errors(
+            source, index, layout, form, imatrix, revision, progress, sample, threads
+        )
     damage = error_damage(
         measured_layout(source, index, layout, form), errors, imatrix is not None
     )
@@ -186,7 +190,12 @@ def _kl(
             pass
     from ewq.sensitivity.kl import kl_sensitivity
 
-    with as_gguf(source, index, layout) as (g_index, g_layout):
+    probes = setting["type_probes"]
+    size = f"a pass over {setting['tokens']:,} tokens per tensor, {probes} type probes"
+    with (
+        stage("kl criterion", size),
+        as_gguf(source, index, layout) as (g_index, g_layout),
+    ):
         result = kl_sensitivity(
             g_index,
             g_layout,
@@ -244,6 +253,7 @@ def imatrix(
     ctx: int = 512,
     documents: str = "stream",
     chunks: int | None = None,
+    tokens: int | None = None,
     revision: str | None = None,
     gpu_layers: int | None = None,
     progress: Progress | None = None,
@@ -251,7 +261,8 @@ def imatrix(
     """The importance matrix of ``source`` (a GGUF file, or a Hugging Face checkpoint
     through llama.cpp's converter) on the text ``calibration``, computed in-process
     by llama.cpp as its llama-imatrix tool computes one (ewq.calibration.collect),
-    cached by the content of model and text; ``gpu_layers`` as
+    cached by the content of model and text; at most ``chunks`` windows holding at
+    most ``tokens`` tokens; ``gpu_layers`` as
     ewq.evaluate.backends.offload takes them."""
     text = calibration_text(calibration)
     with open_source(source, download=True, revision=revision) as src:
@@ -266,5 +277,6 @@ def imatrix(
             documents=documents,
             ctx=ctx,
             chunks=chunks,
+            tokens=tokens,
             progress=progress,
         )

@@ -47,6 +47,7 @@ from ewq.errors import EwqError
 from ewq.evaluate.windows import Documents, readable, text_windows
 from ewq.imatrix import Entry, Imatrix
 from ewq.native import ggml
+from ewq.stages import stage
 from ewq.types import Progress
 
 __all__ = ["Moments", "compute_imatrix", "compute_moments", "imatrix_windows"]
@@ -341,15 +342,26 @@ def compute_imatrix(
     ctx: int = 512,
     documents: Documents | str = Documents.STREAM,
     chunks: int | None = None,
+    tokens: int | None = None,
     dataset: str = "",
     threads: int | None = None,
     process_output: bool = False,
     progress: Progress | None = None,
 ) -> Imatrix:
     """The importance matrix of the GGUF model at ``path`` on ``text`` (windows of
-    ``ctx`` tokens, at most ``chunks`` of them), named ``dataset`` in its metadata."""
+    ``ctx`` tokens, at most ``chunks`` of them holding at most ``tokens`` tokens),
+    named ``dataset`` in its metadata."""
     collector, n = _collect(
-        path, text, ctx, documents, chunks, threads, progress, process_output
+        path,
+        text,
+        ctx,
+        documents,
+        chunks,
+        threads,
+        progress,
+        process_output,
+        tokens=tokens,
+        label="importance matrix",
     )
     return _imatrix_of(collector, n, ctx, dataset)
 
@@ -361,10 +373,12 @@ def compute_moments(
     ctx: int = 512,
     documents: Documents | str = Documents.STREAM,
     chunks: int | None = None,
+    tokens: int | None = None,
     threads: int | None = None,
     blocks: Collection[int] | None = None,
     sums: bool = True,
     progress: Progress | None = None,
+    label: str = "second moments",
 ) -> tuple[Imatrix | None, Moments]:
     """In one pass over ``text``: the importance matrix (with ``sums``) and the
     second moments X^T X of the inputs of dense ``blk.*`` weights (of ``blocks``
@@ -374,7 +388,17 @@ def compute_moments(
         return blocks is None or _block_of(name) in blocks
 
     collector, n = _collect(
-        path, text, ctx, documents, chunks, threads, progress, moments=chosen, sums=sums
+        path,
+        text,
+        ctx,
+        documents,
+        chunks,
+        threads,
+        progress,
+        moments=chosen,
+        sums=sums,
+        tokens=tokens,
+        label=label,
     )
     moments = collector.finish()
     return (_imatrix_of(collector, n, ctx, "") if sums else None), moments
@@ -395,6 +419,18 @@ def input_groups(
         path, text, ctx, documents, 1, threads, None, sums=False, first=8
     )
     return dict(collector.groups)
+
+
+def capped(seqs: list[list[int]], tokens: int | None) -> list[list[int]]:
+    """The first windows holding at most ``tokens`` tokens (at least one window)."""
+    if tokens is None:
+        return seqs
+    held = 0
+    for k, seq in enumerate(seqs):
+        held += len(seq)
+        if held > tokens:
+            return seqs[: max(k, 1)]
+    return seqs
 
 
 def _block_of(name: str) -> int | None:
@@ -468,9 +504,12 @@ def _collect(
     moments: Callable[[str], bool] | None = None,
     sums: bool = True,
     first: int | None = None,
+    tokens: int | None = None,
+    label: str = "",
 ) -> tuple[_Collector, int]:
     """Run llama.cpp over the windows of ``text`` (their ``first`` tokens alone,
-    when given) with the collecting callback."""
+    when given; the first windows holding at most ``tokens`` tokens) with the
+    collecting callback, as the stage ``label``."""
     import llama_cpp as lc
 
     from ewq.evaluate.backends import LlamaCppModel
@@ -481,6 +520,8 @@ def _collect(
     if not seqs:
         raise EwqError("the calibration text holds no window of at least 2 tokens")
     readable(seqs, model.unknown, "calibration text")
+    whole = sum(map(len, seqs))
+    seqs = capped(seqs, tokens)
     if first is not None:
         seqs = [s[:first] for s in seqs]
     collector = _Collector(lib, process_output, moments, sums)
@@ -497,8 +538,15 @@ def _collect(
         raise EwqError(f"{path}: llama.cpp could not make a context for it")
     batch = lc.llama_batch_init(ctx, 0, 1)
     started = time.perf_counter()
+    held = sum(map(len, seqs))
+    size = f"{len(seqs)} windows, {held:,} tokens"
+    if held < whole:
+        size += f" of the text's {whole:,} (--calibration-tokens)"
     try:
-        with _held_signals(collector):
+        with (
+            stage(label, size) if label else contextlib.nullcontext(),
+            _held_signals(collector),
+        ):
             _decode_all(lc, lctx, batch, seqs, collector, progress, started)
     finally:
         lc.llama_batch_free(batch)

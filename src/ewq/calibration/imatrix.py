@@ -40,6 +40,7 @@ def cached_imatrix(
     documents: str = "stream",
     ctx: int = 512,
     chunks: int | None = None,
+    tokens: int | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> Imatrix:
@@ -52,6 +53,7 @@ def cached_imatrix(
         "ctx": ctx,
         "documents": str(documents),
         "chunks": chunks,
+        "tokens": tokens,
     }
     stored = cache_dir() / "imatrix" / f"{imatrix_key(index, params)}.gguf"
     if stored.is_file():
@@ -69,6 +71,7 @@ def cached_imatrix(
             ctx=ctx,
             documents=documents,
             chunks=chunks,
+            tokens=tokens,
             dataset=text.name,
             threads=threads,
             progress=progress,

@@ -135,10 +135,12 @@ class MomentPasses:
         documents: str,
         threads: int | None,
         limit: int,
+        tokens: int | None = None,
         progress: Progress | None = None,
     ):
         self.path, self.text = path, text
         self.how = {"ctx": ctx, "documents": documents, "threads": threads}
+        self.tokens = tokens
         groups = input_groups(path, text.text, **self.how)
         if not groups:
             raise EwqError(f"{path}: llama.cpp multiplied no dense blk.* weight")
@@ -153,6 +155,7 @@ class MomentPasses:
         self._progress = progress
         self._started = time.perf_counter()
         self.seconds: list[float] = []
+        self.tokens_used: int | None = None
 
     def _pass(self, k: int, sums: bool) -> tuple[Imatrix | None, Moments]:
         blocks = set(self.plan.passes[k])
@@ -163,12 +166,15 @@ class MomentPasses:
                 self._progress(k * total + done, n * total, f"pass {k + 1}/{n}: {what}")
 
         started = time.perf_counter()
+        what = "importance matrix and second moments" if sums else "second moments"
         found = compute_moments(
             self.path,
             self.text.text,
             blocks=blocks,
             sums=sums,
             progress=told,
+            tokens=self.tokens,
+            label=f"{what}, pass {k + 1}/{n} (blocks {min(blocks)}-{max(blocks)})",
             **self.how,
         )
         self.seconds.append(time.perf_counter() - started)
@@ -178,6 +184,8 @@ class MomentPasses:
         """The importance matrix and the first group's second moments."""
         imatrix, moments = self._pass(0, sums=True)
         assert imatrix is not None
+        # a dense weight's input has a row per token of the windows
+        self.tokens_used = max(moments.rows.values(), default=0)
         return imatrix, moments
 
     def rest(self) -> Iterator[Moments]:
@@ -188,6 +196,7 @@ class MomentPasses:
     def record(self) -> dict:
         """What the provenance records of the passes."""
         return {
+            "tokens": self.tokens_used,
             "passes": len(self.plan.passes),
             "blocks_per_pass": [len(p) for p in self.plan.passes],
             "memory_limit": self.plan.limit,

@@ -36,12 +36,29 @@ def _root(
         handlers=[handler],
         force=True,
     )
+    _stage_lines(verbose or not sys.stderr.isatty())
     if version:
         out.print(f"ewq {__version__}")
         raise typer.Exit()
     if ctx.invoked_subcommand is None:  # `ewq -v` alone: the help, as `ewq` gives
         out.print(ctx.get_help())
         raise typer.Exit(2)
+
+
+def _stage_lines(shown: bool) -> None:
+    """A line per stage of long work (ewq.stages) on stderr where no progress bar
+    is seen (stderr not a terminal, as in a pipe or a job queue) or with -v."""
+    from ewq.stages import LOGGER
+
+    log = logging.getLogger(LOGGER)
+    log.handlers.clear()
+    log.propagate = False
+    if shown:
+        handler = _StderrHandler()
+        # a prefix of their own: a log's reader (or grep) tells them from messages
+        handler.setFormatter(_OneLineFormatter("[ewq] %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if shown else logging.WARNING)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -154,8 +154,13 @@ def quantize(
     if result.rounding.get("method") == "gptq":
         r = result.rounding
         passes = r.get("passes", 1)
+        tokens = r.get("tokens")
+        cap = r.get("calibration_tokens")
+        of_text = f"{tokens:,} tokens of " if tokens else ""
+        capped = f" (--calibration-tokens {cap:,})" if cap else ""
         err.print(
-            f"{r['tensors']} tensors rounded against the calibration text (GPTQ; "
+            f"{r['tensors']} tensors rounded against {of_text}the calibration text"
+            f"{capped} (GPTQ; "
             f"{passes} pass{'es' if passes != 1 else ''} over it, second moments of "
             f"at most {r.get('peak_moment_bytes', 0) / 2**30:.2f} GiB at once); "
             f"{record.name} has the llama-quantize command for the same types with "

@@ -159,7 +159,12 @@ def _compared(source, out_dir, config: CompareConfig, log: Log) -> dict[str, Any
         im = api.load_imatrix(cfg.imatrix, index, layout, source)
     elif cfg.calibration is not None:
         log("importance matrix of the calibration text (cached after the first run)")
-        im = api.imatrix(source, cfg.calibration, documents=cfg.documents.value)
+        im = api.imatrix(
+            source,
+            cfg.calibration,
+            documents=cfg.documents.value,
+            tokens=cfg.calibration_tokens or None,
+        )
     sens = _sensitivities(source, analysis, criteria, cfg, im, log)
     ref = Reference(
         path, eval_text, ctx=cfg.ctx, windows=cfg.windows, documents=cfg.documents
@@ -192,6 +197,7 @@ def _gptq(cfg: CompareConfig) -> dict[str, Any] | None:
     return {
         "calibration": cfg.calibration,
         "calibration_ctx": cfg.calib_ctx,
+        "calibration_tokens": cfg.calibration_tokens,
         "documents": cfg.documents,
         "rounding": "gptq",
     }
@@ -207,7 +213,8 @@ def _options(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
             "context": 0,
             "calibration": cfg.calibration,
             "imatrix": cfg.imatrix,
-            "calibration_tokens": cfg.calib_tokens,
+            "probe_tokens": cfg.calib_tokens,
+            "calibration_tokens": cfg.calibration_tokens,
             "calibration_ctx": cfg.calib_ctx,
             "documents": cfg.documents,
             "type_probes": cfg.type_probes,

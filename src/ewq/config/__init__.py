@@ -17,10 +17,17 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ewq.config._base import Config, cli, configure, gpu_layers_field
+from ewq.config._base import (
+    Config,
+    calibration_tokens_field,
+    cli,
+    configure,
+    gpu_layers_field,
+)
 from ewq.config._choices import (
     ANCHOR_PRESETS,
     DEFAULT_ALPHA,
+    DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_CONTEXT,
     IMATRIX_PRESETS,
     PRESETS,
@@ -40,6 +47,7 @@ from ewq.config._serve import ServeConfig
 
 __all__ = [
     "DEFAULT_ALPHA",
+    "DEFAULT_CALIBRATION_TOKENS",
     "DEFAULT_CONTEXT",
     "ANCHOR_PRESETS",
     "IMATRIX_PRESETS",
@@ -163,7 +171,8 @@ class PlanConfig(AnalysisConfig):
         "stream) or lines (every line a document of its own, for models trained on "
         "short sequences).",
     )
-    calibration_tokens: int = Field(
+    calibration_tokens: int = calibration_tokens_field()
+    probe_tokens: int = Field(
         1024,
         ge=16,
         description="Tokens of the calibration text each tensor's sensitivity is "
@@ -267,6 +276,7 @@ class QuantizeConfig(SourceConfig):
     calibration_ctx: int = Field(
         512, ge=16, description="Tokens per calibration window."
     )
+    calibration_tokens: int = calibration_tokens_field()
     rounding: Rounding = Field(
         Rounding.AUTO,
         description="gptq (the default with --calibration) or nearest (llama.cpp's "

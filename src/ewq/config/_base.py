@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ewq.errors import EwqError
 
-__all__ = ["Config", "cli", "configure", "gpu_layers_field"]
+__all__ = ["Config", "calibration_tokens_field", "cli", "configure", "gpu_layers_field"]
 
 
 def cli(flag: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -25,6 +25,18 @@ def gpu_layers_field() -> Any:
         description="Layers llama.cpp offloads to a GPU in its passes (-1: all). "
         "Default: all where llama.cpp was built with a GPU backend (CMAKE_ARGS, see "
         "the README), else none.",
+    )
+
+
+def calibration_tokens_field() -> Any:
+    """The --calibration-tokens cap, the same for every command that calibrates."""
+    from ewq.config._choices import DEFAULT_CALIBRATION_TOKENS
+
+    return Field(
+        DEFAULT_CALIBRATION_TOKENS,
+        ge=0,
+        description="At most this many tokens of the calibration text (its first "
+        "windows) for the importance matrix and GPTQ's second moments; 0: all of it.",
     )
 
 

@@ -8,6 +8,7 @@ from enum import StrEnum
 __all__ = [
     "ANCHOR_PRESETS",
     "DEFAULT_ALPHA",
+    "DEFAULT_CALIBRATION_TOKENS",
     "DEFAULT_CONTEXT",
     "IMATRIX_PRESETS",
     "PRESETS",
@@ -25,6 +26,11 @@ __all__ = [
 
 DEFAULT_ALPHA = 1.25  # reproduces the paper's share of 4-bit blocks (about 11%)
 DEFAULT_CONTEXT = 2048  # tokens the runtime holds, unless told otherwise
+#: tokens of a calibration text the importance matrix and the second moments are
+#: computed on: 128 windows of 512 tokens.
+#: Provisional: benchmarks/calibration_tokens.py measures the smallest
+#: count within 5% of the KL of 4x as many, which is to replace it
+DEFAULT_CALIBRATION_TOKENS = 65536
 
 #: llama.cpp's presets `ewq compare` measures ewq against, largest first
 PRESETS = (

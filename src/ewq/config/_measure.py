@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from ewq.config._base import Config, gpu_layers_field
+from ewq.config._base import Config, calibration_tokens_field, gpu_layers_field
 from ewq.config._choices import DEFAULT_ALPHA, PRESETS, Documents, Task
 
 __all__ = ["BenchConfig", "CompareConfig", "EvalConfig"]
@@ -69,6 +69,7 @@ class CompareConfig(Config):
         1024, ge=16, description="Calibration tokens per probe (kl criterion)."
     )
     calib_ctx: int = Field(256, ge=16, description="Tokens per calibration window.")
+    calibration_tokens: int = calibration_tokens_field()
     seeds: int = Field(3, ge=1, description="Random criteria (seeds).")
     criteria: str = Field(
         "kl,error,entropy,position,random",
