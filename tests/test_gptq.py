@@ -337,3 +337,24 @@ def test_a_signal_ends_gptq_at_every_stage_and_leaves_nothing(tmp_path, when, si
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert signal.Signals(signum).name in ("SIGINT", "SIGTERM")
+
+
+def test_the_default_token_cap_grows_with_the_widest_input():
+    """--calibration-tokens: the measured floor for narrow models, 4 tokens per
+    column of the widest weight input beyond it (X^T X of an input n wide needs n
+    tokens for full rank); 0 is the whole text, a number is taken as given."""
+    from types import SimpleNamespace as NS
+
+    from ewq.calibration.text import token_cap
+    from ewq.config import CALIBRATION_TOKENS_PER_WIDTH, DEFAULT_CALIBRATION_TOKENS
+
+    def index(*shapes):
+        return NS(
+            tensors=[NS(name=f"blk.0.w{k}", shape=s) for k, s in enumerate(shapes)]
+        )
+
+    narrow = index((1536, 576), (576, 1536))
+    wide = index((11008, 4096), (4096, 11008), (32000, 4096))
+    assert token_cap(None, narrow) == DEFAULT_CALIBRATION_TOKENS
+    assert token_cap(None, wide) == CALIBRATION_TOKENS_PER_WIDTH * 11008 > 8192
+    assert token_cap(0, wide) is None and token_cap(100, wide) == 100

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ewq.calibration.moments import MomentPasses, memory_limit
-from ewq.calibration.text import CalibrationText, calibration_text
+from ewq.calibration.text import CalibrationText, calibration_text, token_cap
 from ewq.config import QuantizeConfig, Rounding
 from ewq.errors import EwqError
 from ewq.formats import OutputFormat
@@ -79,7 +79,8 @@ def calibrated(index, cfg: QuantizeConfig, threads, progress) -> Calibrated:
     text = calibration_text(cfg.calibration)
     limit = _limit(cfg)
     key = (file_digest(index.files[0]), text.sha256, cfg.calibration_ctx)
-    key += (str(cfg.documents), limit, cfg.calibration_tokens)
+    cap = token_cap(cfg.calibration_tokens, index)
+    key += (str(cfg.documents), limit, cap)
     if key in _HELD:
         return _HELD[key]
     _HELD.clear()  # one model's at a time: they may take gigabytes
@@ -91,7 +92,7 @@ def calibrated(index, cfg: QuantizeConfig, threads, progress) -> Calibrated:
         documents=str(cfg.documents),
         threads=threads,
         limit=limit,
-        tokens=cfg.calibration_tokens or None,
+        tokens=cap,
         progress=progress,
     )
     run = Calibrated(text, passes)
@@ -128,7 +129,7 @@ def gptq_then(commit, index, run: Calibrated, cfg: QuantizeConfig, progress):
             method="gptq",
             calibration_sha256=run.text.sha256,
             calibration_ctx=cfg.calibration_ctx,
-            calibration_tokens=cfg.calibration_tokens or None,
+            calibration_tokens=run.passes.tokens,
             documents=str(cfg.documents),
             damp=DAMP,
             tensors=len(names),

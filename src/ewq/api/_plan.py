@@ -16,6 +16,7 @@ from ewq.api._model import analyze
 from ewq.api._select import select
 from ewq.api._sensitivity import imatrix, load_imatrix, sensitivity
 from ewq.arch import ModelLayout
+from ewq.calibration.text import token_cap
 from ewq.config import (
     Allocator,
     AnalysisConfig,
@@ -390,7 +391,7 @@ def _imatrix(cfg: PlanConfig, source, index, layout, form: OutputFormat, progres
         source,
         cfg.calibration,
         documents=cfg.documents.value,
-        tokens=cfg.calibration_tokens or None,
+        tokens=token_cap(cfg.calibration_tokens, index),
         revision=cfg.revision,
         progress=progress,
     )

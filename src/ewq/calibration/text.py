@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-__all__ = ["CalibrationText", "calibration_text"]
+from ewq.types import ModelIndex
+
+__all__ = ["CalibrationText", "calibration_text", "token_cap"]
 
 
 @dataclass(frozen=True)
@@ -33,3 +35,20 @@ def calibration_text(source: str | Path | CalibrationText) -> CalibrationText:
 
     path = Path(source)
     return CalibrationText(load_text(path), path.name, path)
+
+
+def token_cap(setting: int | None, index: ModelIndex) -> int | None:
+    """The tokens of a calibration text to use (None: all of it): ``setting``
+    (--calibration-tokens; 0 is all), else the default for ``index``'s model
+    (ewq.config: a floor, raised for models with wide inputs)."""
+    from ewq.config import CALIBRATION_TOKENS_PER_WIDTH, DEFAULT_CALIBRATION_TOKENS
+
+    if setting is not None:
+        return setting or None
+    widths = [
+        t.shape[-1]
+        for t in index.tensors
+        if t.name.startswith(("blk.", "model.layers.")) and len(t.shape) == 2
+    ]
+    widest = max(widths, default=0)
+    return max(DEFAULT_CALIBRATION_TOKENS, CALIBRATION_TOKENS_PER_WIDTH * widest)

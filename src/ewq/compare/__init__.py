@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ewq import api
+from ewq.calibration.text import token_cap
 from ewq.compare._common import Log, _counts, _doc
 from ewq.compare._encoder import compare_encoder
 from ewq.compare._plans import _plans
@@ -163,7 +164,7 @@ def _compared(source, out_dir, config: CompareConfig, log: Log) -> dict[str, Any
             source,
             cfg.calibration,
             documents=cfg.documents.value,
-            tokens=cfg.calibration_tokens or None,
+            tokens=token_cap(cfg.calibration_tokens, index),
         )
     sens = _sensitivities(source, analysis, criteria, cfg, im, log)
     ref = Reference(

@@ -26,6 +26,7 @@ from ewq.config._base import (
 )
 from ewq.config._choices import (
     ANCHOR_PRESETS,
+    CALIBRATION_TOKENS_PER_WIDTH,
     DEFAULT_ALPHA,
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_CONTEXT,
@@ -46,6 +47,7 @@ from ewq.config._measure import BenchConfig, CompareConfig, EvalConfig
 from ewq.config._serve import ServeConfig
 
 __all__ = [
+    "CALIBRATION_TOKENS_PER_WIDTH",
     "DEFAULT_ALPHA",
     "DEFAULT_CALIBRATION_TOKENS",
     "DEFAULT_CONTEXT",
@@ -171,7 +173,7 @@ class PlanConfig(AnalysisConfig):
         "stream) or lines (every line a document of its own, for models trained on "
         "short sequences).",
     )
-    calibration_tokens: int = calibration_tokens_field()
+    calibration_tokens: int | None = calibration_tokens_field()
     probe_tokens: int = Field(
         1024,
         ge=16,
@@ -276,7 +278,7 @@ class QuantizeConfig(SourceConfig):
     calibration_ctx: int = Field(
         512, ge=16, description="Tokens per calibration window."
     )
-    calibration_tokens: int = calibration_tokens_field()
+    calibration_tokens: int | None = calibration_tokens_field()
     rounding: Rounding = Field(
         Rounding.AUTO,
         description="gptq (the default with --calibration) or nearest (llama.cpp's "

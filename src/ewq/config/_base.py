@@ -30,13 +30,18 @@ def gpu_layers_field() -> Any:
 
 def calibration_tokens_field() -> Any:
     """The --calibration-tokens cap, the same for every command that calibrates."""
-    from ewq.config._choices import DEFAULT_CALIBRATION_TOKENS
+    from ewq.config._choices import (
+        CALIBRATION_TOKENS_PER_WIDTH,
+        DEFAULT_CALIBRATION_TOKENS,
+    )
 
     return Field(
-        DEFAULT_CALIBRATION_TOKENS,
+        None,
         ge=0,
         description="At most this many tokens of the calibration text (its first "
-        "windows) for the importance matrix and GPTQ's second moments; 0: all of it.",
+        "windows) for the importance matrix and GPTQ's second moments; 0: all of it. "
+        f"Default: {DEFAULT_CALIBRATION_TOKENS}, or {CALIBRATION_TOKENS_PER_WIDTH} "
+        "per column of the model's widest weight input if that is more.",
     )
 
 

@@ -69,7 +69,7 @@ class CompareConfig(Config):
         1024, ge=16, description="Calibration tokens per probe (kl criterion)."
     )
     calib_ctx: int = Field(256, ge=16, description="Tokens per calibration window.")
-    calibration_tokens: int = calibration_tokens_field()
+    calibration_tokens: int | None = calibration_tokens_field()
     seeds: int = Field(3, ge=1, description="Random criteria (seeds).")
     criteria: str = Field(
         "kl,error,entropy,position,random",
