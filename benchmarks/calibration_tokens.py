@@ -33,7 +33,9 @@ def measure(a) -> dict:
     from ewq.evaluate.backends import LlamaCppModel
     from ewq.evaluate.data import load_text
     from ewq.evaluate.reference import Reference, text_metrics
+    from ewq.planfile import plan_doc
     from ewq.quant.gguf import quantize_preset
+    from ewq.types import Precision
 
     layout = api.inspect(a.model).layout
     ref = Reference(
@@ -47,15 +49,11 @@ def measure(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["EWQ_CACHE"] = tmp  # every importance matrix from an empty cache
         types = quantize_preset(a.model, a.preset, Path(tmp) / "p.gguf")
-        plan = {
-            "schema_version": 2,
-            "num_blocks": layout.num_blocks,
-            "blocks": [
-                {"exec_index": b.exec_index, "precision": "raw"}
-                for b in layout.transformer_blocks
-            ],
-            "tensors": [{"name": n, "type": t} for n, t in types.items()],
-        }
+        plan = plan_doc(
+            layout.num_blocks,
+            {b.exec_index: Precision.RAW for b in layout.transformer_blocks},
+            tensors=types,
+        )
         for cap in (int(c) for c in a.caps.split(",")):
             started = time.perf_counter()
             api.imatrix(

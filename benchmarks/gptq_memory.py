@@ -48,7 +48,9 @@ def quality(a) -> dict:
     from ewq.evaluate.backends import LlamaCppModel
     from ewq.evaluate.data import load_text
     from ewq.evaluate.reference import Reference, text_metrics
+    from ewq.planfile import plan_doc
     from ewq.quant.gguf import quantize_preset
+    from ewq.types import Precision
 
     layout = api.inspect(a.model).layout
     ref = Reference(
@@ -62,15 +64,11 @@ def quality(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in a.presets.split(","):
             types = quantize_preset(a.model, preset, Path(tmp) / "p.gguf")
-            plan = {
-                "schema_version": 2,
-                "num_blocks": layout.num_blocks,
-                "blocks": [
-                    {"exec_index": b.exec_index, "precision": "raw"}
-                    for b in layout.transformer_blocks
-                ],
-                "tensors": [{"name": n, "type": t} for n, t in types.items()],
-            }
+            plan = plan_doc(
+                layout.num_blocks,
+                {b.exec_index: Precision.RAW for b in layout.transformer_blocks},
+                tensors=types,
+            )
             row = {"preset": preset}
             for name, dtype, limit in (
                 ("float32", np.float32, None),
@@ -221,7 +219,9 @@ def timed(cmd: list[str], log: Path) -> dict:
 
 def scale(a) -> dict:
     from ewq.evaluate.data import load_text
+    from ewq.planfile import plan_doc
     from ewq.quant.gguf import preset_recipes
+    from ewq.types import Precision
 
     tools = Path(
         subprocess.run(
@@ -244,18 +244,9 @@ def scale(a) -> dict:
         size = synthetic(src, n)
         types = preset_recipes(src, ("Q4_K_M",))["Q4_K_M"]
         plan = work / f"plan-{n}.json"
-        plan.write_text(
-            json.dumps(
-                {
-                    "schema_version": 2,
-                    "num_blocks": n,
-                    "blocks": [
-                        {"exec_index": i, "precision": "raw"} for i in range(2, n + 2)
-                    ],
-                    "tensors": [{"name": k, "type": t} for k, t in types.items()],
-                }
-            )
-        )
+        # exec_index 2..n+1: the transformer blocks (ewq.arch.layout)
+        raw = {i: Precision.RAW for i in range(2, n + 2)}
+        plan.write_text(json.dumps(plan_doc(n, raw, tensors=types)))
         out = work / f"ewq-{n}.gguf"
         for f in (out, Path(str(out) + ".ewq.json")):
             f.unlink(missing_ok=True)

@@ -60,21 +60,7 @@ def test_quantize_with_calibration_writes_what_llama_cpp_runs(model_and_text, tm
     it was rounded, the provenance counts the tensors, and llama.cpp's KL from the
     source is below that of the same types rounded by llama.cpp."""
     src, text = model_and_text
-    layout = api.inspect(src).layout
-    plan = {
-        "schema_version": 2,
-        "num_blocks": layout.num_blocks,
-        "blocks": [
-            {"exec_index": b.exec_index, "precision": "raw"}
-            for b in layout.transformer_blocks
-        ],
-        "tensors": [
-            {"name": info.name, "type": "Q3_K"}
-            for b in layout.transformer_blocks
-            for info in b.tensors
-            if len(info.shape) == 2
-        ],
-    }
+    plan = _q3k_plan(src)
     near, gptq = tmp_path / "near.gguf", tmp_path / "gptq.gguf"
     api.quantize(src, plan, near)
     q = api.quantize(src, plan, gptq, calibration=text, calibration_ctx=64)
@@ -195,21 +181,18 @@ def test_a_memory_limit_that_cannot_be_read_is_one_line(model_and_text, tmp_path
 
 
 def _q3k_plan(src) -> dict:
-    layout = api.inspect(src).layout
-    return {
-        "schema_version": 2,
-        "num_blocks": layout.num_blocks,
-        "blocks": [
-            {"exec_index": b.exec_index, "precision": "raw"}
-            for b in layout.transformer_blocks
-        ],
-        "tensors": [
-            {"name": info.name, "type": "Q3_K"}
-            for b in layout.transformer_blocks
-            for info in b.tensors
-            if len(info.shape) == 2
-        ],
-    }
+    """Every weight matrix of the transformer blocks at Q3_K, the rest as stored."""
+    from ewq.planfile import plan_doc
+    from ewq.types import Precision
+
+    blocks = api.inspect(src).layout.transformer_blocks
+    return plan_doc(
+        len(blocks),
+        {b.exec_index: Precision.RAW for b in blocks},
+        tensors={
+            i.name: "Q3_K" for b in blocks for i in b.tensors if len(i.shape) == 2
+        },
+    )
 
 
 def test_the_inverse_factor_is_the_cholesky_factor_of_the_inverse():
