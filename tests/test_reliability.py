@@ -395,12 +395,21 @@ def test_stages_say_what_they_do_where_no_progress_bar_is_seen(
     )  # fmt: skip
     assert code == 0, err
     stages = [x for x in err.splitlines() if x.startswith("[ewq] ")]
-    started = [x for x in stages if not re.search(r": done in [0-9.]+ s$", x)]
+    # a measurement an earlier run cached says so, inside its stage
+    reused = [x for x in stages if ": reused from the cache (measured in " in x]
+    stages = [x for x in stages if x not in reused]
+    started = [x for x in stages if not re.search(r": done in [0-9. minh]+ s$", x)]
     ended = [x for x in stages if x not in started]
     assert any(re.match(r"\[ewq\] entropy analysis: 272 tensors, ", x) for x in started)
     assert any(x.startswith("[ewq] error criterion: 272 tensors") for x in started)
     assert len(started) == len(ended) >= 2, stages
     assert f"wrote {js}" in err
+    # the second time, the errors come from the cache, and the run says so
+    code, _, err = run(
+        monkeypatch, capsys, "plan", "default", "--bpw", "4.5", "--context", "0",
+    )  # fmt: skip
+    assert code == 0 and "[ewq] errors: reused from the cache (measured in " in err
+    assert "error criterion: reused from the cache (measured once in " in err
 
 
 def test_no_stage_lines_on_a_terminal_without_verbose(monkeypatch, capsys, tmp_path):

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["LOGGER", "stage"]
+__all__ = ["LOGGER", "reused", "stage"]
 
 LOGGER = "ewq.stage"
 _log = logging.getLogger(LOGGER)
@@ -29,6 +29,11 @@ def stage(name: str, size: str = "") -> Iterator[None]:
     started = time.perf_counter()
     yield
     _log.info("%s: done in %s", name, _duration(time.perf_counter() - started))
+
+
+def reused(name: str, seconds: float) -> None:
+    """A stage not run again: what an earlier run measured is read from the cache."""
+    _log.info("%s: reused from the cache (measured in %s)", name, _duration(seconds))
 
 
 def _duration(seconds: float) -> str:

@@ -13,6 +13,7 @@ from ewq.cache import code_digest, key, load_entry, runtime_id, store_entry
 from ewq.quant.convert import as_gguf
 from ewq.sensitivity import criterion as criterion_spec
 from ewq.sources import open_source
+from ewq.stages import reused
 from ewq.types import ModelIndex
 
 
@@ -62,9 +63,12 @@ def measured_errors(
         if doc is not None:
             try:
                 errors, seconds = damage_of(doc["errors"]), float(doc["seconds"])
-                return errors, seconds, True, dict(doc.get("intervals") or {})
+                found = errors, seconds, True, dict(doc.get("intervals") or {})
             except (KeyError, TypeError, ValueError):
                 pass
+            else:
+                reused("errors", seconds)
+                return found
         import time
 
         started = time.perf_counter()

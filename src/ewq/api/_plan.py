@@ -322,6 +322,7 @@ def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
         tokens=cfg.probe_tokens,
         ctx=cfg.calibration_ctx,
         type_probes=cfg.type_probes,
+        probes=cfg.probes,
         documents=cfg.documents.value,
         analysis=analysis,
         revision=cfg.revision,

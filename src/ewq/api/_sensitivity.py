@@ -14,6 +14,7 @@ from ewq.arch import ModelLayout, resolve
 from ewq.cache import load_entry, store_entry
 from ewq.calibration.imatrix import cached_imatrix, checked_imatrix
 from ewq.calibration.text import calibration_text
+from ewq.config import DEFAULT_PROBES
 from ewq.errors import EwqError
 from ewq.evaluate.backends import offload
 from ewq.formats import GGUF, OutputFormat, format_for, output_format
@@ -26,7 +27,7 @@ from ewq.sensitivity import criterion as criterion_spec
 from ewq.sensitivity.prior import damage as error_damage
 from ewq.sensitivity.prior import table
 from ewq.sources import open_source
-from ewq.stages import stage
+from ewq.stages import reused, stage
 from ewq.types import ModelIndex, Progress
 
 __all__ = ["imatrix", "load_imatrix", "sensitivity"]
@@ -43,6 +44,7 @@ def sensitivity(
     ctx: int = 256,
     documents: str = "stream",
     type_probes: int | None = 4,
+    probes: int | None = DEFAULT_PROBES,
     seed: int = 0,
     analysis: Analysis | None = None,
     revision: str | None = None,
@@ -53,7 +55,8 @@ def sensitivity(
     """Estimated damage per tensor and type by ``criterion`` (ewq.sensitivity).
 
     ``sample``: the error criterion estimates each tensor's error from a random
-    sample of its rows (ewq.sampling), with intervals in its details.
+    sample of its rows (ewq.sampling), with intervals in its details; the kl
+    criterion its imatrix-weighted errors.
 
     ``format``: the output format whose types are measured (an entry of
     ewq.formats.FORMATS or its name; default: the one the source is written in).
@@ -99,8 +102,11 @@ def sensitivity(
         "ctx": ctx,
         "documents": documents,
         "type_probes": type_probes,
+        "probes": probes,
     }
-    return _kl(source, index, layout, text, imatrix, setting, revision, progress)
+    return _kl(
+        source, index, layout, text, imatrix, setting, revision, progress, sample
+    )
 
 
 def _error(
@@ -164,23 +170,30 @@ def regrown(
 
 
 def _kl(
-    source, index, layout, text, imatrix, setting, revision, progress
+    source, index, layout, text, imatrix, setting, revision, progress, sample=None
 ) -> Sensitivity:
-    """The kl criterion: measured once per model, text and setting, then cached."""
-    errors, _, _, _ = measured_errors(
-        source, index, layout, GGUF, imatrix, revision, progress
-    )
+    """The kl criterion: measured once per model, text and setting, then cached.
+    ``sample``: the imatrix-weighted errors from a sample of each tensor's rows (a
+    measured tensor's damage at its probe type is its measured KL all the same)."""
+    share = "every row" if sample is None else f"{sample.fraction:.0%} of the rows"
+    size = f"{len(index.tensors)} tensors, {share}, each type's round trip"
+    with stage("errors weighted by the importance matrix", size):
+        errors, _, _, _ = measured_errors(
+            source, index, layout, GGUF, imatrix, revision, progress, sample
+        )
     params = {
         "text": text.sha256,
         "imatrix": imatrix.digest(),
         **setting,
         "documents": str(setting["documents"]),
     }
+    if sample is not None:  # (every row: the key it always had)
+        params["sample"] = dataclasses.asdict(sample)
     k = cache_key(index, "kl", params)
     doc = load_entry("kl", k)
     if doc is not None:
         try:
-            return Sensitivity(
+            found = Sensitivity(
                 "kl",
                 damage_of(doc["damage"]),
                 float(doc["seconds"]),
@@ -188,10 +201,16 @@ def _kl(
             )
         except (KeyError, TypeError, ValueError):
             pass
+        else:
+            reused("kl criterion", found.seconds)
+            return found
     from ewq.sensitivity.kl import kl_sensitivity
 
-    probes = setting["type_probes"]
-    size = f"a pass over {setting['tokens']:,} tokens per tensor, {probes} type probes"
+    size = (
+        f"a pass over {setting['tokens']:,} tokens for each of at most "
+        f"{setting['probes'] or 'every'} tensors, {setting['type_probes']} "
+        "tensors at every type"
+    )
     with (
         stage("kl criterion", size),
         as_gguf(source, index, layout) as (g_index, g_layout),

@@ -272,9 +272,17 @@ def _show_plan(planned) -> None:
     """The plan's table, its warnings, its placement and the runtimes' commands."""
     from ewq.reports.fit import idle_reasons
     from ewq.reports.plan import broken_warning
-    from ewq.reports.plan_view import export_lines, placement_table, plan_table
+    from ewq.reports.plan_view import (
+        export_lines,
+        measured_line,
+        placement_table,
+        plan_table,
+    )
 
     out.print(plan_table(planned))
+    measured = measured_line(planned)
+    if measured is not None:
+        err.print(measured, markup=False, highlight=False)
     warning = broken_warning(planned)
     if warning is not None:
         err.print(warning, markup=False, highlight=False)

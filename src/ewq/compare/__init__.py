@@ -219,6 +219,7 @@ def _options(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
             "calibration_ctx": cfg.calib_ctx,
             "documents": cfg.documents,
             "type_probes": cfg.type_probes,
+            "probes": cfg.probes,
         }
     return out
 
@@ -280,6 +281,7 @@ def _sensitivities(
                 ctx=cfg.calib_ctx,
                 documents=cfg.documents.value,
                 type_probes=cfg.type_probes,
+                probes=cfg.probes,
             )
             continue
         sample_c = sample if c == "error" else None

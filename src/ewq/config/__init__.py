@@ -30,6 +30,7 @@ from ewq.config._choices import (
     DEFAULT_ALPHA,
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_CONTEXT,
+    DEFAULT_PROBES,
     IMATRIX_PRESETS,
     PRESETS,
     Allocator,
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_CALIBRATION_TOKENS",
     "DEFAULT_CONTEXT",
+    "DEFAULT_PROBES",
     "ANCHOR_PRESETS",
     "IMATRIX_PRESETS",
     "PRESETS",
@@ -128,7 +130,7 @@ class AnalysisConfig(SourceConfig):
         description="Read this share of each tensor's rows (seeded, random), with "
         "stated intervals: the entropy analysis samples every matrix and samples "
         "again the blocks whose side of a decision boundary it cannot tell; the "
-        "error criterion reads at least 64 rows (doubled while a type's 95% interval "
+        "error and kl criteria's errors read at least 64 rows (doubled while a type's 95% interval "
         "is wider than 25%), and a plan samples again (4x, up to 3 rounds) the "
         "tensors whose type it cannot tell within their intervals. A hub id is then "
         "read by range requests, the sampled rows only. Default: every row.",
@@ -186,8 +188,17 @@ class PlanConfig(AnalysisConfig):
     type_probes: int | None = Field(
         4,
         ge=0,
-        description="Tensors measured at every type by --criterion kl (the others "
-        "once, and scaled); more than the model has: every (tensor, type) pair.",
+        description="Float tensors --criterion kl writes at every type, together in "
+        "one model per type, for each type's factor (a model written and run per "
+        "type); 0: the data-free table's factors, nothing written; more than the "
+        "model has: every (tensor, type) pair on its own.",
+    )
+    probes: int | None = Field(
+        DEFAULT_PROBES,
+        ge=2,
+        description="Tensors whose sensitivity --criterion kl measures, a pass over "
+        "--probe-tokens each (at least the first and last of each role); the others "
+        "are interpolated over depth. More than the model has: every tensor.",
     )
     select: bool = Field(
         True,

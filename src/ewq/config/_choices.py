@@ -11,6 +11,7 @@ __all__ = [
     "CALIBRATION_TOKENS_PER_WIDTH",
     "DEFAULT_CALIBRATION_TOKENS",
     "DEFAULT_CONTEXT",
+    "DEFAULT_PROBES",
     "IMATRIX_PRESETS",
     "PRESETS",
     "Allocator",
@@ -36,6 +37,10 @@ DEFAULT_CALIBRATION_TOKENS = 8192
 #: second moment X^T X of an input n wide has full rank only from n tokens on (not
 #: measured: no unquantized model wider than 2,048 is at hand here)
 CALIBRATION_TOKENS_PER_WIDTH = 4
+#: tensors whose sensitivity the kl criterion measures, a pass each; the others' are
+#: interpolated over depth, so that the passes do not grow with the tensor count (a
+#: 7B model has 224 weight tensors, a 70B 560): benchmarks/probe_budget.py
+DEFAULT_PROBES = 32
 
 #: llama.cpp's presets `ewq compare` measures ewq against, largest first
 PRESETS = (

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from ewq.config._base import Config, calibration_tokens_field, gpu_layers_field
-from ewq.config._choices import DEFAULT_ALPHA, PRESETS, Documents, Task
+from ewq.config._choices import DEFAULT_ALPHA, DEFAULT_PROBES, PRESETS, Documents, Task
 
 __all__ = ["BenchConfig", "CompareConfig", "EvalConfig"]
 
@@ -80,6 +80,9 @@ class CompareConfig(Config):
     )
     type_probes: int | None = Field(
         4, ge=0, description="Tensors whose KL is measured at every type (kl)."
+    )
+    probes: int | None = Field(
+        DEFAULT_PROBES, ge=2, description="Tensors whose sensitivity is measured (kl)."
     )
     sample: float | None = Field(
         None,

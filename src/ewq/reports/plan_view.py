@@ -16,7 +16,13 @@ from ewq.reports.inspect import human_bytes
 from ewq.reports.plan import anchor_line, machine_record, predicted_kl
 from ewq.types import BlockKind
 
-__all__ = ["export_lines", "placement_table", "plan_table", "unfit_message"]
+__all__ = [
+    "export_lines",
+    "measured_line",
+    "placement_table",
+    "plan_table",
+    "unfit_message",
+]
 
 
 def plan_table(planned: PlanResult) -> Table:
@@ -122,6 +128,26 @@ def _caption(planned: PlanResult) -> str:
     if sampled:
         extra.append(sampled)
     return f"{caption}; " + "; ".join(extra)
+
+
+def measured_line(planned: PlanResult) -> str | None:
+    """What the criterion measured for this plan, or that it reused an earlier
+    measurement (one measurement serves every budget and machine); None for a
+    modelled criterion."""
+    sens = planned.sensitivity
+    if sens is None or "cached" not in sens.details:  # a modelled criterion
+        return None
+    d = sens.details
+    what = f"{sens.criterion} criterion"
+    if "tensors_measured" in d:
+        what += (
+            f" ({d['tensors_measured']} tensors measured, "
+            f"{d['tensors_interpolated']} interpolated, "
+            f"{d.get('type_files', 0)} type files)"
+        )
+    if d.get("cached"):
+        return f"{what}: reused from the cache (measured once in {sens.seconds:.0f} s)"
+    return f"{what}: measured in {sens.seconds:.0f} s (cached for other budgets)"
 
 
 def _sampled_line(planned: PlanResult) -> str | None:
