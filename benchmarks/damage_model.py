@@ -11,7 +11,7 @@ predicted KL and the measured KL, and the measured / predicted ratio.
 
     python benchmarks/damage_model.py MODEL.gguf EVAL.txt CALIBRATION.txt \\
         [--documents lines --ctx 64 --windows 512 --calib-ctx 64 --calib-tokens 8192]
-        [--type-probes 4] [--plans 20] [--json OUT.json]
+        [--type-probes 4] [--probes 32|all] [--plans 20] [--json OUT.json]
 
 Run alone: llama.cpp's threads spin, and the figures are times too.
 """
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--calib-ctx", type=int, default=256)
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--type-probes", type=int, default=4)
+    ap.add_argument("--probes", default="32", help="tensors measured (all: every one)")
     ap.add_argument("--plans", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -66,6 +67,7 @@ def main() -> None:
         ctx=a.calib_ctx,
         documents=a.documents,
         type_probes=a.type_probes,
+        probes=None if a.probes == "all" else int(a.probes),
     )
     free = api.sensitivity(a.model, "error")
     weighted = api.sensitivity(a.model, "error", imatrix=m)
@@ -137,6 +139,7 @@ def main() -> None:
         "kl_seconds": kl.seconds,
         "kl_probes": kl.details.get("probes"),
         "kl_probes_swapped": kl.details.get("probes_swapped"),
+        "kl_tensors_interpolated": kl.details.get("tensors_interpolated"),
         "kl_tokens": kl.details.get("tokens"),
         "forward_seconds_eval": forward,
         "eval_tokens": sum(len(s) for s in ref.seqs),
