@@ -1,8 +1,9 @@
-"""A seeded mutation fuzzer over every kind of input ewq reads (issue 13).
+"""A seeded mutation fuzzer over every kind of input ewq reads (issues 13 and 39).
 
 Each case mutates one valid input (safetensors and GGUF headers, config.json, plan
-JSON, cluster YAML, dataset CSV, FastEWQ .npz) and runs the command that reads it, in
-process. Every case must end in success (0), one `ewq: error:` line and exit 1, or a
+JSON, cluster YAML, dataset CSV, FastEWQ .npz, importance matrices in llama.cpp's GGUF
+and legacy .dat formats, calibration texts, per-tensor plans) or plans with a budget
+that holds the model whole, and runs the command that reads it, in process. Every case must end in success (0), one `ewq: error:` line and exit 1, or a
 usage error (2): never a traceback, never a file left behind after a failure. The
 counts per kind are printed (pytest -s) and asserted.
 """
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from models import Q, gguf_tensors, write_gguf
+from models import Q, byte_vocab_llama, gguf_tensors, shared_data, write_gguf
 from test_cli import run
+
+from ewq.quant.gguf import quantize_preset
 
 CASES = {  # per input kind; >= 2,000 in all
     "safetensors": 500,
@@ -30,6 +33,11 @@ CASES = {  # per input kind; >= 2,000 in all
     "cluster": 250,
     "csv": 200,
     "classifier": 120,
+    # issue 39: the planner's edge and the newest inputs
+    "whole": 24,  # budgets that hold the model whole
+    "imatrix": 80,  # importance matrices, both formats, mutated
+    "text": 27,  # calibration texts of every wrong kind
+    "tensor_plan": 80,  # per-tensor plans, mutated
 }
 
 _HUGE = [
@@ -110,6 +118,42 @@ def _mutate_doc(doc, rng: random.Random):
     return rng.choice(_HUGE)
 
 
+_TYPES = ["Q4_K", "Q8_0", "IQ2_XS", "IQ4_XS", "Q5_0", "Q2_K", "F16", "F32", "BF16"]
+_TYPES += ["TQ1_0", "IQ1_S", "Q4_0_4_4", "NOPE", "", "q4_k"]
+
+
+#: calibration text kinds, each met CASES["text"] / 9 times
+_TEXTS = ["empty", "binary", "utf8", "line", "blank", "control", "fifo", "dir", "ok"]
+
+
+def case_of(d: Path) -> int:
+    """The case number of a case's folder (c0, c1, ...)."""
+    return int(d.name[1:])
+
+
+def _tensor_plan(rng: random.Random, default: str) -> dict:
+    """A per-tensor plan for the byte-vocabulary Llama (2 blocks), some tensors at
+    other types, one missing or one that the model does not have."""
+    names = [
+        f"blk.{b}.{t}.weight"
+        for b in (0, 1)
+        for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")
+    ] + ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight", "token_embd.weight"]
+    tensors = [{"name": n, "type": default} for n in names]
+    for t in rng.sample(tensors, rng.randint(0, 3)):
+        t["type"] = rng.choice(_TYPES)
+    if rng.random() < 0.2:
+        tensors.pop(rng.randrange(len(tensors)))
+    if rng.random() < 0.2:
+        tensors.append({"name": "blk.9.attn_q.weight", "type": default})
+    return {
+        "schema_version": 2,
+        "num_blocks": 2,
+        "blocks": [{"exec_index": i, "precision": "raw"} for i in (2, 3)],
+        "tensors": tensors,
+    }
+
+
 def _dump(doc) -> str:
     try:
         return json.dumps(doc, allow_nan=True)
@@ -134,7 +178,12 @@ def seeds(tmp_path_factory, tiny_models):
     t = gguf_tensors("llama", 2, hidden=64)
     t = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in t.items()}
     gg = write_gguf(root / "m.gguf", "llama", 2, t, hidden=64)
+    byte = byte_vocab_llama(root / "byte.gguf")  # what tests/data's imatrices fit
+    q8 = root / "q8.gguf"
+    quantize_preset(gg, "Q8_0", q8)
     return {
+        "byte": byte,
+        "q8": q8,
         "safetensors": (llama / "model.safetensors").read_bytes(),
         "config": json.loads((llama / "config.json").read_text()),
         "llama": llama,
@@ -256,7 +305,106 @@ def _kinds(seeds) -> dict[str, Callable]:
         argv = ["plan", str(cfg), "--memory", "1GB", "--method", "fast"]
         return [*argv, "--classifier", str(f)], {"c.npz", "config.json"}
 
+    def whole(d: Path, rng):
+        """A budget with room to spare: the plan keeps or upgrades everything and
+        says so, for float and quantized sources, one machine or a cluster."""
+        src = rng.choice([seeds["gguf_path"], seeds["q8"], seeds["llama"]])
+        size = sum(f.stat().st_size for f in Path(src).rglob("*") if f.is_file())
+        size = size or Path(src).stat().st_size
+        room = int(size * rng.choice([1.5, 3, 100, 10**6]))
+        argv = ["plan", str(src), "--context", "0", "--json", str(d / "p.json")]
+        argv += ["--criterion", rng.choice(["error", "position", "entropy", "random"])]
+        if rng.random() < 0.5:
+            argv += ["--memory", f"{room}B"]
+        else:
+            c = d / "c.yaml"
+            machines = "".join(
+                f"  - {{name: m{i}, memory: {room}B}}\n"
+                for i in range(rng.randint(1, 3))
+            )
+            c.write_text("machines:\n" + machines)
+            argv += ["--cluster", str(c)]
+        return argv, {"c.yaml"}
+
+    tool = Path(__file__).parent / "data" / "imatrix-v1-byte-llama"
+
+    def imatrix(d: Path, rng):
+        """llama.cpp's own files, mutated: bytes, or values made NaN, infinite,
+        negative or huge, or another model's matrix; read by a plan and by the
+        quantizer."""
+        ext = rng.choice([".gguf", ".dat"])
+        data = bytearray(Path(str(tool) + ext).read_bytes())
+        op = rng.random()
+        if op < 0.5:
+            data = bytearray(_mutate_bytes(bytes(data), rng))
+        elif op < 0.9:  # float32 values past the header
+            for _ in range(rng.randint(1, 6)):
+                at = rng.randrange(len(data) // 2, len(data) - 4) & ~3
+                value = rng.choice([float("nan"), float("inf"), -1.0, -1e30, 3e38])
+                data[at : at + 4] = struct.pack("<f", value)
+        f = d / f"m.imatrix{ext}"
+        f.write_bytes(bytes(data))
+        model = seeds["byte"] if op < 0.9 else seeds["gguf_path"]
+        if rng.random() < 0.5:  # read and checked against the model (a criterion
+            # that measures nothing: the error criterion's round trips take seconds)
+            argv = ["plan", str(model), "--bpw", "4.5", "--context", "0"]
+            argv += ["--imatrix", str(f), "--criterion", "position"]
+            return argv, {f.name}
+        p = d / "plan.json"
+        p.write_text(json.dumps(_tensor_plan(rng, "IQ4_XS")))
+        out = d / "o.gguf"
+        argv = ["quantize", str(model), "--plan", str(p), "--out", str(out)]
+        return [*argv, "--imatrix", str(f)], {f.name, "plan.json"}
+
+    wiki = (shared_data() / "wikitext-2" / "valid.txt").read_bytes()[:6000]
+
+    def text(d: Path, rng):
+        """Calibration texts of every wrong kind: empty, binary, invalid UTF-8, one
+        huge line, empty lines, control characters, a FIFO, a directory."""
+        import os
+
+        f = d / "t.txt"
+        kind = _TEXTS[case_of(d) % len(_TEXTS)]
+        if kind == "fifo":
+            os.mkfifo(f)
+        elif kind == "dir":
+            f.mkdir()
+        else:
+            f.write_bytes(
+                {
+                    "empty": b"",
+                    "binary": bytes(rng.randrange(256) for _ in range(4000)),
+                    "utf8": wiki[:3000] + b"\xff\xfe\xc3" + wiki[3000:],
+                    "line": wiki.replace(b"\n", b" ") * 40,
+                    "blank": b"\n" * 20000 + wiki[:500],
+                    "control": bytes(rng.randrange(32) for _ in range(3000)) + wiki,
+                    "ok": _mutate_bytes(wiki, rng),
+                }[kind]
+            )
+        argv = ["imatrix", str(seeds["byte"]), "--calibration", str(f)]
+        argv += ["--out", str(d / "o.gguf"), "--ctx", "64", "--chunks", "2"]
+        return argv, {"t.txt"}
+
+    def tensor_plan(d: Path, rng):
+        """Per-tensor plans, mutated: unknown types, types a tensor's rows do not
+        allow, missing and extra tensors, a type that needs an importance matrix
+        given none."""
+        doc = _tensor_plan(rng, rng.choice(["Q4_K", "Q8_0", "IQ2_XS", "Q5_0"]))
+        if rng.random() < 0.6:
+            doc = _mutate_doc(doc, rng)
+        p = d / "plan.json"
+        p.write_text(_dump(doc))
+        out = d / "o.gguf"
+        return (
+            ["quantize", str(seeds["byte"]), "--plan", str(p), "--out", str(out)],
+            {"plan.json"},
+        )
+
     return {
+        "whole": whole,
+        "imatrix": imatrix,
+        "text": text,
+        "tensor_plan": tensor_plan,
         "safetensors": safetensors,
         "gguf": gguf,
         "config": config,
