@@ -157,7 +157,7 @@ def test_growth_samples_again_only_the_undecided_tensors_up_to_their_rows():
 
 def test_a_sampled_plan_keeps_the_full_measurements_quality(f16):
     """ewq plan --sample on an F16 Llama (ggml's quantizer, rows of 512): scored by
-    the full measurement, the sampled plan's damage is within 2% of the full plan's,
+    the full measurement (--sample 1: every row), the sampled plan's damage is within 2% of the full plan's,
     at several budgets; fewer rows are read than the model has, and a round that
     found undecided tensors sampled them again."""
     from ewq import api
@@ -166,7 +166,7 @@ def test_a_sampled_plan_keeps_the_full_measurements_quality(f16):
 
     machines = [Machine("local", 1 << 62)]
     for bpw in (3.0, 4.5, 6.0):
-        full = api.plan(str(f16), machines, bpw=bpw, context=0, anchor=False)
+        full = api.plan(str(f16), machines, bpw=bpw, context=0, anchor=False, sample=1)
         part = api.plan(
             str(f16), machines, bpw=bpw, context=0, anchor=False, sample=0.05
         )
@@ -183,3 +183,22 @@ def test_a_sampled_plan_keeps_the_full_measurements_quality(f16):
             in (caption.replace("\n", " "))
         )
         assert "of the rows" not in plan_table(full).caption
+
+
+def test_a_plan_samples_rows_unless_told_every_row_or_given_a_hub_id(f16):
+    """The error pass's rows: 2% of a model on disk by default, every row with
+    --sample 1 (no sampling record, no caption), every row of a hub id unless
+    --sample is given (its download stays what it was)."""
+    from ewq import api
+    from ewq.planning import Machine
+    from ewq.sampling import DEFAULT_FRACTION, chosen
+
+    assert chosen(None, remote=False).fraction == DEFAULT_FRACTION == 0.02
+    assert chosen(None, remote=True) is None and chosen(1.0, remote=False) is None
+    assert chosen(0.1, remote=True).fraction == 0.1
+    machines = [Machine("local", 1 << 62)]
+    default = api.plan(str(f16), machines, bpw=4.5, context=0, anchor=False)
+    rec = default.sensitivity.details["sampling"]
+    assert rec["fraction"] == DEFAULT_FRACTION and rec["rows_read"] < rec["rows_total"]
+    every = api.plan(str(f16), machines, bpw=4.5, context=0, anchor=False, sample=1)
+    assert "sampling" not in every.sensitivity.details

@@ -29,13 +29,19 @@ import numpy as np
 
 __all__ = [
     "Estimate",
+    "DEFAULT_FRACTION",
     "Sampling",
+    "chosen",
     "estimate",
     "row_order",
     "sampled",
 ]
 
 Z95 = 1.959963984540054
+
+#: the share of rows a plan's error pass reads unless told otherwise: measured to
+#: keep the plans (results/*/sampled_plans.json, results/*/probe_budget.json)
+DEFAULT_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class Sampling:
     type's 95% interval is wider than ``relative`` of its estimate (up to every
     row)."""
 
-    fraction: float = 0.02
+    fraction: float = DEFAULT_FRACTION
     min_rows: int = 64
     relative: float = 0.25
     seed: int = 0
@@ -73,6 +79,18 @@ class Estimate:
         if self.halfwidth == 0:
             return 0.0
         return self.halfwidth / self.value if self.value > 0 else math.inf
+
+
+def chosen(fraction: float | None, remote: bool) -> Sampling | None:
+    """The row sample of a plan's error pass for ``--sample``'s ``fraction``: that
+    share of the rows; 1, every row (exact); unset, DEFAULT_FRACTION for a model
+    on disk, and every row for a hub id: a plan's entropy analysis downloads it
+    whole unless ``--sample`` is given, which then reads only the sampled rows of
+    both passes by range requests (a choice left to the user: sampled entropies
+    decide fewer blocks right, results/sampled/report.md)."""
+    if fraction is None:
+        return None if remote else Sampling(fraction=DEFAULT_FRACTION)
+    return None if fraction >= 1 else Sampling(fraction=fraction)
 
 
 def row_order(name: str, total: int, seed: int) -> np.ndarray:

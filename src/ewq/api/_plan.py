@@ -42,7 +42,7 @@ from ewq.planning import (
 from ewq.planning.placement import Route
 from ewq.planning.runtime import Runtime
 from ewq.records import Analysis, PlanResult
-from ewq.sampling import Sampling
+from ewq.sampling import chosen
 from ewq.sources.hub import is_remote
 from ewq.types import ModelIndex, Progress
 
@@ -273,7 +273,7 @@ def _grown(t: _Target, cfg: PlanConfig, sens, im, fit_with):
     from ewq.api._grow import grow, undecided
     from ewq.api._sensitivity import regrown
 
-    sample = _sampling(cfg)
+    sample = _sampling(cfg, t.source)
 
     def regrow(s, rows):
         return regrown(
@@ -300,9 +300,9 @@ def _grown(t: _Target, cfg: PlanConfig, sens, im, fit_with):
     return result, replace(sens, details={**sens.details, "sampling": record})
 
 
-def _sampling(cfg: PlanConfig):
-    """The row sample --sample asks for."""
-    return Sampling(fraction=cfg.sample) if cfg.sample is not None else None
+def _sampling(cfg: PlanConfig, source):
+    """The row sample of the error pass (ewq.sampling.chosen)."""
+    return chosen(cfg.sample, is_remote(source))
 
 
 def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
@@ -327,7 +327,7 @@ def _optimal(t: _Target, cfg: PlanConfig, analysis, progress):
         analysis=analysis,
         revision=cfg.revision,
         progress=progress,
-        sample=_sampling(cfg),
+        sample=_sampling(cfg, source),
         threads=cfg.threads,
     )
 

@@ -37,8 +37,9 @@ from ewq.evaluate.data import load_text
 from ewq.formats import tensor_bytes
 from ewq.imatrix import Imatrix, write_imatrix
 from ewq.reports.compare import write_compare
-from ewq.sampling import Sampling
+from ewq.sampling import chosen
 from ewq.sensitivity import Sensitivity
+from ewq.sources.hub import is_remote
 from ewq.types import Container, Precision
 
 __all__ = ["IMATRIX_PRESETS", "PRESETS", "compare", "compare_encoder"]
@@ -220,6 +221,7 @@ def _options(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
             "documents": cfg.documents,
             "type_probes": cfg.type_probes,
             "probes": cfg.probes,
+            "sample": cfg.sample,
         }
     return out
 
@@ -241,7 +243,8 @@ def _record(source, index, cfg: CompareConfig, im, ref) -> dict[str, Any]:
             "documents": cfg.documents.value,
             "tokens": int(sum(len(s) for s in ref.seqs)),
         },
-        "error_sample": cfg.sample,  # the error criterion's share of rows (None: all)
+        # the error pass's share of rows (None: ewq.sampling's default)
+        "error_sample": cfg.sample,
         "calibration": {
             "text": Path(cfg.calibration).name if cfg.calibration else None,
             "tokens": cfg.calib_tokens,
@@ -264,7 +267,7 @@ def _sensitivities(
     """The criteria by plan name (random once per seed). error is data-free (the user
     without calibration); kl is calibrated, with the importance matrix."""
     sens: dict[str, Sensitivity] = {}
-    sample = Sampling(fraction=cfg.sample) if cfg.sample is not None else None
+    sample = chosen(cfg.sample, is_remote(source))
     for c in criteria:
         if c == "random":
             for k in range(cfg.seeds):
@@ -282,6 +285,7 @@ def _sensitivities(
                 documents=cfg.documents.value,
                 type_probes=cfg.type_probes,
                 probes=cfg.probes,
+                sample=sample,
             )
             continue
         sample_c = sample if c == "error" else None

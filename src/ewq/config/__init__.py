@@ -140,6 +140,20 @@ class AnalysisConfig(SourceConfig):
 class PlanConfig(AnalysisConfig):
     """How a model is fitted into machines (`ewq plan`)."""
 
+    sample: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of each tensor's rows (seeded, random) the error pass "
+        "reads, for either criterion, with stated intervals (at least 64 rows, "
+        "doubled while a type's 95% interval is wider than 25%); with the error "
+        "criterion, a tensor whose type the plan cannot tell within them is sampled "
+        "again (4x, up to 3 rounds). "
+        "Default: 2% of a model on disk (its plans measured as good as from every "
+        "row), every row of a hub id; 1: every row. Given for a hub id, its entropy "
+        "analysis samples too and only the sampled rows are fetched (range requests).",
+    )
+
     method: Method = Field(
         Method.EWQ,
         description="Block selection: ewq (reads every weight), or fast / fast-train "

@@ -88,9 +88,9 @@ class CompareConfig(Config):
         None,
         gt=0,
         le=1,
-        description="Estimate the error criterion from this share of each tensor's "
-        "rows, as `ewq plan --sample` does (the kl criterion measures every row). "
-        "Default: every row.",
+        description="The share of each tensor's rows the error and kl criteria's "
+        "error pass reads, as `ewq plan --sample` (default 2% of a model on disk; "
+        "1: every row).",
     )
     gptq: bool = Field(
         True,
