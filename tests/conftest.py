@@ -102,3 +102,19 @@ def llama_f16_gguf(tmp_path_factory) -> Path:
     tensors = {k: (v[0], Q.F32 if v[1] == Q.F32 else Q.F16) for k, v in tensors.items()}
     root = tmp_path_factory.mktemp("f16")
     return write_gguf(root / "llama-f16.gguf", "llama", 2, tensors, hidden=256)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory) -> Path:
+    """The bundled model's tokenizer saved as transformers saves one (a folder of
+    tokenizer.json and its config), read from the GGUF by transformers: a tokenizer
+    llama.cpp's converter recognises, for tiny checkpoints that must convert."""
+    import transformers
+
+    from ewq.sources import default_model_path
+
+    src = default_model_path()
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    tok = transformers.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    tok.save_pretrained(folder)
+    return folder

@@ -125,9 +125,10 @@ def features(
 
 
 @app.command(
-    epilog="Examples:\n\n  ewq analyze default --json plan.json"
-    "\n\n  ewq quantize default --plan plan.json --out smollm2-ewq.gguf"
-    "\n\n  ewq quantize ./Llama-3.2-1B --plan plan.json --out llama-ewq.gguf"
+    epilog="Examples:\n\n  ewq analyze default --json analysis.json   (EWQ's own decision)"
+    "\n\n  ewq quantize default --plan analysis.json --out smollm2-ewq.gguf"
+    "\n\n  ewq plan ./Llama-3.2-1B --memory 2GB --format gguf --json llama.json"
+    "\n\n  ewq quantize ./Llama-3.2-1B --plan llama.json --out llama-ewq.gguf"
 )
 @configured(QuantizeConfig, without=("download",))  # it always downloads
 def quantize(

@@ -113,6 +113,7 @@ def fast_train(
 @app.command(
     "eval",
     epilog="Examples:\n\n  ewq eval default --task perplexity --data wiki.txt --limit 20"
+    "\n\n  ewq plan default --memory 230MB --json plan.json"
     "\n\n  ewq eval default --plan plan.json --task kld --data wiki.txt --limit 20"
     "\n\n  ewq eval default --task mmlu --limit 200   (the MMLU setup installs)",
 )
