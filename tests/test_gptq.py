@@ -125,6 +125,34 @@ def test_second_moments_agree_with_the_importance_matrix(model_and_text):
     assert set(moments.rows.values()) == {8 * 64}
 
 
+def test_a_pass_without_sums_stops_after_its_last_block(model_and_text, monkeypatch):
+    """A pass for block 0's second moments alone ends llama.cpp's graph at block 1's
+    first product (no weight after it is seen), and block 0's matrices are those
+    of a whole pass, bit for bit."""
+    from ewq.calibration import collect
+    from ewq.evaluate.data import load_text
+
+    src, text = model_and_text
+    _, whole = compute_moments(src, load_text(text), ctx=64, chunks=4)
+    seen: list[str] = []
+    dense = collect._Collector._dense
+
+    def spy(self, name, src0, src1):
+        seen.append(name)
+        return dense(self, name, src0, src1)
+
+    monkeypatch.setattr(collect._Collector, "_dense", spy)
+    imatrix, part = compute_moments(
+        src, load_text(text), ctx=64, chunks=4, blocks={0}, sums=False
+    )
+    assert imatrix is None and set(part.names()) == {
+        n for n in whole.names() if n.startswith("blk.0.")
+    }
+    assert {n.split(".")[1] for n in seen} == {"0"} and len(seen) == 4 * 7
+    for name in part.names():
+        np.testing.assert_array_equal(part.of(name), whole.of(name))
+
+
 def test_weights_that_llama_cpp_feeds_one_input_share_its_second_moment(
     model_and_text,
 ):

@@ -47,8 +47,9 @@ def _limit(cfg: QuantizeConfig) -> int:
 
 class Calibrated:
     """A GPTQ run's calibration: the text, the passes over it, the importance
-    matrix and the first group's second moments (computed by :func:`calibrated`
-    before llama.cpp quantizes, which needs the importance matrix)."""
+    matrix and the last group's second moments (computed by :func:`calibrated`
+    before llama.cpp quantizes, which needs the importance matrix; that pass runs
+    the whole graph, the other groups' passes stop after their last block)."""
 
     def __init__(self, text: CalibrationText, passes: MomentPasses):
         self.text, self.passes = text, passes
@@ -58,9 +59,9 @@ class Calibrated:
         self.whole = len(passes.plan.passes) == 1
 
     def groups(self):
-        """Each group's second moments in turn: the first's (computed already; let
+        """Each group's second moments in turn: the last's (computed already; let
         go once handed over unless it is the whole model's), then one pass per
-        later group."""
+        other group, first to last."""
         first = self._first
         if not self.whole:
             self._first = None
@@ -71,7 +72,7 @@ class Calibrated:
 
 
 def calibrated(index, cfg: QuantizeConfig, threads, progress) -> Calibrated:
-    """The importance matrix and the first group's second moments on the calibration
+    """The importance matrix and the last group's second moments on the calibration
     text (ewq.calibration.moments), the memory bound planned from llama.cpp's own
     sharing of inputs."""
     from ewq.cache import file_digest

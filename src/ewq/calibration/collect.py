@@ -12,7 +12,12 @@ row (llama.cpp skips rows whose output nobody reads).
 In the same pass, the second moments X^T X that GPTQ rounds against
 (:func:`compute_moments`): one per graph node that feeds dense ``blk.*`` weights
 (llama.cpp multiplies q, k and v by one node, gate and up by another), of the
-blocks asked for, in float32.
+blocks asked for, in float32. A pass that needs no importance matrix stops the
+graph after the last block asked for (``stop_after``): the callback returning false
+after a node it asked for ends ggml's computation of the graph
+(``ggml_backend_sched_compute_splits`` in ``ggml/src/ggml-backend.cpp``), so the
+blocks after it and the output layer are never computed; what llama.cpp then reads
+as logits is not used.
 
 Windows, with ``documents``:
 
@@ -141,8 +146,11 @@ class _Collector:
         process_output: bool,
         moments: Callable[[str], bool] | None = None,
         sums: bool = True,
+        stop_after: int | None = None,
     ):
         self.lib = lib
+        #: the graph is stopped at the first weight of a later block (no sums)
+        self.stop_after = None if sums else stop_after
         self.process_output = process_output
         self.moments = moments  # which weights' inputs get second moments
         self.collect_sums = sums
@@ -198,6 +206,8 @@ class _Collector:
             if t.op == self.mul_mat_id:
                 return self.collect_sums
             return src1.type == 0 and self.wanted(name)  # GGML_TYPE_F32
+        if self.stop_after is not None and (_block_of(name) or 0) > self.stop_after:
+            return False  # computed, and nothing after it is needed: stop the graph
         if not self.lib.ggml_backend_buffer_is_host(src1.buffer):
             raise EwqError("activations outside host memory (ewq runs on the CPU)")
         if t.op == self.mul_mat_id:
@@ -382,7 +392,8 @@ def compute_moments(
 ) -> tuple[Imatrix | None, Moments]:
     """In one pass over ``text``: the importance matrix (with ``sums``) and the
     second moments X^T X of the inputs of dense ``blk.*`` weights (of ``blocks``
-    alone, when given): what GPTQ-style rounding needs (ewq.quant.gptq)."""
+    alone, when given): what GPTQ-style rounding needs (ewq.quant.gptq). Without
+    ``sums``, the pass stops after the last of ``blocks``."""
 
     def chosen(name: str) -> bool:
         return blocks is None or _block_of(name) in blocks
@@ -399,6 +410,7 @@ def compute_moments(
         sums=sums,
         tokens=tokens,
         label=label,
+        stop_after=None if blocks is None else max(blocks),
     )
     moments = collector.finish()
     return (_imatrix_of(collector, n, ctx, "") if sums else None), moments
@@ -506,6 +518,7 @@ def _collect(
     first: int | None = None,
     tokens: int | None = None,
     label: str = "",
+    stop_after: int | None = None,
 ) -> tuple[_Collector, int]:
     """Run llama.cpp over the windows of ``text`` (their ``first`` tokens alone,
     when given; the first windows holding at most ``tokens`` tokens) with the
@@ -524,7 +537,7 @@ def _collect(
     seqs = capped(seqs, tokens)
     if first is not None:
         seqs = [s[:first] for s in seqs]
-    collector = _Collector(lib, process_output, moments, sums)
+    collector = _Collector(lib, process_output, moments, sums, stop_after)
     callback = lc.ggml_backend_sched_eval_callback(collector)
     params = lc.llama_context_default_params()
     params.n_ctx = params.n_batch = params.n_ubatch = ctx

@@ -160,10 +160,13 @@ class MomentPasses:
     def _pass(self, k: int, sums: bool) -> tuple[Imatrix | None, Moments]:
         blocks = set(self.plan.passes[k])
         n = len(self.plan.passes)
+        run = len(self.seconds)  # passes run before this one
 
         def told(done: int, total: int, what: str) -> None:
             if self._progress is not None:
-                self._progress(k * total + done, n * total, f"pass {k + 1}/{n}: {what}")
+                self._progress(
+                    run * total + done, n * total, f"pass {run + 1}/{n}: {what}"
+                )
 
         started = time.perf_counter()
         what = "importance matrix and second moments" if sums else "second moments"
@@ -174,23 +177,25 @@ class MomentPasses:
             sums=sums,
             progress=told,
             tokens=self.tokens,
-            label=f"{what}, pass {k + 1}/{n} (blocks {min(blocks)}-{max(blocks)})",
+            label=f"{what}, pass {run + 1}/{n} (blocks {min(blocks)}-{max(blocks)})",
             **self.how,
         )
         self.seconds.append(time.perf_counter() - started)
         return found
 
     def first(self) -> tuple[Imatrix, Moments]:
-        """The importance matrix and the first group's second moments."""
-        imatrix, moments = self._pass(0, sums=True)
+        """The importance matrix and the last group's second moments: the pass that
+        computes the importance matrix runs the whole graph, which only the last
+        group needs (the others' passes stop after their last block)."""
+        imatrix, moments = self._pass(len(self.plan.passes) - 1, sums=True)
         assert imatrix is not None
         # a dense weight's input has a row per token of the windows
         self.tokens_used = max(moments.rows.values(), default=0)
         return imatrix, moments
 
     def rest(self) -> Iterator[Moments]:
-        """Each later group's second moments, one pass each."""
-        for k in range(1, len(self.plan.passes)):
+        """Each other group's second moments, one pass each, first to last."""
+        for k in range(len(self.plan.passes) - 1):
             yield self._pass(k, sums=False)[1]
 
     def record(self) -> dict:
