@@ -6,7 +6,8 @@ with ``probes`` P it measures at most P tensors (the first and last of each role
 those that halve the widest depth gaps) and interpolates the others over depth. For a
 model, a calibration text and an evaluation text neither saw, per P (``all``: every
 tensor, the criterion as it was; ``32@0.02``: 32 tensors, and the imatrix-weighted
-errors from 2% of each tensor's rows, as `ewq plan --sample 0.02`):
+errors from 2% of each tensor's rows, as `ewq plan --sample 0.02`; ``32@1``: from
+every row; no ``@``: ewq's default), each against the first setting given:
 
 * the criterion's cost: seconds, passes (swapped tensors + written type files);
 * agreement with ``all`` on the tensors P did not measure: Spearman's rho of their
@@ -15,7 +16,7 @@ errors from 2% of each tensor's rows, as `ewq plan --sample 0.02`):
 * at each preset's exact bytes (llama.cpp's own file of that preset, from the source):
   `ewq plan` (kl, --context 0, selection and anchor as by default) then `ewq quantize`
   with GPTQ rounding, the written model's mean KL from the source on the evaluation
-  text, and its ratio to ``all``'s (target: <= 1.10).
+  text, and its ratio to the first setting's (target: <= 1.10).
 
     python benchmarks/probe_budget.py MODEL EVAL CALIBRATION [--probes all,32,32@0.02]
         [--presets IQ4_XS,Q3_K_M,Q3_K_S,Q2_K] [--documents lines --ctx 64
@@ -121,8 +122,8 @@ def main() -> None:
                     "tensors_interpolated": s.details.get("tensors_interpolated"),
                     "cached": s.details.get("cached"),
                 }
-                if name != "all" and "all" in sens:
-                    row |= _agreement(sens["all"], s, spearmanr)
+                if rows:
+                    row |= _agreement(sens[rows[0]["probes"]], s, spearmanr)
             types = {n: str(o.precision) for n, o in planned.result.tensors.items()}
             raw = {b.exec_index: Precision.RAW for b in layout.transformer_blocks}
             doc = plan_doc(layout.num_blocks, raw, tensors=types)
@@ -137,9 +138,9 @@ def main() -> None:
             size = {"bytes": planned.result.total_bytes, "kl": kl}
             if k == 0:
                 row["quantize_seconds"] = seconds
-            if name != "all" and "all" in sens:
+            if rows:
                 base = rows[0]["sizes"][p]["kl"]
-                size["ratio_to_all"] = kl / base if base > 0 else None
+                size[f"ratio_to_{rows[0]['probes']}"] = kl / base if base > 0 else None
             row["sizes"][p] = size
             print(f"probes {name} at {p}: {json.dumps(size)}", flush=True)
         rows.append(row)
@@ -162,7 +163,8 @@ def main() -> None:
 
 
 def _setting(text: str) -> tuple[int | None, float | None]:
-    """``all``, ``32`` (probes), or ``32@0.02`` (and errors from 2% of the rows)."""
+    """``all``, ``32`` (probes), or ``32@0.02`` (and errors from 2% of the rows;
+    none: ewq's default share)."""
     probes, _, sample = text.partition("@")
     return (None if probes == "all" else int(probes)), (
         float(sample) if sample else None
