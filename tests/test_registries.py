@@ -72,3 +72,25 @@ def test_no_parameter_is_a_format_name():
             if isinstance(node, ast.arg) and node.arg in ("fmt", "format_name"):
                 found.append(f"{rel}:{node.lineno}")
     assert not found
+
+
+def test_the_method_cited_is_the_repositorys_own_and_its_sections_exist():
+    """The code and the README cite docs/method.md (in the clone), by sections that
+    it has; nothing cites a path outside the repository."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    method = (root / "docs" / "method.md").read_text(encoding="utf-8")
+    sections = {int(n) for n in re.findall(r"^## (\d+)\. ", method, re.M)}
+    assert sections == set(range(1, 9))
+    files = [root / "README.md", *sorted((root / "src" / "ewq").rglob("*.py"))]
+    cited = 0
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        assert "METHOD.md" not in text and "../shared/docs" not in text, f
+        for found in re.findall(r"docs/method\.md`?,? sections? ([\d, -]+)", text):
+            numbers = re.findall(r"\d+", found)
+            assert numbers and {int(n) for n in numbers} <= sections, (f, found)
+            cited += 1
+    assert cited >= 10

@@ -1,5 +1,5 @@
 """`ewq bench`: the paper's Tables 6, 7 and 14 on one model, and the question the
-paper leaves open (METHOD.md section 8), measured.
+paper leaves open (docs/method.md section 8), measured.
 
 One runner for every model; what differs is the judge, which writes and measures:
 

@@ -1,4 +1,4 @@
-"""From matrix entropies to block entropies to the EWQ decision (METHOD.md sections 2, 4).
+"""From matrix entropies to block entropies to the EWQ decision (docs/method.md sections 2, 4).
 
 Pure functions: numbers in, records out.
 

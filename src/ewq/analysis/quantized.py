@@ -6,26 +6,19 @@ from __future__ import annotations
 
 import math
 
+import gguf
 import numpy as np
 
 from ewq.analysis.entropy import EntropyStats
 
 __all__ = ["BLOCK", "quant_stats", "supported"]
 
-#: GGML type -> (elements, bytes) of one block
-BLOCK = {
-    "Q4_0": (32, 18),
-    "Q4_1": (32, 20),
-    "Q5_0": (32, 22),
-    "Q5_1": (32, 24),
-    "Q8_0": (32, 34),
-    "IQ4_NL": (32, 18),
-    "Q2_K": (256, 84),
-    "Q3_K": (256, 110),
-    "Q4_K": (256, 144),
-    "Q5_K": (256, 176),
-    "Q6_K": (256, 210),
-}
+#: the GGML types whose blocks the kernels read
+KERNELS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")
+KERNELS += ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+#: GGML type -> (elements, bytes) of one block, as gguf-py states them
+BLOCK = {t: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]] for t in KERNELS}
 
 
 _TABLES: tuple[np.ndarray, np.ndarray] | None = None

@@ -11,7 +11,7 @@ finite-population correction (1 - k / U):
 
     Var H^ ~ g' C g,   g = (1/S + T/S^2, -1/S),   C = U^2 (1 - k/U) cov(s, t) / k
 
-A block's entropy is the parameter-weighted mean of its matrices' (METHOD.md 2), so
+A block's entropy is the parameter-weighted mean of its matrices' (docs/method.md 2), so
 its variance is sum_k (n_k/N)^2 Var H^_k (matrices are sampled independently). A
 matrix with fewer than ``min_units`` units is read whole (exact, variance 0).
 

@@ -1,6 +1,6 @@
 """Stream a model's weight matrices through the entropy kernel, on every core.
 
-Which tensors count (METHOD.md section 2 leaves it open; this is the project's rule,
+Which tensors count (the paper leaves it open; docs/method.md section 2 states this rule,
 the same for every architecture and format):
 
 * a *matrix* is a float tensor of kind ``weight`` with two or more dimensions: the

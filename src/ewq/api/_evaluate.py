@@ -1,4 +1,4 @@
-"""Evaluating a model, or its quantized version, on a task (METHOD.md section 7)."""
+"""Evaluating a model, or its quantized version, on a task (docs/method.md section 7)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def evaluate(
     progress: Progress | None = None,
     **options,
 ) -> EvalRecord:
-    """Evaluate a model (or its quantized version) on ``task`` (METHOD.md section 7);
+    """Evaluate a model (or its quantized version) on ``task`` (docs/method.md section 7);
     options are :class:`ewq.config.EvalConfig`'s (data, split, shots, limit, ctx,
     stride), as a record or as keywords.
 

@@ -77,7 +77,7 @@ def analyze(
     progress: Progress | None = None,
     **options,
 ) -> Analysis:
-    """Measure every block's entropy and apply the EWQ decision (METHOD.md 1-4).
+    """Measure every block's entropy and apply the EWQ decision (docs/method.md 1-4).
 
     Options are :class:`ewq.config.AnalysisConfig`'s (alpha, eps, variant, workers,
     and the hub's revision, download, file), as a record or as keywords. Reads each

@@ -106,7 +106,7 @@ def plan(
     ``calibration``; the default when one is given), random or position
     (baselines). ``allocator`` optimal picks, per block, the precision
     of least total damage that fits (planning/allocate.py); ladder is the paper's
-    Algorithm 1 (METHOD.md section 5) and needs the entropy criterion. ``method``
+    Algorithm 1 (docs/method.md section 5) and needs the entropy criterion. ``method``
     fast and fast-train read only metadata and let the FastEWQ classifier choose
     the blocks (Algorithm 2, ladder only). Sizes are the exact bytes ``format``
     writes (default: gguf for a GGUF source, hf otherwise; for GGUF from a Hugging

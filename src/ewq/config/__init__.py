@@ -101,10 +101,12 @@ class SourceConfig(Config):
 
 
 class AnalysisConfig(SourceConfig):
-    """EWQ's analysis and decision (METHOD.md sections 2-4)."""
+    """EWQ's analysis and decision (docs/method.md sections 2-4)."""
 
     alpha: float = Field(
         DEFAULT_ALPHA,
+        gt=0,
+        allow_inf_nan=False,
         description="Threshold T = mean - alpha * std: blocks below T go to 4-bit. "
         "1.25 reproduces the paper's share of 4-bit blocks (about 11%).",
     )

@@ -1,4 +1,4 @@
-"""Evaluation metrics, pure: numbers in, numbers out (METHOD.md sections 7-8)."""
+"""Evaluation metrics, pure: numbers in, numbers out (docs/method.md sections 7-8)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def summarize_kl(
 def paper_question_nll(
     letter_logprobs: Mapping[str, float | None], answer: str
 ) -> float:
-    """-ln p(correct) for one question, the paper's way (METHOD.md section 7).
+    """-ln p(correct) for one question, the paper's way (docs/method.md section 7).
 
     ``letter_logprobs`` holds each letter's log-prob if it was among the model's
     top-100 next tokens, else None. A letter not found gets -100; if none of the four

@@ -139,7 +139,7 @@ def mmlu(
     """Accuracy per subject and overall, with two scorings, and the paper's perplexity.
 
     * letter (the paper's): the letter A-D the model puts most probability on after
-      "Answer:"; its perplexity from the top-100 next tokens (METHOD.md section 7);
+      "Answer:"; its perplexity from the top-100 next tokens (docs/method.md section 7);
     * cloze: the answer whose text is likeliest after the question, log-likelihood
       normalised by the answer's length in bytes.
     """

@@ -1,6 +1,6 @@
 """The FastEWQ dataset: one row per transformer block, labelled by the EWQ decision.
 
-Columns as in the paper (METHOD.md section 6): model_name, num_blocks, exec_index,
+Columns as in the paper (docs/method.md section 6): model_name, num_blocks, exec_index,
 num_parameters, quantization_type (raw | 8-bit | 4-bit), quantized (0 | 1). A
 ``label_source`` column says where each label comes from: ``ewq`` (our analysis of a
 model available here) or ``paper-table8`` / ``paper-table2`` (the paper's published

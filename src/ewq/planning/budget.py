@@ -1,4 +1,4 @@
-"""Budgets: sizes with units, machines and clusters (METHOD.md section 5)."""
+"""Budgets: sizes with units, machines and clusters (docs/method.md section 5)."""
 
 from __future__ import annotations
 
