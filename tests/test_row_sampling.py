@@ -202,3 +202,32 @@ def test_a_plan_samples_rows_unless_told_every_row_or_given_a_hub_id(f16):
     assert rec["fraction"] == DEFAULT_FRACTION and rec["rows_read"] < rec["rows_total"]
     every = api.plan(str(f16), machines, bpw=4.5, context=0, anchor=False, sample=1)
     assert "sampling" not in every.sensitivity.details
+
+
+def test_the_seconds_a_measurement_states_count_opening_its_source(
+    f16, fresh_cache, monkeypatch
+):
+    """The time an error pass states (`ewq plan` prints "measured in N s") includes
+    getting its reader: a Hugging Face checkpoint planned as GGUF is converted there
+    first (an opening that takes 100 s of a stand-in clock plays the converter)."""
+    import contextlib
+    import types
+
+    from ewq import api
+    from ewq.api import _measured
+
+    clock = [0.0]
+    monkeypatch.setattr(
+        _measured, "time", types.SimpleNamespace(perf_counter=lambda: clock[0])
+    )
+    opening = _measured._error_source
+
+    @contextlib.contextmanager
+    def slow(*args):
+        clock[0] += 100.0
+        with opening(*args) as found:
+            yield found
+
+    monkeypatch.setattr(_measured, "_error_source", slow)
+    sens = api.sensitivity(str(f16), "error")
+    assert sens.seconds == 100.0 and sens.details["cached"] is False

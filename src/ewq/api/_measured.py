@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 
 from ewq.arch import resolve
 from ewq.cache import code_digest, key, load_entry, runtime_id, store_entry
@@ -56,6 +57,8 @@ def measured_errors(
     }
     if only is not None:
         params["only"] = sorted(only)
+    # the seconds a measurement took count the scratch conversion it may need
+    opened = time.perf_counter()
     with _error_source(source, index, layout, form, revision) as (src, m_layout):
         # a sampled pass names the files without reading them all (see ewq.cache)
         k = cache_key(src.index, "error", params, content=sample is None)
@@ -69,9 +72,6 @@ def measured_errors(
             else:
                 reused("errors", seconds)
                 return found
-        import time
-
-        started = time.perf_counter()
         intervals: dict[str, dict] = {}
         how = {
             "progress": progress,
@@ -82,7 +82,7 @@ def measured_errors(
         }
         w = imatrix if form.calibrated else None
         errors = relative_errors(src, m_layout, form, imatrix=w, **how)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - opened
         fetched = getattr(src, "bytes_fetched", None)
     doc = {"errors": errors, "seconds": seconds, "intervals": intervals}
     if fetched is not None:
