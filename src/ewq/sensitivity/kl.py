@@ -63,7 +63,6 @@ from ewq.sensitivity.probe import Probes
 from ewq.types import Container, ModelIndex, Precision
 
 __all__ = [
-    "PROBES",
     "PROBE_BITS",
     "Calibration",
     "chosen",
@@ -73,7 +72,6 @@ __all__ = [
 ]
 
 PROBE_BITS = 4.25  # the probe type: each tensor's candidate nearest this
-PROBES = DEFAULT_PROBES  # tensors measured, the others interpolated (ewq.config)
 
 
 def probe_type(info, encs: list[Encoding], errors: Mapping[str, float]) -> str | None:
@@ -267,7 +265,7 @@ def kl_sensitivity(
     ctx: int = 256,
     documents: str = "stream",
     type_probes: int | None = 4,
-    probes: int | None = PROBES,
+    probes: int | None = DEFAULT_PROBES,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Sensitivity:
     """Measure the ``kl`` criterion for every tensor of a GGUF model, on windows of
