@@ -5,6 +5,7 @@ step that rounds each group before the output is committed."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ewq.calibration.moments import MomentPasses, memory_limit
@@ -114,6 +115,7 @@ def gptq_then(commit, index, run: Calibrated, cfg: QuantizeConfig, progress):
     from ewq.quant.gptq import DAMP, patch
 
     by_name = {t.name: t for t in index.tensors}
+    threads = cfg.threads or os.cpu_count() or 1
 
     def values(name: str):
         info = by_name.get(name)
@@ -124,7 +126,7 @@ def gptq_then(commit, index, run: Calibrated, cfg: QuantizeConfig, progress):
         for moments in run.groups():
             size = f"{len(moments.names())} tensors, {moments.nbytes / 2**30:.2f} GiB"
             with stage("GPTQ rounding", size + " of second moments"):
-                names += patch(Path(tmp), values, moments, progress)
+                names += patch(Path(tmp), values, moments, progress, threads)
             del moments
         commit.rounding.update(
             method="gptq",

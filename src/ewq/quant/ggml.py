@@ -22,6 +22,7 @@ __all__ = [
     "block_size",
     "dequantize",
     "quantize",
+    "quantize_and_back",
     "requires_imatrix",
     "roundtrip",
     "row_bytes",
@@ -140,6 +141,38 @@ def quantize(
     if written != out.size:
         raise EwqError(f"ggml wrote {written} bytes for {out.size} expected")
     return out
+
+
+def quantize_and_back(
+    rows: np.ndarray,
+    qtype: int,
+    imatrix: np.ndarray | None,
+    threads: int = 1,
+    pool: ThreadPoolExecutor | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes of ``rows`` as ``qtype`` (one row of bytes per row) and the values
+    they decode to, split by row ranges over ``threads`` threads of ``pool`` (a
+    caller calling often keeps one; None: this thread only)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    nrows, n_per_row = rows.shape
+    packed = np.empty((nrows, row_bytes(qtype, n_per_row)), dtype=np.uint8)
+    back = np.empty_like(rows)
+
+    def work(span: tuple[int, int]) -> None:
+        a, b = span
+        packed[a:b] = quantize(rows[a:b], qtype, imatrix).reshape(b - a, -1)
+        back[a:b] = dequantize(
+            packed[a:b].reshape(-1), qtype, (b - a) * n_per_row
+        ).reshape(b - a, n_per_row)
+
+    step = -(-nrows // max(1, threads))
+    spans = [(a, min(nrows, a + step)) for a in range(0, nrows, step)]
+    if pool is None or len(spans) == 1:
+        for span in spans:
+            work(span)
+    else:
+        list(pool.map(work, spans))
+    return packed, back
 
 
 def roundtrip(

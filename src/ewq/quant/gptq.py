@@ -33,7 +33,7 @@ from ewq.errors import EwqError
 from ewq.formats import FLOAT_TYPES
 from ewq.quant import ggml
 
-__all__ = ["BATCH", "DAMP", "Factor", "patch", "rounded", "rounded_with"]
+__all__ = ["BATCH", "DAMP", "WORK", "Factor", "patch", "rounded", "rounded_with"]
 
 #: H is damped by this share of its mean diagonal before inversion (GPTQ's 1%)
 DAMP = 0.01
@@ -71,50 +71,89 @@ def _inverse_factor(hessian: np.ndarray) -> np.ndarray:
 BATCH = 256
 
 
-def rounded(values: np.ndarray, hessian: np.ndarray, qtype: int) -> np.ndarray:
+def rounded(
+    values: np.ndarray, hessian: np.ndarray, qtype: int, threads: int = 1
+) -> np.ndarray:
     """The bytes of ``values`` (rows x cols float32) stored as ``qtype``, rounded
     block by block against ``hessian`` (cols x cols, any float type)."""
-    return rounded_with(values, Factor(hessian), qtype)
+    return rounded_with(values, Factor(hessian), qtype, threads)
 
 
 class Factor:
     """What rounding against one second moment needs, computed once for every weight
-    that shares it (q, k and v; gate and up): the inverse factor U and H's diagonal
-    (the importance ggml's quantizer is given)."""
+    that shares it (q, k and v; gate and up): the inverse factor U, H's diagonal
+    (the importance ggml's quantizer is given) and, per block width, the inverses of
+    U's diagonal blocks (the whitening of each block's error)."""
 
     def __init__(self, hessian: np.ndarray):
         self.hessian = hessian  # the matrix it factors (not a copy)
-        self.u = _inverse_factor(hessian)
+        self.u = _inverse_factor(hessian).astype(WORK)
         self.diag = np.diag(hessian).astype(np.float32)
         self.cols = hessian.shape[0]
+        self._whiten: dict[int, list[np.ndarray]] = {}
+
+    def whitening(self, group: int) -> list[np.ndarray]:
+        """U_bb^-1 of each block of ``group`` columns (upper triangular, inverted
+        in float64)."""
+        if group not in self._whiten:
+            from scipy.linalg import lapack
+
+            blocks = []
+            for a in range(0, self.cols, group):
+                ub = np.array(
+                    self.u[a : a + group, a : a + group], dtype=np.float64, order="F"
+                )
+                inv, info = lapack.dtrtri(ub, lower=0, overwrite_c=1)
+                if info != 0:
+                    raise EwqError(
+                        "the inputs' second moments are not positive definite"
+                    )
+                blocks.append(inv.astype(WORK))
+            self._whiten[group] = blocks
+        return self._whiten[group]
 
 
-def rounded_with(values: np.ndarray, factor: Factor, qtype: int) -> np.ndarray:
-    """:func:`rounded` with the second moment's factor computed already."""
+#: the precision of GPTQ's column updates (as GPTQ's reference code and AutoGPTQ
+#: run them); U is factored in float64 first. Measured on IgLM against float64
+#: updates: benchmarks/gptq_memory.py quality.
+WORK = np.float32
+
+
+def rounded_with(
+    values: np.ndarray, factor: Factor, qtype: int, threads: int = 1
+) -> np.ndarray:
+    """:func:`rounded` with the second moment's factor computed already; ggml's
+    quantizer on ``threads`` threads (its rows are independent)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     rows, cols = values.shape
     group = ggml.block_size(qtype)
     if cols % group:
         raise EwqError(f"rows of {cols} are not whole blocks of {group}")
-    u, diag = factor.u, factor.diag
-    w = values.astype(np.float64)
-    parts = []
+    u, diag, whiten = factor.u, factor.diag, factor.whitening(group)
+    w = values.astype(WORK)  # a copy: the columns ahead are updated in place
+    packed = np.empty((rows, ggml.row_bytes(qtype, cols)), dtype=np.uint8)
+    per_block = ggml.row_bytes(qtype, group)
     step = max(group, BATCH // group * group)
-    for start in range(0, cols, step):
-        stop = min(cols, start + step)
-        errs = []
-        for a in range(start, stop, group):
-            b = a + group
-            block = np.ascontiguousarray(w[:, a:b], dtype=np.float32)
-            packed = ggml.quantize(block, qtype, imatrix=diag[a:b])
-            parts.append(packed.reshape(rows, -1))
-            back = ggml.dequantize(packed, qtype, block.size).reshape(block.shape)
-            err = np.linalg.solve(u[a:b, a:b].T, (w[:, a:b] - back).T).T
-            errs.append(err)
-            if b < stop:  # within the batch at once
-                w[:, b:stop] -= err @ u[a:b, b:stop]
-        if stop < cols:  # beyond the batch, once per batch
-            w[:, stop:] -= np.concatenate(errs, axis=1) @ u[start:stop, stop:]
-    return np.concatenate(parts, axis=1).reshape(-1)
+    threads = max(1, min(threads, rows // 64 or 1))
+    with ThreadPoolExecutor(threads) as pool:
+        for start in range(0, cols, step):
+            stop = min(cols, start + step)
+            errs = []
+            for a in range(start, stop, group):
+                b = a + group
+                code, back = ggml.quantize_and_back(
+                    w[:, a:b], qtype, diag[a:b], threads, pool
+                )
+                k = a // group
+                packed[:, k * per_block : (k + 1) * per_block] = code
+                err = (w[:, a:b] - back) @ whiten[k]
+                errs.append(err)
+                if b < stop:  # within the batch at once
+                    w[:, b:stop] -= err @ u[a:b, b:stop]
+            if stop < cols:  # beyond the batch, once per batch
+                w[:, stop:] -= np.concatenate(errs, axis=1) @ u[start:stop, stop:]
+    return packed.reshape(-1)
 
 
 def patch(
@@ -122,6 +161,7 @@ def patch(
     source_values: Callable[[str], np.ndarray | None],
     moments,
     progress: Callable[[int, int, str], None] | None = None,
+    threads: int = 1,
 ) -> list[str]:
     """Re-round, in the GGUF at ``path`` (llama.cpp's quantizer wrote it; not yet
     committed), every quantized tensor whose inputs' second moment ``moments.of``
@@ -153,7 +193,7 @@ def patch(
                 factor = None  # the previous one's memory first
                 factor = Factor(h)
             qtype = int(gguf.GGMLQuantizationType[info.dtype])
-            data = rounded_with(values, factor, qtype)
+            data = rounded_with(values, factor, qtype, threads)
             if data.nbytes != info.nbytes:
                 raise EwqError(f"{info.name}: re-rounded to {data.nbytes} bytes")
             os.pwrite(fd, data.tobytes(), info.offset)
