@@ -2,11 +2,13 @@
 costs and what it keeps, in one run per part.
 
 ``quality MODEL.gguf EVAL CALIBRATION``: at llama.cpp's preset types, GPTQ
-rounding with float32 second moments shared per input (today's) against float64
-(the collector's type switched in process), and one pass over the text against a
-pass per block (``--memory-limit`` of one block): KL from the source on the
-evaluation text, the ratio float32 / float64, and whether the per-block passes
-wrote the same bytes.
+rounding with float32 second moments shared per input and float32 column updates
+(today's) against float32 moments with float64 updates, and against float64 for
+both (the types switched in process); a noise control: float64 with the damping
+2% larger, a change no one would call a loss, to say how far any perturbation
+moves GPTQ's KL; and one pass over the text against a pass per block
+(``--memory-limit`` of one block): KL from the source on the evaluation text, the
+ratios to float64, and whether the per-block passes wrote the same bytes.
 
 ``scale``: synthetic GGUFs with Llama-2-7B's layer shapes (width 4096, MLP 11008,
 32 heads; F16, random weights: time and memory only, never quality) and the
@@ -44,11 +46,13 @@ def quality(a) -> dict:
     import numpy as np
 
     from ewq import api
+    from ewq.api import _gptq
     from ewq.calibration import collect
     from ewq.evaluate.backends import LlamaCppModel
     from ewq.evaluate.data import load_text
     from ewq.evaluate.reference import Reference, text_metrics
     from ewq.planfile import plan_doc
+    from ewq.quant import gptq
     from ewq.quant.gguf import quantize_preset
     from ewq.types import Precision
 
@@ -70,12 +74,17 @@ def quality(a) -> dict:
                 tensors=types,
             )
             row = {"preset": preset}
-            for name, dtype, limit in (
-                ("float32", np.float32, None),
-                ("float32_per_block", np.float32, "1"),
-                ("float64", np.float64, None),
+            f32, f64, damp0 = np.float32, np.float64, gptq.DAMP
+            for name, dtype, work, damp, limit in (
+                ("float32", f32, f32, damp0, None),
+                ("float32_per_block", f32, f32, damp0, "1"),
+                ("updates_float64", f32, f64, damp0, None),
+                ("float64", f64, f64, damp0, None),
+                ("float64_damp", f64, f64, damp0 * 1.02, None),
             ):
-                collect.MOMENTS_DTYPE = dtype
+                collect.MOMENTS_DTYPE, gptq.WORK = dtype, work
+                gptq.DAMP = damp
+                _gptq._HELD.clear()  # moments held from the variant before
                 out = Path(tmp) / f"{preset}.{name}.gguf"
                 started = time.perf_counter()
                 q = api.quantize(
@@ -92,15 +101,18 @@ def quality(a) -> dict:
                 row[f"kl_{name}"] = text_metrics(LlamaCppModel(out, a.ctx), ref)[
                     "kl_mean"
                 ]
-            collect.MOMENTS_DTYPE = np.float32
+            collect.MOMENTS_DTYPE, gptq.WORK, gptq.DAMP = f32, f32, damp0
             one = (Path(tmp) / f"{preset}.float32.gguf").read_bytes()
             many = (Path(tmp) / f"{preset}.float32_per_block.gguf").read_bytes()
             row["per_block_same_bytes"] = one == many
-            row["kl_ratio_float32_to_float64"] = row["kl_float32"] / row["kl_float64"]
+            for k in ("float32", "updates_float64", "float64_damp"):
+                row[f"kl_ratio_{k}_to_float64"] = row[f"kl_{k}"] / row["kl_float64"]
             rows.append(row)
             print(
                 f"{preset}: KL float32 {row['kl_float32']:.6f}, float64 "
-                f"{row['kl_float64']:.6f} ({row['kl_ratio_float32_to_float64']:.4f}x); "
+                f"{row['kl_float64']:.6f} ({row['kl_ratio_float32_to_float64']:.4f}x; "
+                f"float64 updates {row['kl_ratio_updates_float64_to_float64']:.4f}x, "
+                f"damping +2% {row['kl_ratio_float64_damp_to_float64']:.4f}x); "
                 f"{row['float32_per_block_passes']} passes: same bytes "
                 f"{row['per_block_same_bytes']}",
                 flush=True,
