@@ -10,6 +10,14 @@ moves GPTQ's KL; and one pass over the text against a pass per block
 (``--memory-limit`` of one block): KL from the source on the evaluation text, the
 ratios to float64, and whether the per-block passes wrote the same bytes.
 
+``precision MODEL.gguf CALIBRATION EVAL``: what GPTQ minimises, per tensor, on
+text it did not see: each weight's output error tr(E H_eval E^T) after rounding
+against float32 and against float64 second moments of the calibration text, at
+several dampings, as a share of ggml's own rounding's (given H's diagonal);
+geometric means over the tensors. Where float32 and float64 agree here, a
+difference in the whole model's KL is GPTQ's sensitivity to any change of its
+inputs, not a loss of the type.
+
 ``scale``: synthetic GGUFs with Llama-2-7B's layer shapes (width 4096, MLP 11008,
 32 heads; F16, random weights: time and memory only, never quality) and the
 default model's tokenizer, at ``--blocks`` (2 and 6): `ewq quantize
@@ -20,6 +28,7 @@ llama.cpp's ``llama-imatrix`` + ``llama-quantize Q4_K_M`` on the same text
 size to the last against the file's growth.
 
     python benchmarks/gptq_memory.py quality MODEL EVAL CALIB [--presets ...]
+    python benchmarks/gptq_memory.py precision MODEL CALIB EVAL [--type Q4_K]
     python benchmarks/gptq_memory.py scale [--blocks 2,6] [--chunks 8] \\
         [--memory-limit 2GiB] [--work DIR] [--json OUT]
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -118,6 +128,67 @@ def quality(a) -> dict:
                 flush=True,
             )
     return {"model": str(a.model), "eval_tokens": sum(map(len, ref.seqs)), "rows": rows}
+
+
+def precision(a) -> dict:
+    import gguf
+    import numpy as np
+
+    from ewq.calibration import collect
+    from ewq.calibration.collect import compute_moments
+    from ewq.evaluate.data import load_text
+    from ewq.quant import ggml, gptq
+    from ewq.sources.gguf import GGUFSource
+
+    kw = {"ctx": a.ctx, "documents": a.documents, "tokens": a.tokens}
+    moments = {}
+    for name, dtype, path in (
+        ("float64", np.float64, a.calibration),
+        ("float32", np.float32, a.calibration),
+        ("eval", np.float64, a.eval_text),
+    ):
+        collect.MOMENTS_DTYPE = dtype
+        moments[name] = compute_moments(a.model, load_text(path), **kw)[1]
+    collect.MOMENTS_DTYPE = np.float32
+    qtype = int(gguf.GGMLQuantizationType[a.type])
+    with GGUFSource(a.model) as s:
+        infos = [t for t in s.index.tensors if moments["eval"].of(t.name) is not None]
+
+    def error(w, code, h) -> float:
+        back = ggml.dequantize(code, qtype, w.size).reshape(w.shape)
+        e = (w - back).astype(np.float64)
+        return float(np.einsum("ij,jk,ik->", e, h, e))
+
+    damp0, dampings = gptq.DAMP, [float(x) for x in a.dampings.split(",")]
+    logs: dict[str, list[float]] = {}
+    tensors = []
+    try:
+        for info in infos:
+            w = ggml.tensor_values(info)
+            held = moments["eval"].of(info.name).astype(np.float64)
+            diag = np.diag(moments["float64"].of(info.name)).astype(np.float32)
+            base = error(w, ggml.quantize(w, qtype, imatrix=diag), held)
+            row = {"tensor": info.name}
+            for damp in dampings:
+                gptq.DAMP = damp
+                for kind in ("float64", "float32"):
+                    h = moments[kind].of(info.name)
+                    share = error(w, gptq.rounded(w, h, qtype, os.cpu_count()), held)
+                    key = f"{kind}@{damp:g}"
+                    row[key] = share / base
+                    logs.setdefault(key, []).append(math.log(share / base))
+            tensors.append(row)
+            print(
+                info.name,
+                " ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "tensor"),
+                flush=True,
+            )
+    finally:
+        gptq.DAMP = damp0
+    geo = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
+    for k, v in geo.items():
+        print(f"{k}: held-out output error {v:.4f}x ggml's (geometric mean)")
+    return {"model": str(a.model), "type": a.type, "geomean": geo, "tensors": tensors}
 
 
 def synthetic(path: Path, blocks: int) -> int:
@@ -349,6 +420,15 @@ def main() -> None:
     q.add_argument("--ctx", type=int, default=512)
     q.add_argument("--windows", type=int, default=8)
     q.add_argument("--calib-ctx", type=int, default=512)
+    e = sub.add_parser("precision")
+    e.add_argument("model", type=Path)
+    e.add_argument("calibration", type=Path)
+    e.add_argument("eval_text", type=Path)
+    e.add_argument("--type", default="Q4_K")
+    e.add_argument("--dampings", default="0.01,0.02,0.05,0.1")
+    e.add_argument("--documents", default="stream")
+    e.add_argument("--ctx", type=int, default=512)
+    e.add_argument("--tokens", type=int, default=8192)
     s = sub.add_parser("scale")
     s.add_argument("--blocks", default="2,6")
     s.add_argument("--ctx", type=int, default=512)
@@ -357,10 +437,10 @@ def main() -> None:
     )
     s.add_argument("--memory-limit", default=None)
     s.add_argument("--work", default=Path.home() / ".cache" / "ewq" / "synthetic7b")
-    for p in (q, s):
+    for p in (q, e, s):
         p.add_argument("--json", type=Path)
     a = ap.parse_args()
-    doc = quality(a) if a.part == "quality" else scale(a)
+    doc = {"quality": quality, "precision": precision, "scale": scale}[a.part](a)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(doc, indent=1) + "\n")

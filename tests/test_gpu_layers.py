@@ -80,3 +80,29 @@ def test_the_option_reaches_each_pass(
     code, _, err = run(monkeypatch, capsys, *argv, "--gpu-layers", "3")
     assert code == 0, err
     assert loads and set(loads) == {3}
+
+
+@pytest.mark.parametrize("threads", [None, 1])
+def test_a_calibration_pass_runs_on_every_core_unless_told(
+    threads, model_and_text, monkeypatch
+):
+    """llama.h's default context runs 4 threads on any machine (on 2 cores they
+    spin against each other): the importance-matrix and second-moment passes ask for
+    the machine's cores, or the threads given."""
+    import os
+
+    from ewq.calibration.collect import compute_moments
+    from ewq.evaluate.data import load_text
+
+    src, text = model_and_text
+    seen: list[tuple[int, int]] = []
+    real = llama_cpp.llama_init_from_model
+
+    def init(model, params):
+        seen.append((params.n_threads, params.n_threads_batch))
+        return real(model, params)
+
+    monkeypatch.setattr(llama_cpp, "llama_init_from_model", init)
+    compute_moments(src, load_text(text), ctx=64, chunks=1, threads=threads)
+    want = threads or os.cpu_count()
+    assert seen == [(want, want)]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 import signal
 import threading
 import time
@@ -542,8 +543,10 @@ def _collect(
     params = lc.llama_context_default_params()
     params.n_ctx = params.n_batch = params.n_ubatch = ctx
     params.n_seq_max = 1
-    if threads:
-        params.n_threads = params.n_threads_batch = threads
+    # llama.h's default is 4 threads whatever the machine (llama-imatrix asks for
+    # the cores); on 2 cores 4 threads made a pass over 6 blocks of Llama-2-7B's
+    # shapes 1-9% slower
+    params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
     params.cb_eval = callback
     params.cb_eval_user_data = None
     lctx = lc.llama_init_from_model(model.llm.model, params)
