@@ -106,3 +106,35 @@ def test_a_calibration_pass_runs_on_every_core_unless_told(
     compute_moments(src, load_text(text), ctx=64, chunks=1, threads=threads)
     want = threads or os.cpu_count()
     assert seen == [(want, want)]
+
+
+def test_a_calibration_pass_multiplies_moments_on_one_blas_thread(
+    model_and_text, monkeypatch
+):
+    """BLAS's idle threads spin and take llama.cpp's cores: while a pass computes,
+    BLAS is limited to one thread (each activation llama.cpp hands over is seen
+    under the limit), and the limit is lifted after it."""
+    import os
+
+    import threadpoolctl
+
+    from ewq.calibration import collect
+    from ewq.evaluate.data import load_text
+
+    def blas() -> list[int]:
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()]
+
+    src, text = model_and_text
+    before, seen = blas(), []
+    real = collect._Collector._dense
+
+    def dense(self, *args):
+        seen.extend(blas())
+        return real(self, *args)
+
+    monkeypatch.setattr(collect._Collector, "_dense", dense)
+    collect.compute_moments(src, load_text(text), ctx=64, chunks=2)
+    assert seen and set(seen) == {1}
+    assert blas() == before
+    if (os.cpu_count() or 1) > 1:
+        assert max(before) > 1  # the limit was a change
