@@ -112,8 +112,8 @@ def test_a_calibration_pass_multiplies_moments_on_one_blas_thread(
     model_and_text, monkeypatch
 ):
     """BLAS's idle threads spin and take llama.cpp's cores: while a pass computes,
-    BLAS is limited to one thread (each activation llama.cpp hands over is seen
-    under the limit), and the limit is lifted after it."""
+    every BLAS library loaded (numpy's and scipy's own) is limited to one thread
+    at each second-moment product, and the limit is lifted after it."""
     import os
 
     import threadpoolctl
@@ -121,20 +121,26 @@ def test_a_calibration_pass_multiplies_moments_on_one_blas_thread(
     from ewq.calibration import collect
     from ewq.evaluate.data import load_text
 
-    def blas() -> list[int]:
-        return [i["num_threads"] for i in threadpoolctl.threadpool_info()]
+    def blas() -> dict[str, int]:
+        return {
+            i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+        }
 
     src, text = model_and_text
     before, seen = blas(), []
-    real = collect._Collector._dense
+    real = collect._Collector._moments
 
-    def dense(self, *args):
-        seen.extend(blas())
-        return real(self, *args)
+    def moments(self, *args):
+        out = real(self, *args)  # a product made (scipy's BLAS loaded by then)
+        seen.append(blas())
+        return out
 
-    monkeypatch.setattr(collect._Collector, "_dense", dense)
+    monkeypatch.setattr(collect._Collector, "_moments", moments)
+    monkeypatch.setattr(collect, "FLUSH_ROWS", 16)  # a product at every input
     collect.compute_moments(src, load_text(text), ctx=64, chunks=2)
-    assert seen and set(seen) == {1}
-    assert blas() == before
+    assert seen and all(set(libs.values()) == {1} for libs in seen)
+    assert len(seen[-1]) >= 2  # numpy's BLAS and scipy's
+    after = blas()
+    assert {k: after[k] for k in before} == before
     if (os.cpu_count() or 1) > 1:
-        assert max(before) > 1  # the limit was a change
+        assert max(after.values()) > 1  # the limit was a change

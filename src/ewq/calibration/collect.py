@@ -563,7 +563,10 @@ def _collect(
         # the second moments' BLAS calls on one thread: OpenBLAS's idle threads
         # spin after each call and take the cores llama.cpp's threads compute on
         # (the default model's pass with every block's moments: 18.4 s instead of
-        # 31.6 s for 4 windows; 6 blocks of Llama-2-7B's shapes: the same)
+        # 31.6 s for 4 windows; 6 blocks of Llama-2-7B's shapes: the same). scipy's
+        # BLAS is its own library: loaded first, or the limit would miss it
+        import scipy.linalg.blas  # noqa: F401
+
         with (
             stage(label, size) if label else contextlib.nullcontext(),
             _held_signals(collector),
