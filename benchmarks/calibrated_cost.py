@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gptq_memory import ROOT, timed  # noqa: E402
+from gptq_memory import ROOT, llama_tools, tensor_bytes, timed  # noqa: E402
 
 _DONE = re.compile(r"\[ewq\] (.+?): done in (.+)$")
 
@@ -59,17 +57,6 @@ def stages(log: Path, start: int) -> list[dict]:
     ]
 
 
-def tensor_bytes(path: Path) -> int:
-    from gguf import GGMLQuantizationType, quant_shape_to_byte_shape
-
-    from ewq.sources.gguf import read_header
-
-    return sum(
-        math.prod(quant_shape_to_byte_shape(shape, GGMLQuantizationType(q)))
-        for _, shape, q, _ in read_header(path).tensors
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
@@ -79,14 +66,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
-    tools = Path(
-        subprocess.run(
-            ["bash", str(ROOT / "benchmarks" / "llama_tools.sh")],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()[-1]
-    )
+    tools = llama_tools()
     work = Path(tempfile.mkdtemp(prefix="ewq-calibrated-cost-"))
     log = work / "log.txt"
     threads = str(os.cpu_count())
@@ -107,7 +87,7 @@ def main() -> None:
         + [str(preset), a.preset, threads],
         log,
     )
-    budget = tensor_bytes(preset)
+    budget = sum(tensor_bytes(preset).values())
     imatrix_s = theirs_im["seconds"]
     print(
         f"llama.cpp: imatrix {imatrix_s:.1f} s, quantize {theirs_q['seconds']:.1f} s "
@@ -153,7 +133,7 @@ def main() -> None:
         "ctx": a.ctx,
         "preset": a.preset,
         "preset_tensor_bytes": budget,
-        "ewq_tensor_bytes": tensor_bytes(out),
+        "ewq_tensor_bytes": sum(tensor_bytes(out).values()),
         "llama_imatrix_chunks": cap // a.ctx if cap else None,
         "calibration_tokens": record.get("rounding", {}).get("calibration_tokens"),
         "llama_imatrix": theirs_im,

@@ -274,7 +274,20 @@ def _copy_field(w, key: str, field) -> None:
         w.add_key_value(key, field.parts[field.data[0]].tolist()[0], kind)
 
 
-def _tensor_bytes(path: Path) -> dict[str, int]:
+def llama_tools() -> Path:
+    """The folder of llama.cpp's own tools (benchmarks/llama_tools.sh builds them
+    once)."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "llama_tools.sh")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return Path(done.stdout.split()[-1])
+
+
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """Each tensor's data bytes in a GGUF file."""
     import gguf
 
     return {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
@@ -306,14 +319,7 @@ def scale(a) -> dict:
     from ewq.quant.gguf import preset_recipes
     from ewq.types import Precision
 
-    tools = Path(
-        subprocess.run(
-            ["bash", str(ROOT / "benchmarks" / "llama_tools.sh")],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()[-1]
-    )
+    tools = llama_tools()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     text = work / "calibration.txt"
@@ -382,7 +388,7 @@ def scale(a) -> dict:
             "ratio": ours["seconds"] / theirs,
             "rounding": record.get("rounding", {}),
             # tensors, not files: ewq's file carries its ewq.* metadata keys
-            "same_tensor_bytes": _tensor_bytes(out) == _tensor_bytes(q),
+            "same_tensor_bytes": tensor_bytes(out) == tensor_bytes(q),
         }
         rows.append(row)
         print(
