@@ -321,24 +321,35 @@ def split_gguf(src: Path, dst: Path, max_tensors: int) -> Path:
 
 
 def byte_vocab_llama(
-    path: Path, n_blocks: int = 2, hidden: int = 256, seed: int = 7
+    path: Path,
+    n_blocks: int = 2,
+    hidden: int = 256,
+    seed: int = 7,
+    *,
+    arch: str = "llama",
+    experts: int = 0,
+    window: int | None = None,
 ) -> Path:
-    """A float Llama that llama.cpp tokenizes text for: a SentencePiece ('llama')
+    """A float model that llama.cpp tokenizes text for: a SentencePiece ('llama')
     vocabulary of the 256 byte tokens plus <unk>, <s> and </s> (every text is its
-    UTF-8 bytes), random F32 weights of rows of 256 (every K-quant fits). The same
-    seed gives the same file byte for byte, so a file llama.cpp's own tools computed
-    for it (tests/data) stays valid."""
+    UTF-8 bytes), random F32 weights of rows of 256 (every K-quant fits). ``arch``:
+    "llama" (with ``experts``: Mixtral's routed experts, two used per token),
+    "gemma2" or "gemma3" (their post-norms, Gemma-3's q/k norms, a tied output;
+    ``window``: a sliding window, every layer but each 2nd/6th). The same seed and
+    settings give the same file byte for byte, so a file llama.cpp's own tools
+    computed for it (tests/data) stays valid."""
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [2, 3, 3] + [6] * 256  # unknown, control, byte
     vocab = len(tokens)
     rng = np.random.default_rng(seed)
     h, f = hidden, 2 * hidden
+    gemma = arch.startswith("gemma")
 
     def w(*shape: int) -> tuple[np.ndarray, Q]:
         return (rng.standard_normal(shape).astype(np.float32) * 0.05, Q.F32)
 
-    def norm() -> tuple[np.ndarray, Q]:
-        return (np.ones(h, np.float32), Q.F32)
+    def norm(n: int = h) -> tuple[np.ndarray, Q]:
+        return (np.ones(n, np.float32), Q.F32)
 
     t = {"token_embd.weight": w(vocab, h)}
     for b in range(n_blocks):
@@ -350,14 +361,35 @@ def byte_vocab_llama(
             p + "attn_v.weight": w(h // 2, h),
             p + "attn_output.weight": w(h, h),
             p + "ffn_norm.weight": norm(),
-            p + "ffn_gate.weight": w(f, h),
-            p + "ffn_up.weight": w(f, h),
-            p + "ffn_down.weight": w(h, f),
         }
+        if experts:
+            t |= {
+                p + "ffn_gate_inp.weight": w(experts, h),
+                p + "ffn_gate_exps.weight": w(experts, f, h),
+                p + "ffn_up_exps.weight": w(experts, f, h),
+                p + "ffn_down_exps.weight": w(experts, h, f),
+            }
+        else:
+            t |= {
+                p + "ffn_gate.weight": w(f, h),
+                p + "ffn_up.weight": w(f, h),
+                p + "ffn_down.weight": w(h, f),
+            }
+        if gemma:
+            t |= {
+                p + "post_attention_norm.weight": norm(),
+                p + "post_ffw_norm.weight": norm(),
+            }
+        if arch == "gemma3":
+            t |= {
+                p + "attn_q_norm.weight": norm(h // 4),
+                p + "attn_k_norm.weight": norm(h // 4),
+            }
     t["output_norm.weight"] = norm()
-    t["output.weight"] = w(vocab, h)
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name("tiny byte llama")
+    if not gemma:
+        t["output.weight"] = w(vocab, h)
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(f"tiny byte {arch}")
     writer.add_block_count(n_blocks)
     writer.add_context_length(256)
     writer.add_embedding_length(h)
@@ -366,6 +398,11 @@ def byte_vocab_llama(
     writer.add_feed_forward_length(f)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(h // 4)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(2)
+    if window is not None:
+        writer.add_sliding_window(window)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")

@@ -24,6 +24,9 @@ pytest.importorskip("llama_cpp")
 DATA = Path(__file__).parent / "data"
 TOOL_GGUF = DATA / "imatrix-v1-byte-llama.gguf"
 TOOL_DAT = DATA / "imatrix-v1-byte-llama.dat"
+#: llama-imatrix (llama-cpp-python 0.3.36's llama.cpp, -c 128, -t 2) on wiki16k.txt
+#: for byte_vocab_llama(experts=4): routed experts, two used per token
+TOOL_MOE = DATA / "imatrix-v1-byte-moe.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,27 @@ def test_ewqs_computation_agrees_with_llama_imatrix(byte_llama, wiki16k):
         # to 0.1%: the tool sums in float32 and decodes 16 chunks per batch (other
         # matrix-product kernels); ewq sums in float64, one chunk per decode
         np.testing.assert_allclose(m.entries[n].sums, e.sums, rtol=1e-3, err_msg=n)
+
+
+def test_routed_experts_agree_with_llama_imatrix(tmp_path, wiki16k):
+    """Per expert, the tokens routed to it and the mean squares of their inputs, as
+    llama-imatrix counts them (a file it wrote). Routing is not bit-stable across
+    batchings (the tool decodes 16 chunks at a time): a few tokens near a tie go to
+    another expert, so counts agree to 0.1% and weights to 5% (0.5% on average);
+    the total is exact."""
+    ref = read_imatrix(TOOL_MOE)
+    src = byte_vocab_llama(tmp_path / "moe.gguf", experts=4)
+    m = api.imatrix(src, wiki16k, ctx=128)
+    assert set(m.entries) == set(ref.entries)
+    exps = [n for n in ref.entries if "_exps" in n]
+    assert len(exps) == 6
+    for n in exps:
+        got, want = m.entries[n], ref.entries[n]
+        assert got.sums.shape == want.sums.shape == (4, want.columns)
+        assert got.counts.sum() == want.counts.sum() == 2 * m.chunk_count * 128
+        np.testing.assert_allclose(got.counts, want.counts, rtol=1e-3, err_msg=n)
+        np.testing.assert_allclose(got.weights(), want.weights(), rtol=0.05, err_msg=n)
+        assert np.mean(np.abs(got.weights() / want.weights() - 1)) < 0.005
 
 
 def test_written_files_are_llama_cpps_format(tmp_path):

@@ -149,8 +149,16 @@ class _Collector:
         moments: Callable[[str], bool] | None = None,
         sums: bool = True,
         stop_after: int | None = None,
+        capture: Capture | None = None,
+        offset: int = 0,
     ):
         self.lib = lib
+        #: the node whose rows are copied per window (the residual stream after a
+        #: block), and whether the graph stops there
+        self.capture = capture
+        self.captured: list[np.ndarray] = []
+        #: a slice's blocks are counted from 0: its block k is the model's k + offset
+        self.offset = offset
         #: the graph is stopped at the first weight of a later block (no sums)
         self.stop_after = None if sums else stop_after
         self.process_output = process_output
@@ -200,10 +208,15 @@ class _Collector:
 
     def _call(self, ptr, ask: bool) -> bool:
         t = ctypes.cast(ptr, ctypes.POINTER(_GgmlTensor)).contents
+        if self.capture is not None and t.name == self.capture.node:
+            if ask:
+                return True
+            self.captured.append(np.array(_view(t, 2), dtype=np.float32))
+            return not self.capture.stop
         if t.op not in (self.mul_mat, self.mul_mat_id):
             return False
         src0, src1 = t.src[0].contents, t.src[1].contents
-        name = _weight_name(src0.name)
+        name = _renumbered(_weight_name(src0.name), self.offset)
         if ask:
             if t.op == self.mul_mat_id:
                 return self.collect_sums
@@ -244,6 +257,27 @@ class _Collector:
         if not np.isfinite(sums).all():
             raise EwqError(f"non-finite activations in {name}")
         counts += x.shape[0] * x.shape[1] * x.shape[2] // n_mat
+
+    def _experts(self, name, t, src0, src1) -> None:
+        ids_t = t.src[2].contents
+        n_as = int(src0.ne[2])
+        n_ids, n_tokens = int(ids_t.ne[0]), int(ids_t.ne[1])
+        span = (n_tokens - 1) * int(ids_t.nb[1]) + (n_ids - 1) * int(ids_t.nb[0]) + 4
+        raw = np.frombuffer((ctypes.c_char * span).from_address(ids_t.data), np.int32)
+        ids = np.lib.stride_tricks.as_strided(
+            raw, (n_tokens, n_ids), (int(ids_t.nb[1]), int(ids_t.nb[0]))
+        )
+        x = _view(src1, 3)  # (tokens, ne1, ne0)
+        sums, counts = self._acc(name, n_as, int(src1.ne[0]))
+        for idx in range(n_ids):
+            rows = x[:, idx % x.shape[1], :].astype(np.float64)
+            ex = ids[:, idx]
+            if ex.min() < 0 or ex.max() >= n_as:
+                raise EwqError(f"expert id out of range in {name}")
+            np.add.at(sums, ex, rows * rows)
+            np.add.at(counts, ex, 1)
+        if not np.isfinite(sums).all():
+            raise EwqError(f"non-finite activations in {name}")
 
     def _moments(self, name: str, src1: _GgmlTensor, x: np.ndarray) -> None:
         """The input's group (the graph node llama.cpp multiplies, told apart by its
@@ -291,6 +325,30 @@ class _Collector:
         return Moments(out, dict(self.groups), dict(self.rows))
 
 
+@dataclass(frozen=True)
+class Capture:
+    """A node of llama.cpp's graph whose rows a pass copies out, window by window:
+    ``l_out-K``, the residual stream after block K (llama.cpp's model builders name
+    each block's output so, ``cb(cur, "l_out", il)`` in ``src/models/*.cpp``), and
+    whether the graph stops once it is computed (a slice's last block: nothing
+    after it is needed)."""
+
+    block: int
+    stop: bool = False
+
+    @property
+    def node(self) -> bytes:
+        return f"l_out-{self.block}".encode()
+
+
+def _renumbered(name: str, offset: int) -> str:
+    """``blk.K.*`` of a slice as the model's ``blk.(K + offset).*``."""
+    if not offset or not name.startswith("blk."):
+        return name
+    head, k, rest = name.split(".", 2)
+    return f"{head}.{int(k) + offset}.{rest}"
+
+
 def _symmetric(h: np.ndarray, step: int = 1024) -> np.ndarray:
     """``h`` (F-ordered, upper triangle filled) made symmetric in place, a band of
     rows at a time (no second matrix: they may be hundreds of megabytes); returned
@@ -302,27 +360,6 @@ def _symmetric(h: np.ndarray, step: int = 1024) -> np.ndarray:
         d = h[a:b, a:b]
         d[np.tril_indices(b - a, -1)] = d.T[np.tril_indices(b - a, -1)]
     return h.T
-
-    def _experts(self, name, t, src0, src1) -> None:
-        ids_t = t.src[2].contents
-        n_as = int(src0.ne[2])
-        n_ids, n_tokens = int(ids_t.ne[0]), int(ids_t.ne[1])
-        span = (n_tokens - 1) * int(ids_t.nb[1]) + (n_ids - 1) * int(ids_t.nb[0]) + 4
-        raw = np.frombuffer((ctypes.c_char * span).from_address(ids_t.data), np.int32)
-        ids = np.lib.stride_tricks.as_strided(
-            raw, (n_tokens, n_ids), (int(ids_t.nb[1]), int(ids_t.nb[0]))
-        )
-        x = _view(src1, 3)  # (tokens, ne1, ne0)
-        sums, counts = self._acc(name, n_as, int(src1.ne[0]))
-        for idx in range(n_ids):
-            rows = x[:, idx % x.shape[1], :].astype(np.float64)
-            ex = ids[:, idx]
-            if ex.min() < 0 or ex.max() >= n_as:
-                raise EwqError(f"expert id out of range in {name}")
-            np.add.at(sums, ex, rows * rows)
-            np.add.at(counts, ex, 1)
-        if not np.isfinite(sums).all():
-            raise EwqError(f"non-finite activations in {name}")
 
 
 def imatrix_windows(
