@@ -329,13 +329,15 @@ def byte_vocab_llama(
     arch: str = "llama",
     experts: int = 0,
     window: int | None = None,
+    per_layer_heads: bool = False,
 ) -> Path:
     """A float model that llama.cpp tokenizes text for: a SentencePiece ('llama')
     vocabulary of the 256 byte tokens plus <unk>, <s> and </s> (every text is its
     UTF-8 bytes), random F32 weights of rows of 256 (every K-quant fits). ``arch``:
     "llama" (with ``experts``: Mixtral's routed experts, two used per token),
     "gemma2" or "gemma3" (their post-norms, Gemma-3's q/k norms, a tied output;
-    ``window``: a sliding window, every layer but each 2nd/6th). The same seed and
+    ``window``: a sliding window, every layer but each 2nd/6th; ``per_layer_heads``:
+    the key/value head count as an array, one entry per block). The same seed and
     settings give the same file byte for byte, so a file llama.cpp's own tools
     computed for it (tests/data) stays valid."""
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
@@ -394,7 +396,7 @@ def byte_vocab_llama(
     writer.add_context_length(256)
     writer.add_embedding_length(h)
     writer.add_head_count(4)
-    writer.add_head_count_kv(2)
+    writer.add_head_count_kv([2] * n_blocks if per_layer_heads else 2)
     writer.add_feed_forward_length(f)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(h // 4)

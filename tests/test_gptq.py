@@ -301,20 +301,24 @@ def test_float32_updates_keep_float64s_output_error(model_and_text, monkeypatch)
 @given(
     sizes=st.lists(st.integers(1, 10**9), min_size=1, max_size=80),
     limit=st.integers(1, 4 * 10**9),
+    period=st.sampled_from([1, 2, 6]),
 )
-def test_passes_hold_consecutive_blocks_within_the_limit(sizes, limit):
-    """Every block in exactly one pass, in order; a pass over the limit holds one
-    block alone; no two neighbouring passes could have been one."""
+def test_passes_hold_consecutive_blocks_within_the_limit(sizes, limit, period):
+    """Every block in exactly one pass, in order; every pass after the first
+    starts at a multiple of the period; a pass over the limit holds one period's
+    blocks alone; no two neighbouring passes could have been one."""
     from ewq.calibration.moments import plan_passes
 
     blocks = dict(enumerate(sizes))
-    p = plan_passes(blocks, limit)
+    p = plan_passes(blocks, limit, period)
     assert [b for group in p.passes for b in group] == sorted(blocks)
     for group, held in zip(p.passes, p.held, strict=True):
         assert held == sum(blocks[b] for b in group)
-        assert held <= limit or len(group) == 1
+        assert held <= limit or len(group) <= period
+        assert group[0] % period == 0
     for held, nxt in zip(p.held, p.passes[1:], strict=False):
-        assert held + blocks[nxt[0]] > limit
+        unit = [b for b in nxt if b // period == nxt[0] // period]
+        assert held + sum(blocks[b] for b in unit) > limit
 
 
 @pytest.mark.slow

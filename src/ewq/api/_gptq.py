@@ -48,9 +48,9 @@ def _limit(cfg: QuantizeConfig) -> int:
 
 class Calibrated:
     """A GPTQ run's calibration: the text, the passes over it, the importance
-    matrix and the last group's second moments (computed by :func:`calibrated`
-    before llama.cpp quantizes, which needs the importance matrix; that pass runs
-    the whole graph, the other groups' passes stop after their last block)."""
+    matrix and one group's second moments (computed by :func:`calibrated` before
+    llama.cpp quantizes, which needs the importance matrix; that pass runs the
+    whole graph), then the other groups' (ewq.calibration.moments)."""
 
     def __init__(self, text: CalibrationText, passes: MomentPasses):
         self.text, self.passes = text, passes
@@ -60,9 +60,9 @@ class Calibrated:
         self.whole = len(passes.plan.passes) == 1
 
     def groups(self):
-        """Each group's second moments in turn: the last's (computed already; let
-        go once handed over unless it is the whole model's), then one pass per
-        other group, first to last."""
+        """Each group's second moments in turn: the one computed already (let go
+        once handed over unless it is the whole model's), then one pass per other
+        group, first to last."""
         first = self._first
         if not self.whole:
             self._first = None
@@ -72,10 +72,14 @@ class Calibrated:
         yield from self.passes.rest()
 
 
-def calibrated(index, cfg: QuantizeConfig, threads, progress) -> Calibrated:
-    """The importance matrix and the last group's second moments on the calibration
+def calibrated(
+    index, cfg: QuantizeConfig, threads, progress, workdir: Path | None = None
+) -> Calibrated:
+    """The importance matrix and one group's second moments on the calibration
     text (ewq.calibration.moments), the memory bound planned from llama.cpp's own
-    sharing of inputs."""
+    sharing of inputs; slices of the model, where passes run them, are written
+    in ``workdir`` (the output's folder: where the user expects big files, which
+    a system temp folder in memory may not hold) and removed after their pass."""
     from ewq.cache import file_digest
 
     text = calibration_text(cfg.calibration)
@@ -96,6 +100,7 @@ def calibrated(index, cfg: QuantizeConfig, threads, progress) -> Calibrated:
         limit=limit,
         tokens=cap,
         progress=progress,
+        workdir=workdir,
     )
     run = Calibrated(text, passes)
     if run.whole:

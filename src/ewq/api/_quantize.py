@@ -231,7 +231,7 @@ def _quantize_gguf(
     cfg, progress = job.cfg, job.progress
     run = None
     if rounds(cfg, job.form):
-        run = calibrated(index, cfg, cfg.threads, progress)
+        run = calibrated(index, cfg, cfg.threads, progress, Path(job.out).parent)
         imatrix = imatrix or run.imatrix
     args = tuple(
         llama_quantize_args(

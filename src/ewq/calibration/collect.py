@@ -57,7 +57,14 @@ from ewq.native import ggml
 from ewq.stages import stage
 from ewq.types import Progress
 
-__all__ = ["Moments", "compute_imatrix", "compute_moments", "imatrix_windows"]
+__all__ = [
+    "Capture",
+    "Moments",
+    "compute_imatrix",
+    "compute_moments",
+    "imatrix_windows",
+    "run_pass",
+]
 
 _MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
 
@@ -455,6 +462,59 @@ def compute_moments(
     return (_imatrix_of(collector, n, ctx, "") if sums else None), moments
 
 
+def run_pass(
+    path: str | Path,
+    text: str,
+    *,
+    ctx: int = 512,
+    documents: Documents | str = Documents.STREAM,
+    tokens: int | None = None,
+    threads: int | None = None,
+    blocks: Collection[int],
+    sums: bool = False,
+    capture: Capture | None = None,
+    inputs: Sequence[np.ndarray] | None = None,
+    offset: int = 0,
+    progress: Progress | None = None,
+    label: str = "second moments",
+) -> tuple[Imatrix | None, Moments, list[np.ndarray]]:
+    """One pass of a group's second moments (blocks ``blocks``, counted as the
+    model counts them), the importance matrix with ``sums``, and the rows of
+    ``capture`` per window. ``path`` may be a slice whose block 0 is the model's
+    ``offset`` (ewq.calibration.slices), run from ``inputs``; without ``capture``,
+    a pass with no ``sums`` stops after the last of ``blocks``."""
+
+    def chosen(name: str) -> bool:
+        return _block_of(name) in blocks
+
+    stop = None if sums or capture is not None else max(blocks)
+    collector, n = _collect(
+        path,
+        text,
+        ctx,
+        documents,
+        None,
+        threads,
+        progress,
+        moments=chosen,
+        sums=sums,
+        tokens=tokens,
+        label=label,
+        stop_after=stop,
+        inputs=inputs,
+        capture=capture,
+        offset=offset,
+    )
+    moments = collector.finish()
+    imatrix = _imatrix_of(collector, n, ctx, "") if sums else None
+    if capture is not None and len(collector.captured) != n:
+        raise EwqError(
+            f"{path}: llama.cpp's graph has no node {capture.node.decode()} "
+            "(the residual stream after a block)"
+        )
+    return imatrix, moments, collector.captured
+
+
 def input_groups(
     path: str | Path,
     text: str,
@@ -497,12 +557,15 @@ def _imatrix_of(collector: _Collector, n: int, ctx: int, dataset: str) -> Imatri
     return Imatrix(entries, (dataset,), n, ctx)
 
 
-def _decode_all(lc, lctx, batch, seqs, collector, progress, started) -> None:
-    """Each window through llama.cpp, the callback collecting."""
+def _decode_all(
+    lc, lctx, batch, seqs, collector, progress, started, inputs=None
+) -> None:
+    """Each window through llama.cpp (its tokens, or its ``inputs`` rows), the
+    callback collecting."""
     for k, seq in enumerate(seqs):
         collector.new_window()
         try:
-            _decode(lc, lctx, batch, seq)
+            _decode(lc, lctx, batch, seq, None if inputs is None else inputs[k])
         finally:
             if collector.interrupted:
                 raise KeyboardInterrupt
@@ -558,10 +621,15 @@ def _collect(
     tokens: int | None = None,
     label: str = "",
     stop_after: int | None = None,
+    inputs: Sequence[np.ndarray] | None = None,
+    capture: Capture | None = None,
+    offset: int = 0,
 ) -> tuple[_Collector, int]:
     """Run llama.cpp over the windows of ``text`` (their ``first`` tokens alone,
     when given; the first windows holding at most ``tokens`` tokens) with the
-    collecting callback, as the stage ``label``."""
+    collecting callback, as the stage ``label``. With ``inputs`` (one array of
+    rows per window), those go in as the windows' embeddings instead of their
+    tokens: a slice's pass from the residual stream."""
     import llama_cpp as lc
 
     from ewq.evaluate.backends import LlamaCppModel
@@ -576,7 +644,11 @@ def _collect(
     seqs = capped(seqs, tokens)
     if first is not None:
         seqs = [s[:first] for s in seqs]
-    collector = _Collector(lib, process_output, moments, sums, stop_after)
+    if inputs is not None and [len(s) for s in seqs] != [len(x) for x in inputs]:
+        raise EwqError("the saved residual stream does not match the text's windows")
+    collector = _Collector(
+        lib, process_output, moments, sums, stop_after, capture, offset
+    )
     callback = lc.ggml_backend_sched_eval_callback(collector)
     params = lc.llama_context_default_params()
     params.n_ctx = params.n_batch = params.n_ubatch = ctx
@@ -590,7 +662,8 @@ def _collect(
     lctx = lc.llama_init_from_model(model.llm.model, params)
     if not lctx:
         raise EwqError(f"{path}: llama.cpp could not make a context for it")
-    batch = lc.llama_batch_init(ctx, 0, 1)
+    n_embd = 0 if inputs is None else int(inputs[0].shape[1])
+    batch = lc.llama_batch_init(ctx, n_embd, 1)
     started = time.perf_counter()
     held = sum(map(len, seqs))
     size = f"{len(seqs)} windows, {held:,} tokens"
@@ -609,7 +682,7 @@ def _collect(
             _held_signals(collector),
             threadpool_limits(1),
         ):
-            _decode_all(lc, lctx, batch, seqs, collector, progress, started)
+            _decode_all(lc, lctx, batch, seqs, collector, progress, started, inputs)
     finally:
         lc.llama_batch_free(batch)
         lc.llama_free(lctx)
@@ -624,10 +697,14 @@ def _eta(started: float, done: int, total: int) -> str:
     return f"chunk {done}/{total}, about {math.ceil(left)} s left"
 
 
-def _decode(lc, lctx, batch, seq: Sequence[int]) -> None:
+def _decode(lc, lctx, batch, seq: Sequence[int], rows=None) -> None:
     lc.llama_memory_clear(lc.llama_get_memory(lctx), True)
+    if rows is not None:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
     for i, tok in enumerate(seq):
-        batch.token[i] = tok
+        if rows is None:
+            batch.token[i] = tok
         batch.pos[i] = i
         batch.n_seq_id[i] = 1
         batch.seq_id[i][0] = 0

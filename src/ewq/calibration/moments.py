@@ -11,7 +11,15 @@ any machine (a 7B model's, one per weight in float64: about 56 GB). Here:
 * float32 (BLAS's symmetric update, half a product's work);
 * as many consecutive blocks per pass over the text as ``limit`` bytes hold
   (:func:`plan_passes`), each pass's group rounded and freed before the next pass;
-  the first pass also gives the importance matrix llama.cpp's quantizer needs.
+  the first pass also gives the importance matrix llama.cpp's quantizer needs;
+* for architectures whose graph can start from a saved residual stream
+  (ewq/arch/graphs.toml), each pass after the first runs a slice of the model
+  that holds its group's blocks alone (ewq.calibration.slices), fed the stream
+  the pass before saved after its last block (one window's rows at a time; a
+  whole text's: tokens x width float32, 168 MB for 5,120 tokens of a 70B's 8,192):
+  the passes together compute the model about twice, however many there are.
+  Other architectures run every block before a pass's group again (the passes'
+  cost grows with the square of the depth).
 
 A weight's matrix is summed in the same order whatever the grouping (the collector
 multiplies each input's rows out at a fixed count of its own), so one pass and
@@ -22,11 +30,24 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-from ewq.calibration.collect import FLUSH_ROWS, Moments, compute_moments, input_groups
+import numpy as np
+
+from ewq.arch.graphs import graph_entry
+from ewq.calibration.collect import (
+    FLUSH_ROWS,
+    Capture,
+    Moments,
+    compute_moments,
+    input_groups,
+    run_pass,
+)
+from ewq.calibration.slices import SliceSource
 from ewq.calibration.text import CalibrationText
 from ewq.errors import EwqError
 from ewq.imatrix import Imatrix
@@ -95,20 +116,27 @@ def block_bytes(index: ModelIndex, groups: dict[str, str]) -> dict[int, int]:
     return out
 
 
-def plan_passes(sizes: dict[int, int], limit: int) -> PassPlan:
+def plan_passes(sizes: dict[int, int], limit: int, period: int = 1) -> PassPlan:
     """Consecutive blocks, as many per pass as ``limit`` holds (a block larger than
-    the limit alone in its pass)."""
+    the limit alone in its pass); with ``period``, every pass but the first starts
+    at a multiple of it (blocks whose behaviour repeats with their index: a slice
+    run on its own must start where the pattern does), so a pass may hold up to
+    ``period`` blocks over the limit."""
     passes: list[tuple[int, ...]] = []
     held: list[int] = []
     cur: list[int] = []
     total = 0
+    units: dict[int, list[int]] = {}
     for block in sorted(sizes):
-        if cur and total + sizes[block] > limit:
+        units.setdefault(block // max(period, 1), []).append(block)
+    for unit in units.values():
+        size = sum(sizes[b] for b in unit)
+        if cur and total + size > limit:
             passes.append(tuple(cur))
             held.append(total)
             cur, total = [], 0
-        cur.append(block)
-        total += sizes[block]
+        cur += unit
+        total += size
     if cur:
         passes.append(tuple(cur))
         held.append(total)
@@ -137,6 +165,7 @@ class MomentPasses:
         limit: int,
         tokens: int | None = None,
         progress: Progress | None = None,
+        workdir: str | Path | None = None,
     ):
         self.path, self.text = path, text
         self.how = {"ctx": ctx, "documents": documents, "threads": threads}
@@ -145,7 +174,21 @@ class MomentPasses:
         if not groups:
             raise EwqError(f"{path}: llama.cpp multiplied no dense blk.* weight")
         self.groups = groups
-        self.plan = plan_passes(block_bytes(index, groups), limit)
+        arch = index.config.get("general.architecture")
+        #: how a slice of this architecture runs from the saved stream, or None:
+        #: each pass then runs every block before its group again
+        self.entry = graph_entry(arch if isinstance(arch, str) else None)
+        period = self.entry.period_of(dict(index.config)) if self.entry else 1
+        self.plan = plan_passes(block_bytes(index, groups), limit, period)
+        self.sliced = self.entry is not None and len(self.plan.passes) > 1
+        if self.sliced:
+            assert self.entry is not None
+            width = index.config.get(f"{self.entry.arch}.embedding_length")
+            self.scale = self.entry.input_scale(int(width)) if width else 1.0
+            self.slices = SliceSource(index)
+        self.workdir = workdir
+        self._stream: list[np.ndarray] | None = None
+        self.stream_bytes = 0
         if self.plan.peak > limit:
             log.warning(
                 "one block's second moments take %.2f GiB, over the %.2f GiB limit",
@@ -161,13 +204,8 @@ class MomentPasses:
         blocks = set(self.plan.passes[k])
         n = len(self.plan.passes)
         run = len(self.seconds)  # passes run before this one
-
-        def told(done: int, total: int, what: str) -> None:
-            if self._progress is not None:
-                self._progress(
-                    run * total + done, n * total, f"pass {run + 1}/{n}: {what}"
-                )
-
+        if self.sliced:
+            return self._sliced(k, sums)
         started = time.perf_counter()
         what = "importance matrix and second moments" if sums else "second moments"
         found = compute_moments(
@@ -175,7 +213,7 @@ class MomentPasses:
             self.text.text,
             blocks=blocks,
             sums=sums,
-            progress=told,
+            progress=self._told(run, n),
             tokens=self.tokens,
             label=f"{what}, pass {run + 1}/{n} (blocks {min(blocks)}-{max(blocks)})",
             **self.how,
@@ -183,11 +221,76 @@ class MomentPasses:
         self.seconds.append(time.perf_counter() - started)
         return found
 
+    def _told(self, run: int, n: int) -> Progress:
+        def told(done: int, total: int, what: str) -> None:
+            if self._progress is not None:
+                self._progress(
+                    run * total + done, n * total, f"pass {run + 1}/{n}: {what}"
+                )
+
+        return told
+
+    def _sliced(self, k: int, sums: bool) -> tuple[Imatrix | None, Moments]:
+        """Group ``k``'s pass when slices run from the stream: the first group's
+        over the whole model (with the importance matrix), saving the stream after
+        its last block; each later group's on a slice of its own blocks, from the
+        stream the previous pass saved, saving the stream after its own."""
+        group = self.plan.passes[k]
+        n = len(self.plan.passes)
+        last = k == n - 1
+        what = "importance matrix and second moments" if sums else "second moments"
+        label = f"{what}, pass {k + 1}/{n} (blocks {group[0]}-{group[-1]}"
+        started = time.perf_counter()
+        common = dict(
+            tokens=self.tokens,
+            blocks=set(group),
+            sums=sums,
+            progress=self._told(len(self.seconds), n),
+            **self.how,
+        )
+        if k == 0:
+            found = run_pass(
+                self.path,
+                self.text.text,
+                capture=Capture(group[-1]),
+                label=label + ")",
+                **common,
+            )
+        else:
+            if self._stream is None:
+                raise EwqError("a slice's pass needs the stream the pass before saved")
+            inputs = self._stream
+            if self.scale != 1.0:
+                inputs = [x / np.float32(self.scale) for x in inputs]
+            folder = self.workdir
+            if folder is not None and not Path(folder).is_dir():
+                folder = None
+            with tempfile.TemporaryDirectory(prefix=".ewq-slice-", dir=folder) as tmp:
+                path = self.slices.write(group, Path(tmp) / "slice.gguf")
+                found = run_pass(
+                    path,
+                    self.text.text,
+                    capture=Capture(len(group) - 1, stop=True),
+                    inputs=inputs,
+                    offset=group[0],
+                    label=label + ", from the stream after the previous pass)",
+                    **common,
+                )
+            del inputs
+        imatrix, moments, stream = found
+        self._stream = None if last else stream
+        self.stream_bytes = max(self.stream_bytes, sum(x.nbytes for x in stream))
+        self.seconds.append(time.perf_counter() - started)
+        return imatrix, moments
+
     def first(self) -> tuple[Imatrix, Moments]:
-        """The importance matrix and the last group's second moments: the pass that
-        computes the importance matrix runs the whole graph, which only the last
-        group needs (the others' passes stop after their last block)."""
-        imatrix, moments = self._pass(len(self.plan.passes) - 1, sums=True)
+        """The importance matrix and one group's second moments. Sliced: the first
+        group's (its pass runs the whole graph and saves the stream after it);
+        otherwise the last group's: the pass that computes the importance matrix
+        runs the whole graph, which only the last group needs (the others' passes
+        stop after their last block)."""
+        k = 0 if self.sliced else len(self.plan.passes) - 1
+        imatrix, moments = self._pass(k, sums=True)
         assert imatrix is not None
         # a dense weight's input has a row per token of the windows
         self.tokens_used = max(moments.rows.values(), default=0)
@@ -195,7 +298,10 @@ class MomentPasses:
 
     def rest(self) -> Iterator[Moments]:
         """Each other group's second moments, one pass each, first to last."""
-        for k in range(len(self.plan.passes) - 1):
+        others = range(1, len(self.plan.passes))
+        if not self.sliced:
+            others = range(len(self.plan.passes) - 1)
+        for k in others:
             yield self._pass(k, sums=False)[1]
 
     def record(self) -> dict:
@@ -207,6 +313,8 @@ class MomentPasses:
             "memory_limit": self.plan.limit,
             "peak_moment_bytes": self.plan.peak,
             "distinct_inputs": len(set(self.groups.values())),
+            "passes_from_stream": self.sliced,
+            "stream_bytes": self.stream_bytes,
             "weights": len(self.groups),
         }
 
