@@ -18,6 +18,14 @@ geometric means over the tensors. Where float32 and float64 agree here, a
 difference in the whole model's KL is GPTQ's sensitivity to any change of its
 inputs, not a loss of the type.
 
+``passes MODEL.gguf CALIBRATION --memory-limit M``: the passes that give every
+block's second moments under a memory limit, two ways in one run: each later
+group run alone on a slice of the model from the saved residual stream (today's,
+for the architectures in ewq/arch/graphs.toml), and every block before a group
+run again for it (the way before, and still the way for other architectures):
+seconds of each pass, their sum and its ratio, peak RSS, and whether the two gave
+the same second moments bit for bit.
+
 ``scale``: synthetic GGUFs with Llama-2-7B's layer shapes (width 4096, MLP 11008,
 32 heads; F16, random weights: time and memory only, never quality) and the
 default model's tokenizer, at ``--blocks`` (2 and 6): `ewq quantize
@@ -29,6 +37,7 @@ size to the last against the file's growth.
 
     python benchmarks/gptq_memory.py quality MODEL EVAL CALIB [--presets ...]
     python benchmarks/gptq_memory.py precision MODEL CALIB EVAL [--type Q4_K]
+    python benchmarks/gptq_memory.py passes MODEL CALIB --memory-limit 1GiB
     python benchmarks/gptq_memory.py scale [--blocks 2,6] [--chunks 8] \\
         [--memory-limit 2GiB] [--work DIR] [--json OUT]
 
@@ -313,6 +322,76 @@ def timed(cmd: list[str], log: Path) -> dict:
     return {"seconds": float(seconds), "peak_rss": int(rss)}
 
 
+def passes(a) -> dict:
+    import ewq.calibration.moments as moments_mod
+    from ewq.api._gptq import _limit
+    from ewq.calibration.text import calibration_text
+    from ewq.config import QuantizeConfig
+    from ewq.sources import open_source
+
+    index = open_source(str(a.model)).index
+    text = calibration_text(a.calibration)
+    limit = _limit(QuantizeConfig(memory_limit=a.memory_limit))
+    entry = moments_mod.graph_entry
+    import hashlib
+
+    got: dict[str, dict] = {}
+    held: dict[str, dict[str, str]] = {}  # matrix -> sha256 of its bytes
+
+    def digests(m) -> dict[str, str]:
+        return {n: hashlib.sha256(m.of(n).tobytes()).hexdigest() for n in m.names()}
+
+    for how in ("sliced", "prefix"):
+        moments_mod.graph_entry = entry if how == "sliced" else (lambda arch: None)
+        try:
+            run = moments_mod.MomentPasses(
+                str(a.model),
+                index,
+                text,
+                ctx=a.ctx,
+                documents=a.documents,
+                threads=None,
+                limit=limit,
+                tokens=a.tokens,
+                workdir=Path(a.work) if a.work else None,
+            )
+            _, first = run.first()
+            mats = digests(first)
+            del first
+            for m in run.rest():
+                mats.update(digests(m))
+                del m
+        finally:
+            moments_mod.graph_entry = entry
+        held[how] = mats
+        got[how] = {
+            "passes": [list(p) for p in run.plan.passes],
+            "seconds": run.seconds,
+            "total_seconds": sum(run.seconds),
+            "sliced": run.sliced,
+            "stream_bytes": run.stream_bytes,
+            # the process's peak so far (the sliced way runs first)
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        print(
+            f"{how}: {len(run.seconds)} passes, {sum(run.seconds):.1f} s "
+            f"({', '.join(f'{x:.1f}' for x in run.seconds)})",
+            flush=True,
+        )
+    same = held["sliced"] == held["prefix"]
+    ratio = got["prefix"]["total_seconds"] / got["sliced"]["total_seconds"]
+    print(f"prefix / sliced: {ratio:.2f}x; same second moments: {same}")
+    return {
+        "model": str(a.model),
+        "memory_limit": a.memory_limit,
+        "tokens": a.tokens,
+        "ctx": a.ctx,
+        "ways": got,
+        "prefix_over_sliced": ratio,
+        "same_second_moments": same,
+    }
+
+
 def scale(a) -> dict:
     from ewq.evaluate.data import load_text
     from ewq.planfile import plan_doc
@@ -435,6 +514,15 @@ def main() -> None:
     e.add_argument("--documents", default="stream")
     e.add_argument("--ctx", type=int, default=512)
     e.add_argument("--tokens", type=int, default=8192)
+    m = sub.add_parser("passes")
+    m.add_argument("model", type=Path)
+    m.add_argument("calibration", type=Path)
+    m.add_argument("--memory-limit", required=True)
+    m.add_argument("--tokens", type=int, default=None)
+    m.add_argument("--ctx", type=int, default=512)
+    m.add_argument("--documents", default="stream")
+    m.add_argument("--work", default=None)
+    m.add_argument("--json", type=Path)
     s = sub.add_parser("scale")
     s.add_argument("--blocks", default="2,6")
     s.add_argument("--ctx", type=int, default=512)
@@ -446,7 +534,8 @@ def main() -> None:
     for p in (q, e, s):
         p.add_argument("--json", type=Path)
     a = ap.parse_args()
-    doc = {"quality": quality, "precision": precision, "scale": scale}[a.part](a)
+    parts = {"quality": quality, "precision": precision, "passes": passes}
+    doc = (parts | {"scale": scale})[a.part](a)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(doc, indent=1) + "\n")
