@@ -4,6 +4,9 @@ llama.cpp itself, and they lower the output error the rounding is for."""
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -403,3 +406,52 @@ def test_the_default_token_cap_grows_with_the_widest_input():
     assert token_cap(None, narrow) == DEFAULT_CALIBRATION_TOKENS
     assert token_cap(None, wide) == CALIBRATION_TOKENS_PER_WIDTH * 11008 > 8192
     assert token_cap(0, wide) is None and token_cap(100, wide) == 100
+
+
+def test_weights_gptq_writes_are_copied_by_llama_cpp_not_quantized(
+    model_and_text, tmp_path, monkeypatch
+):
+    """llama.cpp reads a source where every weight GPTQ rounds afterwards is
+    already in its target type, a hole: it copies those (zeros) and quantizes the
+    rest, and GPTQ writes them; the file is the one written when llama.cpp
+    quantized every weight first, byte for byte, and no staged copy is left."""
+    import ewq.api._quantize as quantize_mod
+
+    src, text = model_and_text
+    plan = _q3k_plan(src)
+    a, b = tmp_path / "staged" / "a.gguf", tmp_path / "whole" / "b.gguf"
+    a.parent.mkdir()
+    b.parent.mkdir()
+    r = api.quantize(src, plan, a, calibration=text, calibration_ctx=64)
+    assert r.rounding["tensors"] == 14
+
+    @contextlib.contextmanager
+    def unstaged(index, targets, run, folder):
+        yield Path(index.files[0]), set()
+
+    monkeypatch.setattr(quantize_mod, "staged", unstaged)
+    api.quantize(src, plan, b, calibration=text, calibration_ctx=64)
+    assert a.read_bytes() == b.read_bytes()
+    assert sorted(p.name for p in a.parent.iterdir()) == ["a.gguf", "a.gguf.ewq.json"]
+
+
+def test_a_weight_gptq_leaves_unwritten_is_never_committed(
+    model_and_text, tmp_path, monkeypatch
+):
+    """Should the rounding skip a weight llama.cpp copied from a hole, the file
+    (zeros there) is not written: one line, nothing beside the inputs."""
+    import ewq.quant.gptq as gptq_mod
+    from ewq.errors import EwqError
+
+    src, text = model_and_text
+    real = gptq_mod.patch
+
+    def skips_one(path, values, moments, progress=None, threads=1):
+        return real(path, values, moments, progress, threads)[1:]
+
+    monkeypatch.setattr(gptq_mod, "patch", skips_one)
+    out = tmp_path / "o" / "m.gguf"
+    out.parent.mkdir()
+    with pytest.raises(EwqError, match="GPTQ rounding did not write blk"):
+        api.quantize(src, _q3k_plan(src), out, calibration=text, calibration_ctx=64)
+    assert list(out.parent.iterdir()) == []

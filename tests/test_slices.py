@@ -125,7 +125,7 @@ def test_a_slice_is_a_model_llama_cpp_loads(tmp_path):
 
     src = byte_vocab_llama(tmp_path / "m.gguf", n_blocks=4, per_layer_heads=True)
     index = open_source(str(src)).index
-    out = SliceSource(index).write([1, 2], tmp_path / "s.gguf")
+    out = SliceSource(index).write_slice([1, 2], tmp_path / "s.gguf")
     r = gguf.GGUFReader(out)
     assert r.fields["llama.block_count"].contents() == 2
     assert r.fields["llama.attention.head_count_kv"].contents() == [2, 2]

@@ -5,7 +5,10 @@ step that rounds each group before the output is committed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from ewq.calibration.moments import MomentPasses, memory_limit
@@ -15,7 +18,7 @@ from ewq.errors import EwqError
 from ewq.formats import OutputFormat
 from ewq.stages import stage
 
-__all__ = ["Calibrated", "calibrated", "gptq_then", "rounds"]
+__all__ = ["Calibrated", "calibrated", "gptq_then", "rounds", "staged"]
 
 
 def rounds(cfg: QuantizeConfig, form: OutputFormat) -> bool:
@@ -113,9 +116,42 @@ def calibrated(
 _HELD: dict[tuple, Calibrated] = {}
 
 
-def gptq_then(commit, index, run: Calibrated, cfg: QuantizeConfig, progress):
+@contextlib.contextmanager
+def staged(index, targets, run: Calibrated, folder: Path) -> Iterator[tuple[Path, set]]:
+    """The source llama.cpp's quantizer reads when GPTQ rounds afterwards: the
+    model with every weight GPTQ will round declared in its target type and left
+    as a hole (ewq.quant.sparse), so that llama.cpp copies it instead of quantizing
+    bytes the rounding overwrites (a fifth of a run on 6 blocks of 7B shapes). Its
+    path and the names of those weights; written in ``folder`` (the output's),
+    removed after."""
+    from ewq.formats import FLOAT_TYPES
+    from ewq.quant.sparse import GGUFCopy, block_of
+
+    shapes = {t.name: t.shape for t in index.tensors}
+    holes = {
+        t.name: (t.type, t.nbytes)
+        for t in targets
+        if t.type not in FLOAT_TYPES
+        and len(shapes.get(t.name, ())) == 2
+        and block_of(t.name) is not None
+        and t.name in run.passes.groups
+    }
+    where = folder if folder.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix=".ewq-staged-", dir=where) as tmp:
+        with stage("staging", f"{len(holes)} weights left for GPTQ to write"):
+            path = GGUFCopy(index).write(
+                Path(tmp) / "staged.gguf", holes=set(holes), types=holes
+            )
+        yield path, set(holes)
+
+
+def gptq_then(
+    commit, index, run: Calibrated, cfg: QuantizeConfig, progress, holes=frozenset()
+):
     """``commit`` preceded by GPTQ rounding of the file llama.cpp wrote, one group of
-    blocks at a time (recorded in the result's ``rounding``)."""
+    blocks at a time (recorded in the result's ``rounding``); every weight in
+    ``holes`` (llama.cpp copied it from a hole: zeros) must have been written, or
+    nothing is committed."""
     from ewq.quant import ggml
     from ewq.quant.gptq import DAMP, patch
 
@@ -133,6 +169,12 @@ def gptq_then(commit, index, run: Calibrated, cfg: QuantizeConfig, progress):
             with stage("GPTQ rounding", size + " of second moments"):
                 names += patch(Path(tmp), values, moments, progress, threads)
             del moments
+        missing = sorted(set(holes) - set(names))
+        if missing:
+            raise EwqError(
+                f"GPTQ rounding did not write {missing[0]} "
+                f"({len(missing)} weights); nothing was written"
+            )
         commit.rounding.update(
             method="gptq",
             calibration_sha256=run.text.sha256,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -9,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ewq.api._gptq import calibrated, gptq_then, rounds
+from ewq.api._gptq import calibrated, gptq_then, rounds, staged
 from ewq.arch import resolve
 from ewq.config import Format, QuantizeConfig, configure
 from ewq.errors import EwqError
@@ -240,20 +241,24 @@ def _quantize_gguf(
     )
     commit, made = _recorder(job, targets, args)
     meta = _gguf_provenance(job.source, job.plan)
-    if run is not None:
-        commit = gptq_then(commit, index, run, cfg, progress)
-        meta["ewq.rounding"] = "gptq"
-    with stage("writing", f"{len(targets)} tensors by llama.cpp's quantizer"):
-        quantize_gguf(
-            path,
-            targets,
-            job.out,
-            threads=cfg.threads,
-            progress=progress,
-            before_commit=commit,
-            metadata=meta,
-            imatrix=imatrix,
-        )
+    with contextlib.ExitStack() as stack:
+        if run is not None:
+            path, holes = stack.enter_context(
+                staged(index, targets, run, Path(job.out).parent)
+            )
+            commit = gptq_then(commit, index, run, cfg, progress, holes)
+            meta["ewq.rounding"] = "gptq"
+        with stage("writing", f"{len(targets)} tensors by llama.cpp's quantizer"):
+            quantize_gguf(
+                path,
+                targets,
+                job.out,
+                threads=cfg.threads,
+                progress=progress,
+                before_commit=commit,
+                metadata=meta,
+                imatrix=imatrix,
+            )
     return made[0]
 
 

@@ -266,7 +266,7 @@ class MomentPasses:
             if folder is not None and not Path(folder).is_dir():
                 folder = None
             with tempfile.TemporaryDirectory(prefix=".ewq-slice-", dir=folder) as tmp:
-                path = self.slices.write(group, Path(tmp) / "slice.gguf")
+                path = self.slices.write_slice(group, Path(tmp) / "slice.gguf")
                 found = run_pass(
                     path,
                     self.text.text,
