@@ -180,8 +180,11 @@ def precision(a) -> dict:
             row = {"tensor": info.name}
             for damp in dampings:
                 gptq.DAMP = damp
-                for kind in ("float64", "float32"):
-                    h = moments[kind].of(info.name)
+                for kind in ("float64", "float32", "float32_factor32"):
+                    h = moments[kind.split("_")[0]].of(info.name)
+                    gptq.FACTOR = (
+                        np.float32 if kind.endswith("factor32") else np.float64
+                    )
                     share = error(w, gptq.rounded(w, h, qtype, os.cpu_count()), held)
                     key = f"{kind}@{damp:g}"
                     row[key] = share / base
@@ -194,6 +197,7 @@ def precision(a) -> dict:
             )
     finally:
         gptq.DAMP = damp0
+        gptq.FACTOR = np.float64
     geo = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
     for k, v in geo.items():
         print(f"{k}: held-out output error {v:.4f}x ggml's (geometric mean)")

@@ -226,11 +226,17 @@ def _q3k_plan(src) -> dict:
     )
 
 
-def test_the_inverse_factor_is_the_cholesky_factor_of_the_inverse():
+@pytest.mark.parametrize("precision", [np.float32, np.float64])
+def test_the_inverse_factor_is_the_cholesky_factor_of_the_inverse(
+    precision, monkeypatch
+):
     """U from one Cholesky of the reversed matrix and a triangular inverse is the
-    upper factor of H^-1 (damped; an unreached column kept at the damped unit)."""
+    upper factor of H^-1 (damped; an unreached column kept at the damped unit),
+    computed in float32 (the default) or float64."""
+    from ewq.quant import gptq
     from ewq.quant.gptq import DAMP, _inverse_factor
 
+    monkeypatch.setattr(gptq, "FACTOR", precision)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((300, 64))
     x[:, 5] = 0.0  # a column no input reached
@@ -241,7 +247,26 @@ def test_the_inverse_factor_is_the_cholesky_factor_of_the_inverse():
     ref[5, 5] = 1.0
     ref[np.diag_indices(64)] += DAMP * np.mean(np.diag(ref))
     want = np.linalg.cholesky(np.linalg.inv(ref)).T
+    assert u.dtype == precision
     np.testing.assert_allclose(u, want, rtol=1e-4, atol=1e-7)
+
+
+def test_a_matrix_float32_cannot_factor_is_factored_in_float64():
+    """Second moments past float32's range (inf once cast) fall back to a float64
+    factor: finite, and the one float64 gives."""
+    from ewq.quant import gptq
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((300, 32)) * 1e20
+    h = x.T @ x  # about 3e42: beyond float32
+    u = gptq._inverse_factor(h)
+    assert u.dtype == np.float64 and np.isfinite(u).all()
+    gptq_f64 = gptq.FACTOR
+    try:
+        gptq.FACTOR = np.float64
+        np.testing.assert_array_equal(u, gptq._inverse_factor(h))
+    finally:
+        gptq.FACTOR = gptq_f64
 
 
 def test_lazy_batches_round_as_column_by_column_updates(model_and_text, monkeypatch):
