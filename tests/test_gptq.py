@@ -480,3 +480,29 @@ def test_a_weight_gptq_leaves_unwritten_is_never_committed(
     with pytest.raises(EwqError, match="GPTQ rounding did not write blk"):
         api.quantize(src, _q3k_plan(src), out, calibration=text, calibration_ctx=64)
     assert list(out.parent.iterdir()) == []
+
+
+def test_quantize_after_the_plans_pass_runs_no_pass_of_its_own(
+    model_and_text, tmp_path, fresh_cache, monkeypatch
+):
+    """A small model's importance-matrix pass (what ewq plan --calibration runs)
+    also caches every block's second moments; a later quantize on the same text
+    and windows runs no pass, says so, and writes the bytes a quantize from an
+    empty cache writes."""
+    from ewq.calibration.text import token_cap
+    from ewq.sources import open_source
+
+    src, text = model_and_text
+    plan = _q3k_plan(src)
+    cap = token_cap(None, open_source(str(src)).index)
+    api.imatrix(src, text, ctx=64, tokens=cap)
+    assert list((fresh_cache / "moments").glob("*.npz"))
+    a = tmp_path / "a.gguf"
+    r = api.quantize(src, plan, a, calibration=text, calibration_ctx=64)
+    assert r.rounding["passes"] == 0 and r.rounding["tensors"] == 14
+    assert "reused" in r.rounding
+    b = tmp_path / "b.gguf"
+    monkeypatch.setenv("EWQ_CACHE", str(tmp_path / "empty"))
+    fresh = api.quantize(src, plan, b, calibration=text, calibration_ctx=64)
+    assert fresh.rounding["passes"] == 1
+    assert a.read_bytes() == b.read_bytes()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["LOGGER", "reused", "stage"]
+__all__ = ["LOGGER", "reused", "skipped", "stage"]
 
 LOGGER = "ewq.stage"
 _log = logging.getLogger(LOGGER)
@@ -34,6 +34,11 @@ def stage(name: str, size: str = "") -> Iterator[None]:
 def reused(name: str, seconds: float) -> None:
     """A stage not run again: what an earlier run measured is read from the cache."""
     _log.info("%s: reused from the cache (measured in %s)", name, _duration(seconds))
+
+
+def skipped(name: str, why: str) -> None:
+    """A stage that does not run, and why, in one line."""
+    _log.info("%s: %s", name, why)
 
 
 def _duration(seconds: float) -> str:

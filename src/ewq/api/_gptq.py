@@ -11,12 +11,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ewq.calibration.moments import MomentPasses, memory_limit
+from ewq.calibration.imatrix import cached_moments
+from ewq.calibration.moments import MomentPasses, PassPlan, memory_limit
 from ewq.calibration.text import CalibrationText, calibration_text, token_cap
 from ewq.config import QuantizeConfig, Rounding
 from ewq.errors import EwqError
 from ewq.formats import OutputFormat
-from ewq.stages import stage
+from ewq.stages import skipped, stage
 
 __all__ = ["Calibrated", "calibrated", "gptq_then", "rounds", "staged"]
 
@@ -93,6 +94,17 @@ def calibrated(
     if key in _HELD:
         return _HELD[key]
     _HELD.clear()  # one model's at a time: they may take gigabytes
+    found = cached_moments(
+        index,
+        text,
+        ctx=cfg.calibration_ctx,
+        documents=str(cfg.documents),
+        tokens=cap,
+    )
+    if found is not None and found[1].nbytes <= limit:
+        run = Calibrated(text, Reused(*found, limit, cap))
+        _HELD[key] = run
+        return run
     passes = MomentPasses(
         str(index.files[0]),
         index,
@@ -109,6 +121,40 @@ def calibrated(
     if run.whole:
         _HELD[key] = run
     return run
+
+
+class Reused:
+    """The passes' stand-in when a plan's pass cached the importance matrix and
+    every block's second moments (ewq.calibration.imatrix): no pass runs."""
+
+    def __init__(self, imatrix, moments, limit: int, cap: int | None):
+        self._found = (imatrix, moments)
+        self.groups = moments.groups
+        self.tokens = cap
+        self.used = max(moments.rows.values(), default=0)
+        self.plan = PassPlan(((),), (moments.nbytes,), limit)
+        skipped(
+            "importance matrix and second moments",
+            f"reused from the plan's pass (cached, {self.used:,} tokens)",
+        )
+
+    def first(self):
+        return self._found
+
+    def rest(self):
+        return iter(())
+
+    def record(self) -> dict:
+        imatrix, moments = self._found
+        return {
+            "tokens": self.used,
+            "passes": 0,
+            "reused": "the importance matrix and second moments a plan's pass cached",
+            "memory_limit": self.plan.limit,
+            "peak_moment_bytes": moments.nbytes,
+            "distinct_inputs": len(moments.matrices),
+            "weights": len(moments.groups),
+        }
 
 
 #: the last calibration whose second moments were the whole model's, by model

@@ -435,6 +435,7 @@ def compute_moments(
     sums: bool = True,
     progress: Progress | None = None,
     label: str = "second moments",
+    dataset: str = "",
 ) -> tuple[Imatrix | None, Moments]:
     """In one pass over ``text``: the importance matrix (with ``sums``) and the
     second moments X^T X of the inputs of dense ``blk.*`` weights (of ``blocks``
@@ -459,7 +460,7 @@ def compute_moments(
         stop_after=None if blocks is None else max(blocks),
     )
     moments = collector.finish()
-    return (_imatrix_of(collector, n, ctx, "") if sums else None), moments
+    return (_imatrix_of(collector, n, ctx, dataset) if sums else None), moments
 
 
 def run_pass(
@@ -477,6 +478,7 @@ def run_pass(
     offset: int = 0,
     progress: Progress | None = None,
     label: str = "second moments",
+    dataset: str = "",
 ) -> tuple[Imatrix | None, Moments, list[np.ndarray]]:
     """One pass of a group's second moments (blocks ``blocks``, counted as the
     model counts them), the importance matrix with ``sums``, and the rows of
@@ -506,7 +508,7 @@ def run_pass(
         offset=offset,
     )
     moments = collector.finish()
-    imatrix = _imatrix_of(collector, n, ctx, "") if sums else None
+    imatrix = _imatrix_of(collector, n, ctx, dataset) if sums else None
     if capture is not None and len(collector.captured) != n:
         raise EwqError(
             f"{path}: llama.cpp's graph has no node {capture.node.decode()} "

@@ -215,6 +215,7 @@ class MomentPasses:
             sums=sums,
             progress=self._told(run, n),
             tokens=self.tokens,
+            dataset=self.text.name if sums else "",
             label=f"{what}, pass {run + 1}/{n} (blocks {min(blocks)}-{max(blocks)})",
             **self.how,
         )
@@ -245,6 +246,7 @@ class MomentPasses:
             tokens=self.tokens,
             blocks=set(group),
             sums=sums,
+            dataset=self.text.name if sums else "",
             progress=self._told(len(self.seconds), n),
             **self.how,
         )
