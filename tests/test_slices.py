@@ -144,3 +144,14 @@ def test_a_slice_is_a_model_llama_cpp_loads(tmp_path):
 
     model = LlamaCppModel(out, CTX)
     assert lc.llama_model_n_layer(model.llm.model) == 2
+
+
+def test_a_copy_with_nothing_changed_is_the_source_byte_for_byte(tmp_path):
+    """The copier writes GGUF as the bundled model's own writer did: every key,
+    tensor info, padding and byte of data the same."""
+    from ewq.quant.sparse import GGUFCopy
+    from ewq.sources import default_model_path
+
+    src = default_model_path()
+    out = GGUFCopy(open_source(str(src)).index).write(tmp_path / "copy.gguf")
+    assert out.read_bytes() == src.read_bytes()

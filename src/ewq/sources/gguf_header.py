@@ -19,6 +19,7 @@ from ewq.errors import FormatError
 
 __all__ = [
     "MAX_CONFIG_ARRAY",
+    "SCALAR_CODES",
     "GGUFHeader",
     "HeaderTruncated",
     "parse_header",
@@ -42,6 +43,9 @@ _SCALAR = {
     _V.FLOAT64: "d",
 }
 
+
+#: struct codes of GGUF's scalar value types
+SCALAR_CODES = _SCALAR
 
 _U64 = struct.Struct("<Q")
 
@@ -125,11 +129,14 @@ class GGUFHeader:
         metadata: dict[str, Any],
         tensors: list[tuple[str, tuple[int, ...], _Q, int]],
         data_offset: int,
+        spans: list[tuple[str, int, int, int]] | None = None,
     ):
         self.version = version
         self.metadata = metadata
         self.tensors = tensors  # (name, shape in numpy order, type, absolute offset)
         self.data_offset = data_offset
+        #: each key/value entry's (key, value type, first byte, end) in the file
+        self.spans = spans or []
 
 
 def read_header(path: Path) -> GGUFHeader:
@@ -169,9 +176,13 @@ def _parse(buf: memoryview, size: int, path: Path, partial: bool = False) -> GGU
                 )
             n_tensors, n_kv = cur.unpack("Q"), cur.unpack("Q")
             metadata: dict[str, Any] = {}
+            spans = []
             for _ in range(n_kv):
+                start = cur.pos
                 key = cur.string()
-                value = cur.value(cur.unpack("I"))
+                vtype = cur.unpack("I")
+                value = cur.value(vtype)
+                spans.append((key, vtype, start, cur.pos))
                 if value is not None:
                     metadata[key] = value
             raw = []
@@ -204,4 +215,4 @@ def _parse(buf: memoryview, size: int, path: Path, partial: bool = False) -> GGU
         )
     data_offset = -(-cur.pos // align) * align
     tensors = [(n, s, q, data_offset + off) for n, s, q, off in raw]
-    return GGUFHeader(version, metadata, tensors, data_offset)
+    return GGUFHeader(version, metadata, tensors, data_offset, spans)
