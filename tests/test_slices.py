@@ -155,3 +155,23 @@ def test_a_copy_with_nothing_changed_is_the_source_byte_for_byte(tmp_path):
     src = default_model_path()
     out = GGUFCopy(open_source(str(src)).index).write(tmp_path / "copy.gguf")
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_a_full_disk_while_copying_is_one_line_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    import ewq.quant.sparse as sparse
+    from ewq.errors import EwqError
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    src = byte_vocab_llama(tmp_path / "m.gguf", n_blocks=2)
+    monkeypatch.setattr(sparse, "_copy", full)
+    out = tmp_path / "w" / "s.gguf"
+    out.parent.mkdir()
+    with pytest.raises(EwqError, match="No space left on device"):
+        SliceSource(open_source(str(src)).index).write_slice([1], out)
+    assert list(out.parent.iterdir()) == []

@@ -56,7 +56,7 @@ class Calibrated:
     llama.cpp quantizes, which needs the importance matrix; that pass runs the
     whole graph), then the other groups' (ewq.calibration.moments)."""
 
-    def __init__(self, text: CalibrationText, passes: MomentPasses):
+    def __init__(self, text: CalibrationText, passes: MomentPasses | Reused):
         self.text, self.passes = text, passes
         self.imatrix, self._first = passes.first()
         #: one pass holds the whole model's: kept for the next quantize of the same

@@ -232,7 +232,7 @@ def _quantize_gguf(
     cfg, progress = job.cfg, job.progress
     run = None
     if rounds(cfg, job.form):
-        run = calibrated(index, cfg, cfg.threads, progress, Path(job.out).parent)
+        run = calibrated(index, cfg, cfg.threads, progress, _work_folder(job.out))
         imatrix = imatrix or run.imatrix
     args = tuple(
         llama_quantize_args(
@@ -244,7 +244,7 @@ def _quantize_gguf(
     with contextlib.ExitStack() as stack:
         if run is not None:
             path, holes = stack.enter_context(
-                staged(index, targets, run, Path(job.out).parent)
+                staged(index, targets, run, _work_folder(job.out))
             )
             commit = gptq_then(commit, index, run, cfg, progress, holes)
             meta["ewq.rounding"] = "gptq"
@@ -260,6 +260,16 @@ def _quantize_gguf(
                 imatrix=imatrix,
             )
     return made[0]
+
+
+def _work_folder(out) -> Path:
+    """Where working copies of the model go: the output's folder, or the nearest
+    one of its parents that exists (where the user expects big files; a system
+    temp folder may be memory)."""
+    folder = Path(out).absolute().parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def _gguf_provenance(source, plan: Plan) -> dict[str, str]:

@@ -54,6 +54,7 @@ from ewq.errors import EwqError
 from ewq.evaluate.windows import Documents, readable, text_windows
 from ewq.imatrix import Entry, Imatrix
 from ewq.native import ggml
+from ewq.quant.sparse import block_of
 from ewq.stages import stage
 from ewq.types import Progress
 
@@ -228,7 +229,7 @@ class _Collector:
             if t.op == self.mul_mat_id:
                 return self.collect_sums
             return src1.type == 0 and self.wanted(name)  # GGML_TYPE_F32
-        if self.stop_after is not None and (_block_of(name) or 0) > self.stop_after:
+        if self.stop_after is not None and (block_of(name) or 0) > self.stop_after:
             return False  # computed, and nothing after it is needed: stop the graph
         if not self.lib.ggml_backend_buffer_is_host(src1.buffer):
             raise EwqError("activations outside host memory (ewq runs on the CPU)")
@@ -441,26 +442,21 @@ def compute_moments(
     second moments X^T X of the inputs of dense ``blk.*`` weights (of ``blocks``
     alone, when given): what GPTQ-style rounding needs (ewq.quant.gptq). Without
     ``sums``, the pass stops after the last of ``blocks``."""
-
-    def chosen(name: str) -> bool:
-        return blocks is None or _block_of(name) in blocks
-
-    collector, n = _collect(
+    imatrix, moments, _ = run_pass(
         path,
         text,
-        ctx,
-        documents,
-        chunks,
-        threads,
-        progress,
-        moments=chosen,
-        sums=sums,
+        ctx=ctx,
+        documents=documents,
+        chunks=chunks,
         tokens=tokens,
+        threads=threads,
+        blocks=blocks,
+        sums=sums,
+        progress=progress,
         label=label,
-        stop_after=None if blocks is None else max(blocks),
+        dataset=dataset,
     )
-    moments = collector.finish()
-    return (_imatrix_of(collector, n, ctx, dataset) if sums else None), moments
+    return imatrix, moments
 
 
 def run_pass(
@@ -469,9 +465,10 @@ def run_pass(
     *,
     ctx: int = 512,
     documents: Documents | str = Documents.STREAM,
+    chunks: int | None = None,
     tokens: int | None = None,
     threads: int | None = None,
-    blocks: Collection[int],
+    blocks: Collection[int] | None = None,
     sums: bool = False,
     capture: Capture | None = None,
     inputs: Sequence[np.ndarray] | None = None,
@@ -481,21 +478,22 @@ def run_pass(
     dataset: str = "",
 ) -> tuple[Imatrix | None, Moments, list[np.ndarray]]:
     """One pass of a group's second moments (blocks ``blocks``, counted as the
-    model counts them), the importance matrix with ``sums``, and the rows of
-    ``capture`` per window. ``path`` may be a slice whose block 0 is the model's
-    ``offset`` (ewq.calibration.slices), run from ``inputs``; without ``capture``,
-    a pass with no ``sums`` stops after the last of ``blocks``."""
+    model counts them; every block: None), the importance matrix with ``sums``, and
+    the rows of ``capture`` per window. ``path`` may be a slice whose block 0 is the
+    model's ``offset`` (ewq.calibration.slices), run from ``inputs``; without
+    ``capture``, a pass with no ``sums`` stops after the last of ``blocks``."""
 
     def chosen(name: str) -> bool:
-        return _block_of(name) in blocks
+        return blocks is None or block_of(name) in blocks
 
-    stop = None if sums or capture is not None else max(blocks)
+    last = None if blocks is None else max(blocks)
+    stop = None if sums or capture is not None else last
     collector, n = _collect(
         path,
         text,
         ctx,
         documents,
-        None,
+        chunks,
         threads,
         progress,
         moments=chosen,
@@ -544,11 +542,6 @@ def capped(seqs: list[list[int]], tokens: int | None) -> list[list[int]]:
         if held > tokens:
             return seqs[: max(k, 1)]
     return seqs
-
-
-def _block_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
 
 
 def _imatrix_of(collector: _Collector, n: int, ctx: int, dataset: str) -> Imatrix:

@@ -126,28 +126,13 @@ def _moments_path(index: ModelIndex, params: dict) -> Path:
 def _store_moments(moments, path: Path) -> None:
     """The matrices (float32) and which weight shares whose, in one .npz written
     whole or not at all."""
-    import os
-    import tempfile
+    from ewq.fileio import atomic_path
 
+    meta = json.dumps({"groups": moments.groups, "rows": moments.rows}).encode()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    __groups__=np.frombuffer(
-                        json.dumps(
-                            {"groups": moments.groups, "rows": moments.rows}
-                        ).encode(),
-                        dtype=np.uint8,
-                    ),
-                    **moments.matrices,
-                )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            # a file object: np.savez given a name would add ".npz" to it
+            np.savez(fh, __groups__=np.frombuffer(meta, np.uint8), **moments.matrices)
     except OSError:
         pass  # no room: quantize runs its own pass
 

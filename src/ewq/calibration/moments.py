@@ -43,7 +43,6 @@ from ewq.calibration.collect import (
     FLUSH_ROWS,
     Capture,
     Moments,
-    compute_moments,
     input_groups,
     run_pass,
 )
@@ -51,6 +50,7 @@ from ewq.calibration.slices import SliceSource
 from ewq.calibration.text import CalibrationText
 from ewq.errors import EwqError
 from ewq.imatrix import Imatrix
+from ewq.quant.sparse import block_of
 from ewq.types import ModelIndex, Progress
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def block_bytes(index: ModelIndex, groups: dict[str, str]) -> dict[int, int]:
     cols = {t.name: t.shape[-1] for t in index.tensors if len(t.shape) == 2}
     out: dict[int, int] = {}
     for name in sorted(set(groups.values())):
-        block = _block_of(name)
+        block = block_of(name)
         if block is None or name not in cols:
             continue
         c = cols[name]
@@ -141,11 +141,6 @@ def plan_passes(sizes: dict[int, int], limit: int, period: int = 1) -> PassPlan:
         passes.append(tuple(cur))
         held.append(total)
     return PassPlan(tuple(passes), tuple(held), limit)
-
-
-def _block_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
 
 
 class MomentPasses:
@@ -200,28 +195,6 @@ class MomentPasses:
         self.seconds: list[float] = []
         self.tokens_used: int | None = None
 
-    def _pass(self, k: int, sums: bool) -> tuple[Imatrix | None, Moments]:
-        blocks = set(self.plan.passes[k])
-        n = len(self.plan.passes)
-        run = len(self.seconds)  # passes run before this one
-        if self.sliced:
-            return self._sliced(k, sums)
-        started = time.perf_counter()
-        what = "importance matrix and second moments" if sums else "second moments"
-        found = compute_moments(
-            self.path,
-            self.text.text,
-            blocks=blocks,
-            sums=sums,
-            progress=self._told(run, n),
-            tokens=self.tokens,
-            dataset=self.text.name if sums else "",
-            label=f"{what}, pass {run + 1}/{n} (blocks {min(blocks)}-{max(blocks)})",
-            **self.how,
-        )
-        self.seconds.append(time.perf_counter() - started)
-        return found
-
     def _told(self, run: int, n: int) -> Progress:
         def told(done: int, total: int, what: str) -> None:
             if self._progress is not None:
@@ -231,32 +204,30 @@ class MomentPasses:
 
         return told
 
-    def _sliced(self, k: int, sums: bool) -> tuple[Imatrix | None, Moments]:
-        """Group ``k``'s pass when slices run from the stream: the first group's
-        over the whole model (with the importance matrix), saving the stream after
-        its last block; each later group's on a slice of its own blocks, from the
-        stream the previous pass saved, saving the stream after its own."""
+    def _pass(self, k: int, sums: bool) -> tuple[Imatrix | None, Moments]:
+        """Group ``k``'s pass. Sliced: the first group's over the whole model (with
+        the importance matrix), saving the stream after its last block; each later
+        group's on a slice of its own blocks, from the stream the previous pass
+        saved, saving the stream after its own. Otherwise over the model from its
+        tokens, stopped after the group's last block unless it has ``sums``."""
         group = self.plan.passes[k]
         n = len(self.plan.passes)
-        last = k == n - 1
+        run = len(self.seconds)  # passes run before this one
         what = "importance matrix and second moments" if sums else "second moments"
-        label = f"{what}, pass {k + 1}/{n} (blocks {group[0]}-{group[-1]}"
-        started = time.perf_counter()
-        common = dict(
+        label = f"{what}, pass {run + 1}/{n} (blocks {group[0]}-{group[-1]}"
+        kw = dict(
             tokens=self.tokens,
             blocks=set(group),
             sums=sums,
             dataset=self.text.name if sums else "",
-            progress=self._told(len(self.seconds), n),
+            progress=self._told(run, n),
             **self.how,
         )
-        if k == 0:
+        started = time.perf_counter()
+        if not self.sliced or k == 0:
+            capture = Capture(group[-1]) if self.sliced else None
             found = run_pass(
-                self.path,
-                self.text.text,
-                capture=Capture(group[-1]),
-                label=label + ")",
-                **common,
+                self.path, self.text.text, capture=capture, label=label + ")", **kw
             )
         else:
             if self._stream is None:
@@ -276,12 +247,13 @@ class MomentPasses:
                     inputs=inputs,
                     offset=group[0],
                     label=label + ", from the stream after the previous pass)",
-                    **common,
+                    **kw,
                 )
             del inputs
         imatrix, moments, stream = found
-        self._stream = None if last else stream
-        self.stream_bytes = max(self.stream_bytes, sum(x.nbytes for x in stream))
+        if self.sliced:
+            self._stream = None if k == n - 1 else stream
+            self.stream_bytes = max(self.stream_bytes, sum(x.nbytes for x in stream))
         self.seconds.append(time.perf_counter() - started)
         return imatrix, moments
 

@@ -47,63 +47,48 @@ def _inverse_factor(hessian: np.ndarray) -> np.ndarray:
     factor L of J H J, U = J L^-1 J is upper triangular with U^T U = H^-1. One
     Cholesky and one triangular inverse (2n^3/3 operations), where inverting H
     and factoring the inverse take about 3n^3."""
-    from scipy.linalg import lapack
+    u = _factor_in(hessian, np.float32) if FACTOR is np.float32 else None
+    if u is None:
+        u = _factor_in(hessian, np.float64)
+    if u is None:
+        raise EwqError("the inputs' second moments are not positive definite")
+    return u
+
+
+def _factor_in(hessian: np.ndarray, dtype) -> np.ndarray | None:
+    """:func:`_inverse_factor` computed in ``dtype``, or None where it cannot be
+    (past the type's range, or not positive definite once damped)."""
+    from scipy.linalg import get_lapack_funcs
 
     cols = hessian.shape[0]
-    if FACTOR is np.float32:
-        got = _inverse_factor32(hessian)
-        if got is not None:
-            return got
-    h = np.array(hessian[::-1, ::-1], dtype=np.float64, order="F")
-    diag = np.diag(h).copy()
+    with np.errstate(over="ignore"):
+        h = np.array(hessian[::-1, ::-1], dtype=dtype, order="F")
+    if not np.isfinite(h).all():
+        return None
+    diag = np.diag(h).astype(np.float64)
     dead = diag <= 0  # columns no input reached: nothing to keep there
     h[dead, :] = 0.0
     h[:, dead] = 0.0
     diag[dead] = 1.0
     diag += DAMP * float(np.mean(diag))
     h[np.diag_indices(cols)] = diag
-    low, info = lapack.dpotrf(h, lower=1, clean=1, overwrite_a=1)
+    potrf, trtri = get_lapack_funcs(("potrf", "trtri"), (h,))
+    low, info = potrf(h, lower=1, clean=1, overwrite_a=1)
     if info != 0:
-        raise EwqError("the inputs' second moments are not positive definite")
-    inv, info = lapack.dtrtri(low, lower=1, overwrite_c=1)
-    if info != 0:
-        raise EwqError("the inputs' second moments are not positive definite")
+        return None
+    inv, info = trtri(low, lower=1, overwrite_c=1)
+    if info != 0 or not np.isfinite(inv).all() or not (np.diag(inv) > 0).all():
+        return None
     return inv[::-1, ::-1]
 
 
 #: the precision H^-1's factor is computed in (float32 falls back to float64 where
-#: float32 finds the damped matrix not positive definite), as GPTQ's reference
-#: code computes it. benchmarks/gptq_memory.py precision: each tensor's held-out
-#: output error with a float32 factor within 0.7% of a float64 one's on IgLM (32
-#: tensor-dampings) and the default model (210 tensors), geometric means equal to
-#: 4 digits; 4096 x 11008's input (11,008 columns): 6.8 s instead of 11.6 s
+#: float32 cannot factor it), as GPTQ's reference code computes it.
+#: benchmarks/gptq_memory.py precision: each tensor's held-out output error with a
+#: float32 factor within 0.7% of a float64 one's on IgLM (32 tensor-dampings) and
+#: the default model (210 tensors), geometric means equal to 4 digits; 4096 x
+#: 11008's input (11,008 columns): 6.8 s instead of 11.6 s
 FACTOR = np.float32
-
-
-def _inverse_factor32(hessian: np.ndarray) -> np.ndarray | None:
-    """:func:`_inverse_factor` in float32 (half the time of float64 on CPUs with
-    wide vectors), or None where float32 cannot factor it."""
-    from scipy.linalg import lapack
-
-    cols = hessian.shape[0]
-    with np.errstate(over="ignore"):
-        h = np.array(hessian[::-1, ::-1], dtype=np.float32, order="F")
-    if not np.isfinite(h).all():
-        return None  # past float32's range
-    diag = np.diag(h).astype(np.float64)
-    dead = diag <= 0
-    h[dead, :] = 0.0
-    h[:, dead] = 0.0
-    diag[dead] = 1.0
-    diag += DAMP * float(np.mean(diag))
-    h[np.diag_indices(cols)] = diag
-    low, info = lapack.spotrf(h, lower=1, clean=1, overwrite_a=1)
-    if info != 0:
-        return None
-    inv, info = lapack.strtri(low, lower=1, overwrite_c=1)
-    if info != 0 or not np.isfinite(inv).all() or not (np.diag(inv) > 0).all():
-        return None
-    return inv[::-1, ::-1]
 
 
 #: columns rounded between two updates of the columns beyond them (GPTQ's lazy

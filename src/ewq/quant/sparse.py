@@ -112,15 +112,22 @@ class GGUFCopy:
             offset = _pad(offset + nbytes, self.align)
         head = b"GGUF" + struct.pack("<IQQ", 3, len(parts), len(self.entries))
         data = _pad(len(head) + len(kv) + len(infos), self.align)
-        with open(path, "wb") as out:
-            out.write(head)
-            out.write(kv)
-            out.write(infos)
-            fd = out.fileno()
-            for t, _, hole, at in parts:
-                if not hole:
-                    _copy(t.file, t.offset, t.nbytes, fd, data + at)
-            os.ftruncate(fd, data + offset)
+        try:
+            with open(path, "wb") as out:
+                out.write(head)
+                out.write(kv)
+                out.write(infos)
+                fd = out.fileno()
+                for t, _, hole, at in parts:
+                    if not hole:
+                        _copy(t.file, t.offset, t.nbytes, fd, data + at)
+                os.ftruncate(fd, data + offset)
+        except OSError as exc:  # a full disk, say: one line, no partial copy
+            Path(path).unlink(missing_ok=True)
+            raise EwqError(
+                f"{Path(path).parent}: could not write a working copy of the model "
+                f"({exc.strerror or exc})"
+            ) from None
         return path
 
     def _cut(self, key: str, vtype: int, entry: bytes, first: int, count: int) -> bytes:
