@@ -56,6 +56,7 @@ from ewq.formats import FLOAT_TYPES, GGUF, Encoding
 from ewq.imatrix import Imatrix
 from ewq.planfile import plan_from_doc
 from ewq.quant.gguf import quantize_gguf
+from ewq.quant.sparse import block_of
 from ewq.quant.targets import plan_targets
 from ewq.sensitivity import Sensitivity, tensor_candidates
 from ewq.sensitivity.prior import factor as prior_factor
@@ -324,6 +325,7 @@ def kl_sensitivity(
             "tensors_interpolated": len(slope) - len(measured),
             "measured_tensors": sorted(measured),
             "type_probes": sampled,
+            "probe_starts": {str(k): v for k, v in bench.runs.items()},
             "type_files": len(files),
             "type_factors": {t: round(v, 4) for t, v in sorted(factor.items())},
             "median_sensitivity": median_slope,
@@ -393,6 +395,12 @@ def _copied(cands, probed: list[str]) -> list[str]:
     return sorted(cands) if whole <= memory_limit(None) else sorted(set(probed))
 
 
+def _depth(name: str) -> int:
+    """The tensor's block (-1 outside the blocks)."""
+    k = block_of(name)
+    return -1 if k is None else k
+
+
 def _measure(index, layout, text, swaps, files, imatrix, window, progress, copy):
     """The KL of each swap (one tensor's values replaced in memory) and of each
     file (the model written with its tensors at a type), in that order."""
@@ -402,7 +410,10 @@ def _measure(index, layout, text, swaps, files, imatrix, window, progress, copy)
         if progress is not None:
             progress(k, total, what)
 
-    bench = Probes(index, layout, copy, text, imatrix=imatrix, **window)
+    # in depth order: each slice a probe starts from is written once
+    swaps = sorted(swaps, key=lambda s: (_depth(s[0]), s[0]))
+    probed = [n for n, _ in swaps]
+    bench = Probes(index, layout, copy, text, imatrix=imatrix, probed=probed, **window)
     swapped: dict[tuple[str, str], float] = {}
     with bench:
         for k, (name, type_name) in enumerate(swaps):

@@ -24,23 +24,29 @@ by activations rounded to 8 bits (Q8_K/Q8_0), a noise shared by every plan.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from ewq.arch import ModelLayout
+from ewq.arch.graphs import graph_entry
+from ewq.calibration.stream import StreamLogits
 from ewq.errors import EwqError
 from ewq.evaluate.backends import LlamaCppModel
 from ewq.evaluate.metrics import kl_logits, logsumexp_rows
 from ewq.evaluate.windows import readable, text_windows
 from ewq.imatrix import Imatrix
+from ewq.quant.sparse import block_of
 from ewq.types import Container, ModelIndex, TensorInfo
 
-__all__ = ["Probes", "expert_weights", "quantized_values"]
+log = logging.getLogger(__name__)
+
+__all__ = ["MAX_STARTS", "Probes", "expert_weights", "probe_starts", "quantized_values"]
 
 
 def expert_weights(w_all: np.ndarray | None, m: int, cols: int) -> np.ndarray | None:
@@ -78,10 +84,60 @@ def quantized_values(
     return out
 
 
+#: at most this many slices a probe starts from (each a copy of the working copy's
+#: blocks from there on, written once): with 8, a probe computes on average 56% of
+#: the blocks a whole-model pass does (probes spread evenly over the depth), with a
+#: slice per block 50%
+MAX_STARTS = 8
+
+
+def probe_starts(
+    blocks: Collection[int], period: int, most: int = MAX_STARTS
+) -> list[int]:
+    """The blocks the probes' slices start at: 0 and where the probed ``blocks``'
+    periods start (a slice starts at a multiple of ``period``, ewq/arch/graphs.toml),
+    at most ``most`` of them, spread over those."""
+    period = max(period, 1)
+    found = sorted({0} | {b // period * period for b in blocks})
+    if len(found) <= most:
+        return found
+    return sorted(
+        {found[round(i * (len(found) - 1) / (most - 1))] for i in range(most)}
+    )
+
+
+@dataclasses.dataclass
+class _Run:
+    """The model a probe of some blocks runs: the working copy (``start`` 0) or a
+    slice of it from block ``start``, loaded, and where each probed tensor's bytes
+    are in that file."""
+
+    start: int
+    logits: StreamLogits
+    fd: int
+    offsets: dict[str, int]
+    folder: tempfile.TemporaryDirectory | None = None
+
+    def close(self) -> None:
+        self.logits.close()
+        if self.folder is not None:
+            os.close(self.fd)
+            self.folder.cleanup()
+
+
 class Probes:
     """The working copy of a GGUF model, loaded once, and the mean KL on the
     calibration windows of any set of its tensors stored as other types. A context
-    manager: the copy lives in a temporary folder until it closes."""
+    manager: the copy lives in a temporary folder until it closes.
+
+    Probes of tensors deep in the model start from the residual stream (where the
+    architecture's graph allows it, ewq/arch/graphs.toml): the reference pass copies
+    out the stream before each of a few ``starts`` (:func:`probe_starts`, from the
+    blocks of ``probed``, every tensor of the copy unless given), and a probe whose
+    first changed block is at or after a start runs the slice of the copy from
+    there (written when first needed, one at a time). The slice's logits are the
+    whole copy's bit for bit (checked on the first slice: else every probe runs the
+    whole copy)."""
 
     def __init__(
         self,
@@ -95,6 +151,8 @@ class Probes:
         documents: str,
         imatrix: Imatrix | None,
         threads: int = 2,
+        probed: Collection[str] | None = None,
+        slices: bool = True,
     ):
         if index.container != Container.GGUF:
             raise EwqError("probes run GGUF models through llama.cpp")
@@ -105,7 +163,24 @@ class Probes:
         self.threads = threads
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._fd: int | None = None
-        self.model: LlamaCppModel | None = None
+        self._run: _Run | None = None
+        self.work: Path | None = None
+        arch = index.config.get("general.architecture")
+        self.entry = (
+            graph_entry(arch if isinstance(arch, str) else None) if slices else None
+        )
+        self.starts = [0]
+        if self.entry is not None:
+            chosen = set(self.names if probed is None else probed)
+            blocks = {b for n in chosen if (b := block_of(n)) is not None}
+            self.starts = probe_starts(blocks, self.entry.period_of(dict(index.config)))
+        self.checked = False  # a slice's logits compared with the whole copy's
+        self.runs = dict.fromkeys(self.starts, 0)  # probes run from each start
+
+    @property
+    def model(self) -> LlamaCppModel | None:
+        """The llama.cpp model the last probe ran (the working copy or a slice)."""
+        return None if self._run is None else self._run.logits.model
 
     def __enter__(self) -> Probes:
         self._tmp = tempfile.TemporaryDirectory(prefix="ewq-probe-")
@@ -141,14 +216,33 @@ class Probes:
                 )
             ]
             quantize_gguf(self.index.files[0], targets, work)
+        self.work = work
         copy = GGUFSource(work)
+        self.copy_index = copy.index
         self.infos = {i.name: i for i in copy.index.tensors if i.name in wanted}
         copy.close()
         self._fd = os.open(work, os.O_RDWR)
-        self.model = LlamaCppModel(work, self.ctx, threads=self.threads)
+        width = (
+            int(self.index.config.get(f"{self.entry.arch}.embedding_length", 0))
+            if self.entry
+            else 0
+        )
+        if not width:
+            self.starts = [0]
+        self.width = width
+        logits = StreamLogits(
+            work,
+            self.ctx,
+            threads=self.threads,
+            capture=[s - 1 for s in self.starts[1:]],
+        )
+        self._run = _Run(
+            0, logits, self._fd, {n: i.offset for n, i in self.infos.items()}
+        )
+        model = logits.model
         self.seqs = text_windows(
-            self.model.tokenize,
-            self.model.bos,
+            model.tokenize,
+            model.bos,
             self.text,
             self.ctx,
             self.documents,
@@ -156,13 +250,19 @@ class Probes:
         )
         if not self.seqs:
             raise EwqError("the calibration text is too short for one window")
-        readable(self.seqs, self.model.unknown, "calibration text")
+        readable(self.seqs, model.unknown, "calibration text")
         self.tokens = int(sum(len(s) for s in self.seqs))
-        self.reference = [self.model.logits(s) for s in self.seqs]
+        self.reference, self.streams = [], {s: [] for s in self.starts[1:]}
+        for seq in self.seqs:
+            self.reference.append(np.array(logits.logits(seq)))
+            for s in self.starts[1:]:
+                self.streams[s].append(logits.captured[s - 1])
         self.lse = [logsumexp_rows(x) for x in self.reference]
 
     def __exit__(self, *exc) -> None:
-        self.model = None
+        if self._run is not None:
+            self._run.close()
+            self._run = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -176,12 +276,91 @@ class Probes:
         raw = os.pread(self._fd, info.nbytes, info.offset)
         return np.frombuffer(raw, dtype=np.float32).reshape(-1, info.shape[-1])
 
+    def _start_of(self, names: Collection[str]) -> int:
+        """The last start at or before the first block ``names`` change (0 where
+        one of them is outside the blocks)."""
+        blocks = [block_of(n) for n in names]
+        if not blocks or any(b is None for b in blocks):
+            return 0
+        first = min(b for b in blocks if b is not None)
+        return max(s for s in self.starts if s <= first)
+
+    def _runner(self, start: int) -> _Run:
+        """The loaded model probes from ``start`` run: the current one, or the
+        working copy, or a slice of it written now (the previous one removed)."""
+        assert self._run is not None and self.work is not None
+        if self._run.start == start:
+            return self._run
+        self._run.close()
+        self._run = self._slice(start) if start else None
+        if self._run is None:
+            logits = StreamLogits(self.work, self.ctx, threads=self.threads)
+            offsets = {n: i.offset for n, i in self.infos.items()}
+            self._run = _Run(0, logits, self._fd, offsets)
+        return self._run
+
+    def _slice(self, start: int) -> _Run | None:
+        """The slice from ``start``, loaded; None if it does not compute the whole
+        copy's logits (the first slice is checked), and then no slice again."""
+        from ewq.calibration.slices import SliceSource
+        from ewq.sources.gguf import GGUFSource
+
+        assert (
+            self.work is not None and self._tmp is not None and self.entry is not None
+        )
+        folder = tempfile.TemporaryDirectory(prefix="slice-", dir=self._tmp.name)
+        try:
+            names = {t.name for t in self.copy_index.tensors}
+            # the output layer reads the token embedding where it has no matrix of
+            # its own (tied embeddings); a slice's input never does
+            holes = {"token_embd.weight"} if "output.weight" in names else set()
+            n = int(self.index.config[f"{self.entry.arch}.block_count"])
+            path = SliceSource(self.copy_index).write(
+                Path(folder.name) / "slice.gguf", blocks=range(start, n), holes=holes
+            )
+            src = GGUFSource(path)
+            offsets = {}
+            for t in src.index.tensors:
+                k = block_of(t.name)
+                if k is not None:
+                    name = f"blk.{k + start}.{t.name.split('.', 2)[2]}"
+                    if name in self.infos:
+                        offsets[name] = t.offset
+            src.close()
+            logits = StreamLogits(
+                path,
+                self.ctx,
+                threads=self.threads,
+                width=self.width,
+                scale=self.entry.input_scale(self.width),
+            )
+            fd = os.open(path, os.O_RDWR)
+        except BaseException:
+            folder.cleanup()
+            raise
+        run = _Run(start, logits, fd, offsets, folder)
+        if not self.checked:
+            got = run.logits.logits(self.seqs[0], self.streams[start][0])
+            self.checked = True
+            if not np.array_equal(got, self.reference[0]):
+                log.warning(
+                    "a slice from the residual stream does not compute the model's "
+                    "logits bit for bit: every probe runs the whole model"
+                )
+                run.close()
+                self.starts = [0]
+                return None
+        return run
+
     def kl(self, types: Mapping[str, str]) -> float:
         """Mean KL from the source of the model with ``types`` (tensor -> type)."""
-        assert self.model is not None, "use Probes as a context manager"
+        assert self._run is not None, "use Probes as a context manager"
         unknown = [n for n in types if n not in self.infos]
         if unknown:
             raise EwqError(f"tensor {unknown[0]} is not one the probes can change")
+        start = self._start_of(types)
+        run = self._runner(start)
+        self.runs[run.start] = self.runs.get(run.start, 0) + 1
         saved, changed = {}, False
         try:
             for name, type_name in types.items():
@@ -192,15 +371,18 @@ class Probes:
                     src, info, type_name, self.weights.get(name), self.threads
                 )
                 changed = changed or not np.array_equal(q, src)
-                os.pwrite(self._fd, np.ascontiguousarray(q).tobytes(), info.offset)
+                os.pwrite(run.fd, np.ascontiguousarray(q).tobytes(), run.offsets[name])
             kls, same = [], True
-            for p, lp, s in zip(self.reference, self.lse, self.seqs, strict=True):
-                q = self.model.logits(s, copy=False)
+            streams = self.streams.get(run.start)
+            for k, (p, lp, s) in enumerate(
+                zip(self.reference, self.lse, self.seqs, strict=True)
+            ):
+                q = run.logits.logits(s, None if streams is None else streams[k])
                 same = same and bool(np.array_equal(p, q))
                 kls.append(kl_logits(p, lp, q, logsumexp_rows(q)))
         finally:
             for name, src in saved.items():
-                os.pwrite(self._fd, src.tobytes(), self.infos[name].offset)
+                os.pwrite(run.fd, src.tobytes(), run.offsets[name])
         if same and changed:
             # the evaluation did not see the written bytes: not a shared mapping
             # (a platform or build where llama.cpp copies the weights)
