@@ -495,6 +495,32 @@ def test_kl_from_logits_equals_the_log_softmax_route(rows, vocab, scale, seed):
     assert kl_logits(x, lx, y, ly) == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 70),
+    vocab=st.integers(2, 3000),
+    scale=st.floats(0.01, 30.0),
+    noise=st.floats(0.0, 3.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_kept_distribution_gives_the_kl_of_the_float64_route(
+    rows, vocab, scale, noise, seed
+):
+    """The probes' and evaluations' reference (its probabilities kept, one exp per
+    value of the other logits) gives the float64 log-softmax route's KL within
+    1e-7 nats per position, and 0 (within rounding) for its own logits."""
+    from ewq.evaluate.metrics import Distribution, kl_per_position, log_softmax
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, vocab)) * scale).astype(np.float32)
+    y = (x + noise * rng.standard_normal((rows, vocab))).astype(np.float32)
+    d = Distribution(x)
+    want = kl_per_position(log_softmax(x), log_softmax(y))
+    assert np.abs(d.kl(y) - want).max() < 1e-7 + 1e-6 * want.max()
+    assert np.abs(d.kl(x)).max() < 1e-12
+    assert np.array_equal(d.top1, x.argmax(axis=1))
+
+
 def test_row_reductions_on_threads_equal_one_thread(monkeypatch):
     """Rows split over the cores give the same arrays bit for bit as one call of
     the kernel (each row is summed by one thread, in the same order)."""

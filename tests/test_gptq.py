@@ -5,6 +5,7 @@ llama.cpp itself, and they lower the output error the rounding is for."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import gguf
@@ -506,3 +507,100 @@ def test_quantize_after_the_plans_pass_runs_no_pass_of_its_own(
     fresh = api.quantize(src, plan, b, calibration=text, calibration_ctx=64)
     assert fresh.rounding["passes"] == 1
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_one_command_plans_and_writes_as_the_two_do(
+    model_and_text, tmp_path, monkeypatch, capsys
+):
+    """`ewq quantize SOURCE --bpw B --calibration T --out X`: the plan `ewq plan`
+    makes (written beside the output with its importance matrix) and the model
+    `ewq quantize --plan` writes from it, every tensor byte for byte (the metadata
+    names other files); the rounding is GPTQ's."""
+    from test_cli import run
+
+    src, text = model_and_text
+    calib = ["--calibration", str(text), "--calibration-ctx", "64"]
+    calib += ["--criterion", "error", "--no-select", "--no-anchor"]
+    one = tmp_path / "one.gguf"
+    code, _, err = run(
+        monkeypatch, capsys, "quantize", str(src), "--bpw", "4.5", *calib,
+        "--out", str(one),
+    )  # fmt: skip
+    assert code == 0, err
+    plan = tmp_path / "one.gguf.plan.json"
+    beside = tmp_path / "one.gguf.plan.imatrix.gguf"
+    assert plan.exists() and beside.exists()
+    assert (tmp_path / "one.gguf.ewq.json").exists()
+    two_plan = tmp_path / "two.json"
+    code, _, err = run(
+        monkeypatch, capsys, "plan", str(src), "--bpw", "4.5", *calib,
+        "--json", str(two_plan),
+    )  # fmt: skip
+    assert code == 0, err
+    types = [
+        {t["name"]: t["type"] for t in json.loads(p.read_text())["tensors"]}
+        for p in (plan, two_plan)
+    ]
+    assert types[0] == types[1] and len(set(types[0].values())) > 1
+    two = tmp_path / "two.gguf"
+    code, _, err = run(
+        monkeypatch, capsys, "quantize", str(src), "--plan", str(two_plan),
+        "--calibration", str(text), "--calibration-ctx", "64", "--out", str(two),
+    )  # fmt: skip
+    assert code == 0, err
+    tensors = [
+        {t.name: _raw(t) for t in GGUFSource(p).index.tensors} for p in (one, two)
+    ]
+    assert tensors[0] == tensors[1]
+    record = json.loads((tmp_path / "one.gguf.ewq.json").read_text())
+    assert record["rounding"]["method"] == "gptq"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--plan", "{plan}", "--bpw", "4"], "--bpw is for making a plan"),
+        (["--plan", "{plan}", "--memory", "1GB"], "--memory is for making a plan"),
+        (["--plan", "{plan}", "--probes", "8"], "--probes is for making a plan"),
+        ([], "give --memory (one machine), --cluster FILE or --bpw BITS"),
+    ],
+)
+def test_one_command_refuses_mixed_or_missing_budgets(
+    model_and_text, tmp_path, monkeypatch, capsys, args, message
+):
+    from test_cli import run
+
+    src, _ = model_and_text
+    plan = tmp_path / "p.json"
+    plan.write_text("{}")
+    argv = [a.replace("{plan}", str(plan)) for a in args]
+    out = tmp_path / "q.gguf"
+    code, _, err = run(
+        monkeypatch, capsys, "quantize", str(src), *argv, "--out", str(out)
+    )
+    assert code == 2 and message in " ".join(err.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_one_command_never_replaces_a_file_beside_the_output(
+    model_and_text, tmp_path, monkeypatch, capsys
+):
+    """OUT.plan.json is the plan's: a file there that ewq did not write stays, and
+    nothing is written."""
+    from test_cli import run
+
+    src, _ = model_and_text
+    foreign = tmp_path / "q.gguf.plan.json"
+    foreign.write_text("mine")
+    out = tmp_path / "q.gguf"
+    code, _, err = run(
+        monkeypatch, capsys, "quantize", str(src), "--bpw", "4", "--out", str(out)
+    )
+    assert code != 0 and "q.gguf.plan.json" in err
+    assert foreign.read_text() == "mine" and not out.exists()
+
+
+def _raw(t) -> bytes:
+    with open(t.file, "rb") as fh:
+        fh.seek(t.offset)
+        return fh.read(t.nbytes)

@@ -14,7 +14,6 @@ from models import byte_vocab_llama, shared_data
 
 from ewq import api
 from ewq.errors import EwqError
-from ewq.evaluate.metrics import kl_logits, logsumexp_rows
 from ewq.quant import ggml
 from ewq.sensitivity.kl import Calibration
 from ewq.sensitivity.probe import Probes, probe_starts
@@ -91,12 +90,7 @@ def test_a_quantized_source_is_probed_from_its_decoded_values(setup, tmp_path):
             np.testing.assert_array_equal(probes.values(n).ravel(), decoded)
         assert probes.kl({NAMES[1]: "Q4_K"}) > 1e-6
     with Calibration(index, layout, text, tokens=128, ctx=64, documents="stream") as c:
-        gap = np.concatenate(
-            [
-                kl_logits(p, lp, r, logsumexp_rows(r))
-                for p, lp, r in zip(c.reference, c.lse, probes.reference, strict=True)
-            ]
-        ).mean()
+        gap = c.targets[0].kl(probes.first).mean()
     assert 0 <= gap < 1e-3
 
 

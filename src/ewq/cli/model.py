@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +22,7 @@ from ewq.cli.common import (
     progress_bar,
     write_json,
 )
-from ewq.config import AnalysisConfig, PlanConfig, QuantizeConfig, SourceConfig
+from ewq.config import AnalysisConfig, MakeConfig, PlanConfig, SourceConfig
 from ewq.errors import EwqError, one_line
 
 JsonOpt = Annotated[
@@ -125,30 +126,82 @@ def features(
 
 
 @app.command(
-    epilog="Examples:\n\n  ewq analyze default --json analysis.json   (EWQ's own decision)"
+    epilog="Examples:\n\n  ewq quantize default --memory 100MB --out smollm2-ewq.gguf"
+    "\n\n  ewq quantize ./Llama-3.2-1B --bpw 4.5 --calibration wiki.txt "
+    "--out llama-ewq.gguf"
+    "\n\n  ewq analyze default --json analysis.json   (EWQ's own decision)"
     "\n\n  ewq quantize default --plan analysis.json --out smollm2-ewq.gguf"
     "\n\n  ewq plan ./Llama-3.2-1B --memory 2GB --format gguf --json llama.json"
     "\n\n  ewq quantize ./Llama-3.2-1B --plan llama.json --out llama-ewq.gguf"
 )
-@configured(QuantizeConfig, without=("download",))  # it always downloads
+@configured(MakeConfig, without=("download",))  # it always downloads
 def quantize(
     source: SourceArg,
-    plan: Annotated[
-        Path,
-        typer.Option(help="Plan JSON: from `ewq plan`, or the JSON of `ewq analyze`."),
-    ],
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the model.")],
+    plan: Annotated[
+        Path | None,
+        typer.Option(
+            help="Plan JSON: from `ewq plan`, or the JSON of `ewq analyze`. Without "
+            "it, give a budget (--memory, --cluster or --bpw): the plan is made as "
+            "`ewq plan` makes it and written beside the output (OUT.plan.json)."
+        ),
+    ] = None,
+    memory: Annotated[
+        str | None, typer.Option(help="One machine's memory, e.g. 8GB or 7.5GiB.")
+    ] = None,
+    disk: Annotated[
+        str | None,
+        typer.Option(help="Its free disk (capacity is the smaller of the two)."),
+    ] = None,
+    cluster: Annotated[
+        Path | None,
+        typer.Option(help="YAML file of machines (as `ewq plan --cluster`)."),
+    ] = None,
+    reserve: Annotated[
+        str | None,
+        typer.Option(help="Keep this much more free on every machine."),
+    ] = None,
     *,
-    config: QuantizeConfig,
+    config: MakeConfig,
 ) -> None:
-    """Write the model quantized block by block as the plan says, with a provenance record."""
+    """Write the model quantized: as a plan made earlier says (--plan), or planned
+    for a budget and written in one go, with a provenance record."""
     from ewq import api
     from ewq.reports.quantize import provenance_path, quantize_table
 
     record = provenance_path(out_path)  # api.quantize writes it beside the model
-    outputs((source, plan), out_path=record)
+    budget = {"memory": memory, "disk": disk, "cluster": cluster, "reserve": reserve}
+    if plan is not None:
+        given = [k for k, v in budget.items() if v is not None]
+        given += config.planned_options()
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise typer.BadParameter(
+                f"{flag} is for making a plan; --plan {plan} is made already"
+            )
+        outputs((source, plan), out_path=record)
+    else:
+        inputs = (
+            source,
+            cluster,
+            config.calibration,
+            config.classifier,
+            config.imatrix,
+        )
+        plan = out_path.with_name(out_path.name + ".plan.json")
+        outputs(inputs, out_path=record, plan_path=plan)
+        _own_plan_file(plan)
+        _make_plan(
+            source,
+            _budget(memory, disk, cluster, reserve, config.bpw),
+            config.planning(),
+            plan,
+            inputs,
+        )
     with count_bar("quantizing", "tensors") as progress:
-        result = api.quantize(source, plan, out_path, config, progress=progress)
+        result = api.quantize(
+            source, plan, out_path, config.writing(), progress=progress
+        )
     err.print(f"wrote {record}")
     out.print(quantize_table(result))
     err.print(f"wrote {result.out}")
@@ -212,14 +265,36 @@ def plan_cmd(
 ) -> None:
     """Fit a model into a machine or a cluster: per tensor the type of least
     predicted damage (per block: its precision and machine)."""
+    inputs = (source, cluster, config.calibration, config.classifier, config.imatrix)
+    outputs(inputs, json_path=json_path)
+    machines = _budget(memory, disk, cluster, reserve, config.bpw)
+    _make_plan(source, machines, config, json_path, inputs)
+
+
+def _own_plan_file(path: Path) -> None:
+    """The plan written beside an output replaces only an earlier one (a file ewq
+    wrote there, kind ewq-plan): the user never named it."""
+    if not path.exists():
+        return
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != "ewq-plan":
+        raise EwqError(
+            f"{path} exists and is not a plan ewq wrote; it is left as it is "
+            "(move it, or choose another --out)"
+        )
+
+
+def _make_plan(source, machines, config, json_path: Path | None, inputs: tuple):
+    """Plan (as `ewq plan`): the plan shown, and with ``json_path`` written there
+    with its importance matrix beside it."""
     from ewq import api
     from ewq.analysis.decision import check_alpha
     from ewq.reports.plan import plan_json
     from ewq.reports.plan_view import unfit_message
 
-    inputs = (source, cluster, config.calibration, config.classifier, config.imatrix)
-    outputs(inputs, json_path=json_path)
-    machines = _budget(memory, disk, cluster, reserve, config.bpw)
     check_alpha(config.alpha)
     reads = config.method.value == "ewq"
     bar = progress_bar("analysing") if reads else contextlib.nullcontext(None)

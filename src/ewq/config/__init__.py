@@ -14,6 +14,7 @@ Adding an option is adding a field to one record (and using it where it acts).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -66,6 +67,7 @@ __all__ = [
     "EvalConfig",
     "Format",
     "KvCache",
+    "MakeConfig",
     "Method",
     "Mode",
     "PlanConfig",
@@ -317,3 +319,44 @@ class QuantizeConfig(SourceConfig):
         "1.5GiB): as many blocks per pass over the calibration text as it holds. "
         "Default: a quarter of the memory available.",
     )
+
+
+class MakeConfig(PlanConfig):
+    """`ewq quantize` with a budget instead of --plan: the plan made, written beside
+    the output and followed in one go. Every option of `ewq plan` and of `ewq
+    quantize`; :meth:`planning` and :meth:`writing` give each step its record."""
+
+    calibration_ctx: int | None = Field(  # type: ignore[assignment]
+        None,
+        ge=16,
+        description="Tokens per calibration window. Default: each step's own (the "
+        "plan's kl criterion 256, the rounding 512).",
+    )
+    force: bool = QuantizeConfig.model_fields["force"]
+    rounding: Rounding = QuantizeConfig.model_fields["rounding"]
+    memory_limit: str | None = QuantizeConfig.model_fields["memory_limit"]
+
+    def planning(self) -> PlanConfig:
+        """The plan's options."""
+        return self._as(PlanConfig)
+
+    def writing(self) -> QuantizeConfig:
+        """The quantizer's options."""
+        return self._as(QuantizeConfig)
+
+    def _as(self, kind: type[Config]) -> Any:
+        values = {k: getattr(self, k) for k in kind.model_fields}
+        if values.get("calibration_ctx") is None:
+            values.pop("calibration_ctx", None)  # that step's own default
+        return kind(**values)
+
+    def planned_options(self) -> list[str]:
+        """The options given that only a plan made here reads (with --plan, the
+        plan is made already): those of `ewq plan` that `ewq quantize` lacks, set
+        to other than their defaults."""
+        own = set(QuantizeConfig.model_fields)
+        return [
+            name
+            for name, f in PlanConfig.model_fields.items()
+            if name not in own and getattr(self, name) != f.default
+        ]

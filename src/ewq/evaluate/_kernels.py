@@ -43,3 +43,16 @@ def kl_rows(x, lse_x, y, lse_y):  # pragma: no cover - jitted
             acc += math.exp(a) * (a - (np.float64(y[i, j]) - lse_y[i]))
         out[i] = acc
     return out
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def row_dot(p, y):  # pragma: no cover - jitted
+    """sum_j p[i, j] * y[i, j] of every row of two 2-D float32 arrays, in float64."""
+    n, v = p.shape
+    out = np.empty(n)
+    for i in range(n):
+        s = 0.0
+        for j in range(v):
+            s += np.float64(p[i, j]) * np.float64(y[i, j])
+        out[i] = s
+    return out

@@ -12,6 +12,7 @@ import numpy as np
 __all__ = [
     "LETTERS",
     "ABSENT_LOGPROB",
+    "Distribution",
     "log_softmax",
     "kl_logits",
     "kl_per_position",
@@ -76,6 +77,50 @@ def kl_logits(
         np.ascontiguousarray(q, dtype=np.float32),
         np.asarray(q_lse, dtype=np.float64),
     )
+
+
+def _fast_logsumexp(x: np.ndarray, rows: int = 32) -> np.ndarray:
+    """Each row's log-sum-exp of float32 logits: numpy's vectorised float32 exp,
+    summed in float64 (within 1e-7 of :func:`logsumexp_rows`, 3x faster)."""
+    out = np.empty(len(x))
+    for a in range(0, len(x), rows):
+        b = x[a : a + rows]
+        m = b.max(axis=1)
+        e = np.exp(b - m[:, None])
+        out[a : a + rows] = m + np.log(e.sum(axis=1, dtype=np.float64))
+    return out
+
+
+class Distribution:
+    """A reference model's next-token distributions on one window, kept to measure
+    many other models' KL from it: each row's probabilities p (float32, the size of
+    the logits), sum p log p and sum p. KL(P || Q) of logits y is then
+    sum p log p - p.y + (sum p) logsumexp(y): one exp per value of y instead of
+    two (the reference's are computed once), 0 (within 1e-12) for its own logits.
+    Within 1e-7 nats per position of :func:`kl_logits`."""
+
+    def __init__(self, logits: np.ndarray):
+        from ewq.evaluate._kernels import row_dot
+
+        x = np.ascontiguousarray(logits, dtype=np.float32)
+        lse = _by_rows(_fast_logsumexp, x)
+        self.p = np.empty_like(x)
+        for a in range(0, len(x), 32):
+            np.exp(x[a : a + 32] - lse[a : a + 32, None], out=self.p[a : a + 32])
+        self.mass = self.p.sum(axis=1, dtype=np.float64)
+        self.plogp = _by_rows(row_dot, self.p, x) - self.mass * lse
+        self.top1 = x.argmax(axis=1)
+
+    def kl(self, logits: np.ndarray, lse: np.ndarray | None = None) -> np.ndarray:
+        """KL(P_reference || P_logits) at each position, nats (``lse``: the
+        logits' log-sum-exps, where the caller has them)."""
+        from ewq.evaluate._kernels import row_dot
+
+        y = np.ascontiguousarray(logits, dtype=np.float32)
+        cross = _by_rows(row_dot, self.p, y)
+        if lse is None:
+            lse = _by_rows(_fast_logsumexp, y)
+        return self.plogp - cross + self.mass * lse
 
 
 def kl_per_position(logp_ref: np.ndarray, logp_q: np.ndarray) -> np.ndarray:

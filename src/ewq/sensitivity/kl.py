@@ -50,7 +50,7 @@ from ewq.calibration.moments import memory_limit
 from ewq.config import DEFAULT_PROBES
 from ewq.errors import EwqError
 from ewq.evaluate.backends import LlamaCppModel
-from ewq.evaluate.metrics import kl_logits, logsumexp_rows
+from ewq.evaluate.metrics import Distribution
 from ewq.evaluate.windows import readable, text_windows
 from ewq.formats import FLOAT_TYPES, GGUF, Encoding
 from ewq.imatrix import Imatrix
@@ -225,8 +225,7 @@ class Calibration:
             raise EwqError("the calibration text is too short for one window")
         readable(self.seqs, ref.unknown, "calibration text")
         self.tokens = int(sum(len(s) for s in self.seqs))
-        self.reference = [ref.logits(s) for s in self.seqs]
-        self.lse = [logsumexp_rows(x) for x in self.reference]
+        self.targets = [Distribution(ref.logits(s, copy=False)) for s in self.seqs]
         del ref
         self._tmp: tempfile.TemporaryDirectory | None = None
 
@@ -248,9 +247,8 @@ class Calibration:
         quantize_gguf(self.path, targets, out, imatrix=imatrix)
         model = LlamaCppModel(out, self.ctx)
         kls = []
-        for p, lp, s in zip(self.reference, self.lse, self.seqs, strict=True):
-            q = model.logits(s, copy=False)
-            kls.append(kl_logits(p, lp, q, logsumexp_rows(q)))
+        for target, s in zip(self.targets, self.seqs, strict=True):
+            kls.append(target.kl(model.logits(s, copy=False)))
         del model
         return max(0.0, float(np.concatenate(kls).mean()))
 

@@ -38,7 +38,7 @@ from ewq.arch.graphs import graph_entry
 from ewq.calibration.stream import StreamLogits
 from ewq.errors import EwqError
 from ewq.evaluate.backends import LlamaCppModel
-from ewq.evaluate.metrics import kl_logits, logsumexp_rows
+from ewq.evaluate.metrics import Distribution
 from ewq.evaluate.windows import readable, text_windows
 from ewq.imatrix import Imatrix
 from ewq.quant.sparse import block_of
@@ -252,12 +252,14 @@ class Probes:
             raise EwqError("the calibration text is too short for one window")
         readable(self.seqs, model.unknown, "calibration text")
         self.tokens = int(sum(len(s) for s in self.seqs))
-        self.reference, self.streams = [], {s: [] for s in self.starts[1:]}
-        for seq in self.seqs:
-            self.reference.append(np.array(logits.logits(seq)))
+        self.targets, self.streams = [], {s: [] for s in self.starts[1:]}
+        for k, seq in enumerate(self.seqs):
+            x = logits.logits(seq)
+            if k == 0:  # what a probe that changed something must not compute
+                self.first = np.array(x)
+            self.targets.append(Distribution(x))
             for s in self.starts[1:]:
                 self.streams[s].append(logits.captured[s - 1])
-        self.lse = [logsumexp_rows(x) for x in self.reference]
 
     def __exit__(self, *exc) -> None:
         if self._run is not None:
@@ -342,7 +344,7 @@ class Probes:
         if not self.checked:
             got = run.logits.logits(self.seqs[0], self.streams[start][0])
             self.checked = True
-            if not np.array_equal(got, self.reference[0]):
+            if not np.array_equal(got, self.first):
                 log.warning(
                     "a slice from the residual stream does not compute the model's "
                     "logits bit for bit: every probe runs the whole model"
@@ -374,12 +376,11 @@ class Probes:
                 os.pwrite(run.fd, np.ascontiguousarray(q).tobytes(), run.offsets[name])
             kls, same = [], True
             streams = self.streams.get(run.start)
-            for k, (p, lp, s) in enumerate(
-                zip(self.reference, self.lse, self.seqs, strict=True)
-            ):
+            for k, (target, s) in enumerate(zip(self.targets, self.seqs, strict=True)):
                 q = run.logits.logits(s, None if streams is None else streams[k])
-                same = same and bool(np.array_equal(p, q))
-                kls.append(kl_logits(p, lp, q, logsumexp_rows(q)))
+                if k == 0:
+                    same = bool(np.array_equal(q, self.first))
+                kls.append(target.kl(q))
         finally:
             for name, src in saved.items():
                 os.pwrite(run.fd, src.tobytes(), run.offsets[name])
