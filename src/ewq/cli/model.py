@@ -126,8 +126,9 @@ def features(
 
 
 @app.command(
-    epilog="Examples:\n\n  ewq quantize default --memory 100MB --out smollm2-ewq.gguf"
-    "\n\n  ewq quantize ./Llama-3.2-1B --bpw 4.5 --calibration wiki.txt "
+    epilog="Examples:\n\n  ewq quantize ./Llama-3.2-1B --memory 2GB --format gguf "
+    "--out llama-ewq.gguf"
+    "\n\n  ewq quantize ./Llama-3.2-1B --memory 2GB --format gguf --calibration wiki.txt "
     "--out llama-ewq.gguf"
     "\n\n  ewq analyze default --json analysis.json   (EWQ's own decision)"
     "\n\n  ewq quantize default --plan analysis.json --out smollm2-ewq.gguf"
