@@ -14,7 +14,7 @@ from ewq.api._fast import fast_decision
 from ewq.api._fit import _block_types, fit_tensors
 from ewq.api._model import analyze
 from ewq.api._select import select
-from ewq.api._sensitivity import imatrix, load_imatrix, sensitivity
+from ewq.api._sensitivity import imatrix, load_imatrix, own_text, sensitivity
 from ewq.arch import ModelLayout
 from ewq.calibration.text import token_cap
 from ewq.config import (
@@ -116,6 +116,7 @@ def plan(
     """
     cfg = resolved(configure(PlanConfig, config, options))
     with offload(cfg.gpu_layers):
+        cfg = own_text(cfg, source, progress)
         return _planned(source, machines, cfg, progress)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ewq.api._gptq import calibrated, gptq_then, rounds, staged
+from ewq.api._sensitivity import own_text
 from ewq.arch import resolve
 from ewq.config import Format, QuantizeConfig, configure
 from ewq.errors import EwqError
@@ -59,6 +60,7 @@ def quantize(
     """
     cfg = configure(QuantizeConfig, config, options)
     source = cfg.spec(source)
+    cfg = own_text(cfg, source, progress)
     plan_path = plan if isinstance(plan, (str, Path)) else None
     plan = _read_plan(plan)
     form = _output_format(cfg, plan)

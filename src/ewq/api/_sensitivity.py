@@ -12,6 +12,7 @@ from ewq.api._measured import cache_key, damage_of, measured_errors
 from ewq.api._model import analyze
 from ewq.arch import ModelLayout, resolve
 from ewq.cache import load_entry, store_entry
+from ewq.calibration.generate import is_self, own_text_file
 from ewq.calibration.imatrix import cached_imatrix, checked_imatrix
 from ewq.calibration.text import calibration_text
 from ewq.config import DEFAULT_PROBES
@@ -30,7 +31,7 @@ from ewq.sources import open_source
 from ewq.stages import reused, stage
 from ewq.types import ModelIndex, Progress
 
-__all__ = ["imatrix", "load_imatrix", "sensitivity"]
+__all__ = ["imatrix", "load_imatrix", "own_text", "sensitivity"]
 
 
 def sensitivity(
@@ -107,6 +108,22 @@ def sensitivity(
     return _kl(
         source, index, layout, text, imatrix, setting, revision, progress, sample
     )
+
+
+def own_text(cfg, source, progress: Progress | None = None):
+    """``cfg`` (a PlanConfig or QuantizeConfig) with ``--calibration self`` made the
+    file of the model's own sampled text (ewq.calibration.generate, cached)."""
+    if not is_self(cfg.calibration):
+        return cfg
+    path = own_text_file(
+        source,
+        tokens=cfg.calibration_tokens,
+        documents=cfg.documents,
+        revision=cfg.revision,
+        threads=cfg.threads,
+        progress=progress,
+    )
+    return cfg.model_copy(update={"calibration": path})
 
 
 def _error(
@@ -283,6 +300,14 @@ def imatrix(
     cached by the content of model and text; at most ``chunks`` windows holding at
     most ``tokens`` tokens; ``gpu_layers`` as
     ewq.evaluate.backends.offload takes them."""
+    if is_self(calibration):
+        calibration = own_text_file(
+            source,
+            tokens=tokens,
+            documents=documents,
+            revision=revision,
+            progress=progress,
+        )
     text = calibration_text(calibration)
     with open_source(source, download=True, revision=revision) as src:
         index = src.index

@@ -24,6 +24,7 @@ from ewq.cli.common import (
 )
 from ewq.config import AnalysisConfig, MakeConfig, PlanConfig, SourceConfig
 from ewq.errors import EwqError, one_line
+from ewq.fileio import atomic_write_text
 
 JsonOpt = Annotated[
     Path | None, typer.Option("--json", help="Write the result as JSON to this path.")
@@ -305,6 +306,7 @@ def _make_plan(source, machines, config, json_path: Path | None, inputs: tuple):
         raise EwqError(unfit_message(planned, source))
     if json_path is not None:
         planned = _imatrix_beside(planned, json_path, inputs)
+        _own_text_beside(config, planned, json_path, inputs)
     _show_plan(planned)
     if json_path is not None:
         write_json(json_path, plan_json(planned, __version__))
@@ -345,6 +347,19 @@ def _imatrix_beside(planned, json_path: Path, inputs: tuple):
     )
 
 
+def _own_text_beside(config, planned, json_path: Path, inputs: tuple) -> None:
+    """With --calibration self, the text sampled from the model, written beside the
+    plan (``PLAN.calibration.txt``) to be read and reused (--calibration FILE)."""
+    from ewq.calibration.generate import is_self
+
+    if not is_self(config.calibration) or planned.config.calibration is None:
+        return
+    path = json_path.with_name(json_path.stem + ".calibration.txt")
+    outputs(inputs, json_path=path)
+    atomic_write_text(path, Path(planned.config.calibration).read_text("utf-8"))
+    err.print(f"wrote the calibration text sampled from the model {path}")
+
+
 def _show_plan(planned) -> None:
     """The plan's table, its warnings, its placement and the runtimes' commands."""
     from ewq.reports.fit import idle_reasons
@@ -383,7 +398,10 @@ def _show_plan(planned) -> None:
 )
 def imatrix_cmd(
     source: SourceArg,
-    calibration: Annotated[Path, typer.Option(help="Calibration text.")],
+    calibration: Annotated[
+        Path,
+        typer.Option(help="Calibration text, or 'self': text sampled from the model."),
+    ],
     out_path: Annotated[
         Path, typer.Option("--out", help="Where to write it (.gguf; .dat: legacy).")
     ],

@@ -177,9 +177,11 @@ class PlanConfig(AnalysisConfig):
     )
     calibration: Path | None = Field(
         None,
-        description="Calibration text (UTF-8 text, or a Wikipedia .xml.bz2 dump): an "
-        "importance matrix is computed on it and each tensor's sensitivity measured "
-        "(--criterion kl, the default with it).",
+        description="Calibration text (UTF-8 text, or a Wikipedia .xml.bz2 dump), or "
+        "'self': text sampled from the model itself (seeded; a chat model answers a "
+        "bundled list of varied prompts; cached, and written beside the plan as "
+        "PLAN.calibration.txt). An importance matrix is computed on it and each "
+        "tensor's sensitivity measured (--criterion kl, the default with it).",
     )
     imatrix: Path | None = Field(
         None,
@@ -296,9 +298,11 @@ class QuantizeConfig(SourceConfig):
     )
     calibration: Path | None = Field(
         None,
-        description="Calibration text: each quantized tensor is rounded against its "
-        "inputs' second moments on it (GPTQ inside llama.cpp's types; gguf), and its "
-        "importance matrix is handed to llama.cpp's quantizer unless one is given.",
+        description="Calibration text, or 'self' (text sampled from the model, as "
+        "`ewq plan --calibration self` samples it): each quantized tensor is rounded "
+        "against its inputs' second moments on it (GPTQ inside llama.cpp's types; "
+        "gguf), and its importance matrix is handed to llama.cpp's quantizer unless "
+        "one is given.",
     )
     documents: Documents = Field(
         Documents.STREAM,
