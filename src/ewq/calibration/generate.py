@@ -190,7 +190,7 @@ def sample_text(
         if eos < 0:
             raise EwqError(
                 f"{path}: no BOS, end-of-text token or chat template to sample "
-                "calibration text from; give --calibration FILE or --data-free"
+                "calibration text from; give --calibration FILE, or plan without one (data-free)"
             )
         starts = [[int(eos)]]
     longest = max(len(s) for s in starts)
@@ -249,7 +249,7 @@ def sample_text(
                             raise EwqError(
                                 f"{path}: the model ends every sample at once (an "
                                 "end-of-generation token first); give --calibration "
-                                "FILE or --data-free"
+                                "FILE, or plan without one (data-free)"
                             )
                     if made < goal:
                         begin(slot)
@@ -283,7 +283,7 @@ def sample_text(
     text = _joined(model, samples, how.documents)
     if not text:
         raise EwqError(
-            f"{path}: sampling gave no text; give --calibration FILE or --data-free"
+            f"{path}: sampling gave no text; give --calibration FILE, or plan without one (data-free)"
         )
     name = f"self-calibration (seed {how.seed}, {made:,} tokens)"
     return CalibrationText(text + "\n", name, None)
