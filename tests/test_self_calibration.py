@@ -99,3 +99,25 @@ def test_one_command_with_the_models_own_text(tiny, tmp_path, monkeypatch, capsy
     assert code == 0, err
     assert "reused from the cache" in err
     assert (tmp_path / "p.calibration.txt").read_text() == text.read_text()
+
+
+def test_the_sampling_kv_cache_stays_within_its_budget():
+    """Llama-2-7B's shapes (32 blocks, width 4096, 32 KV heads): an F16 KV cache of
+    512 tokens is 268 MB a sequence, so 1 GiB holds 4 of them; Llama-3-8B's 8 KV
+    heads hold 16; a tiny model keeps all 32."""
+    from ewq.calibration.generate import fitting_slots
+
+    def cfg(kv: int, blocks: int = 32, width: int = 4096) -> dict:
+        return {
+            "general.architecture": "llama",
+            "llama.block_count": blocks,
+            "llama.embedding_length": width,
+            "llama.attention.head_count": 32,
+            "llama.attention.head_count_kv": kv,
+        }
+
+    how = SelfCalibration()
+    assert fitting_slots(cfg(32), how) == 4
+    assert fitting_slots(cfg(8), how) == 16
+    assert fitting_slots(cfg(4, blocks=2, width=256), how) == 32
+    assert fitting_slots({}, how) == 32

@@ -28,6 +28,7 @@ time, a token per step (on 2 cores about 30x slower per token than a batch).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import math
 import os
@@ -341,6 +342,33 @@ def self_calibration(
     return CalibrationText(made.text, name, stored)
 
 
+#: the KV cache the sampling context may hold: 32 sequences of 512 tokens of a
+#: Llama-2-7B would take 8.6 GB
+KV_BUDGET = 1 << 30
+
+
+def fitting_slots(config, how: SelfCalibration, budget: int = KV_BUDGET) -> int:
+    """As many of ``how.slots`` sequences as an F16 KV cache of ``how.length``
+    tokens each keeps within ``budget`` bytes (at least 1), from the GGUF's own
+    block count, width and head counts (llama.cpp's n_embd_k_gqa)."""
+    arch = str(config.get("general.architecture", ""))
+
+    def num(key: str, default: int = 0) -> int:
+        v = config.get(f"{arch}.{key}", default)
+        if isinstance(v, (list, tuple)):  # per-layer arrays: the widest
+            v = max(v, default=default)
+        return int(v or default)
+
+    width, heads = num("embedding_length"), num("attention.head_count", 1)
+    kv_heads = num("attention.head_count_kv", heads)
+    k_len = num("attention.key_length", width // max(heads, 1))
+    v_len = num("attention.value_length", k_len)
+    per_token = 2 * num("block_count") * kv_heads * (k_len + v_len)
+    if per_token <= 0:
+        return how.slots
+    return max(1, min(how.slots, budget // (per_token * how.length)))
+
+
 #: ``--calibration self``: the model's own text
 SELF = "self"
 
@@ -372,6 +400,7 @@ def own_text_file(
     layout = resolve(index)
     cap = token_cap(tokens, index) or DEFAULT_CALIBRATION_TOKENS
     how = SelfCalibration(tokens=cap, documents=str(Documents(documents).value))
+    how = dataclasses.replace(how, slots=fitting_slots(index.config, how))
     made = self_calibration(
         source, index, layout, how, threads=threads, progress=progress
     )

@@ -26,6 +26,28 @@ from ewq.config import AnalysisConfig, MakeConfig, PlanConfig, SourceConfig
 from ewq.errors import EwqError, one_line
 from ewq.fileio import atomic_write_text
 
+#: the budget a plan is made for (`ewq plan`, and `ewq quantize` without --plan)
+MemoryOpt = Annotated[
+    str | None, typer.Option(help="One machine's memory, e.g. 8GB or 7.5GiB.")
+]
+DiskOpt = Annotated[
+    str | None,
+    typer.Option(help="Its free disk (capacity is the smaller of the two)."),
+]
+ClusterOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="YAML file of machines (name, memory, disk, speed, host, reserve, "
+        "memory_bandwidth, network, links)."
+    ),
+]
+ReserveOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Keep this much more free on every machine (other programs); the "
+        "runtime's KV cache and buffers are counted by --context."
+    ),
+]
 JsonOpt = Annotated[
     Path | None, typer.Option("--json", help="Write the result as JSON to this path.")
 ]
@@ -148,21 +170,10 @@ def quantize(
             "`ewq plan` makes it and written beside the output (OUT.plan.json)."
         ),
     ] = None,
-    memory: Annotated[
-        str | None, typer.Option(help="One machine's memory, e.g. 8GB or 7.5GiB.")
-    ] = None,
-    disk: Annotated[
-        str | None,
-        typer.Option(help="Its free disk (capacity is the smaller of the two)."),
-    ] = None,
-    cluster: Annotated[
-        Path | None,
-        typer.Option(help="YAML file of machines (as `ewq plan --cluster`)."),
-    ] = None,
-    reserve: Annotated[
-        str | None,
-        typer.Option(help="Keep this much more free on every machine."),
-    ] = None,
+    memory: MemoryOpt = None,
+    disk: DiskOpt = None,
+    cluster: ClusterOpt = None,
+    reserve: ReserveOpt = None,
     *,
     config: MakeConfig,
 ) -> None:
@@ -238,27 +249,10 @@ def quantize(
 @configured(PlanConfig)
 def plan_cmd(
     source: SourceArg,
-    memory: Annotated[
-        str | None, typer.Option(help="One machine's memory, e.g. 8GB or 7.5GiB.")
-    ] = None,
-    disk: Annotated[
-        str | None,
-        typer.Option(help="Its free disk (capacity is the smaller of the two)."),
-    ] = None,
-    cluster: Annotated[
-        Path | None,
-        typer.Option(
-            help="YAML file of machines (name, memory, disk, speed, host, reserve, "
-            "memory_bandwidth, network, links)."
-        ),
-    ] = None,
-    reserve: Annotated[
-        str | None,
-        typer.Option(
-            help="Keep this much more free on every machine (other programs); the "
-            "runtime's KV cache and buffers are counted by --context."
-        ),
-    ] = None,
+    memory: MemoryOpt = None,
+    disk: DiskOpt = None,
+    cluster: ClusterOpt = None,
+    reserve: ReserveOpt = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the plan (for `ewq quantize`).")
     ] = None,
